@@ -1,0 +1,213 @@
+//! Ingest throughput of `meterd serve` over loopback, fsync on.
+//!
+//! Generates events with `meterd gen` (outside the timed part), starts `meterd serve` on a fresh
+//! data directory, and posts NDJSON batches from several concurrent connections. Reports
+//! events/s and bytes/s, p50/p99 acknowledgement latency and the server's peak RSS, next to two
+//! baselines measured in the same run on the same events: parsing them with serde_json on one
+//! core, and appending their bytes to a file with one fdatasync per round of batches.
+//!
+//! ```text
+//! cargo bench --bench ingest_throughput -- [--events N] [--batch N] [--concurrency N]
+//! ```
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+struct Options {
+    events: usize,
+    batch: usize,
+    concurrency: usize,
+}
+
+fn options() -> Result<Options> {
+    let mut o = Options { events: 1_000_000, batch: 1_000, concurrency: 8 };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| -> Result<usize> {
+            args.next().with_context(|| format!("{name} needs a value"))?.parse().with_context(|| format!("{name} must be a number"))
+        };
+        match a.as_str() {
+            "--events" => o.events = value("--events")?,
+            "--batch" => o.batch = value("--batch")?,
+            "--concurrency" => o.concurrency = value("--concurrency")?,
+            // cargo bench passes --bench to harness-less benches.
+            "--bench" => {}
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(o)
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(data_dir: &std::path::Path) -> Result<Server> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meterd"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("METERD_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting meterd serve")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).context("reading the listen line")?;
+    let url = line.trim().strip_prefix("meterd listening on ").context("unexpected first line")?.to_owned();
+    Ok(Server { child, url })
+}
+
+fn peak_rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmHWM missing")?;
+    Ok(kb * 1024)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn main() -> Result<()> {
+    let o = options()?;
+    let dir = tempfile::tempdir()?;
+
+    // Setup: generate the events once, outside every timed section.
+    let end = chrono::Utc::now();
+    let start = end - chrono::Duration::hours(6);
+    let ndjson_path = dir.path().join("events.ndjson");
+    let status = Command::new(env!("CARGO_BIN_EXE_meterd"))
+        .args(["gen", "--seed", "7", "--duplicates", "0", "--tenants", "50"])
+        .args(["--events", &o.events.to_string()])
+        .args(["--start", &start.to_rfc3339(), "--end", &end.to_rfc3339()])
+        .arg("--out")
+        .arg(&ndjson_path)
+        .status()
+        .context("running meterd gen")?;
+    if !status.success() {
+        bail!("meterd gen failed: {status}");
+    }
+    let text = std::fs::read(&ndjson_path)?;
+    let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+    let batches: Vec<bytes::Bytes> = lines
+        .chunks(o.batch)
+        .map(|chunk| {
+            let mut b = Vec::with_capacity(chunk.iter().map(|l| l.len() + 1).sum());
+            for l in chunk {
+                b.extend_from_slice(l);
+                b.push(b'\n');
+            }
+            bytes::Bytes::from(b)
+        })
+        .collect();
+    let total_bytes: usize = batches.iter().map(bytes::Bytes::len).sum();
+    let events = lines.len();
+
+    // Baseline 1: serde_json parsing of the same events into values, one core.
+    let t = Instant::now();
+    let mut parsed = 0usize;
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_slice(l)?;
+        parsed += usize::from(v.is_object());
+    }
+    let parse_rate = parsed as f64 / t.elapsed().as_secs_f64();
+
+    // Baseline 2: appending the same bytes with one fdatasync per round of `concurrency` batches.
+    let t = Instant::now();
+    {
+        let mut f = std::fs::File::create(dir.path().join("baseline.log"))?;
+        for round in batches.chunks(o.concurrency) {
+            for b in round {
+                f.write_all(b)?;
+            }
+            f.sync_data()?;
+        }
+    }
+    let fsync_rate = events as f64 / t.elapsed().as_secs_f64();
+
+    // The measurement: meterd serve over loopback.
+    let server = start_server(&dir.path().join("data"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(o.concurrency).build()?;
+    let url = format!("{}/v1/events", server.url);
+    let queue = Arc::new(std::sync::Mutex::new(batches.into_iter().enumerate().collect::<Vec<_>>()));
+    let t = Instant::now();
+    let (latencies, accepted) = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..o.concurrency {
+            let (client, url, queue) = (client.clone(), url.clone(), Arc::clone(&queue));
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut accepted = 0u64;
+                loop {
+                    let next = queue.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.pop();
+                    let Some((_, body)) = next else { break };
+                    let sent = Instant::now();
+                    let resp = client
+                        .post(&url)
+                        .header("content-type", "application/x-ndjson")
+                        .body(body)
+                        .send()
+                        .await?;
+                    let status = resp.status();
+                    let answer: serde_json::Value = resp.json().await?;
+                    if !status.is_success() {
+                        bail!("ingest answered {status}: {answer}");
+                    }
+                    lat.push(sent.elapsed());
+                    accepted += answer["accepted"].as_u64().unwrap_or(0);
+                }
+                Ok::<_, anyhow::Error>((lat, accepted))
+            }));
+        }
+        let mut all = Vec::new();
+        let mut accepted = 0;
+        for task in tasks {
+            let (lat, acc) = task.await??;
+            all.extend(lat);
+            accepted += acc;
+        }
+        Ok::<_, anyhow::Error>((all, accepted))
+    })?;
+    let elapsed = t.elapsed();
+    let rss = peak_rss_bytes(server.child.id())?;
+    drop(server);
+    let mut latencies = latencies;
+    latencies.sort_unstable();
+    if accepted != events as u64 {
+        bail!("meterd accepted {accepted} of {events} events");
+    }
+
+    let rate = events as f64 / elapsed.as_secs_f64();
+    println!("ingest_throughput: {events} events in batches of {}, {} connections, fsync on", o.batch, o.concurrency);
+    println!("  meterd serve:        {:>12.0} events/s  {:>8.1} MB/s  p50 {:>7.1} ms  p99 {:>7.1} ms  peak RSS {:.0} MiB",
+        rate,
+        total_bytes as f64 / elapsed.as_secs_f64() / 1e6,
+        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        rss as f64 / (1024.0 * 1024.0));
+    println!("  baseline serde_json: {parse_rate:>12.0} events/s  (parse into Value, 1 core)");
+    println!("  baseline fdatasync:  {fsync_rate:>12.0} events/s  (append same bytes, 1 sync per {} batches)", o.concurrency);
+    println!("  meterd / parse baseline: {:.2}", rate / parse_rate);
+    Ok(())
+}

@@ -1,0 +1,56 @@
+//! Errors of the ingest path. Each variant names the step that failed.
+
+use std::path::PathBuf;
+
+use crate::log::Lsn;
+
+/// An ingest-side failure (storage, encoding, a stopped component). Request problems are not
+/// here: they are answered as 4xx by [`crate::http`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("log I/O on {path}")]
+    LogIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("log is corrupt at position {lsn}: {reason}")]
+    LogCorrupt { lsn: Lsn, reason: &'static str },
+    #[error("log position {requested} was already trimmed (the log starts at {start})")]
+    LogTrimmed { requested: Lsn, start: Lsn },
+    #[error("a log record of {len} bytes is larger than allowed")]
+    RecordTooLarge { len: usize },
+    #[error("encoding a log record")]
+    Encode(#[source] postcard::Error),
+    #[error("decoding the log record at {lsn}")]
+    Decode {
+        lsn: Lsn,
+        #[source]
+        source: postcard::Error,
+    },
+    #[error("dedup index")]
+    Index(#[from] fjall::Error),
+    #[error("dedup index entry for {key:?} is malformed")]
+    IndexEntry { key: String },
+    #[error("building Arrow batches")]
+    Arrow(#[from] arrow::error::ArrowError),
+    #[error("writing or reading Parquet")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("embedded store I/O on {path}")]
+    StoreIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("embedded store manifest {path}")]
+    Manifest {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the log writer has stopped")]
+    WriterStopped,
+}
+
+/// Result with [`Error`] as the default error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,166 @@
+//! `POST /v1/events`: decode, validate the whole batch, submit, answer after fsync.
+//!
+//! A batch is all or nothing on invalid input: one bad event makes the answer a 400 listing (up
+//! to 100 of) the problems, and nothing of the batch is stored.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use http_body_util::BodyExt;
+use meterd_schemas::{FieldError, Principal, ValidationContext, validate_cloudevent, validate_event};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::decode::{self, DecodeError};
+use crate::{Ingest, SubmitError};
+
+/// Most per-event errors listed in a 400.
+pub const MAX_LISTED_ERRORS: usize = 100;
+
+/// The router serving `POST /v1/events`.
+pub fn router(ingest: Arc<Ingest>) -> Router {
+    Router::new().route("/v1/events", post(post_events)).with_state(ingest)
+}
+
+/// One rejected field of one event.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct EventError {
+    /// Position of the event in the batch (0-based).
+    pub index: usize,
+    pub field: String,
+    pub reason: String,
+}
+
+/// Every way `POST /v1/events` can fail; [`IngestError::status`] maps each to its status.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("{invalid} of {total} events are invalid; nothing was stored")]
+    Invalid { invalid: usize, total: usize, errors: Vec<EventError> },
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("could not read the request body: {0}")]
+    BodyRead(String),
+    #[error("event {index} is for tenant {tenant:?}, but the API key is bound to tenant {bound:?}")]
+    TenantForbidden { index: usize, tenant: String, bound: String },
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
+}
+
+impl IngestError {
+    /// The HTTP status of each error. Exhaustive on purpose: a new variant must choose.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            IngestError::Invalid { .. } | IngestError::BodyRead(_) => StatusCode::BAD_REQUEST,
+            IngestError::Decode(d) => match d {
+                DecodeError::UnsupportedMediaType(_) | DecodeError::UnsupportedEncoding(_) => {
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE
+                }
+                DecodeError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                DecodeError::BadGzip(_)
+                | DecodeError::MalformedJson(_)
+                | DecodeError::MalformedLine { .. }
+                | DecodeError::WrongShape(_)
+                | DecodeError::Empty => StatusCode::BAD_REQUEST,
+            },
+            IngestError::TenantForbidden { .. } => StatusCode::FORBIDDEN,
+            IngestError::Submit(s) => match s {
+                SubmitError::LogFull { .. } | SubmitError::Overloaded { .. } | SubmitError::ShuttingDown => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                SubmitError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        }
+    }
+}
+
+impl IntoResponse for IngestError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = match &self {
+            IngestError::Invalid { errors, .. } => json!({"error": self.to_string(), "errors": errors}),
+            IngestError::Decode(DecodeError::MalformedLine { index, reason, .. }) => {
+                json!({"error": self.to_string(), "errors": [{"index": index, "field": "", "reason": reason}]})
+            }
+            _ if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE => {
+                tracing::error!(error = %self, source = ?std::error::Error::source(&self), "ingest failed");
+                json!({"error": "internal error; see the server log"})
+            }
+            _ => json!({"error": self.to_string()}),
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            let retry = if matches!(self, IngestError::Submit(SubmitError::LogFull { .. })) { "5" } else { "1" };
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(retry));
+        }
+        response
+    }
+}
+
+async fn post_events(
+    State(ingest): State<Arc<Ingest>>,
+    principal: Option<axum::Extension<Principal>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, IngestError> {
+    let limit = ingest.config().max_body_bytes;
+    let header_str = |name| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let framing = decode::framing(header_str(header::CONTENT_TYPE))?;
+    if let Some(len) = header_str(header::CONTENT_LENGTH).and_then(|l| l.parse::<u64>().ok()) {
+        if len > limit as u64 {
+            return Err(DecodeError::TooLarge { limit }.into());
+        }
+    }
+    let raw = match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return Err(DecodeError::TooLarge { limit }.into());
+        }
+        Err(e) => return Err(IngestError::BodyRead(e.to_string())),
+    };
+    let body = decode::inflate(raw, header_str(header::CONTENT_ENCODING), limit)?;
+    let items = decode::items(&body, framing)?;
+
+    let bound = principal.as_ref().and_then(|p| p.tenant.as_deref());
+    if let Some(bound) = bound {
+        for (index, item) in items.iter().enumerate() {
+            if let Some(Value::String(t)) = item.get("tenant") {
+                if t != bound {
+                    return Err(IngestError::TenantForbidden {
+                        index,
+                        tenant: t.chars().take(128).collect(),
+                        bound: bound.to_owned(),
+                    });
+                }
+            }
+        }
+    }
+    let ctx = ValidationContext { now: chrono::Utc::now(), limits: ingest.config().limits, bound_tenant: bound };
+    let total = items.len();
+    let mut events = Vec::with_capacity(total);
+    let mut errors = Vec::new();
+    let mut invalid = 0;
+    for (index, item) in items.iter().enumerate() {
+        let result = if framing.is_cloudevents() { validate_cloudevent(item, &ctx) } else { validate_event(item, &ctx) };
+        match result {
+            Ok(e) => events.push(e),
+            Err(errs) => {
+                invalid += 1;
+                let room = MAX_LISTED_ERRORS.saturating_sub(errors.len());
+                errors.extend(
+                    errs.into_iter().take(room).map(|FieldError { field, reason }| EventError { index, field, reason }),
+                );
+            }
+        }
+    }
+    drop(items);
+    if invalid > 0 {
+        return Err(IngestError::Invalid { invalid, total, errors });
+    }
+    let outcome = ingest.submit(events).await?;
+    Ok((StatusCode::OK, axum::Json(outcome)).into_response())
+}

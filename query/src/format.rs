@@ -1,0 +1,429 @@
+//! Writing a query result in the format the client asked for.
+//!
+//! JSON (the default), NDJSON and CSV render timestamps with a time zone as RFC 3339 with `Z`
+//! for UTC (`2026-11-21T10:00:00.123Z`), which is what the rest of meterd's API speaks; Arrow's
+//! own display would write `+00:00`. Maps become JSON objects.
+
+use std::sync::Arc;
+
+use arrow::array::timezone::Tz;
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringBuilder};
+use arrow::csv::WriterBuilder as CsvWriterBuilder;
+use arrow::datatypes::{
+    DataType, Field, FieldRef, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
+    TimestampMillisecondType, TimestampNanosecondType, TimestampSecondType,
+};
+use arrow::error::ArrowError;
+use arrow::ipc::writer::StreamWriter;
+use arrow::json::WriterBuilder as JsonWriterBuilder;
+use arrow::json::writer::{
+    Encoder, EncoderFactory, EncoderOptions, LineDelimited, NullableEncoder, make_encoder,
+};
+use chrono::SecondsFormat;
+
+use crate::error::{Error, Result};
+
+/// An output format of `POST /v1/sql`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `{"columns": [{"name", "type"}], "rows": [[...]]}`.
+    Json,
+    /// One JSON object per row.
+    Ndjson,
+    /// CSV with a header row; nested values as JSON text.
+    Csv,
+    /// An Arrow IPC stream.
+    Arrow,
+}
+
+impl Format {
+    /// Parses the `format` query parameter; absent means JSON.
+    pub fn parse(name: Option<&str>) -> Result<Self> {
+        match name.map(str::to_ascii_lowercase).as_deref() {
+            None | Some("json") => Ok(Format::Json),
+            Some("ndjson") => Ok(Format::Ndjson),
+            Some("csv") => Ok(Format::Csv),
+            Some("arrow") => Ok(Format::Arrow),
+            Some(_) => Err(Error::UnknownFormat(name.unwrap_or_default().to_owned())),
+        }
+    }
+
+    /// The format's name as the query parameter spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Ndjson => "ndjson",
+            Format::Csv => "csv",
+            Format::Arrow => "arrow",
+        }
+    }
+
+    /// The response `Content-Type`.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Json => "application/json",
+            Format::Ndjson => "application/x-ndjson",
+            Format::Csv => "text/csv; charset=utf-8",
+            Format::Arrow => "application/vnd.apache.arrow.stream",
+        }
+    }
+
+    /// Writes the whole result. `schema` is the result's schema, so an empty result still
+    /// describes its columns.
+    pub fn encode(self, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
+        let encoded = match self {
+            Format::Json => encode_json(schema, batches),
+            Format::Ndjson => encode_ndjson(batches),
+            Format::Csv => encode_csv(schema, batches),
+            Format::Arrow => encode_arrow(schema, batches),
+        };
+        encoded.map_err(|source| Error::Encode {
+            format: self.name(),
+            source,
+        })
+    }
+}
+
+fn encoder_options() -> EncoderOptions {
+    EncoderOptions::default()
+        .with_explicit_nulls(true)
+        .with_encoder_factory(Arc::new(Rfc3339Timestamps))
+}
+
+fn encode_json(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
+    #[derive(serde::Serialize)]
+    struct Column<'a> {
+        name: &'a str,
+        #[serde(rename = "type")]
+        data_type: String,
+    }
+    let columns: Vec<Column<'_>> = schema
+        .fields()
+        .iter()
+        .map(|f| Column {
+            name: f.name(),
+            data_type: f.data_type().to_string(),
+        })
+        .collect();
+
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"{\"columns\":");
+    serde_json::to_writer(&mut out, &columns).map_err(|e| ArrowError::JsonError(e.to_string()))?;
+    out.extend_from_slice(b",\"rows\":[");
+    let options = encoder_options();
+    let mut first_row = true;
+    for batch in batches {
+        let batch_schema = batch.schema();
+        let mut encoders = batch_schema
+            .fields()
+            .iter()
+            .zip(batch.columns())
+            .map(|(field, column)| make_encoder(field, column.as_ref(), &options))
+            .collect::<Result<Vec<_>, _>>()?;
+        for row in 0..batch.num_rows() {
+            if !first_row {
+                out.push(b',');
+            }
+            first_row = false;
+            out.push(b'[');
+            for (i, encoder) in encoders.iter_mut().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                if encoder.is_null(row) {
+                    out.extend_from_slice(b"null");
+                } else {
+                    encoder.encode(row, &mut out);
+                }
+            }
+            out.push(b']');
+        }
+    }
+    out.extend_from_slice(b"]}");
+    Ok(out)
+}
+
+fn encode_ndjson(batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
+    let mut writer = JsonWriterBuilder::new()
+        .with_explicit_nulls(true)
+        .with_encoder_factory(Arc::new(Rfc3339Timestamps))
+        .build::<_, LineDelimited>(Vec::new());
+    for batch in batches {
+        writer.write(batch)?;
+    }
+    writer.finish()?;
+    Ok(writer.into_inner())
+}
+
+fn encode_csv(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
+    let mut writer = CsvWriterBuilder::new().with_header(true).build(Vec::new());
+    if batches.is_empty() {
+        // The header comes from the first batch written; an empty one still gets it out.
+        writer.write(&csv_compatible(&RecordBatch::new_empty(Arc::clone(
+            schema,
+        )))?)?;
+    }
+    for batch in batches {
+        writer.write(&csv_compatible(batch)?)?;
+    }
+    Ok(writer.into_inner())
+}
+
+fn encode_arrow(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
+    let mut writer = StreamWriter::try_new(Vec::new(), schema)?;
+    for batch in batches {
+        writer.write(batch)?;
+    }
+    writer.finish()?;
+    writer.into_inner()
+}
+
+/// Whether arrow-csv cannot write the type (it refuses nested types), so the column is written
+/// as JSON text instead.
+fn needs_json_text(data_type: &DataType) -> bool {
+    match data_type {
+        DataType::List(_)
+        | DataType::LargeList(_)
+        | DataType::ListView(_)
+        | DataType::LargeListView(_)
+        | DataType::FixedSizeList(..)
+        | DataType::Struct(_)
+        | DataType::Map(..)
+        | DataType::Union(..) => true,
+        DataType::Dictionary(_, values) => needs_json_text(values),
+        _ => false,
+    }
+}
+
+/// Replaces columns arrow-csv would refuse or render differently from the JSON formats with
+/// Utf8 columns holding their JSON rendering (strings unquoted).
+fn csv_compatible(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+    let schema = batch.schema();
+    if !schema.fields().iter().any(|f| {
+        needs_json_text(f.data_type()) || matches!(f.data_type(), DataType::Timestamp(_, Some(_)))
+    }) {
+        return Ok(batch.clone());
+    }
+    let options = encoder_options();
+    let mut fields = Vec::with_capacity(schema.fields().len());
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    for (field, column) in schema.fields().iter().zip(batch.columns()) {
+        let timestamp = matches!(field.data_type(), DataType::Timestamp(_, Some(_)));
+        if !timestamp && !needs_json_text(field.data_type()) {
+            fields.push(Arc::clone(field));
+            columns.push(Arc::clone(column));
+            continue;
+        }
+        let mut encoder = make_encoder(field, column.as_ref(), &options)?;
+        let mut text = StringBuilder::new();
+        let mut buf = Vec::new();
+        for row in 0..column.len() {
+            if encoder.is_null(row) {
+                text.append_null();
+                continue;
+            }
+            buf.clear();
+            encoder.encode(row, &mut buf);
+            let mut value = String::from_utf8(std::mem::take(&mut buf))
+                .map_err(|e| ArrowError::CsvError(format!("column {}: {e}", field.name())))?;
+            if timestamp {
+                // The JSON encoding is a quoted string without escapes; CSV wants the bare text.
+                value = value.trim_matches('"').to_owned();
+            }
+            text.append_value(&value);
+            buf = value.into_bytes();
+        }
+        fields.push(Arc::new(Field::new(
+            field.name(),
+            DataType::Utf8,
+            field.is_nullable(),
+        )));
+        columns.push(Arc::new(text.finish()));
+    }
+    RecordBatch::try_new(
+        Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone())),
+        columns,
+    )
+}
+
+/// Encodes timestamps that carry a time zone as RFC 3339 strings, `Z` for UTC, with as many
+/// fractional digits as the value needs (none, 3, 6 or 9).
+#[derive(Debug)]
+struct Rfc3339Timestamps;
+
+impl EncoderFactory for Rfc3339Timestamps {
+    fn make_default_encoder<'a>(
+        &self,
+        _field: &'a FieldRef,
+        array: &'a dyn Array,
+        _options: &'a EncoderOptions,
+    ) -> Result<Option<NullableEncoder<'a>>, ArrowError> {
+        let DataType::Timestamp(unit, Some(tz)) = array.data_type() else {
+            return Ok(None);
+        };
+        let tz: Tz = tz.parse()?;
+        let values = match unit {
+            TimeUnit::Second => array
+                .as_primitive_opt::<TimestampSecondType>()
+                .map(|a| a.values()),
+            TimeUnit::Millisecond => array
+                .as_primitive_opt::<TimestampMillisecondType>()
+                .map(|a| a.values()),
+            TimeUnit::Microsecond => array
+                .as_primitive_opt::<TimestampMicrosecondType>()
+                .map(|a| a.values()),
+            TimeUnit::Nanosecond => array
+                .as_primitive_opt::<TimestampNanosecondType>()
+                .map(|a| a.values()),
+        };
+        let Some(values) = values else {
+            return Ok(None);
+        };
+        let encoder = TimestampEncoder {
+            values,
+            unit: *unit,
+            tz,
+        };
+        Ok(Some(NullableEncoder::new(
+            Box::new(encoder),
+            array.logical_nulls(),
+        )))
+    }
+}
+
+struct TimestampEncoder<'a> {
+    values: &'a [i64],
+    unit: TimeUnit,
+    tz: Tz,
+}
+
+impl Encoder for TimestampEncoder<'_> {
+    fn encode(&mut self, idx: usize, out: &mut Vec<u8>) {
+        match self
+            .values
+            .get(idx)
+            .and_then(|v| format_timestamp(*v, self.unit, self.tz))
+        {
+            Some(text) => {
+                out.push(b'"');
+                out.extend_from_slice(text.as_bytes());
+                out.push(b'"');
+            }
+            // Out of chrono's range: there is no RFC 3339 form to give.
+            None => out.extend_from_slice(b"null"),
+        }
+    }
+}
+
+fn format_timestamp(value: i64, unit: TimeUnit, tz: Tz) -> Option<String> {
+    use arrow::array::temporal_conversions::as_datetime_with_timezone;
+    let datetime = match unit {
+        TimeUnit::Second => as_datetime_with_timezone::<TimestampSecondType>(value, tz),
+        TimeUnit::Millisecond => as_datetime_with_timezone::<TimestampMillisecondType>(value, tz),
+        TimeUnit::Microsecond => as_datetime_with_timezone::<TimestampMicrosecondType>(value, tz),
+        TimeUnit::Nanosecond => as_datetime_with_timezone::<TimestampNanosecondType>(value, tz),
+    }?;
+    Some(datetime.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Int64Array, MapBuilder, StringArray, TimestampMicrosecondArray};
+
+    use super::*;
+
+    fn batch() -> RecordBatch {
+        let time = TimestampMicrosecondArray::from(vec![
+            Some(1_795_255_200_123_000),
+            None,
+            Some(1_795_255_200_000_001),
+        ])
+        .with_timezone("UTC");
+        let paris = TimestampMicrosecondArray::from(vec![Some(0), Some(0), Some(0)])
+            .with_timezone("+01:00");
+        let mut map = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
+        map.keys().append_value("region");
+        map.values().append_value("eu");
+        map.append(true).expect("map row");
+        map.append(true).expect("map row");
+        map.append(false).expect("map row");
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(time),
+            Arc::new(paris),
+            Arc::new(map.finish()),
+            Arc::new(Int64Array::from(vec![Some(1), None, Some(-3)])),
+            Arc::new(StringArray::from(vec![Some("a,\"b\""), Some("c"), None])),
+        ];
+        let fields: Vec<Field> = ["time", "local", "dims", "n", "s"]
+            .iter()
+            .zip(&columns)
+            .map(|(name, c)| Field::new(*name, c.data_type().clone(), true))
+            .collect();
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("batch")
+    }
+
+    #[test]
+    fn json_is_columns_and_rows() {
+        let batch = batch();
+        let out = Format::Json
+            .encode(&batch.schema(), &[batch])
+            .expect("json");
+        let value: serde_json::Value = serde_json::from_slice(&out).expect("valid json");
+        assert_eq!(value["columns"][0]["name"], "time");
+        assert_eq!(value["columns"][3]["type"], "Int64");
+        assert_eq!(
+            value["rows"],
+            serde_json::json!([
+                ["2026-11-21T10:00:00.123Z", "1970-01-01T01:00:00+01:00", {"region": "eu"}, 1, "a,\"b\""],
+                [null, "1970-01-01T01:00:00+01:00", {}, null, "c"],
+                ["2026-11-21T10:00:00.000001Z", "1970-01-01T01:00:00+01:00", null, -3, null],
+            ])
+        );
+    }
+
+    #[test]
+    fn empty_results_keep_their_columns() {
+        let schema = batch().schema();
+        let json: serde_json::Value =
+            serde_json::from_slice(&Format::Json.encode(&schema, &[]).expect("json"))
+                .expect("valid");
+        assert_eq!(json["rows"], serde_json::json!([]));
+        assert_eq!(json["columns"].as_array().map(Vec::len), Some(5));
+        let csv = Format::Csv.encode(&schema, &[]).expect("csv");
+        assert_eq!(
+            String::from_utf8(csv).expect("utf8"),
+            "time,local,dims,n,s\n"
+        );
+        assert!(
+            Format::Ndjson
+                .encode(&schema, &[])
+                .expect("ndjson")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn csv_writes_nested_values_as_json_text() {
+        let batch = batch();
+        let csv = String::from_utf8(Format::Csv.encode(&batch.schema(), &[batch]).expect("csv"))
+            .expect("utf8");
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines[0], "time,local,dims,n,s");
+        assert_eq!(
+            lines[1],
+            r#"2026-11-21T10:00:00.123Z,1970-01-01T01:00:00+01:00,"{""region"":""eu""}",1,"a,""b""""#
+        );
+        assert_eq!(lines[2], ",1970-01-01T01:00:00+01:00,{},,c");
+    }
+
+    #[test]
+    fn unknown_formats_are_refused() {
+        assert_eq!(Format::parse(None).expect("default"), Format::Json);
+        assert_eq!(Format::parse(Some("CSV")).expect("csv"), Format::Csv);
+        let e = Format::parse(Some("xml")).expect_err("xml");
+        assert_eq!(
+            e.to_string(),
+            "unknown format \"xml\": expected json, ndjson, csv or arrow"
+        );
+    }
+}

@@ -1,0 +1,228 @@
+//! meterd's read-only SQL API: `POST /v1/sql` answers ad-hoc questions about usage with
+//! DataFusion over the `events` table, so operators and dashboards can slice events without
+//! exporting them first.
+//!
+//! `events` is read fresh at every query from an [`EventsSource`] (the embedded store's Parquet
+//! files plus its not-yet-flushed batches). Queries run on their own tokio runtime with a
+//! timeout, a memory pool and a row cap, so an expensive question gets a clear 4xx/5xx instead
+//! of starving ingest or the process.
+
+mod error;
+mod format;
+mod http;
+mod runtime;
+mod statement;
+mod table;
+
+use std::fmt;
+use std::future::Future;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::dataframe::DataFrame;
+use datafusion::error::DataFusionError;
+use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use futures::StreamExt;
+
+pub use error::{Error, Result};
+pub use format::Format;
+
+use runtime::QueryRuntime;
+
+/// Supplies the current contents of `events` at query time.
+pub trait EventsSource: Send + Sync + fmt::Debug + 'static {
+    /// A consistent view of the store now: every event is in exactly one of the Parquet files
+    /// or the in-memory batches.
+    fn snapshot(&self) -> meterd_schemas::EventsSnapshot;
+}
+
+/// Limits and resources of the SQL API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryConfig {
+    /// How long one request may take, planning, execution and encoding together.
+    pub timeout: Duration,
+    /// The most rows a result may have; larger results are refused with a 413.
+    pub max_rows: usize,
+    /// The memory pool shared by all running queries.
+    pub memory_limit_bytes: usize,
+    /// Worker threads of the dedicated query runtime (and DataFusion's target partitions).
+    pub threads: usize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30),
+            max_rows: 100_000,
+            memory_limit_bytes: 512 * 1024 * 1024,
+            threads: 1,
+        }
+    }
+}
+
+/// The SQL API: a DataFusion session over `events` on a dedicated runtime.
+#[derive(Debug)]
+pub struct QueryService {
+    engine: Arc<Engine>,
+    timeout: Duration,
+    // Declared last: the runtime is shut down after everything that might still refer to it.
+    runtime: QueryRuntime,
+}
+
+impl QueryService {
+    /// Builds the session (memory pool, `information_schema`, the `events` table) and starts the
+    /// query runtime with `config.threads` worker threads.
+    pub fn new(source: Arc<dyn EventsSource>, config: QueryConfig) -> Result<Arc<Self>> {
+        let threads = config.threads.max(1);
+        // How many memory consumers a ResourcesExhausted error names.
+        let top_consumers = NonZeroUsize::MIN.saturating_add(4);
+        let pool =
+            TrackConsumersPool::new(FairSpillPool::new(config.memory_limit_bytes), top_consumers);
+        let runtime_env = RuntimeEnvBuilder::new()
+            .with_memory_pool(Arc::new(pool))
+            .build_arc()
+            .map_err(Error::Setup)?;
+        let session = SessionConfig::new()
+            .with_information_schema(true)
+            .with_target_partitions(threads);
+        let ctx = SessionContext::new_with_config_rt(session, runtime_env);
+        ctx.register_table("events", Arc::new(table::EventsTable::new(source)))
+            .map_err(Error::Setup)?;
+
+        let engine = Arc::new(Engine {
+            ctx,
+            max_rows: config.max_rows,
+            memory_limit_bytes: config.memory_limit_bytes,
+        });
+        Ok(Arc::new(Self {
+            engine,
+            timeout: config.timeout,
+            runtime: QueryRuntime::new(threads)?,
+        }))
+    }
+
+    /// An axum `Router` serving `POST /v1/sql`, with its state applied so the binary can
+    /// `.merge()` it.
+    pub fn router(self: &Arc<Self>) -> axum::Router {
+        http::router(Arc::clone(self))
+    }
+
+    /// Runs one read-only statement and returns all its batches, under the same guard, timeout,
+    /// memory and row limits as the HTTP API. Must be called from a tokio runtime with time
+    /// enabled (the timeout is measured there, not on the possibly busy query runtime).
+    pub async fn query(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        let sql = sql.to_owned();
+        self.on_query_runtime(move |engine| async move { engine.collect(&sql).await })
+            .await
+    }
+
+    /// Runs one statement and encodes its result in `format`, both on the query runtime.
+    pub async fn query_encoded(&self, sql: String, format: Format) -> Result<Vec<u8>> {
+        self.on_query_runtime(move |engine| async move {
+            let (schema, batches) = engine.collect(&sql).await?;
+            format.encode(&schema, &batches)
+        })
+        .await
+    }
+
+    /// Runs `work` on the query runtime within the timeout. On timeout the task is dropped,
+    /// which aborts it and drops its DataFusion streams (cancelling their spawned tasks).
+    async fn on_query_runtime<T, F, Fut>(&self, work: F) -> Result<T>
+    where
+        F: FnOnce(Arc<Engine>) -> Fut,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let started = Instant::now();
+        let task = self.runtime.spawn(work(Arc::clone(&self.engine)));
+        let outcome = match tokio::time::timeout(self.timeout, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join_error)) => Err(Error::Task(join_error)),
+            Err(_elapsed) => Err(Error::Timeout {
+                timeout: self.timeout,
+            }),
+        };
+        let elapsed_ms = started.elapsed().as_millis();
+        match &outcome {
+            Ok(_) => tracing::debug!(elapsed_ms, "sql query answered"),
+            Err(e) => tracing::debug!(elapsed_ms, error = %e, "sql query failed"),
+        }
+        outcome
+    }
+}
+
+/// What the query task needs; shared with it so the task never owns the runtime it runs on.
+struct Engine {
+    ctx: SessionContext,
+    max_rows: usize,
+    memory_limit_bytes: usize,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("session_id", &self.ctx.session_id())
+            .field("max_rows", &self.max_rows)
+            .field("memory_limit_bytes", &self.memory_limit_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Parses, guards, plans, executes and collects one statement, stopping as soon as the
+    /// result passes the row cap.
+    async fn collect(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        let state = self.ctx.state();
+        let recursion_limit = state.config().options().sql_parser.recursion_limit.get();
+        let statement = statement::parse_read_only(sql, recursion_limit)?;
+        let plan = state
+            .statement_to_plan(statement)
+            .await
+            .map_err(Error::Plan)?;
+        // Second guard, on the plan: whatever the statement looked like, it may not define,
+        // change or configure anything.
+        SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false)
+            .verify_plan(&plan)
+            .map_err(Error::Plan)?;
+
+        let mut stream = DataFrame::new(state, plan)
+            .execute_stream()
+            .await
+            .map_err(|e| self.execution_error(e))?;
+        let schema = stream.schema();
+        let mut batches = Vec::new();
+        let mut rows = 0usize;
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(|e| self.execution_error(e))?;
+            rows = rows.saturating_add(batch.num_rows());
+            if rows > self.max_rows {
+                return Err(Error::TooManyRows {
+                    max_rows: self.max_rows,
+                });
+            }
+            if batch.num_rows() > 0 {
+                batches.push(batch);
+            }
+        }
+        Ok((schema, batches))
+    }
+
+    fn execution_error(&self, e: DataFusionError) -> Error {
+        if matches!(e.find_root(), DataFusionError::ResourcesExhausted(_)) {
+            Error::MemoryLimit {
+                limit_bytes: self.memory_limit_bytes,
+                source: e,
+            }
+        } else {
+            Error::Execute(e)
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! The tokio runtime DataFusion runs on, kept apart from the one serving HTTP and ingest so a
+//! heavy query cannot starve them.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::runtime::{Builder, Handle, Runtime};
+use tokio::task::{JoinError, JoinHandle};
+
+use crate::error::{Error, Result};
+
+/// A dedicated multi-thread runtime that shuts down without blocking when dropped, so the
+/// service may be dropped from inside another runtime (a plain `Runtime` drop panics there).
+#[derive(Debug)]
+pub(crate) struct QueryRuntime {
+    runtime: Option<Runtime>,
+    handle: Handle,
+}
+
+impl QueryRuntime {
+    pub(crate) fn new(threads: usize) -> Result<Self> {
+        let runtime = Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("meterd-query")
+            .enable_all()
+            .build()
+            .map_err(Error::StartRuntime)?;
+        let handle = runtime.handle().clone();
+        Ok(Self {
+            runtime: Some(runtime),
+            handle,
+        })
+    }
+
+    /// Runs `future` on the query runtime. Dropping the returned handle cancels it.
+    pub(crate) fn spawn<F>(&self, future: F) -> AbortOnDrop<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        AbortOnDrop(self.handle.spawn(future))
+    }
+}
+
+impl Drop for QueryRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// A task handle that aborts the task when dropped: a query whose caller went away (timeout,
+/// client disconnect) stops at its next yield point instead of running to completion.
+#[derive(Debug)]
+pub(crate) struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> Future for AbortOnDrop<T> {
+    type Output = Result<T, JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}

@@ -1,0 +1,328 @@
+//! `meterd serve` settings from flags, `METERD_*` environment variables and a TOML file, in
+//! that order of precedence. Unknown keys in the file are errors, so a typo never silently
+//! falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use meterd_ingest::{EmbeddedOptions, IngestConfig};
+use meterd_query::QueryConfig;
+use serde::Deserialize;
+
+/// Flags of `meterd serve`; each also reads its `METERD_*` variable.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "METERD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080]; port 0 picks a free port.
+    #[arg(long, env = "METERD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the log, the dedup index and the embedded store [default: ./meterd-data].
+    #[arg(long, env = "METERD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Largest request body in bytes, also after gzip inflation [default: 10 MiB].
+    #[arg(long, env = "METERD_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Log bytes not yet confirmed by every store before ingest answers 503 [default: 2 GiB].
+    #[arg(long, env = "METERD_MAX_LOG_BYTES")]
+    pub max_log_bytes: Option<u64>,
+    /// How far in the future an event's time may be, in seconds [default: 300].
+    #[arg(long, env = "METERD_MAX_FUTURE_SKEW_SECS")]
+    pub max_future_skew_secs: Option<u64>,
+    /// How old an event may be, in days [default: 400].
+    #[arg(long, env = "METERD_MAX_EVENT_AGE_DAYS")]
+    pub max_event_age_days: Option<u64>,
+    /// How long (by event time) dedup keys are kept, in days [default: 400].
+    #[arg(long, env = "METERD_DEDUP_HORIZON_DAYS")]
+    pub dedup_horizon_days: Option<u64>,
+    /// Flush the embedded store's in-memory tail at least this often, in ms [default: 5000].
+    #[arg(long, env = "METERD_FLUSH_INTERVAL_MS")]
+    pub flush_interval_ms: Option<u64>,
+    /// SQL query timeout in seconds [default: 30].
+    #[arg(long, env = "METERD_QUERY_TIMEOUT_SECS")]
+    pub query_timeout_secs: Option<f64>,
+    /// Most rows a SQL answer may have [default: 100000].
+    #[arg(long, env = "METERD_QUERY_MAX_ROWS")]
+    pub query_max_rows: Option<usize>,
+    /// Memory a SQL query may use, in bytes [default: 512 MiB].
+    #[arg(long, env = "METERD_QUERY_MEMORY_BYTES")]
+    pub query_memory_bytes: Option<usize>,
+    /// Threads of the dedicated SQL runtime [default: 1].
+    #[arg(long, env = "METERD_QUERY_THREADS")]
+    pub query_threads: Option<usize>,
+    /// Log format on stderr: text or json [default: text].
+    #[arg(long, env = "METERD_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Deadline for a graceful shutdown, in seconds [default: 30].
+    #[arg(long, env = "METERD_SHUTDOWN_TIMEOUT_SECS")]
+    pub shutdown_timeout_secs: Option<u64>,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The TOML file. Every key mirrors a flag; `[[api_keys]]` exists only here.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub max_body_bytes: Option<usize>,
+    pub max_log_bytes: Option<u64>,
+    pub max_future_skew_secs: Option<u64>,
+    pub max_event_age_days: Option<u64>,
+    pub dedup_horizon_days: Option<u64>,
+    pub flush_interval_ms: Option<u64>,
+    pub query_timeout_secs: Option<f64>,
+    pub query_max_rows: Option<usize>,
+    pub query_memory_bytes: Option<usize>,
+    pub query_threads: Option<usize>,
+    pub log_format: Option<LogFormat>,
+    pub shutdown_timeout_secs: Option<u64>,
+    #[serde(default)]
+    pub api_keys: Vec<ApiKeyConfig>,
+}
+
+/// One API key, as configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// A name for logs; the key itself is never logged.
+    pub name: String,
+    /// The secret, sent as `Authorization: Bearer <key>`. Give `key` or `key_env`.
+    pub key: Option<String>,
+    /// Name of an environment variable holding the secret.
+    pub key_env: Option<String>,
+    /// Bind the key to a tenant: it may only send (and later see) that tenant's events.
+    pub tenant: Option<String>,
+    /// What the key may do: `ingest`, `query` [default: both].
+    #[serde(default = "all_scopes")]
+    pub scopes: Vec<Scope>,
+}
+
+/// A permission of an API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// `POST /v1/events`
+    Ingest,
+    /// `POST /v1/sql`
+    Query,
+}
+
+fn all_scopes() -> Vec<Scope> {
+    vec![Scope::Ingest, Scope::Query]
+}
+
+/// A configuration problem, reported before anything starts.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A resolved API key.
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    pub name: String,
+    pub secret: String,
+    pub tenant: Option<String>,
+    pub scopes: Vec<Scope>,
+}
+
+/// Everything `meterd serve` runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub ingest: IngestConfig,
+    pub query: QueryConfig,
+    pub api_keys: Vec<ApiKey>,
+    pub log_format: LogFormat,
+    pub shutdown_timeout: Duration,
+}
+
+impl Settings {
+    /// Resolves flags (which clap already merged with the environment) over the file over
+    /// the defaults.
+    pub fn resolve(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        macro_rules! pick {
+            ($field:ident) => {
+                args.$field.clone().or(file.$field.clone())
+            };
+        }
+        let listen = pick!(listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+        let data_dir = pick!(data_dir).unwrap_or_else(|| PathBuf::from("meterd-data"));
+        let mut ingest = IngestConfig::new(data_dir);
+        if let Some(v) = pick!(max_body_bytes) {
+            ingest.max_body_bytes = positive(v, "max_body_bytes")?;
+        }
+        if let Some(v) = pick!(max_log_bytes) {
+            ingest.max_log_bytes = v;
+        }
+        if let Some(v) = pick!(max_future_skew_secs) {
+            ingest.limits.max_future_skew = chrono::Duration::seconds(clamp_i64(v));
+        }
+        if let Some(v) = pick!(max_event_age_days) {
+            ingest.limits.max_age = chrono::Duration::days(positive(clamp_i64(v), "max_event_age_days")?);
+        }
+        if let Some(v) = pick!(dedup_horizon_days) {
+            ingest.dedup_horizon = chrono::Duration::days(clamp_i64(v));
+        }
+        if ingest.dedup_horizon < ingest.limits.max_age {
+            return Err(ConfigError::Invalid(format!(
+                "dedup_horizon_days ({}) must be at least max_event_age_days ({}): otherwise an old event could be counted twice",
+                ingest.dedup_horizon.num_days(),
+                ingest.limits.max_age.num_days()
+            )));
+        }
+        if let Some(v) = pick!(flush_interval_ms) {
+            ingest.embedded = EmbeddedOptions { flush_interval: Duration::from_millis(v), ..ingest.embedded };
+        }
+        let mut query = QueryConfig::default();
+        if let Some(v) = pick!(query_timeout_secs) {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(ConfigError::Invalid(format!("query_timeout_secs must be a positive number, got {v}")));
+            }
+            query.timeout = Duration::from_secs_f64(v);
+        }
+        if let Some(v) = pick!(query_max_rows) {
+            query.max_rows = positive(v, "query_max_rows")?;
+        }
+        if let Some(v) = pick!(query_memory_bytes) {
+            query.memory_limit_bytes = positive(v, "query_memory_bytes")?;
+        }
+        if let Some(v) = pick!(query_threads) {
+            query.threads = positive(v, "query_threads")?;
+        }
+        let api_keys = file.api_keys.iter().map(resolve_key).collect::<Result<Vec<_>, _>>()?;
+        if api_keys.is_empty() && !listen.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "refusing to listen on {listen} without API keys: configure [[api_keys]] in the config file, or listen on a loopback address"
+            )));
+        }
+        Ok(Self {
+            listen,
+            ingest,
+            query,
+            api_keys,
+            log_format: pick!(log_format).unwrap_or_default(),
+            shutdown_timeout: Duration::from_secs(pick!(shutdown_timeout_secs).unwrap_or(30)),
+        })
+    }
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+}
+
+fn resolve_key(k: &ApiKeyConfig) -> Result<ApiKey, ConfigError> {
+    let secret = match (&k.key, &k.key_env) {
+        (Some(s), None) => s.clone(),
+        (None, Some(var)) => std::env::var(var).map_err(|_| {
+            ConfigError::Invalid(format!("api key {:?}: environment variable {var} is not set", k.name))
+        })?,
+        _ => return Err(ConfigError::Invalid(format!("api key {:?}: give exactly one of key or key_env", k.name))),
+    };
+    if secret.len() < 16 {
+        return Err(ConfigError::Invalid(format!("api key {:?}: the secret must be at least 16 bytes", k.name)));
+    }
+    if k.scopes.is_empty() {
+        return Err(ConfigError::Invalid(format!("api key {:?}: scopes must not be empty", k.name)));
+    }
+    Ok(ApiKey { name: k.name.clone(), secret, tenant: k.tenant.clone(), scopes: k.scopes.clone() })
+}
+
+fn positive<T: PartialOrd + Default + std::fmt::Display>(v: T, name: &str) -> Result<T, ConfigError> {
+    if v > T::default() { Ok(v) } else { Err(ConfigError::Invalid(format!("{name} must be positive, got {v}"))) }
+}
+
+fn clamp_i64(v: u64) -> i64 {
+    // Durations this large are nonsensical; clamping keeps chrono from overflowing.
+    i64::try_from(v).unwrap_or(i64::MAX).min(1_000_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(text.as_bytes()).expect("write");
+        f
+    }
+
+    #[test]
+    fn defaults_need_nothing() {
+        let s = Settings::resolve(&ServeArgs::default()).expect("defaults");
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.ingest.data_dir, PathBuf::from("meterd-data"));
+        assert_eq!(s.ingest.max_body_bytes, 10 * 1024 * 1024);
+    }
+
+    #[test]
+    fn flags_beat_the_file() {
+        let f = file("listen = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/from-file\"\nquery_max_rows = 5\n");
+        let args = ServeArgs {
+            config: Some(f.path().to_owned()),
+            listen: Some("127.0.0.1:9100".parse().expect("addr")),
+            ..ServeArgs::default()
+        };
+        let s = Settings::resolve(&args).expect("resolve");
+        assert_eq!(s.listen.port(), 9100);
+        assert_eq!(s.ingest.data_dir, PathBuf::from("/tmp/from-file"));
+        assert_eq!(s.query.max_rows, 5);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let f = file("listn = \"127.0.0.1:9000\"\n");
+        let err = Settings::resolve(&ServeArgs { config: Some(f.path().to_owned()), ..ServeArgs::default() })
+            .expect_err("typo");
+        assert!(err.to_string().contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn non_loopback_needs_api_keys() {
+        let args = ServeArgs { listen: Some("0.0.0.0:8080".parse().expect("addr")), ..ServeArgs::default() };
+        assert!(Settings::resolve(&args).expect_err("open to the world").to_string().contains("API keys"));
+        let f = file("[[api_keys]]\nname = \"ingest\"\nkey = \"0123456789abcdef0123\"\ntenant = \"acme\"\nscopes = [\"ingest\"]\n");
+        let args = ServeArgs { config: Some(f.path().to_owned()), ..args };
+        let s = Settings::resolve(&args).expect("with a key");
+        assert_eq!(s.api_keys[0].tenant.as_deref(), Some("acme"));
+        assert_eq!(s.api_keys[0].scopes, vec![Scope::Ingest]);
+    }
+
+    #[test]
+    fn horizon_must_cover_history() {
+        let args = ServeArgs { dedup_horizon_days: Some(10), ..ServeArgs::default() };
+        assert!(Settings::resolve(&args).expect_err("too short").to_string().contains("dedup_horizon_days"));
+    }
+}

@@ -1,0 +1,177 @@
+//! `meterd serve`: opens the ingest path and the query service, serves them on one listener,
+//! and shuts down in order: stop taking requests, let in-flight batches finish, flush the
+//! embedded store, exit; all within a deadline.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use meterd_ingest::Ingest;
+use meterd_query::{EventsSource, QueryService};
+use meterd_schemas::{EventsSnapshot, Principal};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Scope, Settings};
+use crate::openapi;
+
+/// The embedded store seen through the query crate's interface.
+#[derive(Debug)]
+struct EmbeddedSource(Arc<Ingest>);
+
+impl EventsSource for EmbeddedSource {
+    fn snapshot(&self) -> EventsSnapshot {
+        self.0.store().snapshot()
+    }
+}
+
+/// API keys by secret.
+#[derive(Debug, Default)]
+struct Keys(HashMap<String, (Principal, Vec<Scope>)>);
+
+#[derive(Debug, Clone)]
+struct AuthState {
+    keys: Arc<Keys>,
+    scope: Scope,
+}
+
+async fn authenticate(State(auth): State<AuthState>, mut request: Request, next: Next) -> Response {
+    if auth.keys.0.is_empty() {
+        // No keys configured: meterd only listens on loopback (checked at startup).
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some((principal, scopes)) = presented.and_then(|k| auth.keys.0.get(k)) else {
+        let mut r = (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": "missing or unknown API key; send Authorization: Bearer <key>"}))).into_response();
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        return r;
+    };
+    if !scopes.contains(&auth.scope) {
+        let scope = match auth.scope {
+            Scope::Ingest => "ingest",
+            Scope::Query => "query",
+        };
+        return (StatusCode::FORBIDDEN, axum::Json(json!({"error": format!("API key {:?} lacks the {scope} scope", principal.key_name)})))
+            .into_response();
+    }
+    request.extensions_mut().insert(principal.clone());
+    next.run(request).await
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(ingest): State<Arc<Ingest>>) -> Response {
+    let r = ingest.readiness();
+    let status = if r.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(r)).into_response()
+}
+
+async fn openapi_json() -> impl IntoResponse {
+    axum::Json(openapi::document())
+}
+
+/// Builds the whole HTTP surface.
+pub fn router(ingest: Arc<Ingest>, query: &Arc<QueryService>, settings: &Settings) -> Router {
+    let mut keys = Keys::default();
+    for k in &settings.api_keys {
+        keys.0.insert(k.secret.clone(), (Principal { key_name: k.name.clone(), tenant: k.tenant.clone() }, k.scopes.clone()));
+    }
+    let keys = Arc::new(keys);
+    let guard = |scope| {
+        axum::middleware::from_fn_with_state(AuthState { keys: Arc::clone(&keys), scope }, authenticate)
+    };
+    Router::new()
+        .merge(meterd_ingest::http::router(Arc::clone(&ingest)).layer(guard(Scope::Ingest)))
+        .merge(query.router().layer(guard(Scope::Query)))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz).with_state(ingest))
+        .route("/openapi.json", get(openapi_json))
+}
+
+/// Runs the server until SIGINT/SIGTERM.
+pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let ingest_config = settings.ingest.clone();
+    let ingest = tokio::task::spawn_blocking(move || Ingest::open(ingest_config))
+        .await
+        .context("opening ingest panicked")?
+        .with_context(|| format!("opening the data directory {}", settings.ingest.data_dir.display()))?;
+    let query = QueryService::new(Arc::new(EmbeddedSource(Arc::clone(&ingest))), settings.query.clone())
+        .context("starting the query service")?;
+    let app = router(Arc::clone(&ingest), &query, &settings);
+
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("binding {}", settings.listen))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(%addr, data_dir = %settings.ingest.data_dir.display(), "meterd listening");
+    // Scripts and tests read the bound address (port 0 picks one) from this line on stdout.
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "meterd listening on http://{addr}").context("writing to stdout")?;
+    stdout.flush().context("writing to stdout")?;
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let deadline = settings.shutdown_timeout;
+    let serving = tokio::spawn(async move { server.await });
+    shutdown.cancelled().await;
+    tracing::info!(deadline_secs = deadline.as_secs(), "shutting down: finishing in-flight requests");
+    let drained = tokio::time::timeout(deadline, async {
+        match serving.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "http server failed"),
+            Err(e) => tracing::error!(error = %e, "http server task failed"),
+        }
+        tokio::task::spawn_blocking(move || ingest.shutdown()).await
+    })
+    .await;
+    drop(query);
+    match drained {
+        Ok(Ok(Ok(()))) => {
+            tracing::info!("shut down cleanly");
+            Ok(())
+        }
+        Ok(Ok(Err(e))) => Err(anyhow::Error::new(e).context("flushing on shutdown (acknowledged events are safe in the log)")),
+        Ok(Err(e)) => Err(anyhow::Error::new(e).context("shutdown task panicked")),
+        Err(_) => anyhow::bail!("shutdown took longer than {}s; acknowledged events are safe in the log", deadline.as_secs()),
+    }
+}
+
+async fn watch_signals(token: CancellationToken) {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+    token.cancel();
+}

@@ -1,0 +1,390 @@
+//! `POST /v1/events` against the real binary: counts, exactly-once (duplicates and conflicts
+//! within a batch, across batches and across a restart), the four framings, gzip, and where
+//! each field lands in SQL.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{FixedOffset, SecondsFormat};
+use common::{CLOUDEVENT, CLOUDEVENTS_BATCH, JSON, NDJSON, Server, ago, distinct_keys, generated, llm_event, ndjson};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+#[tokio::test]
+async fn sql_count_equals_accepted() {
+    let server = Server::start(&[]);
+    let events = generated(1, 2_000, 5, 30 * DAY, 0.1);
+    let keys = distinct_keys(&events);
+    assert!(keys.len() < events.len(), "the generator re-sends some events");
+
+    let reply = server.post_ndjson(&events).await;
+    assert_eq!(reply.accepted(), keys.len() as u64, "{reply:?}");
+    assert_eq!(reply.accepted() + reply.duplicates(), events.len() as u64);
+    assert!(reply.conflicts().is_empty(), "exact re-sends are duplicates, not conflicts: {reply:?}");
+    // Acknowledged means visible to SQL, without waiting for a flush.
+    assert_eq!(server.count("true").await, keys.len() as u64);
+
+    let per_tenant = server.rows("SELECT tenant, count(*) FROM events GROUP BY tenant ORDER BY tenant").await;
+    let mut expected: HashMap<String, u64> = HashMap::new();
+    for (tenant, _) in &keys {
+        *expected.entry(tenant.clone()).or_default() += 1;
+    }
+    assert_eq!(per_tenant.len(), expected.len(), "{per_tenant:?}");
+    for row in per_tenant {
+        let tenant = row[0].as_str().expect("tenant");
+        assert_eq!(row[1].as_u64(), Some(expected[tenant]), "events of tenant {tenant}");
+    }
+}
+
+#[tokio::test]
+async fn replaying_a_batch_stores_nothing_new() {
+    let server = Server::start(&[]);
+    let events = generated(2, 500, 3, 2 * DAY, 0.0);
+    let first = server.post_json(&events).await;
+    assert_eq!(first.accepted(), 500);
+    assert_eq!(first.duplicates(), 0);
+
+    let replay = server.post_json(&events).await;
+    assert_eq!(replay.accepted(), 0, "{replay:?}");
+    assert_eq!(replay.duplicates(), 500);
+    assert!(replay.conflicts().is_empty());
+    // The same batch as NDJSON is the same events.
+    let again = server.post_ndjson(&events).await;
+    assert_eq!((again.accepted(), again.duplicates()), (0, 500));
+    assert_eq!(server.count("true").await, 500);
+}
+
+#[tokio::test]
+async fn duplicates_and_conflicts_inside_one_batch() {
+    let server = Server::start(&[]);
+    let a = llm_event("acme", "a", 100, 10);
+    let mut a_changed = a.clone();
+    a_changed["data"]["input_tokens"] = json!(999);
+    let b = llm_event("acme", "b", 200, 20);
+    // Same id, other tenant: a different event, not a conflict.
+    let a_other_tenant = llm_event("globex", "a", 300, 30);
+
+    let reply = server.post_json(&[a.clone(), a.clone(), a_changed, b, a_other_tenant]).await;
+    assert_eq!(reply.accepted(), 3, "{reply:?}");
+    assert_eq!(reply.duplicates(), 1, "{reply:?}");
+    assert_eq!(reply.conflicts(), vec!["a".to_owned()]);
+
+    assert_eq!(server.count("true").await, 3);
+    // The first occurrence wins.
+    let stored = server.scalar("SELECT input_tokens FROM events WHERE tenant = 'acme' AND id = 'a'").await;
+    assert_eq!(stored, json!(100));
+    assert_eq!(server.scalar("SELECT input_tokens FROM events WHERE tenant = 'globex' AND id = 'a'").await, json!(300));
+}
+
+#[tokio::test]
+async fn duplicates_and_conflicts_across_batches() {
+    let server = Server::start(&[]);
+    let a = llm_event("acme", "a", 100, 10);
+    assert_eq!(server.post_json(std::slice::from_ref(&a)).await.accepted(), 1);
+
+    let mut a_changed = a.clone();
+    a_changed["subject"] = json!("someone-else");
+    let c = llm_event("acme", "c", 5, 5);
+    let reply = server.post_json(&[a.clone(), a_changed.clone(), c]).await;
+    assert_eq!(reply.accepted(), 1, "{reply:?}");
+    assert_eq!(reply.duplicates(), 1);
+    assert_eq!(reply.conflicts(), vec!["a".to_owned()]);
+
+    // A conflict is never stored, however often it is sent.
+    let reply = server.post_json(&[a_changed]).await;
+    assert_eq!((reply.accepted(), reply.duplicates(), reply.conflicts()), (0, 0, vec!["a".to_owned()]));
+    assert_eq!(server.count("true").await, 2);
+    assert_eq!(server.scalar("SELECT subject FROM events WHERE id = 'a'").await, json!("user-17"));
+}
+
+#[tokio::test]
+async fn dedup_survives_a_graceful_restart() {
+    let mut server = Server::start(&[]);
+    let events = generated(3, 1_000, 4, 7 * DAY, 0.0);
+    assert_eq!(server.post_ndjson(&events).await.accepted(), 1_000);
+
+    let status = server.stop();
+    assert!(status.success(), "SIGTERM must end meterd with exit code 0, got {status}");
+    server.restart();
+
+    assert_eq!(server.count("true").await, 1_000, "acknowledged events survive a restart");
+    let replay = server.post_ndjson(&events).await;
+    assert_eq!((replay.accepted(), replay.duplicates()), (0, 1_000), "{replay:?}");
+    let mut changed = events[0].clone();
+    changed["subject"] = json!("changed-after-restart");
+    assert_eq!(server.post_json(&[changed.clone()]).await.conflicts(), vec![changed["id"].as_str().expect("id")]);
+    assert_eq!(server.count("true").await, 1_000);
+}
+
+/// A CloudEvent; the same arguments give the same event.
+fn cloudevent(id: &str, tenant: &str, input_tokens: i64) -> Value {
+    json!({
+        "specversion": "1.0",
+        "id": id,
+        "source": "support-bot",
+        "type": "llm.usage",
+        "time": ce_time(),
+        "subject": "user-1",
+        "tenant": tenant,
+        "datacontenttype": "application/json",
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "data": {"provider": "anthropic", "model": "claude", "input_tokens": input_tokens, "output_tokens": 7}
+    })
+}
+
+/// One time for all CloudEvents of a test run: equal arguments make equal events.
+fn ce_time() -> String {
+    static TIME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TIME.get_or_init(|| common::rfc3339(ago(Duration::from_secs(120)))).clone()
+}
+
+#[tokio::test]
+async fn cloudevents_single_and_batch() {
+    let server = Server::start(&[]);
+    let single = server.post_events(serde_json::to_vec(&cloudevent("ce-1", "acme", 11)).expect("json"), CLOUDEVENT, false).await;
+    assert_eq!(single.accepted(), 1, "{single:?}");
+    let row = server
+        .rows("SELECT tenant, id, type, source, subject, provider, model, input_tokens, output_tokens FROM events")
+        .await;
+    assert_eq!(
+        row,
+        vec![vec![
+            json!("acme"),
+            json!("ce-1"),
+            json!("llm.usage"),
+            json!("support-bot"),
+            json!("user-1"),
+            json!("anthropic"),
+            json!("claude"),
+            json!(11),
+            json!(7)
+        ]]
+    );
+
+    let batch = vec![cloudevent("ce-2", "acme", 1), cloudevent("ce-3", "globex", 2), cloudevent("ce-1", "acme", 11)];
+    let reply = server.post_events(serde_json::to_vec(&batch).expect("json"), CLOUDEVENTS_BATCH, false).await;
+    assert_eq!((reply.accepted(), reply.duplicates()), (2, 1), "{reply:?}");
+    assert_eq!(server.count("tenant = 'globex'").await, 1);
+
+    // A batch body sent as a single CloudEvent, and the reverse, are shape errors.
+    let wrong = server.post_events(serde_json::to_vec(&batch).expect("json"), CLOUDEVENT, false).await;
+    assert_eq!(wrong.status, StatusCode::BAD_REQUEST, "{wrong:?}");
+    let wrong = server.post_events(serde_json::to_vec(&batch[0]).expect("json"), CLOUDEVENTS_BATCH, false).await;
+    assert_eq!(wrong.status, StatusCode::BAD_REQUEST, "{wrong:?}");
+    assert!(wrong.error().contains("array"), "{wrong:?}");
+    assert_eq!(server.count("true").await, 3);
+}
+
+#[tokio::test]
+async fn cloudevents_need_specversion_source_and_tenant() {
+    let server = Server::start(&[]);
+    let cases: [(&str, Option<Value>, &str, &str); 4] = [
+        ("specversion", None, "specversion", "required"),
+        ("specversion", Some(json!("0.3")), "specversion", "expected \"1.0\""),
+        ("source", None, "source", "required"),
+        ("tenant", None, "tenant", "required"),
+    ];
+    for (i, (key, value, field, reason)) in cases.into_iter().enumerate() {
+        let mut ce = cloudevent(&format!("bad-{i}"), "acme", 1);
+        match value {
+            Some(v) => ce[key] = v,
+            None => {
+                ce.as_object_mut().expect("object").remove(key);
+            }
+        }
+        let reply = server.post_events(serde_json::to_vec(&ce).expect("json"), CLOUDEVENT, false).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{key}: {reply:?}");
+        reply.assert_field_error(field, reason);
+    }
+    assert_eq!(server.count("true").await, 0);
+}
+
+#[tokio::test]
+async fn gzip_bodies_in_every_framing() {
+    let server = Server::start(&[]);
+    let events = generated(4, 300, 2, DAY, 0.0);
+    let reply = server.post_events(ndjson(&events[..100]), NDJSON, true).await;
+    assert_eq!(reply.accepted(), 100, "{reply:?}");
+    let reply = server.post_events(serde_json::to_vec(&events[100..200]).expect("json"), JSON, true).await;
+    assert_eq!(reply.accepted(), 100, "{reply:?}");
+    let ces: Vec<Value> = (0..5).map(|i| cloudevent(&format!("gz-{i}"), "acme", i)).collect();
+    let reply = server.post_events(serde_json::to_vec(&ces).expect("json"), CLOUDEVENTS_BATCH, true).await;
+    assert_eq!(reply.accepted(), 5, "{reply:?}");
+    // The same events uncompressed are duplicates: gzip changes the transport, not the content.
+    let reply = server.post_ndjson(&events[..200]).await;
+    assert_eq!((reply.accepted(), reply.duplicates()), (0, 200), "{reply:?}");
+    assert_eq!(server.count("true").await, 205);
+}
+
+#[tokio::test]
+async fn ndjson_tolerates_blank_lines_and_crlf() {
+    let server = Server::start(&[]);
+    let events = generated(5, 50, 2, DAY, 0.0);
+    let mut body = Vec::new();
+    for e in &events {
+        body.extend_from_slice(&serde_json::to_vec(e).expect("json"));
+        body.extend_from_slice(b"\r\n\n");
+    }
+    let reply = server.post_events(body, NDJSON, false).await;
+    assert_eq!(reply.accepted(), 50, "{reply:?}");
+    // One event as a bare object with application/json.
+    let single = server.post_events(serde_json::to_vec(&llm_event("acme", "solo", 1, 1)).expect("json"), JSON, false).await;
+    assert_eq!(single.accepted(), 1);
+    assert_eq!(server.count("true").await, 51);
+}
+
+#[tokio::test]
+async fn fields_land_in_their_columns() {
+    let server = Server::start(&[]);
+    // Sums per tenant over generated events must match what SQL computes.
+    let events = generated(6, 1_500, 4, 10 * DAY, 0.0);
+    assert_eq!(server.post_ndjson(&events).await.accepted(), 1_500);
+    let mut input: HashMap<String, i64> = HashMap::new();
+    let mut output: HashMap<String, i64> = HashMap::new();
+    let mut by_type: HashMap<String, u64> = HashMap::new();
+    for e in &events {
+        let tenant = e["tenant"].as_str().expect("tenant").to_owned();
+        *by_type.entry(e["type"].as_str().expect("type").to_owned()).or_default() += 1;
+        if e["type"] == "llm.usage" {
+            *input.entry(tenant.clone()).or_default() += e["data"]["input_tokens"].as_i64().expect("input_tokens");
+            *output.entry(tenant).or_default() += e["data"]["output_tokens"].as_i64().expect("output_tokens");
+        }
+    }
+    let rows = server
+        .rows(
+            "SELECT tenant, sum(input_tokens), sum(output_tokens) FROM events \
+             WHERE type = 'llm.usage' GROUP BY tenant ORDER BY tenant",
+        )
+        .await;
+    assert_eq!(rows.len(), input.len(), "{rows:?}");
+    for row in &rows {
+        let tenant = row[0].as_str().expect("tenant");
+        assert_eq!(row[1].as_i64(), Some(input[tenant]), "input_tokens of {tenant}");
+        assert_eq!(row[2].as_i64(), Some(output[tenant]), "output_tokens of {tenant}");
+    }
+    for (t, n) in &by_type {
+        assert_eq!(server.count(&format!("type = '{t}'")).await, *n, "events of type {t}");
+    }
+    // Type-specific columns are null for the other types.
+    assert_eq!(server.count("type = 'api.request' AND input_tokens IS NOT NULL").await, 0);
+    assert_eq!(server.count("type = 'llm.usage' AND duration_ms IS NOT NULL").await, 0);
+}
+
+#[tokio::test]
+async fn each_type_fills_its_columns_and_time_is_utc() {
+    let server = Server::start(&[]);
+    let t = ago(Duration::from_secs(3_600)) + chrono::Duration::milliseconds(123);
+    let plus_two = t.with_timezone(&FixedOffset::east_opt(2 * 3_600).expect("offset"));
+    let sent_time = plus_two.to_rfc3339_opts(SecondsFormat::Millis, false);
+    assert!(sent_time.ends_with("+02:00"), "{sent_time}");
+    let utc_time = t.to_rfc3339_opts(SecondsFormat::Millis, true);
+
+    let events = vec![
+        json!({"id": "l1", "tenant": "acme", "type": "llm.usage", "time": sent_time,
+               "subject": "user-17", "source": "support-bot",
+               "dimensions": {"department": "customer_service", "agent": "faq"},
+               "data": {"provider": "openai", "model": "gpt-4o", "input_tokens": 1200, "output_tokens": 300,
+                        "cached_input_tokens": 100, "reasoning_tokens": 50, "latency_ms": 830,
+                        "status": "ok", "run_id": "run-42"}}),
+        json!({"id": "r1", "tenant": "acme", "type": "api.request", "time": sent_time,
+               "data": {"route": "/v1/chat", "method": "POST", "status_code": 502, "latency_ms": 41,
+                        "request_bytes": 100, "response_bytes": 2000}}),
+        json!({"id": "g1", "tenant": "acme", "type": "agent.run", "time": sent_time,
+               "data": {"agent": "faq", "run_id": "run-42", "parent_run_id": "run-41", "status": "succeeded",
+                        "duration_ms": 5000, "steps": 4, "tool_calls": 2}}),
+    ];
+    assert_eq!(server.post_json(&events).await.accepted(), 3);
+
+    let llm = server
+        .rows(
+            "SELECT time, subject, source, dimensions, provider, model, input_tokens, output_tokens, \
+             cached_input_tokens, reasoning_tokens, latency_ms, status, run_id FROM events WHERE id = 'l1'",
+        )
+        .await;
+    assert_eq!(
+        llm,
+        vec![vec![
+            json!(utc_time),
+            json!("user-17"),
+            json!("support-bot"),
+            json!({"agent": "faq", "department": "customer_service"}),
+            json!("openai"),
+            json!("gpt-4o"),
+            json!(1200),
+            json!(300),
+            json!(100),
+            json!(50),
+            json!(830),
+            json!("ok"),
+            json!("run-42")
+        ]]
+    );
+    let api = server
+        .rows(
+            "SELECT time, route, method, status_code, latency_ms, request_bytes, response_bytes, provider \
+             FROM events WHERE id = 'r1'",
+        )
+        .await;
+    assert_eq!(
+        api,
+        vec![vec![
+            json!(utc_time),
+            json!("/v1/chat"),
+            json!("POST"),
+            json!(502),
+            json!(41),
+            json!(100),
+            json!(2000),
+            Value::Null
+        ]]
+    );
+    let agent = server
+        .rows(
+            "SELECT time, agent, run_id, parent_run_id, status, duration_ms, steps, tool_calls, latency_ms \
+             FROM events WHERE id = 'g1'",
+        )
+        .await;
+    assert_eq!(
+        agent,
+        vec![vec![
+            json!(utc_time),
+            json!("faq"),
+            json!("run-42"),
+            json!("run-41"),
+            json!("succeeded"),
+            json!(5000),
+            json!(4),
+            json!(2),
+            Value::Null
+        ]]
+    );
+    // Time filters compare instants, whatever offset the event was sent with.
+    let filter = format!("time = TIMESTAMP '{utc_time}'");
+    assert_eq!(server.count(&filter).await, 3, "{filter}");
+    // ingested_at is set by meterd, at or after the request.
+    assert_eq!(server.count("ingested_at >= time").await, 3);
+}
+
+#[tokio::test]
+async fn health_readiness_and_openapi() {
+    let server = Server::start(&[]);
+    assert_eq!(server.get_status("/healthz").await, StatusCode::OK);
+    assert_eq!(server.get_status("/readyz").await, StatusCode::OK);
+    let doc: Value = server
+        .client
+        .get(format!("{}/openapi.json", server.url))
+        .send()
+        .await
+        .expect("GET /openapi.json")
+        .json()
+        .await
+        .expect("OpenAPI is JSON");
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with('3')), "{doc}");
+    for path in ["/v1/events", "/v1/sql", "/healthz", "/readyz"] {
+        assert!(doc["paths"][path].is_object(), "{path} missing from /openapi.json");
+    }
+}
