@@ -5,7 +5,9 @@
 //! only calls [`run`].
 
 pub mod config;
-pub mod gen;
+pub mod r#gen;
+/// The `meterd gen` load generator (`gen` is a reserved word in Rust 2024).
+pub use crate::r#gen as loadgen;
 pub mod openapi;
 pub mod serve;
 
@@ -30,7 +32,7 @@ pub enum Command {
     /// Run the service (ingest, SQL, health) on one listener.
     Serve(ServeArgs),
     /// Generate realistic usage events as NDJSON, or post them to a running meterd.
-    Gen(gen::GenArgs),
+    Gen(loadgen::GenArgs),
 }
 
 /// Entry point of the `meterd` binary: 0 on success, 1 on a runtime failure, 2 on bad
@@ -51,7 +53,7 @@ pub fn run() -> ExitCode {
         }
         Command::Gen(args) => {
             init_tracing(LogFormat::Text);
-            exit_code(runtime().and_then(|rt| rt.block_on(gen::run(args))))
+            exit_code(runtime().and_then(|rt| rt.block_on(loadgen::run(args))))
         }
     }
 }
@@ -84,7 +86,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_env("METERD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     // A second init (tests calling run twice) keeps the first subscriber; nothing to report.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

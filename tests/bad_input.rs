@@ -63,7 +63,7 @@ async fn malformed_json() {
     assert!(reply.error().contains("line 2"), "{reply:?}");
     assert_eq!(reply.json["errors"][0]["index"], 1, "{reply:?}");
 
-    for (body, what) in [(&b"42"[..], "a number"), (b"[]", "an empty array"), (b"", "an empty body")] {
+    for (body, what) in [(&b"42"[..], "a number"), (&b"[]"[..], "an empty array"), (&b""[..], "an empty body")] {
         let reply = server.post_events(body, JSON, false).await;
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{what}: {reply:?}");
     }

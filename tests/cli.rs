@@ -84,7 +84,7 @@ fn gen_is_deterministic() {
     let start = end - chrono::Duration::days(3);
     let (start, end) = (common::rfc3339(start), common::rfc3339(end));
     let args = [
-        "gen", "--seed", "42", "--events", "2000", "--tenants", "5", "--start", &start, "--end", &end,
+        "gen", "--seed", "42", "--events", "2000", "--tenants", "5", "--start", start.as_str(), "--end", end.as_str(),
         "--duplicates", "0.1", "--out", "-",
     ];
     let a = meterd(&args, &[]);
@@ -101,7 +101,7 @@ fn gen_is_deterministic() {
     let tenants: std::collections::HashSet<&str> = events.iter().filter_map(|e| e["tenant"].as_str()).collect();
     assert!(tenants.len() <= 5, "{tenants:?}");
 
-    let other_seed: Vec<&str> = args.iter().map(|a| if *a == "42" { "43" } else { a }).collect();
+    let other_seed: Vec<&str> = args.iter().map(|a| if *a == "42" { "43" } else { *a }).collect();
     let c = meterd(&other_seed, &[]);
     assert!(c.status.success());
     assert_ne!(c.stdout, b.stdout, "another seed, other events");
@@ -116,7 +116,7 @@ async fn gen_output_is_accepted_whole() {
     let (start, end) = (common::rfc3339(start), common::rfc3339(end));
     let generator_run = meterd(
         &[
-            "gen", "--seed", "9", "--events", "3000", "--tenants", "3", "--start", &start, "--end", &end,
+            "gen", "--seed", "9", "--events", "3000", "--tenants", "3", "--start", start.as_str(), "--end", end.as_str(),
             "--duplicates", "0.05", "--out", out.to_str().expect("utf-8"),
         ],
         &[],
@@ -142,8 +142,8 @@ async fn gen_posts_to_a_running_server() {
     let start = end - chrono::Duration::days(2);
     let (start, end) = (common::rfc3339(start), common::rfc3339(end));
     let args: Vec<String> = [
-        "gen", "--seed", "5", "--events", "2500", "--tenants", "4", "--start", &start, "--end", &end,
-        "--duplicates", "0", "--url", &server.url, "--batch", "300", "--concurrency", "3",
+        "gen", "--seed", "5", "--events", "2500", "--tenants", "4", "--start", start.as_str(), "--end", end.as_str(),
+        "--duplicates", "0", "--url", server.url.as_str(), "--batch", "300", "--concurrency", "3",
     ]
     .iter()
     .map(|a| (*a).to_owned())

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 
 /// An output format of `POST /v1/sql`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     /// `{"columns": [{"name", "type"}], "rows": [[...]]}`.
     Json,
     /// One JSON object per row.
@@ -229,6 +229,10 @@ fn csv_compatible(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
             if timestamp {
                 // The JSON encoding is a quoted string without escapes; CSV wants the bare text.
                 value = value.trim_matches('"').to_owned();
+                if value == "null" {
+                    text.append_null();
+                    continue;
+                }
             }
             text.append_value(&value);
             buf = value.into_bytes();

@@ -7,6 +7,7 @@
 //! timeout, a memory pool and a row cap, so an expensive question gets a clear 4xx/5xx instead
 //! of starving ingest or the process.
 
+mod coop;
 mod error;
 mod format;
 mod http;
@@ -26,12 +27,13 @@ use datafusion::dataframe::DataFrame;
 use datafusion::error::DataFusionError;
 use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use futures::StreamExt;
 
 pub use error::{Error, Result};
-pub use format::Format;
 
+use format::Format;
 use runtime::QueryRuntime;
 
 /// Supplies the current contents of `events` at query time.
@@ -90,7 +92,13 @@ impl QueryService {
         let session = SessionConfig::new()
             .with_information_schema(true)
             .with_target_partitions(threads);
-        let ctx = SessionContext::new_with_config_rt(session, runtime_env);
+        let state = SessionStateBuilder::new()
+            .with_config(session)
+            .with_runtime_env(runtime_env)
+            .with_default_features()
+            .with_physical_optimizer_rule(Arc::new(coop::CooperativeMultipliers))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
         ctx.register_table("events", Arc::new(table::EventsTable::new(source)))
             .map_err(Error::Setup)?;
 
@@ -122,7 +130,7 @@ impl QueryService {
     }
 
     /// Runs one statement and encodes its result in `format`, both on the query runtime.
-    pub async fn query_encoded(&self, sql: String, format: Format) -> Result<Vec<u8>> {
+    pub(crate) async fn query_encoded(&self, sql: String, format: Format) -> Result<Vec<u8>> {
         self.on_query_runtime(move |engine| async move {
             let (schema, batches) = engine.collect(&sql).await?;
             format.encode(&schema, &batches)
@@ -201,6 +209,9 @@ impl Engine {
         let mut batches = Vec::new();
         let mut rows = 0usize;
         while let Some(batch) = stream.next().await {
+            // A stream that is always ready never yields on its own; spending budget here keeps
+            // even a fast producer cancellable at the top.
+            tokio::task::coop::consume_budget().await;
             let batch = batch.map_err(|e| self.execution_error(e))?;
             rows = rows.saturating_add(batch.num_rows());
             if rows > self.max_rows {
