@@ -155,7 +155,11 @@ pub async fn run(args: GenArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let generator = Generator::new(config);
     match args.url {
-        Some(url) => {
+        Some(mut url) => {
+            // A bare server address means its ingest endpoint.
+            if url.path() == "/" {
+                url.set_path("/v1/events");
+            }
             let options = send::SendOptions {
                 url,
                 batch: usize::try_from(args.batch).context("--batch is too large")?,

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -46,9 +46,19 @@ fn batch_events(key: &str, seed: u64) -> Vec<Value> {
     events
 }
 
+/// When to send SIGKILL.
+#[derive(Debug, Clone, Copy)]
+enum KillAt {
+    /// After this long.
+    Delay(Duration),
+    /// At the first new Parquet file in the data directory after this long: the store is in
+    /// the middle of a flush or a compaction (writing, fsyncing, or publishing the file).
+    FlushAfter(Duration),
+}
+
 /// Starts `WRITERS` tasks posting NDJSON batches as fast as they are answered, kills the server
-/// with SIGKILL after `delay`, and returns every batch posted, acknowledged or not.
-async fn ingest_until_killed(server: &mut Server, run: &str, delay: Duration, seed: u64) -> Vec<Batch> {
+/// with SIGKILL at `kill_at`, and returns every batch posted, acknowledged or not.
+async fn ingest_until_killed(server: &mut Server, run: &str, kill_at: KillAt, seed: u64) -> Vec<Batch> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
     for w in 0..WRITERS {
@@ -94,7 +104,23 @@ async fn ingest_until_killed(server: &mut Server, run: &str, delay: Duration, se
             batches
         }));
     }
-    tokio::time::sleep(delay).await;
+    match kill_at {
+        KillAt::Delay(delay) => tokio::time::sleep(delay).await,
+        KillAt::FlushAfter(delay) => {
+            tokio::time::sleep(delay).await;
+            let dir = server.data_dir();
+            let before: HashSet<_> = common::files_ending_with(&dir, ".parquet").into_iter().collect();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                if common::files_ending_with(&dir, ".parquet").iter().any(|f| !before.contains(f)) {
+                    break;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "no flush within 5 s at --flush-interval-ms 50");
+                // Polling on this thread keeps the kill as close to the file's creation as possible.
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
     server.kill();
     stop.store(true, Ordering::SeqCst);
     let mut all = Vec::new();
@@ -127,7 +153,7 @@ async fn assert_acked_present_once(server: &Server, batches: &[Batch], context: 
             assert!(n <= BATCH_EVENTS as u64, "{context}: batch {} has {n} events", b.key);
         }
     }
-    let known: std::collections::HashSet<&str> = batches.iter().map(|b| b.key.as_str()).collect();
+    let known: HashSet<&str> = batches.iter().map(|b| b.key.as_str()).collect();
     let strangers: Vec<&String> = present.keys().filter(|k| !known.contains(k.as_str())).collect();
     assert!(strangers.is_empty(), "{context}: events from batches never sent: {strangers:?}");
     eprintln!("{context}: {acked} of {} batches acknowledged, all present once", batches.len());
@@ -185,7 +211,7 @@ async fn kill_9_at_random_points_loses_and_doubles_nothing() {
     for (i, delay) in delays.into_iter().enumerate() {
         let context = format!("iteration {i} (seed {seed}, kill after {delay:?})");
         let mut server = Server::start(&[]);
-        let batches = ingest_until_killed(&mut server, &format!("r{i}"), delay, rng.random()).await;
+        let batches = ingest_until_killed(&mut server, &format!("r{i}"), KillAt::Delay(delay), rng.random()).await;
         server.restart();
         assert_acked_present_once(&server, &batches, &context).await;
         resend_all_and_check(&server, &batches, &context).await;
@@ -200,23 +226,26 @@ async fn kill_9_at_random_points_loses_and_doubles_nothing() {
 async fn kill_9_while_the_store_flushes() {
     let seed = seed().wrapping_add(1);
     let mut rng = StdRng::seed_from_u64(seed);
-    // Flushes (and with them compactions) happen all the time, so kills land inside them.
+    // Flushes (and with them compactions) happen all the time; each kill waits for a new
+    // Parquet file, so it lands inside a flush, between writing a file and publishing it.
     let mut server = Server::start(&["--flush-interval-ms", "50"]);
     let mut batches = Vec::new();
-    for cycle in 0..4 {
-        let delay = Duration::from_millis(rng.random_range(150..1_500));
-        let context = format!("cycle {cycle} (seed {seed}, kill after {delay:?})");
+    let cycles = 5;
+    for cycle in 0..cycles {
+        let delay = Duration::from_millis(rng.random_range(100..1_000));
+        let context = format!("cycle {cycle} (seed {seed}, kill at the first flush after {delay:?})");
         if cycle > 0 {
             server.restart();
         }
-        batches.extend(ingest_until_killed(&mut server, &format!("f{cycle}"), delay, rng.random()).await);
+        let run = format!("f{cycle}");
+        batches.extend(ingest_until_killed(&mut server, &run, KillAt::FlushAfter(delay), rng.random()).await);
         server.restart();
+        let orphans = server.stderr().matches("removed orphan parquet file").count();
+        eprintln!("{context}: recovery removed {orphans} unpublished Parquet files");
         // Everything acknowledged in this and the earlier cycles, across several crashes.
         assert_acked_present_once(&server, &batches, &context).await;
         server.kill();
     }
     server.restart();
-    let flushed = common::files_ending_with(&server.data_dir(), ".parquet");
-    assert!(!flushed.is_empty(), "the store flushed Parquet files during the test");
-    resend_all_and_check(&server, &batches, &format!("after 4 crashes (seed {seed})")).await;
+    resend_all_and_check(&server, &batches, &format!("after {cycles} crashes (seed {seed})")).await;
 }

@@ -101,6 +101,32 @@ impl IntoResponse for IngestError {
     }
 }
 
+/// Past the limit, the rest of a body is read and dropped up to this many bytes, so that an
+/// ordinary client still sees the 413 instead of a connection reset mid-upload.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+
+/// Reads a body of at most `limit` bytes. An oversized body is drained (up to
+/// [`DRAIN_LIMIT`]) and answered with 413; it is never buffered.
+async fn read_body(mut body: Body, limit: usize) -> Result<bytes::Bytes, IngestError> {
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| IngestError::BodyRead(e.to_string()))?;
+        let Ok(data) = frame.into_data() else { continue };
+        seen = seen.saturating_add(data.len());
+        if seen > DRAIN_LIMIT {
+            break;
+        }
+        if seen <= limit {
+            buf.extend_from_slice(&data);
+        }
+    }
+    if seen > limit {
+        return Err(DecodeError::TooLarge { limit }.into());
+    }
+    Ok(buf.freeze())
+}
+
 async fn post_events(
     State(ingest): State<Arc<Ingest>>,
     principal: Option<axum::Extension<Principal>>,
@@ -109,19 +135,8 @@ async fn post_events(
 ) -> Result<Response, IngestError> {
     let limit = ingest.config().max_body_bytes;
     let header_str = |name| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let raw = read_body(body, limit).await?;
     let framing = decode::framing(header_str(header::CONTENT_TYPE))?;
-    if let Some(len) = header_str(header::CONTENT_LENGTH).and_then(|l| l.parse::<u64>().ok()) {
-        if len > limit as u64 {
-            return Err(DecodeError::TooLarge { limit }.into());
-        }
-    }
-    let raw = match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return Err(DecodeError::TooLarge { limit }.into());
-        }
-        Err(e) => return Err(IngestError::BodyRead(e.to_string())),
-    };
     let body = decode::inflate(raw, header_str(header::CONTENT_ENCODING), limit)?;
     let items = decode::items(&body, framing)?;
 
