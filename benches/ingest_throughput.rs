@@ -24,11 +24,18 @@ struct Options {
 }
 
 fn options() -> Result<Options> {
-    let mut o = Options { events: 1_000_000, batch: 1_000, concurrency: 8 };
+    let mut o = Options {
+        events: 1_000_000,
+        batch: 1_000,
+        concurrency: 8,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| -> Result<usize> {
-            args.next().with_context(|| format!("{name} needs a value"))?.parse().with_context(|| format!("{name} must be a number"))
+            args.next()
+                .with_context(|| format!("{name} needs a value"))?
+                .parse()
+                .with_context(|| format!("{name} must be a number"))
         };
         match a.as_str() {
             "--events" => o.events = value("--events")?,
@@ -65,8 +72,14 @@ fn start_server(data_dir: &std::path::Path) -> Result<Server> {
         .context("starting meterd serve")?;
     let stdout = child.stdout.take().context("no stdout")?;
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).context("reading the listen line")?;
-    let url = line.trim().strip_prefix("meterd listening on ").context("unexpected first line")?.to_owned();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("reading the listen line")?;
+    let url = line
+        .trim()
+        .strip_prefix("meterd listening on ")
+        .context("unexpected first line")?
+        .to_owned();
     Ok(Server { child, url })
 }
 
@@ -108,7 +121,10 @@ fn main() -> Result<()> {
         bail!("meterd gen failed: {status}");
     }
     let text = std::fs::read(&ndjson_path)?;
-    let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&[u8]> = text
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
     let batches: Vec<bytes::Bytes> = lines
         .chunks(o.batch)
         .map(|chunk| {
@@ -147,10 +163,17 @@ fn main() -> Result<()> {
 
     // The measurement: meterd serve over loopback.
     let server = start_server(&dir.path().join("data"))?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let client = reqwest::Client::builder().pool_max_idle_per_host(o.concurrency).build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(o.concurrency)
+        .build()?;
     let url = format!("{}/v1/events", server.url);
-    let queue = Arc::new(std::sync::Mutex::new(batches.into_iter().enumerate().collect::<Vec<_>>()));
+    let queue = Arc::new(std::sync::Mutex::new(
+        batches.into_iter().enumerate().collect::<Vec<_>>(),
+    ));
     let t = Instant::now();
     let (latencies, accepted) = rt.block_on(async {
         let mut tasks = Vec::new();
@@ -199,15 +222,23 @@ fn main() -> Result<()> {
     }
 
     let rate = events as f64 / elapsed.as_secs_f64();
-    println!("ingest_throughput: {events} events in batches of {}, {} connections, fsync on", o.batch, o.concurrency);
-    println!("  meterd serve:        {:>12.0} events/s  {:>8.1} MB/s  p50 {:>7.1} ms  p99 {:>7.1} ms  peak RSS {:.0} MiB",
+    println!(
+        "ingest_throughput: {events} events in batches of {}, {} connections, fsync on",
+        o.batch, o.concurrency
+    );
+    println!(
+        "  meterd serve:        {:>12.0} events/s  {:>8.1} MB/s  p50 {:>7.1} ms  p99 {:>7.1} ms  peak RSS {:.0} MiB",
         rate,
         total_bytes as f64 / elapsed.as_secs_f64() / 1e6,
         percentile(&latencies, 0.50).as_secs_f64() * 1e3,
         percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-        rss as f64 / (1024.0 * 1024.0));
+        rss as f64 / (1024.0 * 1024.0)
+    );
     println!("  baseline serde_json: {parse_rate:>12.0} events/s  (parse into Value, 1 core)");
-    println!("  baseline fdatasync:  {fsync_rate:>12.0} events/s  (append same bytes, 1 sync per {} batches)", o.concurrency);
+    println!(
+        "  baseline fdatasync:  {fsync_rate:>12.0} events/s  (append same bytes, 1 sync per {} batches)",
+        o.concurrency
+    );
     println!("  meterd / parse baseline: {:.2}", rate / parse_rate);
     Ok(())
 }

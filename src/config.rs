@@ -188,7 +188,8 @@ impl Settings {
             ingest.limits.max_future_skew = chrono::Duration::seconds(clamp_i64(v));
         }
         if let Some(v) = pick!(max_event_age_days) {
-            ingest.limits.max_age = chrono::Duration::days(positive(clamp_i64(v), "max_event_age_days")?);
+            ingest.limits.max_age =
+                chrono::Duration::days(positive(clamp_i64(v), "max_event_age_days")?);
         }
         if let Some(v) = pick!(dedup_horizon_days) {
             ingest.dedup_horizon = chrono::Duration::days(clamp_i64(v));
@@ -201,12 +202,17 @@ impl Settings {
             )));
         }
         if let Some(v) = pick!(flush_interval_ms) {
-            ingest.embedded = EmbeddedOptions { flush_interval: Duration::from_millis(v), ..ingest.embedded };
+            ingest.embedded = EmbeddedOptions {
+                flush_interval: Duration::from_millis(v),
+                ..ingest.embedded
+            };
         }
         let mut query = QueryConfig::default();
         if let Some(v) = pick!(query_timeout_secs) {
             if !(v.is_finite() && v > 0.0) {
-                return Err(ConfigError::Invalid(format!("query_timeout_secs must be a positive number, got {v}")));
+                return Err(ConfigError::Invalid(format!(
+                    "query_timeout_secs must be a positive number, got {v}"
+                )));
             }
             query.timeout = Duration::from_secs_f64(v);
         }
@@ -219,7 +225,11 @@ impl Settings {
         if let Some(v) = pick!(query_threads) {
             query.threads = positive(v, "query_threads")?;
         }
-        let api_keys = file.api_keys.iter().map(resolve_key).collect::<Result<Vec<_>, _>>()?;
+        let api_keys = file
+            .api_keys
+            .iter()
+            .map(resolve_key)
+            .collect::<Result<Vec<_>, _>>()?;
         if api_keys.is_empty() && !listen.ip().is_loopback() {
             return Err(ConfigError::Invalid(format!(
                 "refusing to listen on {listen} without API keys: configure [[api_keys]] in the config file, or listen on a loopback address"
@@ -237,29 +247,63 @@ impl Settings {
 }
 
 fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn resolve_key(k: &ApiKeyConfig) -> Result<ApiKey, ConfigError> {
     let secret = match (&k.key, &k.key_env) {
         (Some(s), None) => s.clone(),
         (None, Some(var)) => std::env::var(var).map_err(|_| {
-            ConfigError::Invalid(format!("api key {:?}: environment variable {var} is not set", k.name))
+            ConfigError::Invalid(format!(
+                "api key {:?}: environment variable {var} is not set",
+                k.name
+            ))
         })?,
-        _ => return Err(ConfigError::Invalid(format!("api key {:?}: give exactly one of key or key_env", k.name))),
+        _ => {
+            return Err(ConfigError::Invalid(format!(
+                "api key {:?}: give exactly one of key or key_env",
+                k.name
+            )));
+        }
     };
     if secret.len() < 16 {
-        return Err(ConfigError::Invalid(format!("api key {:?}: the secret must be at least 16 bytes", k.name)));
+        return Err(ConfigError::Invalid(format!(
+            "api key {:?}: the secret must be at least 16 bytes",
+            k.name
+        )));
     }
     if k.scopes.is_empty() {
-        return Err(ConfigError::Invalid(format!("api key {:?}: scopes must not be empty", k.name)));
+        return Err(ConfigError::Invalid(format!(
+            "api key {:?}: scopes must not be empty",
+            k.name
+        )));
     }
-    Ok(ApiKey { name: k.name.clone(), secret, tenant: k.tenant.clone(), scopes: k.scopes.clone() })
+    Ok(ApiKey {
+        name: k.name.clone(),
+        secret,
+        tenant: k.tenant.clone(),
+        scopes: k.scopes.clone(),
+    })
 }
 
-fn positive<T: PartialOrd + Default + std::fmt::Display>(v: T, name: &str) -> Result<T, ConfigError> {
-    if v > T::default() { Ok(v) } else { Err(ConfigError::Invalid(format!("{name} must be positive, got {v}"))) }
+fn positive<T: PartialOrd + Default + std::fmt::Display>(
+    v: T,
+    name: &str,
+) -> Result<T, ConfigError> {
+    if v > T::default() {
+        Ok(v)
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "{name} must be positive, got {v}"
+        )))
+    }
 }
 
 fn clamp_i64(v: u64) -> i64 {
@@ -289,7 +333,9 @@ mod tests {
 
     #[test]
     fn flags_beat_the_file() {
-        let f = file("listen = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/from-file\"\nquery_max_rows = 5\n");
+        let f = file(
+            "listen = \"127.0.0.1:9000\"\ndata_dir = \"/tmp/from-file\"\nquery_max_rows = 5\n",
+        );
         let args = ServeArgs {
             config: Some(f.path().to_owned()),
             listen: Some("127.0.0.1:9100".parse().expect("addr")),
@@ -304,17 +350,33 @@ mod tests {
     #[test]
     fn unknown_keys_are_errors() {
         let f = file("listn = \"127.0.0.1:9000\"\n");
-        let err = Settings::resolve(&ServeArgs { config: Some(f.path().to_owned()), ..ServeArgs::default() })
-            .expect_err("typo");
+        let err = Settings::resolve(&ServeArgs {
+            config: Some(f.path().to_owned()),
+            ..ServeArgs::default()
+        })
+        .expect_err("typo");
         assert!(err.to_string().contains("listn"), "{err}");
     }
 
     #[test]
     fn non_loopback_needs_api_keys() {
-        let args = ServeArgs { listen: Some("0.0.0.0:8080".parse().expect("addr")), ..ServeArgs::default() };
-        assert!(Settings::resolve(&args).expect_err("open to the world").to_string().contains("API keys"));
-        let f = file("[[api_keys]]\nname = \"ingest\"\nkey = \"0123456789abcdef0123\"\ntenant = \"acme\"\nscopes = [\"ingest\"]\n");
-        let args = ServeArgs { config: Some(f.path().to_owned()), ..args };
+        let args = ServeArgs {
+            listen: Some("0.0.0.0:8080".parse().expect("addr")),
+            ..ServeArgs::default()
+        };
+        assert!(
+            Settings::resolve(&args)
+                .expect_err("open to the world")
+                .to_string()
+                .contains("API keys")
+        );
+        let f = file(
+            "[[api_keys]]\nname = \"ingest\"\nkey = \"0123456789abcdef0123\"\ntenant = \"acme\"\nscopes = [\"ingest\"]\n",
+        );
+        let args = ServeArgs {
+            config: Some(f.path().to_owned()),
+            ..args
+        };
         let s = Settings::resolve(&args).expect("with a key");
         assert_eq!(s.api_keys[0].tenant.as_deref(), Some("acme"));
         assert_eq!(s.api_keys[0].scopes, vec![Scope::Ingest]);
@@ -322,7 +384,15 @@ mod tests {
 
     #[test]
     fn horizon_must_cover_history() {
-        let args = ServeArgs { dedup_horizon_days: Some(10), ..ServeArgs::default() };
-        assert!(Settings::resolve(&args).expect_err("too short").to_string().contains("dedup_horizon_days"));
+        let args = ServeArgs {
+            dedup_horizon_days: Some(10),
+            ..ServeArgs::default()
+        };
+        assert!(
+            Settings::resolve(&args)
+                .expect_err("too short")
+                .to_string()
+                .contains("dedup_horizon_days")
+        );
     }
 }

@@ -20,7 +20,11 @@ use crate::config::{LogFormat, ServeArgs, Settings};
 
 /// meterd command line.
 #[derive(Debug, Parser)]
-#[command(name = "meterd", version, about = "Usage metering and time-series analytics for AI products")]
+#[command(
+    name = "meterd",
+    version,
+    about = "Usage metering and time-series analytics for AI products"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -59,7 +63,10 @@ pub fn run() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("meterd-io").build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("meterd-io")
+        .build()?)
 }
 
 fn exit_code(result: anyhow::Result<()>) -> ExitCode {
@@ -87,7 +94,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_env("METERD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     // A second init (tests calling run twice) keeps the first subscriber; nothing to report.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

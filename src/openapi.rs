@@ -8,7 +8,8 @@ pub fn document() -> Value {
     let event: Value = serde_json::from_str(meterd_schemas::json_schema::EVENT_JSON_SCHEMA)
         .unwrap_or_else(|e| json!({"description": format!("event schema unavailable: {e}")}));
     let error = json!({"$ref": "#/components/schemas/Error"});
-    let err = |d: &str| json!({"description": d, "content": {"application/json": {"schema": error}}});
+    let err =
+        |d: &str| json!({"description": d, "content": {"application/json": {"schema": error}}});
     json!({
         "openapi": "3.1.0",
         "info": {"title": "meterd", "version": env!("CARGO_PKG_VERSION"),

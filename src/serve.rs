@@ -54,8 +54,17 @@ async fn authenticate(State(auth): State<AuthState>, mut request: Request, next:
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let Some((principal, scopes)) = presented.and_then(|k| auth.keys.0.get(k)) else {
-        let mut r = (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": "missing or unknown API key; send Authorization: Bearer <key>"}))).into_response();
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        let mut r = (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(
+                json!({"error": "missing or unknown API key; send Authorization: Bearer <key>"}),
+            ),
+        )
+            .into_response();
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
         return r;
     };
     if !scopes.contains(&auth.scope) {
@@ -76,7 +85,11 @@ async fn healthz() -> impl IntoResponse {
 
 async fn readyz(State(ingest): State<Arc<Ingest>>) -> Response {
     let r = ingest.readiness();
-    let status = if r.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, axum::Json(r)).into_response()
 }
 
@@ -88,11 +101,26 @@ async fn openapi_json() -> impl IntoResponse {
 pub fn router(ingest: Arc<Ingest>, query: &Arc<QueryService>, settings: &Settings) -> Router {
     let mut keys = Keys::default();
     for k in &settings.api_keys {
-        keys.0.insert(k.secret.clone(), (Principal { key_name: k.name.clone(), tenant: k.tenant.clone() }, k.scopes.clone()));
+        keys.0.insert(
+            k.secret.clone(),
+            (
+                Principal {
+                    key_name: k.name.clone(),
+                    tenant: k.tenant.clone(),
+                },
+                k.scopes.clone(),
+            ),
+        );
     }
     let keys = Arc::new(keys);
     let guard = |scope| {
-        axum::middleware::from_fn_with_state(AuthState { keys: Arc::clone(&keys), scope }, authenticate)
+        axum::middleware::from_fn_with_state(
+            AuthState {
+                keys: Arc::clone(&keys),
+                scope,
+            },
+            authenticate,
+        )
     };
     Router::new()
         .merge(meterd_ingest::http::router(Arc::clone(&ingest)).layer(guard(Scope::Ingest)))
@@ -108,9 +136,17 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let ingest = tokio::task::spawn_blocking(move || Ingest::open(ingest_config))
         .await
         .context("opening ingest panicked")?
-        .with_context(|| format!("opening the data directory {}", settings.ingest.data_dir.display()))?;
-    let query = QueryService::new(Arc::new(EmbeddedSource(Arc::clone(&ingest))), settings.query.clone())
-        .context("starting the query service")?;
+        .with_context(|| {
+            format!(
+                "opening the data directory {}",
+                settings.ingest.data_dir.display()
+            )
+        })?;
+    let query = QueryService::new(
+        Arc::new(EmbeddedSource(Arc::clone(&ingest))),
+        settings.query.clone(),
+    )
+    .context("starting the query service")?;
     let app = router(Arc::clone(&ingest), &query, &settings);
 
     let listener = tokio::net::TcpListener::bind(settings.listen)
@@ -125,11 +161,15 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server =
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let deadline = settings.shutdown_timeout;
     let serving = tokio::spawn(async move { server.await });
     shutdown.cancelled().await;
-    tracing::info!(deadline_secs = deadline.as_secs(), "shutting down: finishing in-flight requests");
+    tracing::info!(
+        deadline_secs = deadline.as_secs(),
+        "shutting down: finishing in-flight requests"
+    );
     let drained = tokio::time::timeout(deadline, async {
         match serving.await {
             Ok(Ok(())) => {}
@@ -145,9 +185,13 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             tracing::info!("shut down cleanly");
             Ok(())
         }
-        Ok(Ok(Err(e))) => Err(anyhow::Error::new(e).context("flushing on shutdown (acknowledged events are safe in the log)")),
+        Ok(Ok(Err(e))) => Err(anyhow::Error::new(e)
+            .context("flushing on shutdown (acknowledged events are safe in the log)")),
         Ok(Err(e)) => Err(anyhow::Error::new(e).context("shutdown task panicked")),
-        Err(_) => anyhow::bail!("shutdown took longer than {}s; acknowledged events are safe in the log", deadline.as_secs()),
+        Err(_) => anyhow::bail!(
+            "shutdown took longer than {}s; acknowledged events are safe in the log",
+            deadline.as_secs()
+        ),
     }
 }
 

@@ -16,12 +16,22 @@ const MIB: usize = 1024 * 1024;
 /// table that is not simply empty.
 async fn server_with_baseline(args: &[&str]) -> Server {
     let server = Server::start(args);
-    assert_eq!(server.post_json(&[llm_event("base", "baseline", 1, 1)]).await.accepted(), 1);
+    assert_eq!(
+        server
+            .post_json(&[llm_event("base", "baseline", 1, 1)])
+            .await
+            .accepted(),
+        1
+    );
     server
 }
 
 async fn assert_nothing_stored(server: &Server) {
-    assert_eq!(server.count("true").await, 1, "a rejected request must store nothing");
+    assert_eq!(
+        server.count("true").await,
+        1,
+        "a rejected request must store nothing"
+    );
 }
 
 /// Posts `event` (as a one-event JSON array) and checks the 400 names `field` with `reason`.
@@ -35,12 +45,18 @@ async fn rejects(server: &Server, event: Value, field: &str, reason: &str) -> Re
 }
 
 fn with(mut event: Value, pointer: &str, value: Value) -> Value {
-    *event.pointer_mut(pointer).unwrap_or_else(|| panic!("{pointer} exists")) = value;
+    *event
+        .pointer_mut(pointer)
+        .unwrap_or_else(|| panic!("{pointer} exists")) = value;
     event
 }
 
 fn without(mut event: Value, parent: &str, key: &str) -> Value {
-    event.pointer_mut(parent).and_then(Value::as_object_mut).expect("object").remove(key);
+    event
+        .pointer_mut(parent)
+        .and_then(Value::as_object_mut)
+        .expect("object")
+        .remove(key);
     event
 }
 
@@ -51,7 +67,9 @@ fn good(id: &str) -> Value {
 #[tokio::test]
 async fn malformed_json() {
     let server = server_with_baseline(&[]).await;
-    let reply = server.post_events(&b"[{\"id\": \"x\", "[..], JSON, false).await;
+    let reply = server
+        .post_events(&b"[{\"id\": \"x\", "[..], JSON, false)
+        .await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{reply:?}");
     assert!(reply.error().starts_with("malformed JSON"), "{reply:?}");
 
@@ -63,7 +81,11 @@ async fn malformed_json() {
     assert!(reply.error().contains("line 2"), "{reply:?}");
     assert_eq!(reply.json["errors"][0]["index"], 1, "{reply:?}");
 
-    for (body, what) in [(&b"42"[..], "a number"), (&b"[]"[..], "an empty array"), (&b""[..], "an empty body")] {
+    for (body, what) in [
+        (&b"42"[..], "a number"),
+        (&b"[]"[..], "an empty array"),
+        (&b""[..], "an empty body"),
+    ] {
         let reply = server.post_events(body, JSON, false).await;
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{what}: {reply:?}");
     }
@@ -76,16 +98,76 @@ async fn malformed_json() {
 #[tokio::test]
 async fn wrong_types_and_string_numbers() {
     let server = server_with_baseline(&[]).await;
-    rejects(&server, with(good("t1"), "/data/input_tokens", json!("1200")), "data.input_tokens", "got a string").await;
-    rejects(&server, with(good("t2"), "/data/output_tokens", json!(true)), "data.output_tokens", "expected an integer").await;
-    rejects(&server, with(good("t3"), "/data/input_tokens", json!(1.5)), "data.input_tokens", "not an integer").await;
-    rejects(&server, with(good("t4"), "/id", json!(42)), "id", "expected a string").await;
-    rejects(&server, with(good("t5"), "/time", json!(1_700_000_000)), "time", "expected an RFC 3339 string").await;
-    rejects(&server, with(good("t6"), "/dimensions", json!(["a"])), "dimensions", "expected an object").await;
-    rejects(&server, with(good("t7"), "/data", json!("x")), "data", "expected an object").await;
-    rejects(&server, with(good("t8"), "/tenant", json!("a b")), "tenant", "not allowed").await;
-    rejects(&server, with(good("t9"), "/data/provider", json!(null)), "data.provider", "required").await;
-    rejects(&server, without(good("t10"), "", "tenant"), "tenant", "required").await;
+    rejects(
+        &server,
+        with(good("t1"), "/data/input_tokens", json!("1200")),
+        "data.input_tokens",
+        "got a string",
+    )
+    .await;
+    rejects(
+        &server,
+        with(good("t2"), "/data/output_tokens", json!(true)),
+        "data.output_tokens",
+        "expected an integer",
+    )
+    .await;
+    rejects(
+        &server,
+        with(good("t3"), "/data/input_tokens", json!(1.5)),
+        "data.input_tokens",
+        "not an integer",
+    )
+    .await;
+    rejects(
+        &server,
+        with(good("t4"), "/id", json!(42)),
+        "id",
+        "expected a string",
+    )
+    .await;
+    rejects(
+        &server,
+        with(good("t5"), "/time", json!(1_700_000_000)),
+        "time",
+        "expected an RFC 3339 string",
+    )
+    .await;
+    rejects(
+        &server,
+        with(good("t6"), "/dimensions", json!(["a"])),
+        "dimensions",
+        "expected an object",
+    )
+    .await;
+    rejects(
+        &server,
+        with(good("t7"), "/data", json!("x")),
+        "data",
+        "expected an object",
+    )
+    .await;
+    rejects(
+        &server,
+        with(good("t8"), "/tenant", json!("a b")),
+        "tenant",
+        "not allowed",
+    )
+    .await;
+    rejects(
+        &server,
+        with(good("t9"), "/data/provider", json!(null)),
+        "data.provider",
+        "required",
+    )
+    .await;
+    rejects(
+        &server,
+        without(good("t10"), "", "tenant"),
+        "tenant",
+        "required",
+    )
+    .await;
     let mut extra = good("t11");
     extra["cost_usd"] = json!(0.1);
     rejects(&server, extra, "cost_usd", "unknown field").await;
@@ -98,10 +180,25 @@ async fn wrong_types_and_string_numbers() {
 #[tokio::test]
 async fn negative_and_overflowing_counts() {
     let server = server_with_baseline(&[]).await;
-    rejects(&server, with(good("n1"), "/data/input_tokens", json!(-1)), "data.input_tokens", "negative").await;
-    rejects(&server, with(good("n2"), "/data/latency_ms", json!(-5)), "data.latency_ms", "negative").await;
+    rejects(
+        &server,
+        with(good("n1"), "/data/input_tokens", json!(-1)),
+        "data.input_tokens",
+        "negative",
+    )
+    .await;
+    rejects(
+        &server,
+        with(good("n2"), "/data/latency_ms", json!(-5)),
+        "data.latency_ms",
+        "negative",
+    )
+    .await;
     // Past u64 and past i64: neither may wrap or saturate into a stored value.
-    for (i, raw) in ["18446744073709551616", "9223372036854775808", "1e30"].iter().enumerate() {
+    for (i, raw) in ["18446744073709551616", "9223372036854775808", "1e30"]
+        .iter()
+        .enumerate()
+    {
         let body = serde_json::to_string(&[good(&format!("o{i}"))])
             .expect("json")
             .replace("\"input_tokens\":10", &format!("\"input_tokens\":{raw}"));
@@ -113,39 +210,114 @@ async fn negative_and_overflowing_counts() {
     // i64::MAX itself fits.
     let max = with(good("max"), "/data/input_tokens", json!(i64::MAX));
     assert_eq!(server.post_json(&[max]).await.accepted(), 1);
-    assert_eq!(server.scalar("SELECT input_tokens FROM events WHERE id = 'max'").await, json!(i64::MAX));
-    assert_eq!(server.count("id <> 'max'").await, 1, "only the baseline and i64::MAX are stored");
+    assert_eq!(
+        server
+            .scalar("SELECT input_tokens FROM events WHERE id = 'max'")
+            .await,
+        json!(i64::MAX)
+    );
+    assert_eq!(
+        server.count("id <> 'max'").await,
+        1,
+        "only the baseline and i64::MAX are stored"
+    );
 }
 
 #[tokio::test]
 async fn id_bounds_and_unknown_type() {
     let server = server_with_baseline(&[]).await;
-    rejects(&server, with(good("x"), "/id", json!("")), "id", "must not be empty").await;
-    rejects(&server, with(good("x"), "/id", json!("i".repeat(129))), "id", "129 bytes; at most 128").await;
+    rejects(
+        &server,
+        with(good("x"), "/id", json!("")),
+        "id",
+        "must not be empty",
+    )
+    .await;
+    rejects(
+        &server,
+        with(good("x"), "/id", json!("i".repeat(129))),
+        "id",
+        "129 bytes; at most 128",
+    )
+    .await;
     rejects(&server, without(good("x"), "", "id"), "id", "required").await;
-    rejects(&server, with(good("u1"), "/type", json!("llm.tokens")), "type", "unknown type").await;
+    rejects(
+        &server,
+        with(good("u1"), "/type", json!("llm.tokens")),
+        "type",
+        "unknown type",
+    )
+    .await;
     rejects(&server, without(good("u2"), "", "type"), "type", "required").await;
     assert_nothing_stored(&server).await;
     // The longest allowed id is fine.
-    assert_eq!(server.post_json(&[with(good("x"), "/id", json!("i".repeat(128)))]).await.accepted(), 1);
+    assert_eq!(
+        server
+            .post_json(&[with(good("x"), "/id", json!("i".repeat(128)))])
+            .await
+            .accepted(),
+        1
+    );
 }
 
 #[tokio::test]
 async fn times_out_of_bounds() {
     let server = server_with_baseline(&[]).await;
     let future = rfc3339(chrono::Utc::now() + chrono::Duration::minutes(10));
-    rejects(&server, with(good("f1"), "/time", json!(future)), "time", "in the future").await;
+    rejects(
+        &server,
+        with(good("f1"), "/time", json!(future)),
+        "time",
+        "in the future",
+    )
+    .await;
     let far_future = "2999-01-01T00:00:00Z";
-    rejects(&server, with(good("f2"), "/time", json!(far_future)), "time", "in the future").await;
+    rejects(
+        &server,
+        with(good("f2"), "/time", json!(far_future)),
+        "time",
+        "in the future",
+    )
+    .await;
     let old = rfc3339(chrono::Utc::now() - chrono::Duration::days(401));
-    rejects(&server, with(good("p1"), "/time", json!(old)), "time", "older than the accepted history").await;
-    rejects(&server, with(good("p2"), "/time", json!("1970-01-01T00:00:00Z")), "time", "older than").await;
-    rejects(&server, with(good("z"), "/time", json!("2026-11-21T10:00:00")), "time", "RFC 3339").await;
-    rejects(&server, with(good("z2"), "/time", json!("yesterday")), "time", "RFC 3339").await;
+    rejects(
+        &server,
+        with(good("p1"), "/time", json!(old)),
+        "time",
+        "older than the accepted history",
+    )
+    .await;
+    rejects(
+        &server,
+        with(good("p2"), "/time", json!("1970-01-01T00:00:00Z")),
+        "time",
+        "older than",
+    )
+    .await;
+    rejects(
+        &server,
+        with(good("z"), "/time", json!("2026-11-21T10:00:00")),
+        "time",
+        "RFC 3339",
+    )
+    .await;
+    rejects(
+        &server,
+        with(good("z2"), "/time", json!("yesterday")),
+        "time",
+        "RFC 3339",
+    )
+    .await;
     assert_nothing_stored(&server).await;
     // A little in the future (clock skew) is accepted.
     let near = rfc3339(chrono::Utc::now() + chrono::Duration::minutes(2));
-    assert_eq!(server.post_json(&[with(good("near"), "/time", json!(near))]).await.accepted(), 1);
+    assert_eq!(
+        server
+            .post_json(&[with(good("near"), "/time", json!(near))])
+            .await
+            .accepted(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -166,8 +338,16 @@ async fn body_over_the_limit_is_413() {
         Ok(r) => r,
         Err(e) => panic!("no answer to an 11 MiB body: {e:?}"),
     };
-    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", reply.text);
-    assert_eq!(reply.error(), format!("body is larger than {} bytes", 10 * MIB));
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        reply.text
+    );
+    assert_eq!(
+        reply.error(),
+        format!("body is larger than {} bytes", 10 * MIB)
+    );
     assert_nothing_stored(&server).await;
     assert_eq!(server.get_status("/healthz").await, StatusCode::OK);
 }
@@ -180,7 +360,9 @@ async fn configured_body_limit_applies() {
     assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE, "{reply:?}");
     assert_eq!(reply.error(), "body is larger than 1000 bytes");
     // Small compressed, large inflated: still too large.
-    let reply = server.post_events(serde_json::to_vec(&events).expect("json"), JSON, true).await;
+    let reply = server
+        .post_events(serde_json::to_vec(&events).expect("json"), JSON, true)
+        .await;
     assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE, "{reply:?}");
     assert_nothing_stored(&server).await;
 }
@@ -195,19 +377,36 @@ async fn gzip_bomb_is_413() {
         enc.write_all(&zeros).expect("gzip");
     }
     let bomb = enc.finish().expect("gzip");
-    assert!(bomb.len() < 2 * MIB, "the bomb is small on the wire: {} bytes", bomb.len());
+    assert!(
+        bomb.len() < 2 * MIB,
+        "the bomb is small on the wire: {} bytes",
+        bomb.len()
+    );
     let reply = server
         .try_post_events_raw(bomb, JSON, Some("gzip"))
         .await
         .expect("the server answers a gzip bomb rather than dropping the connection");
     assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE, "{reply:?}");
-    assert_eq!(reply.error(), format!("body is larger than {} bytes", 10 * MIB));
+    assert_eq!(
+        reply.error(),
+        format!("body is larger than {} bytes", 10 * MIB)
+    );
 
-    let reply = server.try_post_events_raw(&b"not gzip at all"[..], JSON, Some("gzip")).await.expect("answer");
+    let reply = server
+        .try_post_events_raw(&b"not gzip at all"[..], JSON, Some("gzip"))
+        .await
+        .expect("answer");
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{reply:?}");
     assert!(reply.error().contains("gzip"), "{reply:?}");
-    let reply = server.try_post_events_raw(&b"[]"[..], JSON, Some("br")).await.expect("answer");
-    assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{reply:?}");
+    let reply = server
+        .try_post_events_raw(&b"[]"[..], JSON, Some("br"))
+        .await
+        .expect("answer");
+    assert_eq!(
+        reply.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "{reply:?}"
+    );
     assert!(reply.error().contains("content encoding"), "{reply:?}");
     assert_nothing_stored(&server).await;
     assert!(server.get_status("/healthz").await.is_success());
@@ -217,11 +416,39 @@ async fn gzip_bomb_is_413() {
 async fn megabyte_string_field_is_named() {
     let server = server_with_baseline(&[]).await;
     let big = "s".repeat(MIB);
-    let reply = rejects(&server, with(good("m1"), "/subject", json!(big)), "subject", "1048576 bytes; at most 256").await;
-    assert!(reply.text.len() < 64 * 1024, "the error does not echo the megabyte back: {} bytes", reply.text.len());
-    rejects(&server, with(good("m2"), "/data/model", json!(big)), "data.model", "1048576 bytes").await;
-    rejects(&server, with(good("m3"), "/dimensions/agent", json!(big)), "dimensions.agent", "1048576 bytes").await;
-    let reply = rejects(&server, with(good("m4"), "/type", json!(big)), "type", "unknown type").await;
+    let reply = rejects(
+        &server,
+        with(good("m1"), "/subject", json!(big)),
+        "subject",
+        "1048576 bytes; at most 256",
+    )
+    .await;
+    assert!(
+        reply.text.len() < 64 * 1024,
+        "the error does not echo the megabyte back: {} bytes",
+        reply.text.len()
+    );
+    rejects(
+        &server,
+        with(good("m2"), "/data/model", json!(big)),
+        "data.model",
+        "1048576 bytes",
+    )
+    .await;
+    rejects(
+        &server,
+        with(good("m3"), "/dimensions/agent", json!(big)),
+        "dimensions.agent",
+        "1048576 bytes",
+    )
+    .await;
+    let reply = rejects(
+        &server,
+        with(good("m4"), "/type", json!(big)),
+        "type",
+        "unknown type",
+    )
+    .await;
     assert!(reply.text.len() < 64 * 1024, "{} bytes", reply.text.len());
     assert_nothing_stored(&server).await;
 }
@@ -229,12 +456,32 @@ async fn megabyte_string_field_is_named() {
 #[tokio::test]
 async fn too_many_dimensions() {
     let server = server_with_baseline(&[]).await;
-    let many: serde_json::Map<String, Value> = (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
-    rejects(&server, with(good("d1"), "/dimensions", Value::Object(many)), "dimensions", "17 keys; at most 16").await;
-    rejects(&server, with(good("d2"), "/dimensions", json!({"k": 3})), "dimensions.k", "expected a string").await;
+    let many: serde_json::Map<String, Value> =
+        (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+    rejects(
+        &server,
+        with(good("d1"), "/dimensions", Value::Object(many)),
+        "dimensions",
+        "17 keys; at most 16",
+    )
+    .await;
+    rejects(
+        &server,
+        with(good("d2"), "/dimensions", json!({"k": 3})),
+        "dimensions.k",
+        "expected a string",
+    )
+    .await;
     assert_nothing_stored(&server).await;
-    let sixteen: serde_json::Map<String, Value> = (0..16).map(|i| (format!("k{i}"), json!("v"))).collect();
-    assert_eq!(server.post_json(&[with(good("d3"), "/dimensions", Value::Object(sixteen))]).await.accepted(), 1);
+    let sixteen: serde_json::Map<String, Value> =
+        (0..16).map(|i| (format!("k{i}"), json!("v"))).collect();
+    assert_eq!(
+        server
+            .post_json(&[with(good("d3"), "/dimensions", Value::Object(sixteen))])
+            .await
+            .accepted(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -249,18 +496,31 @@ async fn one_bad_event_rejects_the_whole_batch() {
     ] {
         let reply = server.post_events(body, ct, false).await;
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{ct}: {reply:?}");
-        assert_eq!(reply.error(), "2 of 50 events are invalid; nothing was stored");
+        assert_eq!(
+            reply.error(),
+            "2 of 50 events are invalid; nothing was stored"
+        );
         let errors = reply.json["errors"].as_array().expect("errors");
         assert_eq!(errors.len(), 2, "{reply:?}");
-        assert_eq!(errors[0], json!({"index": 17, "field": "data.output_tokens", "reason": "-3 is negative; must be >= 0"}));
+        assert_eq!(
+            errors[0],
+            json!({"index": 17, "field": "data.output_tokens", "reason": "-3 is negative; must be >= 0"})
+        );
         assert_eq!(errors[1]["index"], 33);
         assert_eq!(errors[1]["field"], "time");
     }
     // At most 100 problems are listed, however many there are.
-    let all_bad: Vec<Value> = (0..300).map(|i| with(good(&format!("b{i}")), "/data/input_tokens", json!(-1))).collect();
+    let all_bad: Vec<Value> = (0..300)
+        .map(|i| with(good(&format!("b{i}")), "/data/input_tokens", json!(-1)))
+        .collect();
     let reply = server.post_json(&all_bad).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
-    assert_eq!(reply.json["errors"].as_array().map(Vec::len), Some(100), "{}", reply.error());
+    assert_eq!(
+        reply.json["errors"].as_array().map(Vec::len),
+        Some(100),
+        "{}",
+        reply.error()
+    );
     assert!(reply.error().starts_with("300 of 300"), "{reply:?}");
     assert_nothing_stored(&server).await;
     // Fixed, the same batch goes through whole.
@@ -273,11 +533,26 @@ async fn one_bad_event_rejects_the_whole_batch() {
 async fn unsupported_content_type_is_415() {
     let server = server_with_baseline(&[]).await;
     let body = serde_json::to_vec(&good("ct")).expect("json");
-    for ct in ["text/plain", "application/xml", "multipart/form-data", "application/x-www-form-urlencoded"] {
+    for ct in [
+        "text/plain",
+        "application/xml",
+        "multipart/form-data",
+        "application/x-www-form-urlencoded",
+    ] {
         let reply = server.post_events(body.clone(), ct, false).await;
-        assert_eq!(reply.status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{ct}: {reply:?}");
-        assert!(reply.error().contains("unsupported content type"), "{reply:?}");
-        assert!(reply.error().contains("application/x-ndjson"), "the error says what to send instead: {reply:?}");
+        assert_eq!(
+            reply.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{ct}: {reply:?}"
+        );
+        assert!(
+            reply.error().contains("unsupported content type"),
+            "{reply:?}"
+        );
+        assert!(
+            reply.error().contains("application/x-ndjson"),
+            "the error says what to send instead: {reply:?}"
+        );
     }
     // A CloudEvent content type with a native event: the CloudEvents rules apply.
     let reply = server.post_events(body, CLOUDEVENT, false).await;

@@ -25,7 +25,10 @@ const BATCH_EVENTS: usize = 100;
 const MAX_BATCHES_PER_WRITER: usize = 100;
 
 fn seed() -> u64 {
-    std::env::var("METERD_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x6d65_7465_7264)
+    std::env::var("METERD_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x6d65_7465_7264)
 }
 
 /// One posted batch and whether meterd acknowledged it (answered 200).
@@ -58,11 +61,20 @@ enum KillAt {
 
 /// Starts `WRITERS` tasks posting NDJSON batches as fast as they are answered, kills the server
 /// with SIGKILL at `kill_at`, and returns every batch posted, acknowledged or not.
-async fn ingest_until_killed(server: &mut Server, run: &str, kill_at: KillAt, seed: u64) -> Vec<Batch> {
+async fn ingest_until_killed(
+    server: &mut Server,
+    run: &str,
+    kill_at: KillAt,
+    seed: u64,
+) -> Vec<Batch> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
     for w in 0..WRITERS {
-        let (client, url, stop) = (server.client.clone(), format!("{}/v1/events", server.url), Arc::clone(&stop));
+        let (client, url, stop) = (
+            server.client.clone(),
+            format!("{}/v1/events", server.url),
+            Arc::clone(&stop),
+        );
         let run = run.to_owned();
         writers.push(tokio::spawn(async move {
             let mut batches = Vec::new();
@@ -72,13 +84,21 @@ async fn ingest_until_killed(server: &mut Server, run: &str, kill_at: KillAt, se
                 }
                 let key = format!("{run}w{w}b{b}");
                 let events = batch_events(&key, seed ^ ((w as u64) << 32) ^ b as u64);
-                let sent = client.post(&url).header(CONTENT_TYPE, NDJSON).body(ndjson(&events)).send().await;
+                let sent = client
+                    .post(&url)
+                    .header(CONTENT_TYPE, NDJSON)
+                    .body(ndjson(&events))
+                    .send()
+                    .await;
                 let acked = match sent {
                     Ok(r) if r.status() == StatusCode::OK => {
                         // The 200 is only an acknowledgement once its body says what was taken.
                         match r.json::<Value>().await {
                             Ok(body) => {
-                                assert_eq!(body["accepted"], BATCH_EVENTS, "fresh ids are all accepted: {body}");
+                                assert_eq!(
+                                    body["accepted"], BATCH_EVENTS,
+                                    "fresh ids are all accepted: {body}"
+                                );
                                 true
                             }
                             Err(_) => false,
@@ -109,13 +129,21 @@ async fn ingest_until_killed(server: &mut Server, run: &str, kill_at: KillAt, se
         KillAt::FlushAfter(delay) => {
             tokio::time::sleep(delay).await;
             let dir = server.data_dir();
-            let before: HashSet<_> = common::files_ending_with(&dir, ".parquet").into_iter().collect();
+            let before: HashSet<_> = common::files_ending_with(&dir, ".parquet")
+                .into_iter()
+                .collect();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             loop {
-                if common::files_ending_with(&dir, ".parquet").iter().any(|f| !before.contains(f)) {
+                if common::files_ending_with(&dir, ".parquet")
+                    .iter()
+                    .any(|f| !before.contains(f))
+                {
                     break;
                 }
-                assert!(tokio::time::Instant::now() < deadline, "no flush within 5 s at --flush-interval-ms 50");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no flush within 5 s at --flush-interval-ms 50"
+                );
                 // Polling on this thread keeps the kill as close to the file's creation as possible.
                 std::thread::sleep(Duration::from_micros(200));
             }
@@ -133,30 +161,60 @@ async fn ingest_until_killed(server: &mut Server, run: &str, kill_at: KillAt, se
 /// After a restart: every acknowledged batch is present exactly once, nothing is present twice.
 async fn assert_acked_present_once(server: &Server, batches: &[Batch], context: &str) {
     let twice = server.rows("SELECT tenant, id, count(*) FROM events GROUP BY tenant, id HAVING count(*) > 1 LIMIT 20").await;
-    assert!(twice.is_empty(), "{context}: events stored more than once: {twice:?}");
-    let twice = server.rows("SELECT id, count(*) FROM events GROUP BY id HAVING count(*) > 1 LIMIT 20").await;
-    assert!(twice.is_empty(), "{context}: ids stored more than once: {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "{context}: events stored more than once: {twice:?}"
+    );
+    let twice = server
+        .rows("SELECT id, count(*) FROM events GROUP BY id HAVING count(*) > 1 LIMIT 20")
+        .await;
+    assert!(
+        twice.is_empty(),
+        "{context}: ids stored more than once: {twice:?}"
+    );
 
     let present: HashMap<String, u64> = server
         .rows("SELECT split_part(id, '-', 1) AS batch, count(*) FROM events GROUP BY 1")
         .await
         .into_iter()
-        .map(|r| (r[0].as_str().expect("batch key").to_owned(), r[1].as_u64().expect("count")))
+        .map(|r| {
+            (
+                r[0].as_str().expect("batch key").to_owned(),
+                r[1].as_u64().expect("count"),
+            )
+        })
         .collect();
     let mut acked = 0;
     for b in batches {
         let n = present.get(&b.key).copied().unwrap_or(0);
         if b.acked {
             acked += 1;
-            assert_eq!(n, BATCH_EVENTS as u64, "{context}: acknowledged batch {} has {n} of {BATCH_EVENTS} events", b.key);
+            assert_eq!(
+                n, BATCH_EVENTS as u64,
+                "{context}: acknowledged batch {} has {n} of {BATCH_EVENTS} events",
+                b.key
+            );
         } else {
-            assert!(n <= BATCH_EVENTS as u64, "{context}: batch {} has {n} events", b.key);
+            assert!(
+                n <= BATCH_EVENTS as u64,
+                "{context}: batch {} has {n} events",
+                b.key
+            );
         }
     }
     let known: HashSet<&str> = batches.iter().map(|b| b.key.as_str()).collect();
-    let strangers: Vec<&String> = present.keys().filter(|k| !known.contains(k.as_str())).collect();
-    assert!(strangers.is_empty(), "{context}: events from batches never sent: {strangers:?}");
-    eprintln!("{context}: {acked} of {} batches acknowledged, all present once", batches.len());
+    let strangers: Vec<&String> = present
+        .keys()
+        .filter(|k| !known.contains(k.as_str()))
+        .collect();
+    assert!(
+        strangers.is_empty(),
+        "{context}: events from batches never sent: {strangers:?}"
+    );
+    eprintln!(
+        "{context}: {acked} of {} batches acknowledged, all present once",
+        batches.len()
+    );
 }
 
 /// Re-sends every batch; nothing may be counted twice, and afterwards every event is stored
@@ -165,28 +223,60 @@ async fn resend_all_and_check(server: &Server, batches: &[Batch], context: &str)
     let before = server.count("true").await;
     let mut accepted_total = 0;
     for chunk in batches.chunks(WRITERS) {
-        let replies = futures::future::join_all(chunk.iter().map(|b| server.post_ndjson(&b.events))).await;
+        let replies =
+            futures::future::join_all(chunk.iter().map(|b| server.post_ndjson(&b.events))).await;
         for (b, reply) in chunk.iter().zip(replies) {
             let (accepted, duplicates) = (reply.accepted(), reply.duplicates());
-            assert!(reply.conflicts().is_empty(), "{context}: re-sent batch {} conflicts: {reply:?}", b.key);
-            assert_eq!(accepted + duplicates, BATCH_EVENTS as u64, "{context}: batch {}: {reply:?}", b.key);
+            assert!(
+                reply.conflicts().is_empty(),
+                "{context}: re-sent batch {} conflicts: {reply:?}",
+                b.key
+            );
+            assert_eq!(
+                accepted + duplicates,
+                BATCH_EVENTS as u64,
+                "{context}: batch {}: {reply:?}",
+                b.key
+            );
             if b.acked {
-                assert_eq!(accepted, 0, "{context}: acknowledged batch {} was accepted again: {reply:?}", b.key);
+                assert_eq!(
+                    accepted, 0,
+                    "{context}: acknowledged batch {} was accepted again: {reply:?}",
+                    b.key
+                );
             }
             accepted_total += accepted;
         }
     }
     let total = (batches.len() * BATCH_EVENTS) as u64;
-    assert_eq!(before + accepted_total, total, "{context}: re-sending accepted exactly what was missing");
-    let counts = server.rows("SELECT count(*), count(DISTINCT id), sum(input_tokens) FROM events").await;
+    assert_eq!(
+        before + accepted_total,
+        total,
+        "{context}: re-sending accepted exactly what was missing"
+    );
+    let counts = server
+        .rows("SELECT count(*), count(DISTINCT id), sum(input_tokens) FROM events")
+        .await;
     let expected_tokens: i64 = batches
         .iter()
         .flat_map(|b| &b.events)
         .filter_map(|e| e["data"]["input_tokens"].as_i64())
         .sum();
-    assert_eq!(counts[0][0].as_u64(), Some(total), "{context}: rows after re-sending everything");
-    assert_eq!(counts[0][1].as_u64(), Some(total), "{context}: distinct ids after re-sending everything");
-    assert_eq!(counts[0][2].as_i64().unwrap_or(0), expected_tokens, "{context}: input_tokens survive intact");
+    assert_eq!(
+        counts[0][0].as_u64(),
+        Some(total),
+        "{context}: rows after re-sending everything"
+    );
+    assert_eq!(
+        counts[0][1].as_u64(),
+        Some(total),
+        "{context}: distinct ids after re-sending everything"
+    );
+    assert_eq!(
+        counts[0][2].as_i64().unwrap_or(0),
+        expected_tokens,
+        "{context}: input_tokens survive intact"
+    );
 }
 
 /// Kill points spread from a few milliseconds to about 1.5 s: one per band of a log scale, with
@@ -211,14 +301,24 @@ async fn kill_9_at_random_points_loses_and_doubles_nothing() {
     for (i, delay) in delays.into_iter().enumerate() {
         let context = format!("iteration {i} (seed {seed}, kill after {delay:?})");
         let mut server = Server::start(&[]);
-        let batches = ingest_until_killed(&mut server, &format!("r{i}"), KillAt::Delay(delay), rng.random()).await;
+        let batches = ingest_until_killed(
+            &mut server,
+            &format!("r{i}"),
+            KillAt::Delay(delay),
+            rng.random(),
+        )
+        .await;
         server.restart();
         assert_acked_present_once(&server, &batches, &context).await;
         resend_all_and_check(&server, &batches, &context).await;
         // Once more through a clean restart: the re-sent events are durable too.
         assert!(server.stop().success(), "{context}: graceful stop");
         server.restart();
-        assert_eq!(server.count("true").await, (batches.len() * BATCH_EVENTS) as u64, "{context}: after a clean restart");
+        assert_eq!(
+            server.count("true").await,
+            (batches.len() * BATCH_EVENTS) as u64,
+            "{context}: after a clean restart"
+        );
     }
 }
 
@@ -233,19 +333,30 @@ async fn kill_9_while_the_store_flushes() {
     let cycles = 5;
     for cycle in 0..cycles {
         let delay = Duration::from_millis(rng.random_range(100..1_000));
-        let context = format!("cycle {cycle} (seed {seed}, kill at the first flush after {delay:?})");
+        let context =
+            format!("cycle {cycle} (seed {seed}, kill at the first flush after {delay:?})");
         if cycle > 0 {
             server.restart();
         }
         let run = format!("f{cycle}");
-        batches.extend(ingest_until_killed(&mut server, &run, KillAt::FlushAfter(delay), rng.random()).await);
+        batches.extend(
+            ingest_until_killed(&mut server, &run, KillAt::FlushAfter(delay), rng.random()).await,
+        );
         server.restart();
-        let orphans = server.stderr().matches("removed orphan parquet file").count();
+        let orphans = server
+            .stderr()
+            .matches("removed orphan parquet file")
+            .count();
         eprintln!("{context}: recovery removed {orphans} unpublished Parquet files");
         // Everything acknowledged in this and the earlier cycles, across several crashes.
         assert_acked_present_once(&server, &batches, &context).await;
         server.kill();
     }
     server.restart();
-    resend_all_and_check(&server, &batches, &format!("after {cycles} crashes (seed {seed})")).await;
+    resend_all_and_check(
+        &server,
+        &batches,
+        &format!("after {cycles} crashes (seed {seed})"),
+    )
+    .await;
 }

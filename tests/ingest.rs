@@ -8,7 +8,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{FixedOffset, SecondsFormat};
-use common::{CLOUDEVENT, CLOUDEVENTS_BATCH, JSON, NDJSON, Server, ago, distinct_keys, generated, llm_event, ndjson};
+use common::{
+    CLOUDEVENT, CLOUDEVENTS_BATCH, JSON, NDJSON, Server, ago, distinct_keys, generated, llm_event,
+    ndjson,
+};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -19,16 +22,24 @@ async fn sql_count_equals_accepted() {
     let server = Server::start(&[]);
     let events = generated(1, 2_000, 5, 30 * DAY, 0.1);
     let keys = distinct_keys(&events);
-    assert!(keys.len() < events.len(), "the generator re-sends some events");
+    assert!(
+        keys.len() < events.len(),
+        "the generator re-sends some events"
+    );
 
     let reply = server.post_ndjson(&events).await;
     assert_eq!(reply.accepted(), keys.len() as u64, "{reply:?}");
     assert_eq!(reply.accepted() + reply.duplicates(), events.len() as u64);
-    assert!(reply.conflicts().is_empty(), "exact re-sends are duplicates, not conflicts: {reply:?}");
+    assert!(
+        reply.conflicts().is_empty(),
+        "exact re-sends are duplicates, not conflicts: {reply:?}"
+    );
     // Acknowledged means visible to SQL, without waiting for a flush.
     assert_eq!(server.count("true").await, keys.len() as u64);
 
-    let per_tenant = server.rows("SELECT tenant, count(*) FROM events GROUP BY tenant ORDER BY tenant").await;
+    let per_tenant = server
+        .rows("SELECT tenant, count(*) FROM events GROUP BY tenant ORDER BY tenant")
+        .await;
     let mut expected: HashMap<String, u64> = HashMap::new();
     for (tenant, _) in &keys {
         *expected.entry(tenant.clone()).or_default() += 1;
@@ -36,7 +47,11 @@ async fn sql_count_equals_accepted() {
     assert_eq!(per_tenant.len(), expected.len(), "{per_tenant:?}");
     for row in per_tenant {
         let tenant = row[0].as_str().expect("tenant");
-        assert_eq!(row[1].as_u64(), Some(expected[tenant]), "events of tenant {tenant}");
+        assert_eq!(
+            row[1].as_u64(),
+            Some(expected[tenant]),
+            "events of tenant {tenant}"
+        );
     }
 }
 
@@ -68,23 +83,35 @@ async fn duplicates_and_conflicts_inside_one_batch() {
     // Same id, other tenant: a different event, not a conflict.
     let a_other_tenant = llm_event("globex", "a", 300, 30);
 
-    let reply = server.post_json(&[a.clone(), a.clone(), a_changed, b, a_other_tenant]).await;
+    let reply = server
+        .post_json(&[a.clone(), a.clone(), a_changed, b, a_other_tenant])
+        .await;
     assert_eq!(reply.accepted(), 3, "{reply:?}");
     assert_eq!(reply.duplicates(), 1, "{reply:?}");
     assert_eq!(reply.conflicts(), vec!["a".to_owned()]);
 
     assert_eq!(server.count("true").await, 3);
     // The first occurrence wins.
-    let stored = server.scalar("SELECT input_tokens FROM events WHERE tenant = 'acme' AND id = 'a'").await;
+    let stored = server
+        .scalar("SELECT input_tokens FROM events WHERE tenant = 'acme' AND id = 'a'")
+        .await;
     assert_eq!(stored, json!(100));
-    assert_eq!(server.scalar("SELECT input_tokens FROM events WHERE tenant = 'globex' AND id = 'a'").await, json!(300));
+    assert_eq!(
+        server
+            .scalar("SELECT input_tokens FROM events WHERE tenant = 'globex' AND id = 'a'")
+            .await,
+        json!(300)
+    );
 }
 
 #[tokio::test]
 async fn duplicates_and_conflicts_across_batches() {
     let server = Server::start(&[]);
     let a = llm_event("acme", "a", 100, 10);
-    assert_eq!(server.post_json(std::slice::from_ref(&a)).await.accepted(), 1);
+    assert_eq!(
+        server.post_json(std::slice::from_ref(&a)).await.accepted(),
+        1
+    );
 
     let mut a_changed = a.clone();
     a_changed["subject"] = json!("someone-else");
@@ -96,9 +123,17 @@ async fn duplicates_and_conflicts_across_batches() {
 
     // A conflict is never stored, however often it is sent.
     let reply = server.post_json(&[a_changed]).await;
-    assert_eq!((reply.accepted(), reply.duplicates(), reply.conflicts()), (0, 0, vec!["a".to_owned()]));
+    assert_eq!(
+        (reply.accepted(), reply.duplicates(), reply.conflicts()),
+        (0, 0, vec!["a".to_owned()])
+    );
     assert_eq!(server.count("true").await, 2);
-    assert_eq!(server.scalar("SELECT subject FROM events WHERE id = 'a'").await, json!("user-17"));
+    assert_eq!(
+        server
+            .scalar("SELECT subject FROM events WHERE id = 'a'")
+            .await,
+        json!("user-17")
+    );
 }
 
 #[tokio::test]
@@ -108,15 +143,29 @@ async fn dedup_survives_a_graceful_restart() {
     assert_eq!(server.post_ndjson(&events).await.accepted(), 1_000);
 
     let status = server.stop();
-    assert!(status.success(), "SIGTERM must end meterd with exit code 0, got {status}");
+    assert!(
+        status.success(),
+        "SIGTERM must end meterd with exit code 0, got {status}"
+    );
     server.restart();
 
-    assert_eq!(server.count("true").await, 1_000, "acknowledged events survive a restart");
+    assert_eq!(
+        server.count("true").await,
+        1_000,
+        "acknowledged events survive a restart"
+    );
     let replay = server.post_ndjson(&events).await;
-    assert_eq!((replay.accepted(), replay.duplicates()), (0, 1_000), "{replay:?}");
+    assert_eq!(
+        (replay.accepted(), replay.duplicates()),
+        (0, 1_000),
+        "{replay:?}"
+    );
     let mut changed = events[0].clone();
     changed["subject"] = json!("changed-after-restart");
-    assert_eq!(server.post_json(&[changed.clone()]).await.conflicts(), vec![changed["id"].as_str().expect("id")]);
+    assert_eq!(
+        server.post_json(&[changed.clone()]).await.conflicts(),
+        vec![changed["id"].as_str().expect("id")]
+    );
     assert_eq!(server.count("true").await, 1_000);
 }
 
@@ -139,13 +188,20 @@ fn cloudevent(id: &str, tenant: &str, input_tokens: i64) -> Value {
 /// One time for all CloudEvents of a test run: equal arguments make equal events.
 fn ce_time() -> String {
     static TIME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    TIME.get_or_init(|| common::rfc3339(ago(Duration::from_secs(120)))).clone()
+    TIME.get_or_init(|| common::rfc3339(ago(Duration::from_secs(120))))
+        .clone()
 }
 
 #[tokio::test]
 async fn cloudevents_single_and_batch() {
     let server = Server::start(&[]);
-    let single = server.post_events(serde_json::to_vec(&cloudevent("ce-1", "acme", 11)).expect("json"), CLOUDEVENT, false).await;
+    let single = server
+        .post_events(
+            serde_json::to_vec(&cloudevent("ce-1", "acme", 11)).expect("json"),
+            CLOUDEVENT,
+            false,
+        )
+        .await;
     assert_eq!(single.accepted(), 1, "{single:?}");
     let row = server
         .rows("SELECT tenant, id, type, source, subject, provider, model, input_tokens, output_tokens FROM events")
@@ -165,15 +221,33 @@ async fn cloudevents_single_and_batch() {
         ]]
     );
 
-    let batch = vec![cloudevent("ce-2", "acme", 1), cloudevent("ce-3", "globex", 2), cloudevent("ce-1", "acme", 11)];
-    let reply = server.post_events(serde_json::to_vec(&batch).expect("json"), CLOUDEVENTS_BATCH, false).await;
+    let batch = vec![
+        cloudevent("ce-2", "acme", 1),
+        cloudevent("ce-3", "globex", 2),
+        cloudevent("ce-1", "acme", 11),
+    ];
+    let reply = server
+        .post_events(
+            serde_json::to_vec(&batch).expect("json"),
+            CLOUDEVENTS_BATCH,
+            false,
+        )
+        .await;
     assert_eq!((reply.accepted(), reply.duplicates()), (2, 1), "{reply:?}");
     assert_eq!(server.count("tenant = 'globex'").await, 1);
 
     // A batch body sent as a single CloudEvent, and the reverse, are shape errors.
-    let wrong = server.post_events(serde_json::to_vec(&batch).expect("json"), CLOUDEVENT, false).await;
+    let wrong = server
+        .post_events(serde_json::to_vec(&batch).expect("json"), CLOUDEVENT, false)
+        .await;
     assert_eq!(wrong.status, StatusCode::BAD_REQUEST, "{wrong:?}");
-    let wrong = server.post_events(serde_json::to_vec(&batch[0]).expect("json"), CLOUDEVENTS_BATCH, false).await;
+    let wrong = server
+        .post_events(
+            serde_json::to_vec(&batch[0]).expect("json"),
+            CLOUDEVENTS_BATCH,
+            false,
+        )
+        .await;
     assert_eq!(wrong.status, StatusCode::BAD_REQUEST, "{wrong:?}");
     assert!(wrong.error().contains("array"), "{wrong:?}");
     assert_eq!(server.count("true").await, 3);
@@ -184,7 +258,12 @@ async fn cloudevents_need_specversion_source_and_tenant() {
     let server = Server::start(&[]);
     let cases: [(&str, Option<Value>, &str, &str); 4] = [
         ("specversion", None, "specversion", "required"),
-        ("specversion", Some(json!("0.3")), "specversion", "expected \"1.0\""),
+        (
+            "specversion",
+            Some(json!("0.3")),
+            "specversion",
+            "expected \"1.0\"",
+        ),
         ("source", None, "source", "required"),
         ("tenant", None, "tenant", "required"),
     ];
@@ -196,7 +275,9 @@ async fn cloudevents_need_specversion_source_and_tenant() {
                 ce.as_object_mut().expect("object").remove(key);
             }
         }
-        let reply = server.post_events(serde_json::to_vec(&ce).expect("json"), CLOUDEVENT, false).await;
+        let reply = server
+            .post_events(serde_json::to_vec(&ce).expect("json"), CLOUDEVENT, false)
+            .await;
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{key}: {reply:?}");
         reply.assert_field_error(field, reason);
     }
@@ -207,16 +288,36 @@ async fn cloudevents_need_specversion_source_and_tenant() {
 async fn gzip_bodies_in_every_framing() {
     let server = Server::start(&[]);
     let events = generated(4, 300, 2, DAY, 0.0);
-    let reply = server.post_events(ndjson(&events[..100]), NDJSON, true).await;
+    let reply = server
+        .post_events(ndjson(&events[..100]), NDJSON, true)
+        .await;
     assert_eq!(reply.accepted(), 100, "{reply:?}");
-    let reply = server.post_events(serde_json::to_vec(&events[100..200]).expect("json"), JSON, true).await;
+    let reply = server
+        .post_events(
+            serde_json::to_vec(&events[100..200]).expect("json"),
+            JSON,
+            true,
+        )
+        .await;
     assert_eq!(reply.accepted(), 100, "{reply:?}");
-    let ces: Vec<Value> = (0..5).map(|i| cloudevent(&format!("gz-{i}"), "acme", i)).collect();
-    let reply = server.post_events(serde_json::to_vec(&ces).expect("json"), CLOUDEVENTS_BATCH, true).await;
+    let ces: Vec<Value> = (0..5)
+        .map(|i| cloudevent(&format!("gz-{i}"), "acme", i))
+        .collect();
+    let reply = server
+        .post_events(
+            serde_json::to_vec(&ces).expect("json"),
+            CLOUDEVENTS_BATCH,
+            true,
+        )
+        .await;
     assert_eq!(reply.accepted(), 5, "{reply:?}");
     // The same events uncompressed are duplicates: gzip changes the transport, not the content.
     let reply = server.post_ndjson(&events[..200]).await;
-    assert_eq!((reply.accepted(), reply.duplicates()), (0, 200), "{reply:?}");
+    assert_eq!(
+        (reply.accepted(), reply.duplicates()),
+        (0, 200),
+        "{reply:?}"
+    );
     assert_eq!(server.count("true").await, 205);
 }
 
@@ -232,7 +333,13 @@ async fn ndjson_tolerates_blank_lines_and_crlf() {
     let reply = server.post_events(body, NDJSON, false).await;
     assert_eq!(reply.accepted(), 50, "{reply:?}");
     // One event as a bare object with application/json.
-    let single = server.post_events(serde_json::to_vec(&llm_event("acme", "solo", 1, 1)).expect("json"), JSON, false).await;
+    let single = server
+        .post_events(
+            serde_json::to_vec(&llm_event("acme", "solo", 1, 1)).expect("json"),
+            JSON,
+            false,
+        )
+        .await;
     assert_eq!(single.accepted(), 1);
     assert_eq!(server.count("true").await, 51);
 }
@@ -248,10 +355,14 @@ async fn fields_land_in_their_columns() {
     let mut by_type: HashMap<String, u64> = HashMap::new();
     for e in &events {
         let tenant = e["tenant"].as_str().expect("tenant").to_owned();
-        *by_type.entry(e["type"].as_str().expect("type").to_owned()).or_default() += 1;
+        *by_type
+            .entry(e["type"].as_str().expect("type").to_owned())
+            .or_default() += 1;
         if e["type"] == "llm.usage" {
-            *input.entry(tenant.clone()).or_default() += e["data"]["input_tokens"].as_i64().expect("input_tokens");
-            *output.entry(tenant).or_default() += e["data"]["output_tokens"].as_i64().expect("output_tokens");
+            *input.entry(tenant.clone()).or_default() +=
+                e["data"]["input_tokens"].as_i64().expect("input_tokens");
+            *output.entry(tenant).or_default() +=
+                e["data"]["output_tokens"].as_i64().expect("output_tokens");
         }
     }
     let rows = server
@@ -263,15 +374,37 @@ async fn fields_land_in_their_columns() {
     assert_eq!(rows.len(), input.len(), "{rows:?}");
     for row in &rows {
         let tenant = row[0].as_str().expect("tenant");
-        assert_eq!(row[1].as_i64(), Some(input[tenant]), "input_tokens of {tenant}");
-        assert_eq!(row[2].as_i64(), Some(output[tenant]), "output_tokens of {tenant}");
+        assert_eq!(
+            row[1].as_i64(),
+            Some(input[tenant]),
+            "input_tokens of {tenant}"
+        );
+        assert_eq!(
+            row[2].as_i64(),
+            Some(output[tenant]),
+            "output_tokens of {tenant}"
+        );
     }
     for (t, n) in &by_type {
-        assert_eq!(server.count(&format!("type = '{t}'")).await, *n, "events of type {t}");
+        assert_eq!(
+            server.count(&format!("type = '{t}'")).await,
+            *n,
+            "events of type {t}"
+        );
     }
     // Type-specific columns are null for the other types.
-    assert_eq!(server.count("type = 'api.request' AND input_tokens IS NOT NULL").await, 0);
-    assert_eq!(server.count("type = 'llm.usage' AND duration_ms IS NOT NULL").await, 0);
+    assert_eq!(
+        server
+            .count("type = 'api.request' AND input_tokens IS NOT NULL")
+            .await,
+        0
+    );
+    assert_eq!(
+        server
+            .count("type = 'llm.usage' AND duration_ms IS NOT NULL")
+            .await,
+        0
+    );
 }
 
 #[tokio::test]
@@ -383,8 +516,14 @@ async fn health_readiness_and_openapi() {
         .json()
         .await
         .expect("OpenAPI is JSON");
-    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with('3')), "{doc}");
+    assert!(
+        doc["openapi"].as_str().is_some_and(|v| v.starts_with('3')),
+        "{doc}"
+    );
     for path in ["/v1/events", "/v1/sql", "/healthz", "/readyz"] {
-        assert!(doc["paths"][path].is_object(), "{path} missing from /openapi.json");
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from /openapi.json"
+        );
     }
 }

@@ -18,7 +18,9 @@ const HEAVY: &str = "SELECT count(*) FROM generate_series(1, 3000000) AS a \
 
 async fn server_with_events(args: &[&str]) -> Server {
     let server = Server::start(args);
-    let events: Vec<_> = (0..20).map(|i| llm_event(["acme", "globex"][i % 2], &format!("e{i}"), i as i64, 1)).collect();
+    let events: Vec<_> = (0..20)
+        .map(|i| llm_event(["acme", "globex"][i % 2], &format!("e{i}"), i as i64, 1))
+        .collect();
     assert_eq!(server.post_json(&events).await.accepted(), 20);
     server
 }
@@ -27,19 +29,52 @@ async fn server_with_events(args: &[&str]) -> Server {
 async fn only_reading_statements_run() {
     let server = server_with_events(&[]).await;
     let refused = [
-        ("CREATE TABLE t (a INT)", "CREATE statements are not allowed"),
-        ("CREATE TABLE t AS SELECT * FROM events", "CREATE statements are not allowed"),
-        ("CREATE VIEW v AS SELECT 1", "CREATE statements are not allowed"),
-        ("CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'", "CREATE EXTERNAL TABLE statements are not allowed"),
+        (
+            "CREATE TABLE t (a INT)",
+            "CREATE statements are not allowed",
+        ),
+        (
+            "CREATE TABLE t AS SELECT * FROM events",
+            "CREATE statements are not allowed",
+        ),
+        (
+            "CREATE VIEW v AS SELECT 1",
+            "CREATE statements are not allowed",
+        ),
+        (
+            "CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'",
+            "CREATE EXTERNAL TABLE statements are not allowed",
+        ),
         ("DROP TABLE events", "DROP statements are not allowed"),
-        ("INSERT INTO events (tenant) VALUES ('x')", "INSERT statements are not allowed"),
+        (
+            "INSERT INTO events (tenant) VALUES ('x')",
+            "INSERT statements are not allowed",
+        ),
         ("DELETE FROM events", "DELETE statements are not allowed"),
-        ("UPDATE events SET tenant = 'x'", "UPDATE statements are not allowed"),
-        ("COPY events TO '/tmp/meterd-copy-test.csv'", "COPY statements are not allowed"),
-        ("COPY (SELECT 1) TO '/tmp/meterd-copy-test.csv'", "COPY statements are not allowed"),
-        ("SET datafusion.execution.batch_size = 1", "SET statements are not allowed"),
-        ("EXPLAIN ANALYZE INSERT INTO events (tenant) VALUES ('x')", "INSERT statements are not allowed"),
-        ("SELECT 1; SELECT 2", "only one SELECT, WITH, EXPLAIN or SHOW statement per request; got 2 statements"),
+        (
+            "UPDATE events SET tenant = 'x'",
+            "UPDATE statements are not allowed",
+        ),
+        (
+            "COPY events TO '/tmp/meterd-copy-test.csv'",
+            "COPY statements are not allowed",
+        ),
+        (
+            "COPY (SELECT 1) TO '/tmp/meterd-copy-test.csv'",
+            "COPY statements are not allowed",
+        ),
+        (
+            "SET datafusion.execution.batch_size = 1",
+            "SET statements are not allowed",
+        ),
+        (
+            "EXPLAIN ANALYZE INSERT INTO events (tenant) VALUES ('x')",
+            "INSERT statements are not allowed",
+        ),
+        (
+            "SELECT 1; SELECT 2",
+            "only one SELECT, WITH, EXPLAIN or SHOW statement per request; got 2 statements",
+        ),
         ("SELECT 1; DROP TABLE events", "got 2 statements"),
         ("", "got 0 statements"),
         ("SELEC 1", "SELEC"),
@@ -48,10 +83,22 @@ async fn only_reading_statements_run() {
     ];
     for (sql, reason) in refused {
         let reply = server.sql_reply(sql).await;
-        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{sql:?}: {}", reply.text);
-        assert!(reply.error().contains(reason), "{sql:?}: expected {reason:?} in {:?}", reply.error());
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{sql:?}: {}",
+            reply.text
+        );
+        assert!(
+            reply.error().contains(reason),
+            "{sql:?}: expected {reason:?} in {:?}",
+            reply.error()
+        );
     }
-    assert!(!std::path::Path::new("/tmp/meterd-copy-test.csv").exists(), "COPY wrote a file");
+    assert!(
+        !std::path::Path::new("/tmp/meterd-copy-test.csv").exists(),
+        "COPY wrote a file"
+    );
     // Nothing changed, and reading statements still work.
     assert_eq!(server.count("true").await, 20);
     for sql in [
@@ -66,7 +113,13 @@ async fn only_reading_statements_run() {
         assert_eq!(reply.status, StatusCode::OK, "{sql:?}: {}", reply.text);
     }
     // The request body itself: {"sql": ...} and nothing else.
-    let r = server.client.post(format!("{}/v1/sql", server.url)).json(&json!({"query": "SELECT 1"})).send().await.expect("post");
+    let r = server
+        .client
+        .post(format!("{}/v1/sql", server.url))
+        .json(&json!({"query": "SELECT 1"}))
+        .send()
+        .await
+        .expect("post");
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
 }
 
@@ -79,9 +132,12 @@ async fn answer_shape() {
     assert_eq!(v["columns"][2]["name"], "tokens");
     // 0+2+..+18 for acme, 1+3+..+19 for globex.
     assert_eq!(v["rows"], json!([["acme", 10, 90], ["globex", 10, 100]]));
-    let time = server.scalar("SELECT time FROM events WHERE id = 'e0'").await;
+    let time = server
+        .scalar("SELECT time FROM events WHERE id = 'e0'")
+        .await;
     let time = time.as_str().expect("timestamps are strings");
-    chrono::DateTime::parse_from_rfc3339(time).unwrap_or_else(|e| panic!("{time:?} is not RFC 3339: {e}"));
+    chrono::DateTime::parse_from_rfc3339(time)
+        .unwrap_or_else(|e| panic!("{time:?} is not RFC 3339: {e}"));
     assert!(time.ends_with('Z'), "{time}");
 }
 
@@ -94,16 +150,26 @@ async fn heavy_query_times_out_while_ingest_and_health_answer() {
 
     // Probes: ingest and health, back to back, for as long as the heavy queries run.
     let probe = {
-        let (server, in_flight, answered, stop) =
-            (Arc::clone(&server), Arc::clone(&in_flight), Arc::clone(&answered_during_query), Arc::clone(&stop));
+        let (server, in_flight, answered, stop) = (
+            Arc::clone(&server),
+            Arc::clone(&in_flight),
+            Arc::clone(&answered_during_query),
+            Arc::clone(&stop),
+        );
         tokio::spawn(async move {
             let mut i = 0;
             while !stop.load(Ordering::SeqCst) {
                 let started_during_query = in_flight.load(Ordering::SeqCst);
                 let health = server.get_status("/healthz").await;
                 assert_eq!(health, StatusCode::OK, "/healthz during a heavy query");
-                let reply = server.post_json(&[llm_event("probe", &format!("p{i}"), 1, 1)]).await;
-                assert_eq!(reply.accepted(), 1, "ingest during a heavy query: {reply:?}");
+                let reply = server
+                    .post_json(&[llm_event("probe", &format!("p{i}"), 1, 1)])
+                    .await;
+                assert_eq!(
+                    reply.accepted(),
+                    1,
+                    "ingest during a heavy query: {reply:?}"
+                );
                 if started_during_query && in_flight.load(Ordering::SeqCst) {
                     answered.fetch_add(1, Ordering::SeqCst);
                 }
@@ -148,17 +214,25 @@ async fn formats_have_their_content_types() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()[CONTENT_TYPE], "application/x-ndjson");
     let text = r.text().await.expect("body");
-    let lines: Vec<serde_json::Value> =
-        text.lines().map(|l| serde_json::from_str(l).expect("each line is JSON")).collect();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
     assert_eq!(lines.len(), 3, "{text}");
     assert_eq!(lines[0]["id"], "e0");
     assert_eq!(lines[0]["tenant"], "acme");
     assert_eq!(lines[0]["dimensions"]["agent"], "faq");
-    assert!(lines[0]["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{text}");
+    assert!(
+        lines[0]["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{text}"
+    );
 
     let r = server.sql_response(query, Some("csv")).await;
     assert_eq!(r.status(), StatusCode::OK);
-    let ct = r.headers()[CONTENT_TYPE].to_str().expect("ascii").to_owned();
+    let ct = r.headers()[CONTENT_TYPE]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
     assert!(ct.starts_with("text/csv"), "{ct}");
     let text = r.text().await.expect("body");
     let lines: Vec<&str> = text.lines().collect();
@@ -168,13 +242,20 @@ async fn formats_have_their_content_types() {
 
     let r = server.sql_response(query, Some("arrow")).await;
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(r.headers()[CONTENT_TYPE], "application/vnd.apache.arrow.stream");
+    assert_eq!(
+        r.headers()[CONTENT_TYPE],
+        "application/vnd.apache.arrow.stream"
+    );
     let bytes = r.bytes().await.expect("body");
-    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes.to_vec()), None)
-        .expect("an Arrow IPC stream");
+    let reader =
+        arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes.to_vec()), None)
+            .expect("an Arrow IPC stream");
     let schema = reader.schema();
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-    assert_eq!(names, ["id", "tenant", "input_tokens", "time", "dimensions"]);
+    assert_eq!(
+        names,
+        ["id", "tenant", "input_tokens", "time", "dimensions"]
+    );
     let rows: usize = reader.map(|b| b.expect("batch").num_rows()).sum();
     assert_eq!(rows, 3);
 
@@ -187,16 +268,32 @@ async fn formats_have_their_content_types() {
 async fn row_cap_is_413() {
     let server = server_with_events(&["--query-max-rows", "10"]).await;
     let reply = server.sql_reply("SELECT * FROM events").await;
-    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", reply.text);
-    assert!(reply.error().contains("more than 10 rows"), "{}", reply.text);
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        reply.text
+    );
+    assert!(
+        reply.error().contains("more than 10 rows"),
+        "{}",
+        reply.text
+    );
     for format in ["ndjson", "csv", "arrow"] {
-        let r = server.sql_response("SELECT * FROM generate_series(1, 1000000)", Some(format)).await;
+        let r = server
+            .sql_response("SELECT * FROM generate_series(1, 1000000)", Some(format))
+            .await;
         assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE, "{format}");
     }
     // At the cap is fine.
-    let v = server.sql("SELECT id FROM events ORDER BY id LIMIT 10").await;
+    let v = server
+        .sql("SELECT id FROM events ORDER BY id LIMIT 10")
+        .await;
     assert_eq!(v["rows"].as_array().map(Vec::len), Some(10));
-    assert_eq!(server.scalar("SELECT count(*) FROM events").await, json!(20));
+    assert_eq!(
+        server.scalar("SELECT count(*) FROM events").await,
+        json!(20)
+    );
 }
 
 #[tokio::test]
@@ -204,8 +301,14 @@ async fn acknowledged_events_are_queryable_at_once() {
     // A long flush interval: everything read here comes from the unflushed tail.
     let server = Server::start(&["--flush-interval-ms", "600000"]);
     for i in 0..30 {
-        let reply = server.post_json(&[llm_event("acme", &format!("now-{i}"), 1, 1)]).await;
+        let reply = server
+            .post_json(&[llm_event("acme", &format!("now-{i}"), 1, 1)])
+            .await;
         assert_eq!(reply.accepted(), 1);
-        assert_eq!(server.count("true").await, i + 1, "event {i} is visible right after its 200");
+        assert_eq!(
+            server.count("true").await,
+            i + 1,
+            "event {i} is visible right after its 200"
+        );
     }
 }

@@ -28,7 +28,9 @@ impl Framing {
 /// Why a body could not be turned into events.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
-    #[error("unsupported content type {0:?}; use application/json, application/x-ndjson, application/cloudevents+json or application/cloudevents-batch+json")]
+    #[error(
+        "unsupported content type {0:?}; use application/json, application/x-ndjson, application/cloudevents+json or application/cloudevents-batch+json"
+    )]
     UnsupportedMediaType(String),
     #[error("unsupported content encoding {0:?}; use gzip or none")]
     UnsupportedEncoding(String),
@@ -39,7 +41,11 @@ pub enum DecodeError {
     #[error("malformed JSON: {0}")]
     MalformedJson(String),
     #[error("event {index} (line {line}) is malformed JSON: {reason}")]
-    MalformedLine { index: usize, line: usize, reason: String },
+    MalformedLine {
+        index: usize,
+        line: usize,
+        reason: String,
+    },
     #[error("{0}")]
     WrongShape(String),
     #[error("the body holds no events")]
@@ -48,19 +54,32 @@ pub enum DecodeError {
 
 /// Picks the framing from a `Content-Type` header value. A missing header means JSON.
 pub fn framing(content_type: Option<&str>) -> Result<Framing, DecodeError> {
-    let Some(ct) = content_type else { return Ok(Framing::Json) };
-    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let Some(ct) = content_type else {
+        return Ok(Framing::Json);
+    };
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     match essence.as_str() {
         "application/json" => Ok(Framing::Json),
         "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Ok(Framing::Ndjson),
         "application/cloudevents+json" => Ok(Framing::CloudEvent),
         "application/cloudevents-batch+json" => Ok(Framing::CloudEventsBatch),
-        _ => Err(DecodeError::UnsupportedMediaType(ct.chars().take(100).collect())),
+        _ => Err(DecodeError::UnsupportedMediaType(
+            ct.chars().take(100).collect(),
+        )),
     }
 }
 
 /// Inflates a gzip body if `Content-Encoding` says so, never past `limit` bytes.
-pub fn inflate(body: bytes::Bytes, content_encoding: Option<&str>, limit: usize) -> Result<bytes::Bytes, DecodeError> {
+pub fn inflate(
+    body: bytes::Bytes,
+    content_encoding: Option<&str>,
+    limit: usize,
+) -> Result<bytes::Bytes, DecodeError> {
     match content_encoding.map(|e| e.trim().to_ascii_lowercase()) {
         None => Ok(body),
         Some(e) if e.is_empty() || e == "identity" => Ok(body),
@@ -69,13 +88,17 @@ pub fn inflate(body: bytes::Bytes, content_encoding: Option<&str>, limit: usize)
             // Reading one byte past the limit tells "exactly at the limit" from "over it",
             // without ever inflating a bomb further than that.
             let mut decoder = flate2::read::MultiGzDecoder::new(&body[..]).take(limit as u64 + 1);
-            decoder.read_to_end(&mut out).map_err(|e| DecodeError::BadGzip(e.to_string()))?;
+            decoder
+                .read_to_end(&mut out)
+                .map_err(|e| DecodeError::BadGzip(e.to_string()))?;
             if out.len() > limit {
                 return Err(DecodeError::TooLarge { limit });
             }
             Ok(out.into())
         }
-        Some(e) => Err(DecodeError::UnsupportedEncoding(e.chars().take(50).collect())),
+        Some(e) => Err(DecodeError::UnsupportedEncoding(
+            e.chars().take(50).collect(),
+        )),
     }
 }
 
@@ -83,18 +106,27 @@ pub fn inflate(body: bytes::Bytes, content_encoding: Option<&str>, limit: usize)
 pub fn items(body: &[u8], framing: Framing) -> Result<Vec<Value>, DecodeError> {
     let items = match framing {
         Framing::Json | Framing::CloudEvent | Framing::CloudEventsBatch => {
-            let v: Value = serde_json::from_slice(body).map_err(|e| DecodeError::MalformedJson(e.to_string()))?;
+            let v: Value = serde_json::from_slice(body)
+                .map_err(|e| DecodeError::MalformedJson(e.to_string()))?;
             match (framing, v) {
-                (Framing::Json, Value::Array(items)) | (Framing::CloudEventsBatch, Value::Array(items)) => items,
-                (Framing::Json, v @ Value::Object(_)) | (Framing::CloudEvent, v @ Value::Object(_)) => vec![v],
+                (Framing::Json, Value::Array(items))
+                | (Framing::CloudEventsBatch, Value::Array(items)) => items,
+                (Framing::Json, v @ Value::Object(_))
+                | (Framing::CloudEvent, v @ Value::Object(_)) => vec![v],
                 (Framing::CloudEventsBatch, _) => {
-                    return Err(DecodeError::WrongShape("a CloudEvents batch must be a JSON array".into()));
+                    return Err(DecodeError::WrongShape(
+                        "a CloudEvents batch must be a JSON array".into(),
+                    ));
                 }
                 (Framing::CloudEvent, _) => {
-                    return Err(DecodeError::WrongShape("a CloudEvent must be a JSON object".into()));
+                    return Err(DecodeError::WrongShape(
+                        "a CloudEvent must be a JSON object".into(),
+                    ));
                 }
                 (_, _) => {
-                    return Err(DecodeError::WrongShape("the body must be an event object or an array of them".into()));
+                    return Err(DecodeError::WrongShape(
+                        "the body must be an event object or an array of them".into(),
+                    ));
                 }
             }
         }
@@ -136,34 +168,91 @@ mod tests {
     #[test]
     fn framings() {
         assert_eq!(framing(None), Ok(Framing::Json));
-        assert_eq!(framing(Some("application/json; charset=utf-8")), Ok(Framing::Json));
+        assert_eq!(
+            framing(Some("application/json; charset=utf-8")),
+            Ok(Framing::Json)
+        );
         assert_eq!(framing(Some("application/x-ndjson")), Ok(Framing::Ndjson));
-        assert_eq!(framing(Some("Application/CloudEvents+JSON")), Ok(Framing::CloudEvent));
-        assert!(matches!(framing(Some("text/plain")), Err(DecodeError::UnsupportedMediaType(_))));
+        assert_eq!(
+            framing(Some("Application/CloudEvents+JSON")),
+            Ok(Framing::CloudEvent)
+        );
+        assert!(matches!(
+            framing(Some("text/plain")),
+            Err(DecodeError::UnsupportedMediaType(_))
+        ));
     }
 
     #[test]
     fn items_by_framing() {
-        assert_eq!(items(br#"{"a":1}"#, Framing::Json).expect("object").len(), 1);
-        assert_eq!(items(br#"[{"a":1},{"a":2}]"#, Framing::Json).expect("array").len(), 2);
-        assert_eq!(items(b"{\"a\":1}\r\n\n{\"a\":2}\n", Framing::Ndjson).expect("ndjson").len(), 2);
-        assert!(matches!(items(b"[]", Framing::Json), Err(DecodeError::Empty)));
-        assert!(matches!(items(b"{\"a\":", Framing::Json), Err(DecodeError::MalformedJson(_))));
-        assert!(matches!(items(b"3", Framing::Json), Err(DecodeError::WrongShape(_))));
-        assert!(matches!(items(br#"{"a":1}"#, Framing::CloudEventsBatch), Err(DecodeError::WrongShape(_))));
+        assert_eq!(
+            items(br#"{"a":1}"#, Framing::Json).expect("object").len(),
+            1
+        );
+        assert_eq!(
+            items(br#"[{"a":1},{"a":2}]"#, Framing::Json)
+                .expect("array")
+                .len(),
+            2
+        );
+        assert_eq!(
+            items(b"{\"a\":1}\r\n\n{\"a\":2}\n", Framing::Ndjson)
+                .expect("ndjson")
+                .len(),
+            2
+        );
+        assert!(matches!(
+            items(b"[]", Framing::Json),
+            Err(DecodeError::Empty)
+        ));
+        assert!(matches!(
+            items(b"{\"a\":", Framing::Json),
+            Err(DecodeError::MalformedJson(_))
+        ));
+        assert!(matches!(
+            items(b"3", Framing::Json),
+            Err(DecodeError::WrongShape(_))
+        ));
+        assert!(matches!(
+            items(br#"{"a":1}"#, Framing::CloudEventsBatch),
+            Err(DecodeError::WrongShape(_))
+        ));
         assert_eq!(
             items(b"{\"a\":1}\n\n{oops}\n", Framing::Ndjson),
-            Err(DecodeError::MalformedLine { index: 1, line: 3, reason: "key must be a string at line 1 column 2".into() })
+            Err(DecodeError::MalformedLine {
+                index: 1,
+                line: 3,
+                reason: "key must be a string at line 1 column 2".into()
+            })
         );
     }
 
     #[test]
     fn gzip_is_bounded() {
         let data = vec![b' '; 10_000];
-        assert_eq!(inflate(gzip(&data), Some("gzip"), 10_000).expect("fits").len(), 10_000);
-        assert_eq!(inflate(gzip(&data), Some("gzip"), 9_999), Err(DecodeError::TooLarge { limit: 9_999 }));
-        assert!(matches!(inflate(bytes::Bytes::from_static(b"nope"), Some("gzip"), 100), Err(DecodeError::BadGzip(_))));
-        assert!(matches!(inflate(bytes::Bytes::new(), Some("br"), 100), Err(DecodeError::UnsupportedEncoding(_))));
-        assert_eq!(inflate(bytes::Bytes::from_static(b"x"), None, 100).expect("plain").len(), 1);
+        assert_eq!(
+            inflate(gzip(&data), Some("gzip"), 10_000)
+                .expect("fits")
+                .len(),
+            10_000
+        );
+        assert_eq!(
+            inflate(gzip(&data), Some("gzip"), 9_999),
+            Err(DecodeError::TooLarge { limit: 9_999 })
+        );
+        assert!(matches!(
+            inflate(bytes::Bytes::from_static(b"nope"), Some("gzip"), 100),
+            Err(DecodeError::BadGzip(_))
+        ));
+        assert!(matches!(
+            inflate(bytes::Bytes::new(), Some("br"), 100),
+            Err(DecodeError::UnsupportedEncoding(_))
+        ));
+        assert_eq!(
+            inflate(bytes::Bytes::from_static(b"x"), None, 100)
+                .expect("plain")
+                .len(),
+            1
+        );
     }
 }

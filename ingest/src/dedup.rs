@@ -79,9 +79,11 @@ impl DedupIndex {
     /// The log position up to which this index has applied accepted events.
     pub fn applied(&self) -> Result<Lsn> {
         Ok(match self.meta.get(APPLIED_KEY)? {
-            Some(v) => u64::from_be_bytes(
-                v.as_ref().try_into().map_err(|_| Error::IndexEntry { key: "applied_lsn".into() })?,
-            ),
+            Some(v) => {
+                u64::from_be_bytes(v.as_ref().try_into().map_err(|_| Error::IndexEntry {
+                    key: "applied_lsn".into(),
+                })?)
+            }
             None => 0,
         })
     }
@@ -90,14 +92,18 @@ impl DedupIndex {
     pub fn get(&self, key: &[u8]) -> Result<Option<Seen>> {
         match self.keys.get(key)? {
             None => Ok(None),
-            Some(v) => Seen::decode(&v)
-                .map(Some)
-                .ok_or_else(|| Error::IndexEntry { key: String::from_utf8_lossy(key).into_owned() }),
+            Some(v) => Seen::decode(&v).map(Some).ok_or_else(|| Error::IndexEntry {
+                key: String::from_utf8_lossy(key).into_owned(),
+            }),
         }
     }
 
     /// Records newly accepted keys and the log position they bring the index up to, atomically.
-    pub fn insert_batch<'a>(&self, entries: impl IntoIterator<Item = (&'a [u8], Seen)>, applied: Lsn) -> Result<()> {
+    pub fn insert_batch<'a>(
+        &self,
+        entries: impl IntoIterator<Item = (&'a [u8], Seen)>,
+        applied: Lsn,
+    ) -> Result<()> {
         let mut batch = self.db.batch();
         for (key, seen) in entries {
             batch.insert(&self.keys, key, seen.encode());
@@ -123,7 +129,11 @@ impl DedupIndex {
             match Seen::decode(&v) {
                 Some(seen) if seen.time_us < cutoff_us => doomed.push(k),
                 Some(_) => {}
-                None => return Err(Error::IndexEntry { key: String::from_utf8_lossy(&k).into_owned() }),
+                None => {
+                    return Err(Error::IndexEntry {
+                        key: String::from_utf8_lossy(&k).into_owned(),
+                    });
+                }
             }
             if doomed.len() >= 10_000 {
                 removed += doomed.len() as u64;
@@ -161,12 +171,28 @@ mod tests {
             let idx = DedupIndex::open(dir.path()).expect("open");
             assert_eq!(idx.applied().expect("applied"), 0);
             let k = index_key("acme", "e1");
-            idx.insert_batch([(k.as_slice(), Seen { hash: 7, time_us: 5 })], 100).expect("insert");
+            idx.insert_batch(
+                [(
+                    k.as_slice(),
+                    Seen {
+                        hash: 7,
+                        time_us: 5,
+                    },
+                )],
+                100,
+            )
+            .expect("insert");
             idx.persist().expect("persist");
         }
         let idx = DedupIndex::open(dir.path()).expect("reopen");
         assert_eq!(idx.applied().expect("applied"), 100);
-        assert_eq!(idx.get(&index_key("acme", "e1")).expect("get"), Some(Seen { hash: 7, time_us: 5 }));
+        assert_eq!(
+            idx.get(&index_key("acme", "e1")).expect("get"),
+            Some(Seen {
+                hash: 7,
+                time_us: 5
+            })
+        );
         assert_eq!(idx.get(&index_key("acme", "e2")).expect("get"), None);
         // Tenant and id boundaries do not blur.
         assert_eq!(idx.get(&index_key("acm", "ee1")).expect("get"), None);
@@ -179,7 +205,22 @@ mod tests {
         let old = index_key("t", "old");
         let new = index_key("t", "new");
         idx.insert_batch(
-            [(old.as_slice(), Seen { hash: 1, time_us: 10 }), (new.as_slice(), Seen { hash: 2, time_us: 1000 })],
+            [
+                (
+                    old.as_slice(),
+                    Seen {
+                        hash: 1,
+                        time_us: 10,
+                    },
+                ),
+                (
+                    new.as_slice(),
+                    Seen {
+                        hash: 2,
+                        time_us: 1000,
+                    },
+                ),
+            ],
             1,
         )
         .expect("insert");

@@ -115,8 +115,14 @@ impl EmbeddedStore {
         fs::create_dir_all(dir).map_err(|e| store_io(dir, e))?;
         let path = dir.join(MANIFEST);
         let manifest: Manifest = match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Manifest { path: path.clone(), source: e })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Manifest { version: 1, ..Manifest::default() },
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Manifest {
+                path: path.clone(),
+                source: e,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Manifest {
+                version: 1,
+                ..Manifest::default()
+            },
             Err(e) => return Err(store_io(&path, e)),
         };
         remove_orphans(dir, &manifest)?;
@@ -124,7 +130,10 @@ impl EmbeddedStore {
         Ok(Self {
             dir: dir.to_owned(),
             options,
-            state: Mutex::new(State { manifest, ..State::default() }),
+            state: Mutex::new(State {
+                manifest,
+                ..State::default()
+            }),
             maintenance: Mutex::new(()),
             consumer,
         })
@@ -142,7 +151,11 @@ impl EmbeddedStore {
             return;
         }
         st.tail_rows += batch.num_rows();
-        st.tail.push(TailBatch { end, batch, added: Instant::now() });
+        st.tail.push(TailBatch {
+            end,
+            batch,
+            added: Instant::now(),
+        });
     }
 
     /// Rows accepted but not yet in Parquet.
@@ -154,7 +167,12 @@ impl EmbeddedStore {
     pub fn snapshot(&self) -> EventsSnapshot {
         let st = self.lock();
         EventsSnapshot {
-            parquet_files: st.manifest.files.iter().map(|f| self.dir.join(&f.path)).collect(),
+            parquet_files: st
+                .manifest
+                .files
+                .iter()
+                .map(|f| self.dir.join(&f.path))
+                .collect(),
             batches: st.tail.iter().map(|t| t.batch.clone()).collect(),
         }
     }
@@ -168,16 +186,27 @@ impl EmbeddedStore {
     pub fn flush_due(&self) -> bool {
         let st = self.lock();
         st.tail_rows >= self.options.flush_rows
-            || st.tail.first().is_some_and(|t| t.added.elapsed() >= self.options.flush_interval)
+            || st
+                .tail
+                .first()
+                .is_some_and(|t| t.added.elapsed() >= self.options.flush_interval)
     }
 
     /// Writes the whole tail to Parquet and publishes it. Returns the rows written.
     pub fn flush(&self) -> Result<usize> {
-        let _guard = self.maintenance.lock().unwrap_or_else(PoisonError::into_inner);
+        let _guard = self
+            .maintenance
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let (batches, upto) = {
             let st = self.lock();
-            let Some(last) = st.tail.last() else { return Ok(0) };
-            (st.tail.iter().map(|t| t.batch.clone()).collect::<Vec<_>>(), last.end)
+            let Some(last) = st.tail.last() else {
+                return Ok(0);
+            };
+            (
+                st.tail.iter().map(|t| t.batch.clone()).collect::<Vec<_>>(),
+                last.end,
+            )
         };
         let all = concat_batches(&events_schema(), &batches)?;
         let mut new_files = Vec::new();
@@ -205,10 +234,16 @@ impl EmbeddedStore {
 
     /// Merges the small files of each day into one. Returns the number of files replaced.
     pub fn compact(&self) -> Result<usize> {
-        let _guard = self.maintenance.lock().unwrap_or_else(PoisonError::into_inner);
+        let _guard = self
+            .maintenance
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let files = self.lock().manifest.files.clone();
         let mut by_day: BTreeMap<i64, Vec<FileEntry>> = BTreeMap::new();
-        for f in files.into_iter().filter(|f| f.rows < self.options.compact_target_rows) {
+        for f in files
+            .into_iter()
+            .filter(|f| f.rows < self.options.compact_target_rows)
+        {
             by_day.entry(f.day).or_default().push(f);
         }
         let mut replaced = 0;
@@ -220,7 +255,10 @@ impl EmbeddedStore {
             for f in &inputs {
                 let path = self.dir.join(&f.path);
                 let file = File::open(&path).map_err(|e| store_io(&path, e))?;
-                for b in ParquetRecordBatchReaderBuilder::try_new(file)?.with_batch_size(64 * 1024).build()? {
+                for b in ParquetRecordBatchReaderBuilder::try_new(file)?
+                    .with_batch_size(64 * 1024)
+                    .build()?
+                {
                     batches.push(b?);
                 }
             }
@@ -237,7 +275,8 @@ impl EmbeddedStore {
             let mut st = self.lock();
             st.manifest = manifest;
             let when = Instant::now();
-            st.doomed.extend(inputs.iter().map(|f| (when, self.dir.join(&f.path))));
+            st.doomed
+                .extend(inputs.iter().map(|f| (when, self.dir.join(&f.path))));
             replaced += inputs.len();
         }
         Ok(replaced)
@@ -248,8 +287,10 @@ impl EmbeddedStore {
         let due: Vec<PathBuf> = {
             let mut st = self.lock();
             let grace = self.options.delete_grace;
-            let (due, keep): (Vec<_>, Vec<_>) =
-                st.doomed.drain(..).partition(|(when, _)| force || when.elapsed() >= grace);
+            let (due, keep): (Vec<_>, Vec<_>) = st
+                .doomed
+                .drain(..)
+                .partition(|(when, _)| force || when.elapsed() >= grace);
             st.doomed = keep;
             due.into_iter().map(|(_, p)| p).collect()
         };
@@ -283,13 +324,21 @@ impl EmbeddedStore {
         file.sync_all().map_err(|e| store_io(&path, e))?;
         let bytes = file.metadata().map_err(|e| store_io(&path, e))?.len();
         sync_dir(&dir)?;
-        Ok(FileEntry { path: format!("{day_dir}/{name}"), day, rows: rows.num_rows() as u64, bytes })
+        Ok(FileEntry {
+            path: format!("{day_dir}/{name}"),
+            day,
+            rows: rows.num_rows() as u64,
+            bytes,
+        })
     }
 
     fn publish(&self, manifest: &Manifest) -> Result<()> {
         let path = self.dir.join(MANIFEST);
         let tmp = self.dir.join(format!("{MANIFEST}.tmp"));
-        let bytes = serde_json::to_vec(manifest).map_err(|e| Error::Manifest { path: path.clone(), source: e })?;
+        let bytes = serde_json::to_vec(manifest).map_err(|e| Error::Manifest {
+            path: path.clone(),
+            source: e,
+        })?;
         let write = || -> std::io::Result<()> {
             let mut f = File::create(&tmp)?;
             std::io::Write::write_all(&mut f, &bytes)?;
@@ -310,7 +359,10 @@ impl EmbeddedStore {
 pub type SharedStore = Arc<EmbeddedStore>;
 
 fn store_io(path: &Path, source: std::io::Error) -> Error {
-    Error::StoreIo { path: path.to_owned(), source }
+    Error::StoreIo {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// `YYYY-MM-DD` of a UTC day number.
@@ -325,7 +377,9 @@ fn split_by_day(batch: &RecordBatch) -> Result<Vec<(i64, RecordBatch)>> {
     let time = time_column(batch)?;
     let mut days: BTreeMap<i64, Vec<u32>> = BTreeMap::new();
     for (i, t) in time.values().iter().enumerate() {
-        days.entry(t.div_euclid(MICROS_PER_DAY)).or_default().push(i as u32);
+        days.entry(t.div_euclid(MICROS_PER_DAY))
+            .or_default()
+            .push(i as u32);
     }
     let mut out = Vec::with_capacity(days.len());
     for (day, idx) in days {
@@ -339,27 +393,45 @@ fn split_by_day(batch: &RecordBatch) -> Result<Vec<(i64, RecordBatch)>> {
 fn sort_rows(batch: &RecordBatch) -> Result<RecordBatch> {
     let col = |name: &str| -> Result<Arc<dyn Array>> {
         batch.column_by_name(name).cloned().ok_or_else(|| {
-            Error::Arrow(arrow::error::ArrowError::SchemaError(format!("events batch lacks column {name}")))
+            Error::Arrow(arrow::error::ArrowError::SchemaError(format!(
+                "events batch lacks column {name}"
+            )))
         })
     };
     let indices = lexsort_to_indices(
-        &[SortColumn { values: col("tenant")?, options: None }, SortColumn { values: col("time")?, options: None }],
+        &[
+            SortColumn {
+                values: col("tenant")?,
+                options: None,
+            },
+            SortColumn {
+                values: col("time")?,
+                options: None,
+            },
+        ],
         None,
     )?;
     Ok(take_record_batch(batch, &indices)?)
 }
 
-fn time_column(batch: &RecordBatch) -> Result<&arrow::array::PrimitiveArray<TimestampMicrosecondType>> {
+fn time_column(
+    batch: &RecordBatch,
+) -> Result<&arrow::array::PrimitiveArray<TimestampMicrosecondType>> {
     batch
         .column_by_name("time")
         .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
-        .ok_or_else(|| Error::Arrow(arrow::error::ArrowError::SchemaError("events batch lacks a time column".into())))
+        .ok_or_else(|| {
+            Error::Arrow(arrow::error::ArrowError::SchemaError(
+                "events batch lacks a time column".into(),
+            ))
+        })
 }
 
 /// Deletes Parquet files and temporary manifests no manifest lists: leftovers of a crash
 /// between writing a file and publishing it, or of a delete that did not happen.
 fn remove_orphans(dir: &Path, manifest: &Manifest) -> Result<()> {
-    let listed: std::collections::HashSet<PathBuf> = manifest.files.iter().map(|f| dir.join(&f.path)).collect();
+    let listed: std::collections::HashSet<PathBuf> =
+        manifest.files.iter().map(|f| dir.join(&f.path)).collect();
     for entry in fs::read_dir(dir).map_err(|e| store_io(dir, e))? {
         let entry = entry.map_err(|e| store_io(dir, e))?;
         let path = entry.path();
@@ -371,7 +443,10 @@ fn remove_orphans(dir: &Path, manifest: &Manifest) -> Result<()> {
                     tracing::info!(path = %file.display(), "removed orphan parquet file");
                 }
             }
-        } else if path.file_name().is_some_and(|n| n == format!("{MANIFEST}.tmp").as_str()) {
+        } else if path
+            .file_name()
+            .is_some_and(|n| n == format!("{MANIFEST}.tmp").as_str())
+        {
             fs::remove_file(&path).map_err(|e| store_io(&path, e))?;
         }
     }
@@ -418,8 +493,11 @@ mod tests {
         let mut n: usize = snapshot.batches.iter().map(RecordBatch::num_rows).sum();
         for p in &snapshot.parquet_files {
             let f = File::open(p).expect("open parquet");
-            n += ParquetRecordBatchReaderBuilder::try_new(f).expect("reader").metadata().file_metadata().num_rows()
-                as usize;
+            n += ParquetRecordBatchReaderBuilder::try_new(f)
+                .expect("reader")
+                .metadata()
+                .file_metadata()
+                .num_rows() as usize;
         }
         n
     }
@@ -427,8 +505,11 @@ mod tests {
     #[test]
     fn flush_moves_the_tail_into_day_files_exactly_once() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (_w, log, _) = LogWriter::open(&dir.path().join("log"), LogOptions::default()).expect("log");
-        let store = EmbeddedStore::open(&dir.path().join("events"), &log, EmbeddedOptions::default()).expect("open");
+        let (_w, log, _) =
+            LogWriter::open(&dir.path().join("log"), LogOptions::default()).expect("log");
+        let store =
+            EmbeddedStore::open(&dir.path().join("events"), &log, EmbeddedOptions::default())
+                .expect("open");
         store.push(10, batch(0..100, 20_000));
         store.push(20, batch(100..150, 20_001));
         assert_eq!(rows_in(&store.snapshot()), 150);
@@ -442,7 +523,9 @@ mod tests {
         store.push(20, batch(100..150, 20_001));
         assert_eq!(rows_in(&store.snapshot()), 150);
         drop(store);
-        let store = EmbeddedStore::open(&dir.path().join("events"), &log, EmbeddedOptions::default()).expect("reopen");
+        let store =
+            EmbeddedStore::open(&dir.path().join("events"), &log, EmbeddedOptions::default())
+                .expect("reopen");
         assert_eq!(store.flushed_lsn(), 20);
         assert_eq!(rows_in(&store.snapshot()), 150);
     }
@@ -450,13 +533,16 @@ mod tests {
     #[test]
     fn orphans_from_a_crashed_flush_are_removed() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (_w, log, _) = LogWriter::open(&dir.path().join("log"), LogOptions::default()).expect("log");
+        let (_w, log, _) =
+            LogWriter::open(&dir.path().join("log"), LogOptions::default()).expect("log");
         let events = dir.path().join("events");
         let store = EmbeddedStore::open(&events, &log, EmbeddedOptions::default()).expect("open");
         store.push(10, batch(0..10, 20_000));
         store.flush().expect("flush");
         // A file written but never published.
-        let orphan = store.write_file(20_000, &batch(10..20, 20_000)).expect("write");
+        let orphan = store
+            .write_file(20_000, &batch(10..20, 20_000))
+            .expect("write");
         drop(store);
         let store = EmbeddedStore::open(&events, &log, EmbeddedOptions::default()).expect("reopen");
         assert!(!events.join(&orphan.path).exists());
@@ -466,8 +552,12 @@ mod tests {
     #[test]
     fn compaction_merges_small_files_and_keeps_every_row() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (_w, log, _) = LogWriter::open(&dir.path().join("log"), LogOptions::default()).expect("log");
-        let opts = EmbeddedOptions { compact_min_files: 3, ..EmbeddedOptions::default() };
+        let (_w, log, _) =
+            LogWriter::open(&dir.path().join("log"), LogOptions::default()).expect("log");
+        let opts = EmbeddedOptions {
+            compact_min_files: 3,
+            ..EmbeddedOptions::default()
+        };
         let store = EmbeddedStore::open(&dir.path().join("events"), &log, opts).expect("open");
         for i in 0..4u32 {
             store.push(u64::from(i) + 1, batch(i * 10..i * 10 + 10, 20_000));
@@ -479,10 +569,20 @@ mod tests {
         assert_eq!(rows_in(&store.snapshot()), 40);
         assert_eq!(store.delete_replaced(true).expect("delete"), 4);
         let f = File::open(&store.snapshot().parquet_files[0]).expect("open");
-        let merged: Vec<RecordBatch> =
-            ParquetRecordBatchReaderBuilder::try_new(f).expect("reader").build().expect("build").map(|b| b.expect("batch")).collect();
+        let merged: Vec<RecordBatch> = ParquetRecordBatchReaderBuilder::try_new(f)
+            .expect("reader")
+            .build()
+            .expect("build")
+            .map(|b| b.expect("batch"))
+            .collect();
         let merged = concat_batches(&events_schema(), &merged).expect("concat");
-        let tenants: Vec<_> = merged.column_by_name("tenant").expect("tenant").as_string::<i32>().iter().flatten().collect();
+        let tenants: Vec<_> = merged
+            .column_by_name("tenant")
+            .expect("tenant")
+            .as_string::<i32>()
+            .iter()
+            .flatten()
+            .collect();
         let mut sorted = tenants.clone();
         sorted.sort_unstable();
         assert_eq!(tenants, sorted, "compacted files are sorted by tenant");

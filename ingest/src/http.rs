@@ -12,7 +12,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use http_body_util::BodyExt;
-use meterd_schemas::{FieldError, Principal, ValidationContext, validate_cloudevent, validate_event};
+use meterd_schemas::{
+    FieldError, Principal, ValidationContext, validate_cloudevent, validate_event,
+};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -24,7 +26,9 @@ pub const MAX_LISTED_ERRORS: usize = 100;
 
 /// The router serving `POST /v1/events`.
 pub fn router(ingest: Arc<Ingest>) -> Router {
-    Router::new().route("/v1/events", post(post_events)).with_state(ingest)
+    Router::new()
+        .route("/v1/events", post(post_events))
+        .with_state(ingest)
 }
 
 /// One rejected field of one event.
@@ -40,13 +44,21 @@ pub struct EventError {
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("{invalid} of {total} events are invalid; nothing was stored")]
-    Invalid { invalid: usize, total: usize, errors: Vec<EventError> },
+    Invalid {
+        invalid: usize,
+        total: usize,
+        errors: Vec<EventError>,
+    },
     #[error(transparent)]
     Decode(#[from] DecodeError),
     #[error("could not read the request body: {0}")]
     BodyRead(String),
     #[error("event {index} is for tenant {tenant:?}, but the API key is bound to tenant {bound:?}")]
-    TenantForbidden { index: usize, tenant: String, bound: String },
+    TenantForbidden {
+        index: usize,
+        tenant: String,
+        bound: String,
+    },
     #[error(transparent)]
     Submit(#[from] SubmitError),
 }
@@ -69,9 +81,9 @@ impl IngestError {
             },
             IngestError::TenantForbidden { .. } => StatusCode::FORBIDDEN,
             IngestError::Submit(s) => match s {
-                SubmitError::LogFull { .. } | SubmitError::Overloaded { .. } | SubmitError::ShuttingDown => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
+                SubmitError::LogFull { .. }
+                | SubmitError::Overloaded { .. }
+                | SubmitError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
                 SubmitError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
@@ -82,7 +94,9 @@ impl IntoResponse for IngestError {
     fn into_response(self) -> Response {
         let status = self.status();
         let body = match &self {
-            IngestError::Invalid { errors, .. } => json!({"error": self.to_string(), "errors": errors}),
+            IngestError::Invalid { errors, .. } => {
+                json!({"error": self.to_string(), "errors": errors})
+            }
             IngestError::Decode(DecodeError::MalformedLine { index, reason, .. }) => {
                 json!({"error": self.to_string(), "errors": [{"index": index, "field": "", "reason": reason}]})
             }
@@ -94,8 +108,14 @@ impl IntoResponse for IngestError {
         };
         let mut response = (status, axum::Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            let retry = if matches!(self, IngestError::Submit(SubmitError::LogFull { .. })) { "5" } else { "1" };
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(retry));
+            let retry = if matches!(self, IngestError::Submit(SubmitError::LogFull { .. })) {
+                "5"
+            } else {
+                "1"
+            };
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(retry));
         }
         response
     }
@@ -112,7 +132,9 @@ async fn read_body(mut body: Body, limit: usize) -> Result<bytes::Bytes, IngestE
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| IngestError::BodyRead(e.to_string()))?;
-        let Ok(data) = frame.into_data() else { continue };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
         seen = seen.saturating_add(data.len());
         if seen > DRAIN_LIMIT {
             break;
@@ -134,7 +156,11 @@ async fn post_events(
     body: Body,
 ) -> Result<Response, IngestError> {
     let limit = ingest.config().max_body_bytes;
-    let header_str = |name| headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let header_str = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
     let raw = read_body(body, limit).await?;
     let framing = decode::framing(header_str(header::CONTENT_TYPE))?;
     let body = decode::inflate(raw, header_str(header::CONTENT_ENCODING), limit)?;
@@ -143,38 +169,56 @@ async fn post_events(
     let bound = principal.as_ref().and_then(|p| p.tenant.as_deref());
     if let Some(bound) = bound {
         for (index, item) in items.iter().enumerate() {
-            if let Some(Value::String(t)) = item.get("tenant") {
-                if t != bound {
-                    return Err(IngestError::TenantForbidden {
-                        index,
-                        tenant: t.chars().take(128).collect(),
-                        bound: bound.to_owned(),
-                    });
-                }
+            if let Some(Value::String(t)) = item.get("tenant")
+                && t != bound
+            {
+                return Err(IngestError::TenantForbidden {
+                    index,
+                    tenant: t.chars().take(128).collect(),
+                    bound: bound.to_owned(),
+                });
             }
         }
     }
-    let ctx = ValidationContext { now: chrono::Utc::now(), limits: ingest.config().limits, bound_tenant: bound };
+    let ctx = ValidationContext {
+        now: chrono::Utc::now(),
+        limits: ingest.config().limits,
+        bound_tenant: bound,
+    };
     let total = items.len();
     let mut events = Vec::with_capacity(total);
     let mut errors = Vec::new();
     let mut invalid = 0;
     for (index, item) in items.iter().enumerate() {
-        let result = if framing.is_cloudevents() { validate_cloudevent(item, &ctx) } else { validate_event(item, &ctx) };
+        let result = if framing.is_cloudevents() {
+            validate_cloudevent(item, &ctx)
+        } else {
+            validate_event(item, &ctx)
+        };
         match result {
             Ok(e) => events.push(e),
             Err(errs) => {
                 invalid += 1;
                 let room = MAX_LISTED_ERRORS.saturating_sub(errors.len());
                 errors.extend(
-                    errs.into_iter().take(room).map(|FieldError { field, reason }| EventError { index, field, reason }),
+                    errs.into_iter()
+                        .take(room)
+                        .map(|FieldError { field, reason }| EventError {
+                            index,
+                            field,
+                            reason,
+                        }),
                 );
             }
         }
     }
     drop(items);
     if invalid > 0 {
-        return Err(IngestError::Invalid { invalid, total, errors });
+        return Err(IngestError::Invalid {
+            invalid,
+            total,
+            errors,
+        });
     }
     let outcome = ingest.submit(events).await?;
     Ok((StatusCode::OK, axum::Json(outcome)).into_response())

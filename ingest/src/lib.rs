@@ -117,17 +117,32 @@ impl Ingest {
     /// the writer and maintenance threads.
     pub fn open(config: IngestConfig) -> Result<Arc<Self>> {
         let dir = &config.data_dir;
-        let (log_writer, log, recovery) =
-            LogWriter::open(&dir.join("log"), LogOptions { segment_bytes: config.segment_bytes })?;
+        let (log_writer, log, recovery) = LogWriter::open(
+            &dir.join("log"),
+            LogOptions {
+                segment_bytes: config.segment_bytes,
+            },
+        )?;
         if recovery.truncated_bytes > 0 {
-            tracing::warn!(bytes = recovery.truncated_bytes, "cut a torn tail from the log (a crash mid-write; those events were never acknowledged)");
+            tracing::warn!(
+                bytes = recovery.truncated_bytes,
+                "cut a torn tail from the log (a crash mid-write; those events were never acknowledged)"
+            );
         }
         let index = Arc::new(dedup::DedupIndex::open(&dir.join("dedup"))?);
-        let store = Arc::new(EmbeddedStore::open(&dir.join("events"), &log, config.embedded)?);
+        let store = Arc::new(EmbeddedStore::open(
+            &dir.join("events"),
+            &log,
+            config.embedded,
+        )?);
 
         // Bring the index and the store up to the log's end.
-        let replayed_index = replay(&log, index.applied()?, |events, end| index_replayed(&index, events, end))?;
-        let replayed_store = replay(&log, store.flushed_lsn(), |events, end| push_to_store(&store, events, end))?;
+        let replayed_index = replay(&log, index.applied()?, |events, end| {
+            index_replayed(&index, events, end)
+        })?;
+        let replayed_store = replay(&log, store.flushed_lsn(), |events, end| {
+            push_to_store(&store, events, end)
+        })?;
         let index_consumer = log.register("dedup", index.persist()?);
         tracing::info!(
             log_start = log.start(),
@@ -139,11 +154,20 @@ impl Ingest {
 
         let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
         let failed = Arc::new(AtomicBool::new(false));
-        let writer = Writer { log: log_writer, index: Arc::clone(&index), store: Arc::clone(&store), failed: Arc::clone(&failed), clock: now_us };
+        let writer = Writer {
+            log: log_writer,
+            index: Arc::clone(&index),
+            store: Arc::clone(&store),
+            failed: Arc::clone(&failed),
+            clock: now_us,
+        };
         let writer_thread = std::thread::Builder::new()
             .name("meterd-log-writer".into())
             .spawn(move || writer.run(rx))
-            .map_err(|e| Error::LogIo { path: dir.join("log"), source: e })?;
+            .map_err(|e| Error::LogIo {
+                path: dir.join("log"),
+                source: e,
+            })?;
         let ingest = Arc::new(Self {
             config,
             tx: Mutex::new(Some(tx)),
@@ -161,8 +185,15 @@ impl Ingest {
         let maintenance = std::thread::Builder::new()
             .name("meterd-maintenance".into())
             .spawn(move || maintenance_loop(weak, stopping))
-            .map_err(|e| Error::LogIo { path: ingest.config.data_dir.clone(), source: e })?;
-        ingest.threads.lock().unwrap_or_else(PoisonError::into_inner).push(maintenance);
+            .map_err(|e| Error::LogIo {
+                path: ingest.config.data_dir.clone(),
+                source: e,
+            })?;
+        ingest
+            .threads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(maintenance);
         Ok(ingest)
     }
 
@@ -188,17 +219,27 @@ impl Ingest {
             return Err(SubmitError::LogFull { retained });
         }
         if self.store.tail_rows() > self.config.max_tail_rows {
-            return Err(SubmitError::Overloaded { reason: "the embedded store is behind on flushing" });
+            return Err(SubmitError::Overloaded {
+                reason: "the embedded store is behind on flushing",
+            });
         }
         if self.failed.load(Ordering::Acquire) {
             return Err(SubmitError::Failed(Error::WriterStopped));
         }
-        let tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner).clone().ok_or(SubmitError::ShuttingDown)?;
+        let tx = self
+            .tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(SubmitError::ShuttingDown)?;
         let (reply, rx) = oneshot::channel();
-        tx.try_send(Submission { events, reply }).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SubmitError::Overloaded { reason: "too many batches waiting for the log" },
-            mpsc::error::TrySendError::Closed(_) => SubmitError::ShuttingDown,
-        })?;
+        tx.try_send(Submission { events, reply })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SubmitError::Overloaded {
+                    reason: "too many batches waiting for the log",
+                },
+                mpsc::error::TrySendError::Closed(_) => SubmitError::ShuttingDown,
+            })?;
         match rx.await {
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(e)) => Err(SubmitError::Failed(e)),
@@ -212,23 +253,42 @@ impl Ingest {
         let log_full = log_bytes > self.config.max_log_bytes;
         let writer_failed = self.failed.load(Ordering::Acquire);
         let unflushed_rows = self.store.tail_rows();
-        let accepting = self.tx.lock().unwrap_or_else(PoisonError::into_inner).is_some();
+        let accepting = self
+            .tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
         Readiness {
-            ready: accepting && !log_full && !writer_failed && unflushed_rows <= self.config.max_tail_rows,
+            ready: accepting
+                && !log_full
+                && !writer_failed
+                && unflushed_rows <= self.config.max_tail_rows,
             log_bytes,
             log_full,
             writer_failed,
             unflushed_rows,
-            last_maintenance_error: self.maintenance_error.lock().unwrap_or_else(PoisonError::into_inner).clone(),
+            last_maintenance_error: self
+                .maintenance_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
         }
     }
 
     /// Stops taking events, lets the writer finish what it holds, flushes the embedded store
     /// and persists the index. Blocking; call from a blocking context.
     pub fn shutdown(&self) -> Result<()> {
-        self.tx.lock().unwrap_or_else(PoisonError::into_inner).take();
+        self.tx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         self.stopping.store(true, Ordering::Release);
-        let threads: Vec<_> = self.threads.lock().unwrap_or_else(PoisonError::into_inner).drain(..).collect();
+        let threads: Vec<_> = self
+            .threads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+            .collect();
         for t in threads {
             if t.join().is_err() {
                 tracing::error!("an ingest thread panicked");
@@ -272,9 +332,14 @@ fn maintenance_loop(ingest: std::sync::Weak<Ingest>, stopping: Arc<AtomicBool>) 
     let mut last_expiry = None;
     while !stopping.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(100));
-        let Some(ingest) = ingest.upgrade() else { return };
+        let Some(ingest) = ingest.upgrade() else {
+            return;
+        };
         let result = ingest.maintain(&mut last_slow, &mut last_expiry);
-        let mut slot = ingest.maintenance_error.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slot = ingest
+            .maintenance_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         match result {
             Ok(()) => *slot = None,
             Err(e) => {

@@ -34,12 +34,17 @@ fn segment_path(dir: &Path, base: Lsn) -> PathBuf {
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> Error {
-    Error::LogIo { path: path.to_owned(), source }
+    Error::LogIo {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Fsyncs a directory so that file creations, renames and deletions in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err(dir, e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(dir, e))
 }
 
 /// State shared between the writer, the readers and the trimmer.
@@ -90,7 +95,11 @@ impl LogShared {
 
     /// The oldest position still on disk.
     pub fn start(&self) -> Lsn {
-        self.lock_segments().keys().next().copied().unwrap_or_else(|| self.durable_end())
+        self.lock_segments()
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or_else(|| self.durable_end())
     }
 
     /// Bytes held on disk (from the oldest kept segment to the end).
@@ -100,20 +109,31 @@ impl LogShared {
 
     /// Registers a consumer whose checkpoint starts at `checkpoint`.
     pub fn register(&self, name: &str, checkpoint: Lsn) -> Consumer {
-        let state = Arc::new(ConsumerState { name: name.to_owned(), checkpoint: AtomicU64::new(checkpoint) });
+        let state = Arc::new(ConsumerState {
+            name: name.to_owned(),
+            checkpoint: AtomicU64::new(checkpoint),
+        });
         self.lock_consumers().push(Arc::clone(&state));
         Consumer { state }
     }
 
     /// Each consumer's name and checkpoint.
     pub fn consumers(&self) -> Vec<(String, Lsn)> {
-        self.lock_consumers().iter().map(|c| (c.name.clone(), c.checkpoint.load(Ordering::Acquire))).collect()
+        self.lock_consumers()
+            .iter()
+            .map(|c| (c.name.clone(), c.checkpoint.load(Ordering::Acquire)))
+            .collect()
     }
 
     /// Deletes every segment that lies wholly before the slowest consumer's checkpoint (and never
     /// the segment being written). Returns the bytes freed.
     pub fn trim(&self) -> Result<u64> {
-        let Some(low) = self.lock_consumers().iter().map(|c| c.checkpoint.load(Ordering::Acquire)).min() else {
+        let Some(low) = self
+            .lock_consumers()
+            .iter()
+            .map(|c| c.checkpoint.load(Ordering::Acquire))
+            .min()
+        else {
             return Ok(0);
         };
         let doomed: Vec<(Lsn, u64)> = {
@@ -147,19 +167,30 @@ impl LogShared {
     pub fn reader(self: &Arc<Self>, from: Lsn) -> Result<LogReader> {
         let start = self.start();
         if from < start {
-            return Err(Error::LogTrimmed { requested: from, start });
+            return Err(Error::LogTrimmed {
+                requested: from,
+                start,
+            });
         }
-        Ok(LogReader { shared: Arc::clone(self), pos: from, file: None })
+        Ok(LogReader {
+            shared: Arc::clone(self),
+            pos: from,
+            file: None,
+        })
     }
 
     fn lock_segments(&self) -> std::sync::MutexGuard<'_, BTreeMap<Lsn, u64>> {
         // A panic while holding this lock cannot leave the map half-updated (single inserts and
         // removes), so a poisoned lock is still consistent.
-        self.segments.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.segments
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn lock_consumers(&self) -> std::sync::MutexGuard<'_, Vec<Arc<ConsumerState>>> {
-        self.consumers.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.consumers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -172,7 +203,9 @@ pub struct LogOptions {
 
 impl Default for LogOptions {
     fn default() -> Self {
-        Self { segment_bytes: 64 * 1024 * 1024 }
+        Self {
+            segment_bytes: 64 * 1024 * 1024,
+        }
     }
 }
 
@@ -202,11 +235,17 @@ impl LogWriter {
         for entry in fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
             let entry = entry.map_err(|e| io_err(dir, e))?;
             let name = entry.file_name();
-            let Some(base) = name.to_str().and_then(|n| n.strip_suffix(SEGMENT_SUFFIX)).and_then(|n| n.parse().ok())
+            let Some(base) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(SEGMENT_SUFFIX))
+                .and_then(|n| n.parse().ok())
             else {
                 continue;
             };
-            let len = entry.metadata().map_err(|e| io_err(&entry.path(), e))?.len();
+            let len = entry
+                .metadata()
+                .map_err(|e| io_err(&entry.path(), e))?
+                .len();
             segments.insert(base, len);
         }
         let mut recovery = Recovery { truncated_bytes: 0 };
@@ -215,7 +254,10 @@ impl LogWriter {
                 let path = segment_path(dir, base);
                 let valid = valid_prefix_len(&path)?;
                 if valid < len {
-                    let f = OpenOptions::new().write(true).open(&path).map_err(|e| io_err(&path, e))?;
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(|e| io_err(&path, e))?;
                     f.set_len(valid).map_err(|e| io_err(&path, e))?;
                     f.sync_all().map_err(|e| io_err(&path, e))?;
                     recovery.truncated_bytes = len - valid;
@@ -230,8 +272,11 @@ impl LogWriter {
         };
         let len = segments.get(&base).copied().unwrap_or(0);
         let path = segment_path(dir, base);
-        let mut file =
-            OpenOptions::new().create(true).append(true).open(&path).map_err(|e| io_err(&path, e))?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
         file.seek(SeekFrom::End(0)).map_err(|e| io_err(&path, e))?;
         file.sync_all().map_err(|e| io_err(&path, e))?;
         sync_dir(dir)?;
@@ -241,7 +286,13 @@ impl LogWriter {
             durable_end: AtomicU64::new(base + len),
             consumers: Mutex::new(Vec::new()),
         });
-        let writer = Self { shared: Arc::clone(&shared), options, file: BufWriter::with_capacity(1 << 20, file), base, len };
+        let writer = Self {
+            shared: Arc::clone(&shared),
+            options,
+            file: BufWriter::with_capacity(1 << 20, file),
+            base,
+            len,
+        };
         Ok((writer, shared, recovery))
     }
 
@@ -270,8 +321,12 @@ impl LogWriter {
         let mut header = [0u8; HEADER_LEN as usize];
         header[..4].copy_from_slice(&len.to_le_bytes());
         header[4..].copy_from_slice(&crc.to_le_bytes());
-        self.file.write_all(&header).map_err(|e| io_err(&path(), e))?;
-        self.file.write_all(payload).map_err(|e| io_err(&path(), e))?;
+        self.file
+            .write_all(&header)
+            .map_err(|e| io_err(&path(), e))?;
+        self.file
+            .write_all(payload)
+            .map_err(|e| io_err(&path(), e))?;
         self.len += HEADER_LEN + u64::from(len);
         Ok(lsn)
     }
@@ -280,7 +335,10 @@ impl LogWriter {
     pub fn sync(&mut self) -> Result<Lsn> {
         let path = segment_path(&self.shared.dir, self.base);
         self.file.flush().map_err(|e| io_err(&path, e))?;
-        self.file.get_ref().sync_data().map_err(|e| io_err(&path, e))?;
+        self.file
+            .get_ref()
+            .sync_data()
+            .map_err(|e| io_err(&path, e))?;
         let end = self.end();
         self.shared.lock_segments().insert(self.base, self.len);
         self.shared.durable_end.store(end, Ordering::Release);
@@ -291,7 +349,11 @@ impl LogWriter {
         self.sync()?;
         let base = self.end();
         let path = segment_path(&self.shared.dir, base);
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| io_err(&path, e))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
         sync_dir(&self.shared.dir)?;
         self.file = BufWriter::with_capacity(1 << 20, file);
         self.base = base;
@@ -325,7 +387,10 @@ enum RecordError {
 }
 
 /// Reads one record into `payload`; `Ok(None)` at a clean end. Returns the framed length.
-fn read_record(r: &mut impl Read, payload: &mut Vec<u8>) -> std::result::Result<Option<u64>, RecordError> {
+fn read_record(
+    r: &mut impl Read,
+    payload: &mut Vec<u8>,
+) -> std::result::Result<Option<u64>, RecordError> {
     let mut header = [0u8; HEADER_LEN as usize];
     let mut filled = 0;
     while filled < header.len() {
@@ -381,12 +446,22 @@ impl LogReader {
                 let segments = self.shared.lock_segments();
                 match segments.range(..=self.pos).next_back() {
                     Some((&b, &l)) => (b, l),
-                    None => return Err(Error::LogTrimmed { requested: self.pos, start: self.shared.start() }),
+                    None => {
+                        return Err(Error::LogTrimmed {
+                            requested: self.pos,
+                            start: self.shared.start(),
+                        });
+                    }
                 }
             };
             if self.pos >= base + seg_len {
                 // Past the end of this segment: the next one starts exactly here.
-                let next = self.shared.lock_segments().range(self.pos..).next().map(|(b, _)| *b);
+                let next = self
+                    .shared
+                    .lock_segments()
+                    .range(self.pos..)
+                    .next()
+                    .map(|(b, _)| *b);
                 match next {
                     Some(b) if b == self.pos => {
                         self.file = None;
@@ -399,10 +474,13 @@ impl LogReader {
             let reopen = !matches!(&self.file, Some((b, _)) if *b == base);
             if reopen {
                 let mut f = File::open(&path).map_err(|e| io_err(&path, e))?;
-                f.seek(SeekFrom::Start(self.pos - base)).map_err(|e| io_err(&path, e))?;
+                f.seek(SeekFrom::Start(self.pos - base))
+                    .map_err(|e| io_err(&path, e))?;
                 self.file = Some((base, BufReader::with_capacity(1 << 20, f)));
             }
-            let Some((_, r)) = self.file.as_mut() else { continue };
+            let Some((_, r)) = self.file.as_mut() else {
+                continue;
+            };
             return match read_record(r, payload) {
                 Ok(Some(n)) => {
                     let lsn = self.pos;
@@ -411,10 +489,19 @@ impl LogReader {
                 }
                 Ok(None) => {
                     self.file = None;
-                    Err(Error::LogCorrupt { lsn: self.pos, reason: "segment ends before its recorded length" })
+                    Err(Error::LogCorrupt {
+                        lsn: self.pos,
+                        reason: "segment ends before its recorded length",
+                    })
                 }
-                Err(RecordError::Torn) => Err(Error::LogCorrupt { lsn: self.pos, reason: "record cut short" }),
-                Err(RecordError::Crc) => Err(Error::LogCorrupt { lsn: self.pos, reason: "checksum mismatch" }),
+                Err(RecordError::Torn) => Err(Error::LogCorrupt {
+                    lsn: self.pos,
+                    reason: "record cut short",
+                }),
+                Err(RecordError::Crc) => Err(Error::LogCorrupt {
+                    lsn: self.pos,
+                    reason: "checksum mismatch",
+                }),
                 Err(RecordError::Io(e)) => Err(io_err(&path, e)),
             };
         }
@@ -440,7 +527,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut w, shared, _) = LogWriter::open(dir.path(), LogOptions::default()).expect("open");
         w.append(b"one").expect("append");
-        assert!(records(&shared, 0).is_empty(), "unsynced records are not visible");
+        assert!(
+            records(&shared, 0).is_empty(),
+            "unsynced records are not visible"
+        );
         w.append(b"two").expect("append");
         w.sync().expect("sync");
         assert_eq!(records(&shared, 0), vec![b"one".to_vec(), b"two".to_vec()]);
@@ -450,7 +540,8 @@ mod tests {
     #[test]
     fn rolls_segments_and_reads_across_them() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (mut w, shared, _) = LogWriter::open(dir.path(), LogOptions { segment_bytes: 64 }).expect("open");
+        let (mut w, shared, _) =
+            LogWriter::open(dir.path(), LogOptions { segment_bytes: 64 }).expect("open");
         let payloads: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 20]).collect();
         for p in &payloads {
             w.append(p).expect("append");
@@ -459,7 +550,8 @@ mod tests {
         assert!(shared.lock_segments().len() > 5);
         assert_eq!(records(&shared, 0), payloads);
         drop(w);
-        let (_, shared, rec) = LogWriter::open(dir.path(), LogOptions { segment_bytes: 64 }).expect("reopen");
+        let (_, shared, rec) =
+            LogWriter::open(dir.path(), LogOptions { segment_bytes: 64 }).expect("reopen");
         assert_eq!(rec.truncated_bytes, 0);
         assert_eq!(records(&shared, 0), payloads);
     }
@@ -473,15 +565,22 @@ mod tests {
         drop(w);
         // A crash mid-append leaves a header and half a payload.
         let path = segment_path(dir.path(), 0);
-        let mut f = OpenOptions::new().append(true).open(&path).expect("open segment");
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open segment");
         f.write_all(&100u32.to_le_bytes()).expect("write");
         f.write_all(&[1, 2, 3, 4, 5, 6]).expect("write");
         drop(f);
-        let (mut w, shared, rec) = LogWriter::open(dir.path(), LogOptions::default()).expect("reopen");
+        let (mut w, shared, rec) =
+            LogWriter::open(dir.path(), LogOptions::default()).expect("reopen");
         assert_eq!(rec.truncated_bytes, 10);
         w.append(b"after").expect("append");
         w.sync().expect("sync");
-        assert_eq!(records(&shared, 0), vec![b"kept".to_vec(), b"after".to_vec()]);
+        assert_eq!(
+            records(&shared, 0),
+            vec![b"kept".to_vec(), b"after".to_vec()]
+        );
     }
 
     #[test]
@@ -505,7 +604,8 @@ mod tests {
     #[test]
     fn corruption_in_a_sealed_segment_is_an_error() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (mut w, _, _) = LogWriter::open(dir.path(), LogOptions { segment_bytes: 32 }).expect("open");
+        let (mut w, _, _) =
+            LogWriter::open(dir.path(), LogOptions { segment_bytes: 32 }).expect("open");
         for _ in 0..4 {
             w.append(&[7u8; 16]).expect("append");
         }
@@ -515,7 +615,8 @@ mod tests {
         let mut bytes = fs::read(&path).expect("read");
         bytes[HEADER_LEN as usize] ^= 1;
         fs::write(&path, bytes).expect("write");
-        let (_, shared, _) = LogWriter::open(dir.path(), LogOptions { segment_bytes: 32 }).expect("reopen");
+        let (_, shared, _) =
+            LogWriter::open(dir.path(), LogOptions { segment_bytes: 32 }).expect("reopen");
         let mut r = shared.reader(0).expect("reader");
         let err = r.next_record(&mut Vec::new()).expect_err("corrupt");
         assert!(matches!(err, Error::LogCorrupt { lsn: 0, .. }), "{err:?}");
@@ -524,7 +625,8 @@ mod tests {
     #[test]
     fn trim_keeps_what_the_slowest_consumer_needs() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (mut w, shared, _) = LogWriter::open(dir.path(), LogOptions { segment_bytes: 32 }).expect("open");
+        let (mut w, shared, _) =
+            LogWriter::open(dir.path(), LogOptions { segment_bytes: 32 }).expect("open");
         let mut ends = Vec::new();
         for i in 0..10u8 {
             w.append(&[i; 16]).expect("append");

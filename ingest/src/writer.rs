@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::dedup::{DedupIndex, Seen, index_key};
 use crate::embedded::EmbeddedStore;
 use crate::error::{Error, Result};
-use crate::log::{Lsn, LogWriter};
+use crate::log::{LogWriter, Lsn};
 
 /// What happened to a submitted batch.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -107,9 +107,18 @@ impl Writer {
                     Some(seen) if seen.hash == hash => o.duplicates += 1,
                     Some(_) => o.conflicts.push(event.id),
                     None => {
-                        fresh.insert(key, Seen { hash, time_us: event.time_us });
+                        fresh.insert(
+                            key,
+                            Seen {
+                                hash,
+                                time_us: event.time_us,
+                            },
+                        );
                         o.accepted += 1;
-                        stored.push(StoredEvent { ingested_at_us, event });
+                        stored.push(StoredEvent {
+                            ingested_at_us,
+                            event,
+                        });
                     }
                 }
             }
@@ -122,7 +131,8 @@ impl Writer {
         self.log.append(&payload)?;
         let end = self.log.sync()?;
         push_to_store(&self.store, &stored, end)?;
-        self.index.insert_batch(fresh.iter().map(|(k, s)| (k.as_slice(), *s)), end)?;
+        self.index
+            .insert_batch(fresh.iter().map(|(k, s)| (k.as_slice(), *s)), end)?;
         Ok(outcomes)
     }
 }
@@ -141,7 +151,15 @@ pub(crate) fn push_to_store(store: &EmbeddedStore, events: &[StoredEvent], end: 
 pub(crate) fn index_replayed(index: &DedupIndex, events: &[StoredEvent], end: Lsn) -> Result<()> {
     let keys: Vec<(Vec<u8>, Seen)> = events
         .iter()
-        .map(|e| (index_key(&e.event.tenant, &e.event.id), Seen { hash: e.event.content_hash(), time_us: e.event.time_us }))
+        .map(|e| {
+            (
+                index_key(&e.event.tenant, &e.event.id),
+                Seen {
+                    hash: e.event.content_hash(),
+                    time_us: e.event.time_us,
+                },
+            )
+        })
         .collect();
     index.insert_batch(keys.iter().map(|(k, s)| (k.as_slice(), *s)), end)
 }

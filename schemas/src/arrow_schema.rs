@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use arrow::array::{
-    ArrayRef, Int64Builder, MapBuilder, MapFieldNames, RecordBatch, StringBuilder, TimestampMicrosecondBuilder,
+    ArrayRef, Int64Builder, MapBuilder, MapFieldNames, RecordBatch, StringBuilder,
+    TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
@@ -26,7 +27,11 @@ fn timestamp() -> DataType {
 }
 
 fn map_fields() -> MapFieldNames {
-    MapFieldNames { entry: "entries".into(), key: "key".into(), value: "value".into() }
+    MapFieldNames {
+        entry: "entries".into(),
+        key: "key".into(),
+        value: "value".into(),
+    }
 }
 
 fn dimensions_type() -> DataType {
@@ -35,8 +40,11 @@ fn dimensions_type() -> DataType {
         Arc::new(Field::new(
             names.entry,
             DataType::Struct(
-                vec![Field::new(names.key, DataType::Utf8, false), Field::new(names.value, DataType::Utf8, true)]
-                    .into(),
+                vec![
+                    Field::new(names.key, DataType::Utf8, false),
+                    Field::new(names.value, DataType::Utf8, true),
+                ]
+                .into(),
             ),
             false,
         )),
@@ -135,8 +143,12 @@ impl EventsBatchBuilder {
             ingested_at: ts(),
             subject: StringBuilder::new(),
             source: StringBuilder::new(),
-            dimensions: MapBuilder::new(Some(map_fields()), StringBuilder::new(), StringBuilder::new())
-                .with_values_field(Arc::new(Field::new("value", DataType::Utf8, true))),
+            dimensions: MapBuilder::new(
+                Some(map_fields()),
+                StringBuilder::new(),
+                StringBuilder::new(),
+            )
+            .with_values_field(Arc::new(Field::new("value", DataType::Utf8, true))),
             provider: StringBuilder::new(),
             model: StringBuilder::new(),
             input_tokens: Int64Builder::new(),
@@ -188,7 +200,8 @@ impl EventsBatchBuilder {
 
         let (mut provider, mut model, mut input, mut output, mut cached, mut reasoning) =
             (None, None, None, None, None, None);
-        let (mut route, mut method, mut code, mut req_b, mut resp_b) = (None, None, None, None, None);
+        let (mut route, mut method, mut code, mut req_b, mut resp_b) =
+            (None, None, None, None, None);
         let (mut agent, mut run_id, mut parent, mut status) = (None, None, None, None);
         let (mut latency, mut duration, mut steps, mut tools) = (None, None, None, None);
         match &e.data {

@@ -11,7 +11,10 @@ use crate::event::Event;
 use crate::validate::{EnvelopeFields, FieldError, ValidationContext, Validator, kind};
 
 /// Validates one CloudEvent (structured JSON mode) and maps it to an [`Event`].
-pub fn validate_cloudevent(value: &Value, ctx: &ValidationContext<'_>) -> Result<Event, Vec<FieldError>> {
+pub fn validate_cloudevent(
+    value: &Value,
+    ctx: &ValidationContext<'_>,
+) -> Result<Event, Vec<FieldError>> {
     let Some(obj) = value.as_object() else {
         return Err(vec![FieldError {
             field: String::new(),
@@ -21,17 +24,30 @@ pub fn validate_cloudevent(value: &Value, ctx: &ValidationContext<'_>) -> Result
     let mut v = Validator::default();
     match obj.get("specversion") {
         Some(Value::String(s)) if s == "1.0" => {}
-        Some(Value::String(s)) => v.err("specversion", format!("{s:?} is not supported; expected \"1.0\"")),
-        Some(other) => v.err("specversion", format!("expected a string, got {}", kind(other))),
+        Some(Value::String(s)) => v.err(
+            "specversion",
+            format!("{s:?} is not supported; expected \"1.0\""),
+        ),
+        Some(other) => v.err(
+            "specversion",
+            format!("expected a string, got {}", kind(other)),
+        ),
         None => v.err("specversion", "required"),
     }
     match obj.get("datacontenttype") {
         None | Some(Value::Null) => {}
-        Some(Value::String(s)) if s == "application/json" || s.starts_with("application/json;") => {}
-        Some(other) => v.err("datacontenttype", format!("{other} is not supported; data must be application/json")),
+        Some(Value::String(s)) if s == "application/json" || s.starts_with("application/json;") => {
+        }
+        Some(other) => v.err(
+            "datacontenttype",
+            format!("{other} is not supported; data must be application/json"),
+        ),
     }
     if obj.contains_key("data_base64") {
-        v.err("data_base64", "binary data is not supported; send data as a JSON object");
+        v.err(
+            "data_base64",
+            "binary data is not supported; send data as a JSON object",
+        );
     }
     let fields = EnvelopeFields {
         id: obj.get("id"),
@@ -57,7 +73,10 @@ mod tests {
 
     fn ctx(bound: Option<&str>) -> ValidationContext<'_> {
         ValidationContext {
-            now: Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).single().expect("valid date"),
+            now: Utc
+                .with_ymd_and_hms(2026, 11, 21, 12, 0, 0)
+                .single()
+                .expect("valid date"),
             limits: Limits::default(),
             bound_tenant: bound,
         }
@@ -82,7 +101,12 @@ mod tests {
     fn tenant_from_key() {
         let mut v = ce();
         v.as_object_mut().expect("object").remove("tenant");
-        assert_eq!(validate_cloudevent(&v, &ctx(Some("acme"))).expect("valid").tenant, "acme");
+        assert_eq!(
+            validate_cloudevent(&v, &ctx(Some("acme")))
+                .expect("valid")
+                .tenant,
+            "acme"
+        );
         let errs = validate_cloudevent(&v, &ctx(None)).expect_err("no tenant");
         assert_eq!(errs[0].field, "tenant");
     }
@@ -91,12 +115,21 @@ mod tests {
     fn ce_rules() {
         let mut v = ce();
         v["specversion"] = json!("0.3");
-        assert_eq!(validate_cloudevent(&v, &ctx(None)).expect_err("old")[0].field, "specversion");
+        assert_eq!(
+            validate_cloudevent(&v, &ctx(None)).expect_err("old")[0].field,
+            "specversion"
+        );
         let mut v = ce();
         v.as_object_mut().expect("object").remove("source");
-        assert_eq!(validate_cloudevent(&v, &ctx(None)).expect_err("no source")[0].field, "source");
+        assert_eq!(
+            validate_cloudevent(&v, &ctx(None)).expect_err("no source")[0].field,
+            "source"
+        );
         let mut v = ce();
         v["datacontenttype"] = json!("text/plain");
-        assert_eq!(validate_cloudevent(&v, &ctx(None)).expect_err("text")[0].field, "datacontenttype");
+        assert_eq!(
+            validate_cloudevent(&v, &ctx(None)).expect_err("text")[0].field,
+            "datacontenttype"
+        );
     }
 }

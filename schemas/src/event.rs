@@ -22,7 +22,11 @@ pub enum EventType {
 
 impl EventType {
     /// Every type, in the order of the design document.
-    pub const ALL: [EventType; 3] = [EventType::LlmUsage, EventType::ApiRequest, EventType::AgentRun];
+    pub const ALL: [EventType; 3] = [
+        EventType::LlmUsage,
+        EventType::ApiRequest,
+        EventType::AgentRun,
+    ];
 
     /// The wire name (`llm.usage`, `api.request`, `agent.run`).
     pub fn as_str(self) -> &'static str {

@@ -23,29 +23,45 @@ mod tests {
     fn schema_lists_the_fields_the_validator_accepts() {
         let schema = schema();
         let ctx = ValidationContext {
-            now: Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).single().expect("valid date"),
+            now: Utc
+                .with_ymd_and_hms(2026, 11, 21, 12, 0, 0)
+                .single()
+                .expect("valid date"),
             limits: Limits::default(),
             bound_tenant: None,
         };
         for t in ["llm.usage", "api.request", "agent.run"] {
-            let props = schema["$defs"][t]["properties"].as_object().expect("properties");
+            let props = schema["$defs"][t]["properties"]
+                .as_object()
+                .expect("properties");
             let mut data = serde_json::Map::new();
             for (name, prop) in props {
                 let v = match (prop.get("type").and_then(Value::as_str), prop.get("enum")) {
                     (_, Some(Value::Array(options))) => options[0].clone(),
-                    (Some("integer"), _) => json!(prop.get("minimum").and_then(Value::as_i64).unwrap_or(0)),
+                    (Some("integer"), _) => {
+                        json!(prop.get("minimum").and_then(Value::as_i64).unwrap_or(0))
+                    }
                     _ => json!(if name == "method" { "GET" } else { "x" }),
                 };
                 data.insert(name.clone(), v);
             }
-            let mut event = json!({"id": "1", "tenant": "t", "type": t, "time": "2026-11-21T10:00:00Z"});
+            let mut event =
+                json!({"id": "1", "tenant": "t", "type": t, "time": "2026-11-21T10:00:00Z"});
             event["data"] = Value::Object(data.clone());
             validate_event(&event, &ctx).unwrap_or_else(|e| panic!("{t}: {e:?}"));
             data.insert("not_in_schema".into(), json!(1));
             event["data"] = Value::Object(data);
-            assert!(validate_event(&event, &ctx).is_err(), "{t} accepted a field the schema lacks");
+            assert!(
+                validate_event(&event, &ctx).is_err(),
+                "{t} accepted a field the schema lacks"
+            );
         }
-        let top: Vec<_> = schema["properties"].as_object().expect("properties").keys().cloned().collect();
+        let top: Vec<_> = schema["properties"]
+            .as_object()
+            .expect("properties")
+            .keys()
+            .cloned()
+            .collect();
         assert_eq!(top.len(), 8);
     }
 }

@@ -37,7 +37,10 @@ pub struct FieldError {
 
 impl FieldError {
     fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self { field: field.into(), reason: reason.into() }
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -52,7 +55,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_future_skew: chrono::Duration::minutes(5), max_age: chrono::Duration::days(400) }
+        Self {
+            max_future_skew: chrono::Duration::minutes(5),
+            max_age: chrono::Duration::days(400),
+        }
     }
 }
 
@@ -68,9 +74,15 @@ pub struct ValidationContext<'a> {
 }
 
 /// Validates a native (v1) event object.
-pub fn validate_event(value: &Value, ctx: &ValidationContext<'_>) -> Result<Event, Vec<FieldError>> {
+pub fn validate_event(
+    value: &Value,
+    ctx: &ValidationContext<'_>,
+) -> Result<Event, Vec<FieldError>> {
     let Some(obj) = value.as_object() else {
-        return Err(vec![FieldError::new("", format!("expected a JSON object, got {}", kind(value)))]);
+        return Err(vec![FieldError::new(
+            "",
+            format!("expected a JSON object, got {}", kind(value)),
+        )]);
     };
     let mut v = Validator::default();
     for key in obj.keys() {
@@ -133,10 +145,13 @@ impl Validator {
                     if let Some(c) = t.chars().find(|c| !is_tenant_char(*c)) {
                         self.err("tenant", format!("character {c:?} not allowed; use letters, digits, '-', '_', '.' or ':'"));
                     }
-                    if let Some(bound) = bound {
-                        if t != bound {
-                            self.err("tenant", format!("the API key is bound to tenant {bound:?}"));
-                        }
+                    if let Some(bound) = bound
+                        && t != bound
+                    {
+                        self.err(
+                            "tenant",
+                            format!("the API key is bound to tenant {bound:?}"),
+                        );
                     }
                 }
                 t
@@ -150,7 +165,13 @@ impl Validator {
             Some(Value::String(s)) => match EventType::parse(s) {
                 Some(t) => Some(t),
                 None => {
-                    self.err("type", format!("unknown type {:?}; expected llm.usage, api.request or agent.run", truncate(s)));
+                    self.err(
+                        "type",
+                        format!(
+                            "unknown type {:?}; expected llm.usage, api.request or agent.run",
+                            truncate(s)
+                        ),
+                    );
                     None
                 }
             },
@@ -181,7 +202,15 @@ impl Validator {
         };
         match (id, tenant, time_us, data) {
             (Some(id), Some(tenant), Some(time_us), Some(data)) if self.errors.is_empty() => {
-                Ok(Event { tenant, id, time_us, subject, source, dimensions, data })
+                Ok(Event {
+                    tenant,
+                    id,
+                    time_us,
+                    subject,
+                    source,
+                    dimensions,
+                    data,
+                })
             }
             _ => Err(self.errors),
         }
@@ -195,14 +224,20 @@ impl Validator {
             }
             Some(Value::String(s)) => s,
             Some(other) => {
-                self.err("time", format!("expected an RFC 3339 string, got {}", kind(other)));
+                self.err(
+                    "time",
+                    format!("expected an RFC 3339 string, got {}", kind(other)),
+                );
                 return None;
             }
         };
         let parsed = match DateTime::parse_from_rfc3339(s) {
             Ok(t) => t.with_timezone(&Utc),
             Err(e) => {
-                self.err("time", format!("not an RFC 3339 timestamp with offset ({e})"));
+                self.err(
+                    "time",
+                    format!("not an RFC 3339 timestamp with offset ({e})"),
+                );
                 return None;
             }
         };
@@ -243,21 +278,31 @@ impl Validator {
             None | Some(Value::Null) => return out,
             Some(Value::Object(m)) => m,
             Some(other) => {
-                self.err("dimensions", format!("expected an object of strings, got {}", kind(other)));
+                self.err(
+                    "dimensions",
+                    format!("expected an object of strings, got {}", kind(other)),
+                );
                 return out;
             }
         };
         if map.len() > bounds::DIMENSIONS_MAX_KEYS {
             self.err(
                 "dimensions",
-                format!("{} keys; at most {} allowed", map.len(), bounds::DIMENSIONS_MAX_KEYS),
+                format!(
+                    "{} keys; at most {} allowed",
+                    map.len(),
+                    bounds::DIMENSIONS_MAX_KEYS
+                ),
             );
             return out;
         }
         for (k, val) in map {
             let field = format!("dimensions.{}", truncate(k));
             if k.is_empty() || k.len() > bounds::DIMENSION_KEY_MAX {
-                self.err(&field, format!("key must be 1 to {} bytes", bounds::DIMENSION_KEY_MAX));
+                self.err(
+                    &field,
+                    format!("key must be 1 to {} bytes", bounds::DIMENSION_KEY_MAX),
+                );
                 continue;
             }
             match val {
@@ -266,7 +311,11 @@ impl Validator {
                 }
                 Value::String(s) => self.err(
                     &field,
-                    format!("{} bytes; at most {} allowed", s.len(), bounds::DIMENSION_VALUE_MAX),
+                    format!(
+                        "{} bytes; at most {} allowed",
+                        s.len(),
+                        bounds::DIMENSION_VALUE_MAX
+                    ),
                 ),
                 other => self.err(&field, format!("expected a string, got {}", kind(other))),
             }
@@ -287,9 +336,14 @@ impl Validator {
                 "status",
                 "run_id",
             ],
-            EventType::ApiRequest => {
-                &["route", "method", "status_code", "latency_ms", "request_bytes", "response_bytes"]
-            }
+            EventType::ApiRequest => &[
+                "route",
+                "method",
+                "status_code",
+                "latency_ms",
+                "request_bytes",
+                "response_bytes",
+            ],
             EventType::AgentRun => &[
                 "agent",
                 "run_id",
@@ -311,7 +365,8 @@ impl Validator {
         let d = |k: &str| data.get(k);
         match t {
             EventType::LlmUsage => {
-                let provider = self.required_str(d("provider"), "data.provider", 1, bounds::NAME_MAX);
+                let provider =
+                    self.required_str(d("provider"), "data.provider", 1, bounds::NAME_MAX);
                 let model = self.required_str(d("model"), "data.model", 1, bounds::NAME_MAX);
                 let input_tokens = self.required_count(d("input_tokens"), "data.input_tokens");
                 let output_tokens = self.required_count(d("output_tokens"), "data.output_tokens");
@@ -337,20 +392,27 @@ impl Validator {
             EventType::ApiRequest => {
                 let route = self.optional_str(d("route"), "data.route", 1, bounds::ROUTE_MAX);
                 let method = self.optional_str(d("method"), "data.method", 1, bounds::METHOD_MAX);
-                if let Some(m) = &method {
-                    if !m.bytes().all(|b| b.is_ascii_uppercase()) {
-                        self.err("data.method", "expected an upper-case HTTP method such as GET or POST");
-                    }
+                if let Some(m) = &method
+                    && !m.bytes().all(|b| b.is_ascii_uppercase())
+                {
+                    self.err(
+                        "data.method",
+                        "expected an upper-case HTTP method such as GET or POST",
+                    );
                 }
                 let status_code = self.required_count(d("status_code"), "data.status_code");
-                if let Some(code) = status_code {
-                    if !(100..=599).contains(&code) {
-                        self.err("data.status_code", format!("{code} is not an HTTP status (100 to 599)"));
-                    }
+                if let Some(code) = status_code
+                    && !(100..=599).contains(&code)
+                {
+                    self.err(
+                        "data.status_code",
+                        format!("{code} is not an HTTP status (100 to 599)"),
+                    );
                 }
                 let latency_ms = self.required_count(d("latency_ms"), "data.latency_ms");
                 let request_bytes = self.optional_count(d("request_bytes"), "data.request_bytes");
-                let response_bytes = self.optional_count(d("response_bytes"), "data.response_bytes");
+                let response_bytes =
+                    self.optional_count(d("response_bytes"), "data.response_bytes");
                 Some(EventData::ApiRequest(ApiRequest {
                     route,
                     method,
@@ -386,7 +448,13 @@ impl Validator {
         }
     }
 
-    fn required_str(&mut self, v: Option<&Value>, field: &str, min: usize, max: usize) -> Option<String> {
+    fn required_str(
+        &mut self,
+        v: Option<&Value>,
+        field: &str,
+        min: usize,
+        max: usize,
+    ) -> Option<String> {
         match v {
             None | Some(Value::Null) => {
                 self.err(field, "required");
@@ -396,7 +464,13 @@ impl Validator {
         }
     }
 
-    fn optional_str(&mut self, v: Option<&Value>, field: &str, min: usize, max: usize) -> Option<String> {
+    fn optional_str(
+        &mut self,
+        v: Option<&Value>,
+        field: &str,
+        min: usize,
+        max: usize,
+    ) -> Option<String> {
         match v {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s.len() < min => {
@@ -415,12 +489,20 @@ impl Validator {
         }
     }
 
-    fn optional_enum(&mut self, v: Option<&Value>, field: &str, allowed: &[&str]) -> Option<String> {
+    fn optional_enum(
+        &mut self,
+        v: Option<&Value>,
+        field: &str,
+        allowed: &[&str],
+    ) -> Option<String> {
         let s = self.optional_str(v, field, 1, bounds::NAME_MAX)?;
         if allowed.contains(&s.as_str()) {
             Some(s)
         } else {
-            self.err(field, format!("{:?} is not one of {}", truncate(&s), allowed.join(", ")));
+            self.err(
+                field,
+                format!("{:?} is not one of {}", truncate(&s), allowed.join(", ")),
+            );
             None
         }
     }
@@ -441,7 +523,10 @@ impl Validator {
             None | Some(Value::Null) => return None,
             Some(Value::Number(n)) => n,
             Some(Value::String(_)) => {
-                self.err(field, "expected an integer, got a string (send numbers unquoted)");
+                self.err(
+                    field,
+                    "expected an integer, got a string (send numbers unquoted)",
+                );
                 return None;
             }
             Some(other) => {
@@ -507,11 +592,17 @@ mod tests {
     use super::*;
 
     fn now() -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).single().expect("valid date")
+        Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0)
+            .single()
+            .expect("valid date")
     }
 
     fn ctx() -> ValidationContext<'static> {
-        ValidationContext { now: now(), limits: Limits::default(), bound_tenant: None }
+        ValidationContext {
+            now: now(),
+            limits: Limits::default(),
+            bound_tenant: None,
+        }
     }
 
     fn llm() -> Value {
@@ -541,7 +632,11 @@ mod tests {
     fn errors_after(base: Value, pointer: &str, value: Option<Value>) -> Vec<FieldError> {
         let mut v = base;
         let (parent, key) = pointer.rsplit_once('/').expect("pointer has a slash");
-        let target = v.pointer_mut(parent).expect("parent exists").as_object_mut().expect("object");
+        let target = v
+            .pointer_mut(parent)
+            .expect("parent exists")
+            .as_object_mut()
+            .expect("object");
         match value {
             Some(x) => {
                 target.insert(key.to_owned(), x);
@@ -553,10 +648,17 @@ mod tests {
         validate_event(&v, &ctx()).expect_err("must be rejected")
     }
 
-    fn assert_rejects(base: Value, pointer: &str, value: Option<Value>, field: &str, reason_part: &str) {
+    fn assert_rejects(
+        base: Value,
+        pointer: &str,
+        value: Option<Value>,
+        field: &str,
+        reason_part: &str,
+    ) {
         let errs = errors_after(base, pointer, value.clone());
         assert!(
-            errs.iter().any(|e| e.field == field && e.reason.contains(reason_part)),
+            errs.iter()
+                .any(|e| e.field == field && e.reason.contains(reason_part)),
             "{pointer} = {value:?}: expected {field}: ..{reason_part}.., got {errs:?}"
         );
     }
@@ -577,29 +679,92 @@ mod tests {
     fn envelope_rules_name_the_field() {
         assert_rejects(llm(), "/id", None, "id", "required");
         assert_rejects(llm(), "/id", Some(json!("")), "id", "empty");
-        assert_rejects(llm(), "/id", Some(json!("x".repeat(129))), "id", "129 bytes");
+        assert_rejects(
+            llm(),
+            "/id",
+            Some(json!("x".repeat(129))),
+            "id",
+            "129 bytes",
+        );
         assert_rejects(llm(), "/id", Some(json!(42)), "id", "expected a string");
-        validate_event(&{
-            let mut v = llm();
-            v["id"] = json!("x".repeat(128));
-            v
-        }, &ctx())
+        validate_event(
+            &{
+                let mut v = llm();
+                v["id"] = json!("x".repeat(128));
+                v
+            },
+            &ctx(),
+        )
         .expect("128-byte id is fine");
         assert_rejects(llm(), "/tenant", None, "tenant", "required");
-        assert_rejects(llm(), "/tenant", Some(json!("a b")), "tenant", "not allowed");
+        assert_rejects(
+            llm(),
+            "/tenant",
+            Some(json!("a b")),
+            "tenant",
+            "not allowed",
+        );
         assert_rejects(llm(), "/type", None, "type", "required");
         assert_rejects(llm(), "/type", Some(json!("llm")), "type", "unknown type");
         assert_rejects(llm(), "/time", None, "time", "required");
-        assert_rejects(llm(), "/time", Some(json!("2026-11-21 10:00")), "time", "RFC 3339");
-        assert_rejects(llm(), "/time", Some(json!("2026-11-21T10:00:00")), "time", "RFC 3339");
-        assert_rejects(llm(), "/time", Some(json!(1700000000)), "time", "expected an RFC 3339 string");
-        assert_rejects(llm(), "/time", Some(json!("2026-11-21T12:06:00Z")), "time", "future");
-        assert_rejects(llm(), "/time", Some(json!("2025-10-01T00:00:00Z")), "time", "older than");
-        assert_rejects(llm(), "/subject", Some(json!("s".repeat(1 << 20))), "subject", "at most 256");
-        assert_rejects(llm(), "/source", Some(json!(["x"])), "source", "expected a string");
+        assert_rejects(
+            llm(),
+            "/time",
+            Some(json!("2026-11-21 10:00")),
+            "time",
+            "RFC 3339",
+        );
+        assert_rejects(
+            llm(),
+            "/time",
+            Some(json!("2026-11-21T10:00:00")),
+            "time",
+            "RFC 3339",
+        );
+        assert_rejects(
+            llm(),
+            "/time",
+            Some(json!(1700000000)),
+            "time",
+            "expected an RFC 3339 string",
+        );
+        assert_rejects(
+            llm(),
+            "/time",
+            Some(json!("2026-11-21T12:06:00Z")),
+            "time",
+            "future",
+        );
+        assert_rejects(
+            llm(),
+            "/time",
+            Some(json!("2025-10-01T00:00:00Z")),
+            "time",
+            "older than",
+        );
+        assert_rejects(
+            llm(),
+            "/subject",
+            Some(json!("s".repeat(1 << 20))),
+            "subject",
+            "at most 256",
+        );
+        assert_rejects(
+            llm(),
+            "/source",
+            Some(json!(["x"])),
+            "source",
+            "expected a string",
+        );
         assert_rejects(llm(), "/extra", Some(json!(1)), "extra", "unknown field");
         assert_rejects(llm(), "/data", None, "data", "required");
-        assert_rejects(llm(), "/data", Some(json!("x")), "data", "expected an object");
+        assert_rejects(
+            llm(),
+            "/data",
+            Some(json!("x")),
+            "data",
+            "expected an object",
+        );
     }
 
     #[test]
@@ -612,14 +777,38 @@ mod tests {
     #[test]
     fn dimension_rules() {
         let many: Map<String, Value> = (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
-        assert_rejects(llm(), "/dimensions", Some(Value::Object(many)), "dimensions", "17 keys");
+        assert_rejects(
+            llm(),
+            "/dimensions",
+            Some(Value::Object(many)),
+            "dimensions",
+            "17 keys",
+        );
         let sixteen: Map<String, Value> = (0..16).map(|i| (format!("k{i}"), json!("v"))).collect();
         let mut ok = llm();
         ok["dimensions"] = Value::Object(sixteen);
         validate_event(&ok, &ctx()).expect("16 dimensions are fine");
-        assert_rejects(llm(), "/dimensions/agent", Some(json!(3)), "dimensions.agent", "expected a string");
-        assert_rejects(llm(), "/dimensions/agent", Some(json!("v".repeat(257))), "dimensions.agent", "257 bytes");
-        assert_rejects(llm(), "/dimensions", Some(json!(["a"])), "dimensions", "expected an object");
+        assert_rejects(
+            llm(),
+            "/dimensions/agent",
+            Some(json!(3)),
+            "dimensions.agent",
+            "expected a string",
+        );
+        assert_rejects(
+            llm(),
+            "/dimensions/agent",
+            Some(json!("v".repeat(257))),
+            "dimensions.agent",
+            "257 bytes",
+        );
+        assert_rejects(
+            llm(),
+            "/dimensions",
+            Some(json!(["a"])),
+            "dimensions",
+            "expected an object",
+        );
     }
 
     #[test]
@@ -631,12 +820,30 @@ mod tests {
             assert_rejects(llm(), &path, Some(json!("12")), &name, "got a string");
             assert_rejects(llm(), &path, Some(json!(-1)), &name, "negative");
             assert_rejects(llm(), &path, Some(json!(1.5)), &name, "not an integer");
-            assert_rejects(llm(), &path, Some(json!(9_223_372_036_854_775_808u64)), &name, "out of range");
+            assert_rejects(
+                llm(),
+                &path,
+                Some(json!(9_223_372_036_854_775_808u64)),
+                &name,
+                "out of range",
+            );
             assert_rejects(llm(), &path, Some(json!(1e30)), &name, "out of range");
-            assert_rejects(llm(), &path, Some(json!(true)), &name, "expected an integer");
+            assert_rejects(
+                llm(),
+                &path,
+                Some(json!(true)),
+                &name,
+                "expected an integer",
+            );
         }
         for field in ["cached_input_tokens", "reasoning_tokens", "latency_ms"] {
-            assert_rejects(llm(), &format!("/data/{field}"), Some(json!(-5)), &format!("data.{field}"), "negative");
+            assert_rejects(
+                llm(),
+                &format!("/data/{field}"),
+                Some(json!(-5)),
+                &format!("data.{field}"),
+                "negative",
+            );
         }
         let mut max = llm();
         max["data"]["input_tokens"] = json!(i64::MAX);
@@ -648,30 +855,120 @@ mod tests {
         assert_rejects(llm(), "/data/provider", None, "data.provider", "required");
         assert_rejects(llm(), "/data/model", None, "data.model", "required");
         assert_rejects(llm(), "/data/model", Some(json!("")), "data.model", "empty");
-        assert_rejects(llm(), "/data/status", Some(json!("fine")), "data.status", "not one of ok, error");
-        assert_rejects(llm(), "/data/route", Some(json!("/x")), "data.route", "unknown field for llm.usage");
-        assert_rejects(llm(), "/data/run_id", Some(json!(7)), "data.run_id", "expected a string");
+        assert_rejects(
+            llm(),
+            "/data/status",
+            Some(json!("fine")),
+            "data.status",
+            "not one of ok, error",
+        );
+        assert_rejects(
+            llm(),
+            "/data/route",
+            Some(json!("/x")),
+            "data.route",
+            "unknown field for llm.usage",
+        );
+        assert_rejects(
+            llm(),
+            "/data/run_id",
+            Some(json!(7)),
+            "data.run_id",
+            "expected a string",
+        );
     }
 
     #[test]
     fn api_rules() {
-        assert_rejects(api(), "/data/status_code", None, "data.status_code", "required");
-        assert_rejects(api(), "/data/status_code", Some(json!(99)), "data.status_code", "not an HTTP status");
-        assert_rejects(api(), "/data/status_code", Some(json!(600)), "data.status_code", "not an HTTP status");
-        assert_rejects(api(), "/data/latency_ms", None, "data.latency_ms", "required");
-        assert_rejects(api(), "/data/method", Some(json!("post")), "data.method", "upper-case");
-        assert_rejects(api(), "/data/route", Some(json!("r".repeat(300))), "data.route", "at most 256");
-        assert_rejects(api(), "/data/request_bytes", Some(json!(-1)), "data.request_bytes", "negative");
-        assert_rejects(api(), "/data/model", Some(json!("x")), "data.model", "unknown field for api.request");
+        assert_rejects(
+            api(),
+            "/data/status_code",
+            None,
+            "data.status_code",
+            "required",
+        );
+        assert_rejects(
+            api(),
+            "/data/status_code",
+            Some(json!(99)),
+            "data.status_code",
+            "not an HTTP status",
+        );
+        assert_rejects(
+            api(),
+            "/data/status_code",
+            Some(json!(600)),
+            "data.status_code",
+            "not an HTTP status",
+        );
+        assert_rejects(
+            api(),
+            "/data/latency_ms",
+            None,
+            "data.latency_ms",
+            "required",
+        );
+        assert_rejects(
+            api(),
+            "/data/method",
+            Some(json!("post")),
+            "data.method",
+            "upper-case",
+        );
+        assert_rejects(
+            api(),
+            "/data/route",
+            Some(json!("r".repeat(300))),
+            "data.route",
+            "at most 256",
+        );
+        assert_rejects(
+            api(),
+            "/data/request_bytes",
+            Some(json!(-1)),
+            "data.request_bytes",
+            "negative",
+        );
+        assert_rejects(
+            api(),
+            "/data/model",
+            Some(json!("x")),
+            "data.model",
+            "unknown field for api.request",
+        );
     }
 
     #[test]
     fn agent_rules() {
         assert_rejects(agent(), "/data/run_id", None, "data.run_id", "required");
-        assert_rejects(agent(), "/data/duration_ms", None, "data.duration_ms", "required");
-        assert_rejects(agent(), "/data/status", Some(json!("ok")), "data.status", "not one of succeeded");
-        assert_rejects(agent(), "/data/steps", Some(json!(-2)), "data.steps", "negative");
-        assert_rejects(agent(), "/data/tool_calls", Some(json!("3")), "data.tool_calls", "got a string");
+        assert_rejects(
+            agent(),
+            "/data/duration_ms",
+            None,
+            "data.duration_ms",
+            "required",
+        );
+        assert_rejects(
+            agent(),
+            "/data/status",
+            Some(json!("ok")),
+            "data.status",
+            "not one of succeeded",
+        );
+        assert_rejects(
+            agent(),
+            "/data/steps",
+            Some(json!(-2)),
+            "data.steps",
+            "negative",
+        );
+        assert_rejects(
+            agent(),
+            "/data/tool_calls",
+            Some(json!("3")),
+            "data.tool_calls",
+            "got a string",
+        );
         for s in ["succeeded", "failed", "cancelled", "timeout"] {
             let mut v = agent();
             v["data"]["status"] = json!(s);
@@ -692,14 +989,20 @@ mod tests {
 
     #[test]
     fn bound_tenant_fills_or_must_match() {
-        let bound = ValidationContext { bound_tenant: Some("acme"), ..ctx() };
+        let bound = ValidationContext {
+            bound_tenant: Some("acme"),
+            ..ctx()
+        };
         let mut v = llm();
         v.as_object_mut().expect("object").remove("tenant");
         assert_eq!(validate_event(&v, &bound).expect("filled").tenant, "acme");
         let mut other = llm();
         other["tenant"] = json!("globex");
         let errs = validate_event(&other, &bound).expect_err("mismatch");
-        assert!(errs.iter().any(|e| e.field == "tenant" && e.reason.contains("bound")));
+        assert!(
+            errs.iter()
+                .any(|e| e.field == "tenant" && e.reason.contains("bound"))
+        );
     }
 
     #[test]

@@ -58,13 +58,17 @@ impl Reply {
     /// `accepted` of a 200 answer; panics with the whole answer otherwise.
     pub fn accepted(&self) -> u64 {
         assert_eq!(self.status, StatusCode::OK, "expected 200, got {self:?}");
-        self.json["accepted"].as_u64().unwrap_or_else(|| panic!("no accepted in {self:?}"))
+        self.json["accepted"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no accepted in {self:?}"))
     }
 
     /// `duplicates` of a 200 answer.
     pub fn duplicates(&self) -> u64 {
         assert_eq!(self.status, StatusCode::OK, "expected 200, got {self:?}");
-        self.json["duplicates"].as_u64().unwrap_or_else(|| panic!("no duplicates in {self:?}"))
+        self.json["duplicates"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no duplicates in {self:?}"))
     }
 
     /// `conflicts` of a 200 answer, as strings.
@@ -80,14 +84,21 @@ impl Reply {
 
     /// The `error` text of an error answer.
     pub fn error(&self) -> &str {
-        self.json["error"].as_str().unwrap_or_else(|| panic!("no error text in {self:?}"))
+        self.json["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error text in {self:?}"))
     }
 
     /// Asserts the answer lists `field` with a reason containing `reason_part`.
     pub fn assert_field_error(&self, field: &str, reason_part: &str) {
-        let errors = self.json["errors"].as_array().unwrap_or_else(|| panic!("no errors list in {self:?}"));
+        let errors = self.json["errors"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no errors list in {self:?}"));
         assert!(
-            errors.iter().any(|e| e["field"] == field && e["reason"].as_str().is_some_and(|r| r.contains(reason_part))),
+            errors.iter().any(|e| e["field"] == field
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains(reason_part))),
             "expected an error on {field:?} containing {reason_part:?}, got {}",
             self.text
         );
@@ -102,15 +113,24 @@ impl Server {
 
     /// Like [`Server::start`], with `METERD_*` variables set for the process.
     pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Server {
-        let root = tempfile::Builder::new().prefix("meterd-test-").tempdir().expect("temp dir");
+        let root = tempfile::Builder::new()
+            .prefix("meterd-test-")
+            .tempdir()
+            .expect("temp dir");
         std::fs::create_dir(root.path().join("data")).expect("data dir");
-        let client = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build().expect("http client");
+        let client = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .expect("http client");
         let mut server = Server {
             child: None,
             url: String::new(),
             root,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
-            envs: envs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             starts: 0,
             client,
         };
@@ -184,7 +204,10 @@ impl Server {
         let url = line
             .strip_prefix("meterd listening on ")
             .unwrap_or_else(|| panic!("unexpected first stdout line {line:?}"));
-        assert!(url.starts_with("http://127.0.0.1:"), "unexpected listening address in {line:?}");
+        assert!(
+            url.starts_with("http://127.0.0.1:"),
+            "unexpected listening address in {line:?}"
+        );
         self.url = url.to_owned();
         self.child = Some(child);
     }
@@ -240,10 +263,20 @@ impl Server {
     }
 
     /// `POST /v1/events` with `content_type`, gzip-compressing the body if asked.
-    pub async fn post_events(&self, body: impl Into<Vec<u8>>, content_type: &str, gzip: bool) -> Reply {
+    pub async fn post_events(
+        &self,
+        body: impl Into<Vec<u8>>,
+        content_type: &str,
+        gzip: bool,
+    ) -> Reply {
         self.try_post_events(body, content_type, gzip)
             .await
-            .unwrap_or_else(|e| panic!("POST /v1/events failed: {e}; stderr:\n{}", self.stderr_tail(self.starts)))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "POST /v1/events failed: {e}; stderr:\n{}",
+                    self.stderr_tail(self.starts)
+                )
+            })
     }
 
     /// Like [`Server::post_events`], but a transport error (server gone) is returned.
@@ -254,7 +287,10 @@ impl Server {
         gzip: bool,
     ) -> reqwest::Result<Reply> {
         let mut body = body.into();
-        let mut request = self.client.post(format!("{}/v1/events", self.url)).header(CONTENT_TYPE, content_type);
+        let mut request = self
+            .client
+            .post(format!("{}/v1/events", self.url))
+            .header(CONTENT_TYPE, content_type);
         if gzip {
             body = gzip_bytes(&body);
             request = request.header(CONTENT_ENCODING, "gzip");
@@ -269,7 +305,10 @@ impl Server {
         content_type: &str,
         content_encoding: Option<&str>,
     ) -> reqwest::Result<Reply> {
-        let mut request = self.client.post(format!("{}/v1/events", self.url)).header(CONTENT_TYPE, content_type);
+        let mut request = self
+            .client
+            .post(format!("{}/v1/events", self.url))
+            .header(CONTENT_TYPE, content_type);
         if let Some(encoding) = content_encoding {
             request = request.header(CONTENT_ENCODING, encoding);
         }
@@ -278,7 +317,8 @@ impl Server {
 
     /// Posts events as one JSON array.
     pub async fn post_json(&self, events: &[Value]) -> Reply {
-        self.post_events(serde_json::to_vec(events).expect("serialize"), JSON, false).await
+        self.post_events(serde_json::to_vec(events).expect("serialize"), JSON, false)
+            .await
     }
 
     /// Posts events as NDJSON.
@@ -299,12 +339,19 @@ impl Server {
             .json(&json!({ "sql": query }))
             .send()
             .await
-            .unwrap_or_else(|e| panic!("POST /v1/sql failed: {e}; stderr:\n{}", self.stderr_tail(self.starts)))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "POST /v1/sql failed: {e}; stderr:\n{}",
+                    self.stderr_tail(self.starts)
+                )
+            })
     }
 
     /// `POST /v1/sql` returning the status and the JSON body.
     pub async fn sql_reply(&self, query: &str) -> Reply {
-        reply(self.sql_response(query, None).await).await.expect("read the SQL answer")
+        reply(self.sql_response(query, None).await)
+            .await
+            .expect("read the SQL answer")
     }
 
     /// Runs `query`, which must succeed; returns `{"columns": ..., "rows": ...}`.
@@ -330,13 +377,21 @@ impl Server {
 
     /// `SELECT count(*) FROM events WHERE <filter>` (`"true"` for all).
     pub async fn count(&self, filter: &str) -> u64 {
-        let v = self.scalar(&format!("SELECT count(*) FROM events WHERE {filter}")).await;
-        v.as_u64().unwrap_or_else(|| panic!("count is not an integer: {v}"))
+        let v = self
+            .scalar(&format!("SELECT count(*) FROM events WHERE {filter}"))
+            .await;
+        v.as_u64()
+            .unwrap_or_else(|| panic!("count is not an integer: {v}"))
     }
 
     /// `GET path`, returning the status.
     pub async fn get_status(&self, path: &str) -> StatusCode {
-        self.client.get(format!("{}{path}", self.url)).send().await.expect("GET").status()
+        self.client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .expect("GET")
+            .status()
     }
 }
 
@@ -347,7 +402,10 @@ impl Drop for Server {
             let _ = child.wait();
         }
         if std::thread::panicking() {
-            eprintln!("--- meterd stderr (last start) ---\n{}", self.stderr_tail(self.starts));
+            eprintln!(
+                "--- meterd stderr (last start) ---\n{}",
+                self.stderr_tail(self.starts)
+            );
         }
     }
 }
@@ -357,7 +415,12 @@ async fn reply(response: reqwest::Response) -> reqwest::Result<Reply> {
     let headers = response.headers().clone();
     let text = response.text().await?;
     let json = serde_json::from_str(&text).unwrap_or(Value::Null);
-    Ok(Reply { status, headers, json, text })
+    Ok(Reply {
+        status,
+        headers,
+        json,
+        text,
+    })
 }
 
 /// gzip at the default level.
@@ -411,12 +474,23 @@ pub fn generated(seed: u64, n: usize, tenants: u32, span: Duration, duplicates: 
     // out of the 400 days while the test runs.
     let end = Utc::now() - chrono::Duration::seconds(5);
     let start = end - chrono::Duration::from_std(span).expect("span");
-    let mut generator = Generator::new(GenConfig { seed, events: n as u64, tenants, start, end, duplicates });
+    let mut generator = Generator::new(GenConfig {
+        seed,
+        events: n as u64,
+        tenants,
+        start,
+        end,
+        duplicates,
+    });
     let mut out = Vec::with_capacity(n);
     while let Some(e) = generator.next_event() {
         out.push(e);
     }
-    assert_eq!(out.len(), n, "the generator yields exactly the requested number of events");
+    assert_eq!(
+        out.len(),
+        n,
+        "the generator yields exactly the requested number of events"
+    );
     out
 }
 
@@ -425,7 +499,10 @@ pub fn distinct_keys(events: &[Value]) -> std::collections::HashSet<(String, Str
     events
         .iter()
         .map(|e| {
-            (e["tenant"].as_str().expect("tenant").to_owned(), e["id"].as_str().expect("id").to_owned())
+            (
+                e["tenant"].as_str().expect("tenant").to_owned(),
+                e["id"].as_str().expect("id").to_owned(),
+            )
         })
         .collect()
 }
@@ -435,7 +512,9 @@ pub fn files_ending_with(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
             if path.is_dir() {
