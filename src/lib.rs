@@ -5,9 +5,7 @@
 //! only calls [`run`].
 
 pub mod config;
-pub mod r#gen;
-/// The `meterd gen` load generator (`gen` is a reserved word in Rust 2024).
-pub use crate::r#gen as loadgen;
+pub mod loadgen;
 pub mod openapi;
 pub mod serve;
 

@@ -527,3 +527,20 @@ async fn health_readiness_and_openapi() {
         );
     }
 }
+
+/// When the log holds more than `--max-log-bytes` that the stores have not confirmed, ingest
+/// answers 503 with Retry-After, stores nothing of the refused batch, and readiness says why.
+#[tokio::test]
+async fn full_log_answers_503_and_stores_nothing() {
+    let server = Server::start(&["--max-log-bytes", "1"]);
+    let first = generated(11, 50, 3, DAY, 0.0);
+    assert_eq!(server.post_ndjson(&first).await.accepted(), 50);
+
+    let second = generated(12, 50, 3, DAY, 0.0);
+    let reply = server.post_ndjson(&second).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
+    assert!(reply.headers.contains_key("retry-after"), "{reply:?}");
+    assert!(reply.error().contains("log is full"), "{reply:?}");
+    assert_eq!(server.get_status("/readyz").await, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(server.count("true").await, 50, "the refused batch left nothing behind");
+}
