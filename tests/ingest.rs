@@ -541,6 +541,13 @@ async fn full_log_answers_503_and_stores_nothing() {
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{reply:?}");
     assert!(reply.headers.contains_key("retry-after"), "{reply:?}");
     assert!(reply.error().contains("log is full"), "{reply:?}");
-    assert_eq!(server.get_status("/readyz").await, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(server.count("true").await, 50, "the refused batch left nothing behind");
+    assert_eq!(
+        server.get_status("/readyz").await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        server.count("true").await,
+        50,
+        "the refused batch left nothing behind"
+    );
 }
