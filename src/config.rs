@@ -285,6 +285,13 @@ fn resolve_key(k: &ApiKeyConfig) -> Result<ApiKey, ConfigError> {
             k.name
         )));
     }
+    if k.tenant.is_some() && k.scopes.contains(&Scope::Query) {
+        // The SQL API does not filter by tenant yet; a tenant-bound key must not read others' rows.
+        return Err(ConfigError::Invalid(format!(
+            "api key {:?}: a tenant-bound key cannot have the query scope yet (SQL is not tenant-filtered); use scopes = [\"ingest\"]",
+            k.name
+        )));
+    }
     Ok(ApiKey {
         name: k.name.clone(),
         secret,
@@ -380,6 +387,19 @@ mod tests {
         let s = Settings::resolve(&args).expect("with a key");
         assert_eq!(s.api_keys[0].tenant.as_deref(), Some("acme"));
         assert_eq!(s.api_keys[0].scopes, vec![Scope::Ingest]);
+    }
+
+    #[test]
+    fn tenant_bound_keys_cannot_query() {
+        let f = file(
+            "[[api_keys]]\nname = \"bot\"\nkey = \"0123456789abcdef0123\"\ntenant = \"acme\"\n",
+        );
+        let err = Settings::resolve(&ServeArgs {
+            config: Some(f.path().to_owned()),
+            ..ServeArgs::default()
+        })
+        .expect_err("query scope by default");
+        assert!(err.to_string().contains("query scope"), "{err}");
     }
 
     #[test]
