@@ -153,11 +153,6 @@ impl DedupIndex {
         batch.commit()?;
         Ok(())
     }
-
-    /// Approximate number of keys held.
-    pub fn approximate_len(&self) -> usize {
-        self.keys.approximate_len()
-    }
 }
 
 #[cfg(test)]

@@ -355,9 +355,6 @@ impl EmbeddedStore {
     }
 }
 
-/// Shared handle, as the writer and the query side hold it.
-pub type SharedStore = Arc<EmbeddedStore>;
-
 fn store_io(path: &Path, source: std::io::Error) -> Error {
     Error::StoreIo {
         path: path.to_owned(),
