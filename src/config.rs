@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
+use meterd_ingest::postgres::{PostgresConfig, TimescaleMode};
 use meterd_ingest::{EmbeddedOptions, IngestConfig};
 use meterd_query::QueryConfig;
 use serde::Deserialize;
@@ -59,6 +60,37 @@ pub struct ServeArgs {
     /// Deadline for a graceful shutdown, in seconds [default: 30].
     #[arg(long, env = "METERD_SHUTDOWN_TIMEOUT_SECS")]
     pub shutdown_timeout_secs: Option<u64>,
+    /// PostgreSQL/TimescaleDB to fill, `postgres://user:password@host:port/database`; further
+    /// settings under `[postgres]` in the config file.
+    #[arg(long, env = "METERD_POSTGRES_URL")]
+    pub postgres_url: Option<String>,
+}
+
+/// Flags of `meterd migrate`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct MigrateArgs {
+    /// TOML configuration file (its `[postgres]` table is used).
+    #[arg(long, env = "METERD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// PostgreSQL URL; overrides `[postgres] url`.
+    #[arg(long, env = "METERD_POSTGRES_URL")]
+    pub postgres_url: Option<String>,
+}
+
+impl MigrateArgs {
+    /// The PostgreSQL settings to migrate with; an error when none are configured.
+    pub fn resolve(&self) -> Result<PostgresConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        postgres_config(self.postgres_url.clone(), file.postgres)?.ok_or_else(|| {
+            ConfigError::Invalid(
+                "no PostgreSQL configured: give --postgres-url, METERD_POSTGRES_URL or [postgres] url"
+                    .to_owned(),
+            )
+        })
+    }
 }
 
 /// How logs are written.
@@ -90,6 +122,37 @@ pub struct FileConfig {
     pub shutdown_timeout_secs: Option<u64>,
     #[serde(default)]
     pub api_keys: Vec<ApiKeyConfig>,
+    pub postgres: Option<PostgresFileConfig>,
+}
+
+/// `[postgres]`: the PostgreSQL/TimescaleDB store.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresFileConfig {
+    /// Connection URL; `--postgres-url` / `METERD_POSTGRES_URL` take precedence.
+    pub url: Option<String>,
+    /// `auto` (use TimescaleDB when it can be enabled), `require` or `off` [default: auto].
+    pub timescaledb: Option<TimescaleSetting>,
+    /// Events per COPY transaction [default: 10000].
+    pub batch_rows: Option<usize>,
+    /// TimescaleDB: compress chunks older than this PostgreSQL interval, or `"off"`
+    /// [default: "7 days"].
+    pub compress_after: Option<String>,
+    /// Drop raw events older than this PostgreSQL interval, or `"off"` [default: off].
+    pub retention: Option<String>,
+    /// Plain PostgreSQL: seconds between rollup refreshes [default: 30].
+    pub refresh_interval_secs: Option<f64>,
+    /// Plain PostgreSQL: days of partitions created ahead [default: 3].
+    pub partitions_ahead_days: Option<u32>,
+}
+
+/// The `timescaledb` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimescaleSetting {
+    Auto,
+    Require,
+    Off,
 }
 
 /// One API key, as configured.
@@ -160,6 +223,8 @@ pub struct Settings {
     pub api_keys: Vec<ApiKey>,
     pub log_format: LogFormat,
     pub shutdown_timeout: Duration,
+    /// The PostgreSQL store, when configured.
+    pub postgres: Option<PostgresConfig>,
 }
 
 impl Settings {
@@ -183,6 +248,9 @@ impl Settings {
         }
         if let Some(v) = pick!(max_log_bytes) {
             ingest.max_log_bytes = v;
+            // The log frees whole segments only: keep several per budget, so a store that caught
+            // up brings the log back under its limit.
+            ingest.segment_bytes = (v / 8).clamp(64 * 1024, 64 * 1024 * 1024);
         }
         if let Some(v) = pick!(max_future_skew_secs) {
             ingest.limits.max_future_skew = chrono::Duration::seconds(clamp_i64(v));
@@ -235,18 +303,67 @@ impl Settings {
                 "refusing to listen on {listen} without API keys: configure [[api_keys]] in the config file, or listen on a loopback address"
             )));
         }
+        let postgres = postgres_config(args.postgres_url.clone(), file.postgres.clone())?;
+        if postgres.is_some() {
+            ingest.sinks.push(POSTGRES_SINK.to_owned());
+        }
         Ok(Self {
             listen,
             ingest,
             query,
             api_keys,
+            postgres,
             log_format: pick!(log_format).unwrap_or_default(),
             shutdown_timeout: Duration::from_secs(pick!(shutdown_timeout_secs).unwrap_or(30)),
         })
     }
 }
 
-fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+/// The log consumer name of the PostgreSQL store.
+pub const POSTGRES_SINK: &str = "postgres";
+
+/// The PostgreSQL settings, if a URL is given by flag, environment or file.
+pub fn postgres_config(
+    url: Option<String>,
+    file: Option<PostgresFileConfig>,
+) -> Result<Option<PostgresConfig>, ConfigError> {
+    let file = file.unwrap_or_default();
+    let Some(url) = url.or(file.url) else {
+        return Ok(None);
+    };
+    let mut pg = PostgresConfig::new(url);
+    if let Some(mode) = file.timescaledb {
+        pg.timescaledb = match mode {
+            TimescaleSetting::Auto => TimescaleMode::Auto,
+            TimescaleSetting::Require => TimescaleMode::Require,
+            TimescaleSetting::Off => TimescaleMode::Off,
+        };
+    }
+    if let Some(v) = file.batch_rows {
+        pg.batch_rows = positive(v, "postgres.batch_rows")?;
+    }
+    let interval = |v: String| (v != "off").then_some(v);
+    if let Some(v) = file.compress_after {
+        pg.compress_after = interval(v);
+    }
+    if let Some(v) = file.retention {
+        pg.retention = interval(v);
+    }
+    if let Some(v) = file.refresh_interval_secs {
+        if !(v.is_finite() && v > 0.0) {
+            return Err(ConfigError::Invalid(format!(
+                "postgres.refresh_interval_secs must be a positive number, got {v}"
+            )));
+        }
+        pg.refresh_interval = Duration::from_secs_f64(v);
+    }
+    if let Some(v) = file.partitions_ahead_days {
+        pg.partitions_ahead_days = v;
+    }
+    Ok(Some(pg))
+}
+
+pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,

@@ -35,6 +35,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Generate realistic usage events as NDJSON, or post them to a running meterd.
     Gen(loadgen::GenArgs),
+    /// Create or upgrade meterd's schema in PostgreSQL/TimescaleDB, then exit. `serve` does
+    /// the same at startup.
+    Migrate(config::MigrateArgs),
 }
 
 /// Entry point of the `meterd` binary: 0 on success, 1 on a runtime failure, 2 on bad
@@ -57,7 +60,35 @@ pub fn run() -> ExitCode {
             init_tracing(LogFormat::Text);
             exit_code(runtime().and_then(|rt| rt.block_on(loadgen::run(args))))
         }
+        Command::Migrate(args) => {
+            let pg = match args.resolve() {
+                Ok(pg) => pg,
+                Err(e) => {
+                    eprintln!("meterd: {}", error_chain(&e));
+                    return ExitCode::from(2);
+                }
+            };
+            init_tracing(LogFormat::Text);
+            exit_code(runtime().and_then(|rt| rt.block_on(migrate(pg))))
+        }
     }
+}
+
+async fn migrate(pg: meterd_ingest::postgres::PostgresConfig) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let mut client = meterd_ingest::postgres::connect(&pg)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let report = meterd_ingest::postgres::migrate(&mut client, &pg)
+        .await
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    println!(
+        "meterd schema at version {} ({}); applied now: {:?}",
+        report.version,
+        report.flavor.as_str(),
+        report.applied
+    );
+    Ok(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -14,12 +14,13 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use meterd_ingest::Ingest;
+use meterd_ingest::postgres::SinkStatus;
 use meterd_query::{EventsSource, QueryService};
 use meterd_schemas::{EventsSnapshot, Principal};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Scope, Settings};
+use crate::config::{POSTGRES_SINK, Scope, Settings};
 use crate::openapi;
 
 /// The embedded store seen through the query crate's interface.
@@ -83,14 +84,32 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
-async fn readyz(State(ingest): State<Arc<Ingest>>) -> Response {
-    let r = ingest.readiness();
-    let status = if r.ready {
+/// What `/readyz` looks at.
+#[derive(Debug, Clone)]
+struct Readiness {
+    ingest: Arc<Ingest>,
+    postgres: Option<Arc<SinkStatus>>,
+}
+
+async fn readyz(State(state): State<Readiness>) -> Response {
+    let r = state.ingest.readiness();
+    let mut ready = r.ready;
+    let mut body = json!({ "ingest": r });
+    if let Some(pg) = &state.postgres {
+        ready &= pg.connected();
+        body["postgres"] = json!({
+            "connected": pg.connected(),
+            "delivered_lsn": pg.delivered(),
+            "last_error": pg.last_error(),
+        });
+    }
+    body["ready"] = json!(ready);
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, axum::Json(r)).into_response()
+    (status, axum::Json(body)).into_response()
 }
 
 async fn openapi_json() -> impl IntoResponse {
@@ -98,7 +117,12 @@ async fn openapi_json() -> impl IntoResponse {
 }
 
 /// Builds the whole HTTP surface.
-pub fn router(ingest: Arc<Ingest>, query: &Arc<QueryService>, settings: &Settings) -> Router {
+pub fn router(
+    ingest: Arc<Ingest>,
+    query: &Arc<QueryService>,
+    postgres: Option<Arc<SinkStatus>>,
+    settings: &Settings,
+) -> Router {
     let mut keys = Keys::default();
     for k in &settings.api_keys {
         keys.0.insert(
@@ -126,7 +150,10 @@ pub fn router(ingest: Arc<Ingest>, query: &Arc<QueryService>, settings: &Setting
         .merge(meterd_ingest::http::router(Arc::clone(&ingest)).layer(guard(Scope::Ingest)))
         .merge(query.router().layer(guard(Scope::Query)))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz).with_state(ingest))
+        .route(
+            "/readyz",
+            get(readyz).with_state(Readiness { ingest, postgres }),
+        )
         .route("/openapi.json", get(openapi_json))
 }
 
@@ -142,12 +169,34 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
                 settings.ingest.data_dir.display()
             )
         })?;
+    // Stores stop after ingest has drained, so they can still take its last batches.
+    let stores_stop = CancellationToken::new();
+    let postgres = match &settings.postgres {
+        Some(pg) => {
+            let consumer = ingest
+                .sink_consumer(POSTGRES_SINK)
+                .context("the PostgreSQL log consumer is not registered")?;
+            Some(meterd_ingest::postgres::spawn(
+                Arc::clone(ingest.log()),
+                consumer,
+                ingest.node_id().to_owned(),
+                pg.clone(),
+                stores_stop.clone(),
+            ))
+        }
+        None => None,
+    };
     let query = QueryService::new(
         Arc::new(EmbeddedSource(Arc::clone(&ingest))),
         settings.query.clone(),
     )
     .context("starting the query service")?;
-    let app = router(Arc::clone(&ingest), &query, &settings);
+    let app = router(
+        Arc::clone(&ingest),
+        &query,
+        postgres.as_ref().map(|p| Arc::clone(&p.status)),
+        &settings,
+    );
 
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -176,7 +225,12 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             Ok(Err(e)) => tracing::error!(error = %e, "http server failed"),
             Err(e) => tracing::error!(error = %e, "http server task failed"),
         }
-        tokio::task::spawn_blocking(move || ingest.shutdown()).await
+        let flushed = tokio::task::spawn_blocking(move || ingest.shutdown()).await;
+        stores_stop.cancel();
+        if let Some(pg) = postgres {
+            pg.join().await;
+        }
+        flushed
     })
     .await;
     drop(query);

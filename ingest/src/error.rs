@@ -48,6 +48,12 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    #[error("sink state file {path}")]
+    SinkState {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the log writer has stopped")]
     WriterStopped,
 }

@@ -12,6 +12,8 @@ pub mod embedded;
 pub mod error;
 pub mod http;
 pub mod log;
+pub mod postgres;
+pub mod sink;
 mod writer;
 
 use std::path::PathBuf;
@@ -26,8 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 pub use crate::embedded::{EmbeddedOptions, EmbeddedStore};
 pub use crate::error::{Error, Result};
 use crate::log::{Consumer, LogOptions, LogShared, LogWriter};
-pub use crate::writer::Outcome;
-use crate::writer::{Submission, Writer, decode_record, index_replayed, push_to_store};
+pub use crate::writer::{Outcome, decode_record};
+use crate::writer::{Submission, Writer, index_replayed, push_to_store};
 
 /// Settings of the ingest path.
 #[derive(Debug, Clone)]
@@ -50,6 +52,10 @@ pub struct IngestConfig {
     pub max_tail_rows: usize,
     /// Flush and compaction settings of the embedded store.
     pub embedded: EmbeddedOptions,
+    /// Names of the external stores fed from the log (`postgres`, `clickhouse`). Each gets a
+    /// log consumer whose checkpoint is kept under `sinks/`, so the log keeps what it has not
+    /// confirmed across restarts.
+    pub sinks: Vec<String>,
 }
 
 impl IngestConfig {
@@ -65,6 +71,7 @@ impl IngestConfig {
             queue_depth: 256,
             max_tail_rows: 2_000_000,
             embedded: EmbeddedOptions::default(),
+            sinks: Vec::new(),
         }
     }
 }
@@ -102,6 +109,8 @@ pub struct Ingest {
     index: Arc<dedup::DedupIndex>,
     store: Arc<EmbeddedStore>,
     index_consumer: Consumer,
+    sinks: Vec<Consumer>,
+    node_id: String,
     failed: Arc<AtomicBool>,
     stopping: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -144,6 +153,16 @@ impl Ingest {
             push_to_store(&store, events, end)
         })?;
         let index_consumer = log.register("dedup", index.persist()?);
+        // Registered before the maintenance thread starts, so no trim passes them.
+        let sinks = config
+            .sinks
+            .iter()
+            .map(|name| {
+                let saved = sink::load_checkpoint(dir, name)?;
+                Ok(log.register(name, saved.unwrap_or(0).max(log.start())))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let node_id = sink::node_id(dir)?;
         tracing::info!(
             log_start = log.start(),
             log_end = log.durable_end(),
@@ -175,6 +194,8 @@ impl Ingest {
             index,
             store,
             index_consumer,
+            sinks,
+            node_id,
             failed,
             stopping: Arc::new(AtomicBool::new(false)),
             threads: Mutex::new(vec![writer_thread]),
@@ -210,6 +231,17 @@ impl Ingest {
     /// The log's shared state, for stores that read it.
     pub fn log(&self) -> &Arc<LogShared> {
         &self.log
+    }
+
+    /// This node's identity: a UUID created with the data directory. External stores keep one
+    /// delivery checkpoint per node.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The log consumer of the external store `name` (one of [`IngestConfig::sinks`]).
+    pub fn sink_consumer(&self, name: &str) -> Option<Consumer> {
+        self.sinks.iter().find(|c| c.name() == name).cloned()
     }
 
     /// Submits validated events; resolves once they are durable (or known duplicates).
@@ -296,6 +328,14 @@ impl Ingest {
         }
         self.store.flush()?;
         self.index.persist()?;
+        self.save_sink_checkpoints()?;
+        Ok(())
+    }
+
+    fn save_sink_checkpoints(&self) -> Result<()> {
+        for c in &self.sinks {
+            sink::save_checkpoint(&self.config.data_dir, c.name(), c.checkpoint())?;
+        }
         Ok(())
     }
 
@@ -310,6 +350,7 @@ impl Ingest {
             self.store.compact()?;
             self.store.delete_replaced(false)?;
             self.index_consumer.advance(self.index.persist()?);
+            self.save_sink_checkpoints()?;
             let freed = self.log.trim()?;
             if freed > 0 {
                 tracing::debug!(freed, "trimmed log");

@@ -164,7 +164,7 @@ pub(crate) fn index_replayed(index: &DedupIndex, events: &[StoredEvent], end: Ls
     index.insert_batch(keys.iter().map(|(k, s)| (k.as_slice(), *s)), end)
 }
 
-/// Decodes one log record.
-pub(crate) fn decode_record(lsn: Lsn, payload: &[u8]) -> Result<Vec<StoredEvent>> {
+/// Decodes one log record (the record at `lsn`): the events of one accepted group.
+pub fn decode_record(lsn: Lsn, payload: &[u8]) -> Result<Vec<StoredEvent>> {
     postcard::from_bytes(payload).map_err(|source| Error::Decode { lsn, source })
 }

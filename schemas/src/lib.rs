@@ -10,6 +10,7 @@ pub mod auth;
 pub mod cloudevents;
 pub mod event;
 pub mod json_schema;
+pub mod migrations;
 pub mod validate;
 
 pub use arrow_schema::{EventsBatchBuilder, EventsSnapshot, events_schema};

@@ -6,6 +6,9 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod pg;
+pub mod rollups;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -1,0 +1,184 @@
+//! PostgreSQL (and TimescaleDB) as a store fed from the log.
+//!
+//! - [`migrate`]: applies the versioned DDL under `schemas/migrations/postgres/` under an
+//!   advisory lock, choosing TimescaleDB when the extension can be enabled, and sets the
+//!   TimescaleDB policies from the configuration.
+//! - The sink reads the log from this node's checkpoint and writes batches with binary COPY.
+//!   Each batch's COPY and the advance of the node's checkpoint row in
+//!   `meterd.sink_checkpoints` commit in one transaction, so a batch is in the table exactly
+//!   when the checkpoint covers it: a replay after any failure starts where the committed
+//!   checkpoint says and never adds a row twice, without a unique index on the hot path.
+//! - Upkeep (plain PostgreSQL): refreshes the rollups, creates partitions ahead and drops them
+//!   past retention. TimescaleDB does this itself with its policies.
+
+mod copy;
+pub mod migrate;
+mod sink;
+mod upkeep;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+pub use meterd_schemas::migrations::Flavor;
+pub use migrate::{MigrationReport, migrate};
+pub use sink::{PostgresHandle, connect, spawn};
+
+/// Whether to use TimescaleDB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimescaleMode {
+    /// Use it when the extension can be enabled, plain PostgreSQL otherwise.
+    #[default]
+    Auto,
+    /// Fail unless the extension can be enabled.
+    Require,
+    /// Never use it.
+    Off,
+}
+
+/// Settings of the PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/database` (or key=value form).
+    pub url: String,
+    pub timescaledb: TimescaleMode,
+    /// The most events one COPY transaction carries.
+    pub batch_rows: usize,
+    /// TimescaleDB: compress chunks older than this interval (`7 days`); `None` disables.
+    pub compress_after: Option<String>,
+    /// Drop raw events older than this interval (`400 days`); `None` keeps them. Rollups keep
+    /// their buckets.
+    pub retention: Option<String>,
+    /// Plain PostgreSQL: how often the rollup refresher runs.
+    pub refresh_interval: Duration,
+    /// Plain PostgreSQL: how many days of partitions exist ahead of today.
+    pub partitions_ahead_days: u32,
+}
+
+impl PostgresConfig {
+    /// Defaults for `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            timescaledb: TimescaleMode::Auto,
+            batch_rows: 10_000,
+            compress_after: Some("7 days".to_owned()),
+            retention: None,
+            refresh_interval: Duration::from_secs(30),
+            partitions_ahead_days: 3,
+        }
+    }
+}
+
+/// A failure of the PostgreSQL store. The sink retries all of them with backoff; the log keeps
+/// the events meanwhile.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("connecting to PostgreSQL")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("PostgreSQL: {step}")]
+    Sql {
+        step: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("applying migration {version} ({name})")]
+    Migration {
+        version: i32,
+        name: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(
+        "migration {version} ({name}) differs from the one applied to this database \
+         (checksum {applied} there, {current} here)"
+    )]
+    ChecksumMismatch {
+        version: i32,
+        name: String,
+        applied: String,
+        current: String,
+    },
+    #[error(
+        "the database's meterd schema is at version {database}; this meterd knows up to {known}"
+    )]
+    NewerSchema { database: i32, known: i32 },
+    #[error("the database records an unknown schema flavor {0:?}")]
+    UnknownFlavor(String),
+    #[error("TimescaleDB is required but cannot be used: {0}")]
+    TimescaleUnavailable(String),
+    #[error(
+        "this node's checkpoint in PostgreSQL moved from {expected} behind meterd's back; \
+         is a second meterd running with the same data directory?"
+    )]
+    CheckpointMoved { expected: u64 },
+    #[error(
+        "PostgreSQL's checkpoint {database} for this node lies beyond the log's end {end}; \
+         the data directory does not belong to the node that wrote it"
+    )]
+    CheckpointAhead { database: u64, end: u64 },
+    #[error("reading the log")]
+    Log(#[source] crate::Error),
+}
+
+pub(crate) fn sql_err(step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
+    move |source| PgError::Sql { step, source }
+}
+
+/// What the sink reports about itself, for `/readyz` and the logs.
+#[derive(Debug, Default)]
+pub struct SinkStatus {
+    connected: AtomicBool,
+    delivered: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl SinkStatus {
+    /// Whether the sink holds a working connection.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// The log position up to which events are committed in PostgreSQL.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Acquire)
+    }
+
+    /// The last failure, until the next success.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Release);
+        if connected {
+            *self
+                .last_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = None;
+        }
+    }
+
+    fn set_error(&self, error: String) {
+        self.connected.store(false, Ordering::Release);
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(error);
+    }
+}
+
+/// Formats an error with its chain of sources, for logs and status.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -1,0 +1,344 @@
+//! The delivery loop: log -> binary COPY, one transaction per batch with the checkpoint.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::{DateTime, Utc};
+use meterd_schemas::StoredEvent;
+use meterd_schemas::migrations::Flavor;
+use tokio::task::JoinHandle;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use super::{PgError, PostgresConfig, SinkStatus, copy, error_chain, sql_err, upkeep};
+use crate::log::{Consumer, LogReader, LogShared, Lsn};
+
+/// How long the sink waits for new log records once it has caught up.
+const IDLE_POLL: Duration = Duration::from_millis(20);
+
+/// Running PostgreSQL tasks (sink and upkeep).
+#[derive(Debug)]
+pub struct PostgresHandle {
+    pub status: Arc<SinkStatus>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl PostgresHandle {
+    /// Waits for the tasks to end (after the shutdown token was cancelled). A batch in flight is
+    /// finished or rolled back; either way the log still holds whatever was not committed.
+    pub async fn join(self) {
+        for task in self.tasks {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "a PostgreSQL task panicked");
+            }
+        }
+    }
+}
+
+/// Starts delivering this node's log to PostgreSQL, and the upkeep task. Both retry every
+/// failure with backoff until `shutdown` is cancelled.
+pub fn spawn(
+    log: Arc<LogShared>,
+    consumer: Consumer,
+    node_id: String,
+    config: PostgresConfig,
+    shutdown: CancellationToken,
+) -> PostgresHandle {
+    let status = Arc::new(SinkStatus::default());
+    let config = Arc::new(config);
+    let sink = Sink {
+        log,
+        consumer,
+        node_id,
+        config: Arc::clone(&config),
+        status: Arc::clone(&status),
+    };
+    let sink_task = tokio::spawn(retrying("sink", shutdown.clone(), move |token| {
+        let sink = sink.clone();
+        async move { sink.session(&token).await }
+    }));
+    let upkeep_task = tokio::spawn(retrying("upkeep", shutdown.clone(), move |token| {
+        let config = Arc::clone(&config);
+        async move { upkeep::session(&config, &token).await }
+    }));
+    PostgresHandle {
+        status,
+        tasks: vec![sink_task, upkeep_task],
+    }
+}
+
+/// Runs `session` until it returns `Ok` (it saw the shutdown), retrying errors with backoff.
+async fn retrying<F, Fut>(what: &'static str, shutdown: CancellationToken, session: F)
+where
+    F: Fn(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), PgError>>,
+{
+    let backoff = || {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut delays = backoff();
+    loop {
+        let started = std::time::Instant::now();
+        match session(shutdown.clone()).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(task = what, error = %error_chain(&e), "PostgreSQL task failed; retrying");
+            }
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            // It ran for a while: start the backoff over.
+            delays = backoff();
+        }
+        let delay = delays.next().unwrap_or(Duration::from_secs(5));
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Connects (without TLS) and spawns the connection's driver.
+pub async fn connect(config: &PostgresConfig) -> Result<Client, PgError> {
+    let (client, connection) = tokio_postgres::connect(&config.url, NoTls)
+        .await
+        .map_err(PgError::Connect)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
+}
+
+#[derive(Debug, Clone)]
+struct Sink {
+    log: Arc<LogShared>,
+    consumer: Consumer,
+    node_id: String,
+    config: Arc<PostgresConfig>,
+    status: Arc<SinkStatus>,
+}
+
+/// Events read from the log, from `start` up to `end`.
+struct Batch {
+    events: Vec<StoredEvent>,
+    end: Lsn,
+}
+
+impl Sink {
+    async fn session(&self, shutdown: &CancellationToken) -> Result<(), PgError> {
+        let result = self.deliver_until_shutdown(shutdown).await;
+        if let Err(e) = &result {
+            self.status.set_error(error_chain(e));
+        }
+        result
+    }
+
+    async fn deliver_until_shutdown(&self, shutdown: &CancellationToken) -> Result<(), PgError> {
+        let mut client = connect(&self.config).await?;
+        let report = super::migrate(&mut client, &self.config).await?;
+        let mut lsn = self.claim_checkpoint(&client).await?;
+        self.status.set_connected(true);
+        self.status
+            .delivered
+            .store(lsn, std::sync::atomic::Ordering::Release);
+        tracing::info!(
+            node = %self.node_id,
+            flavor = report.flavor.as_str(),
+            schema_version = report.version,
+            checkpoint = lsn,
+            "delivering to PostgreSQL"
+        );
+
+        let mut reader: Option<LogReader> = None;
+        let mut partitions: HashSet<i64> = HashSet::new();
+        while !shutdown.is_cancelled() {
+            let (back, batch) = self.read(reader.take(), lsn).await?;
+            reader = Some(back);
+            if batch.events.is_empty() {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(IDLE_POLL) => continue,
+                }
+            }
+            if report.flavor == Flavor::Postgres {
+                ensure_partitions(&client, &batch.events, &mut partitions).await?;
+            }
+            self.commit(&mut client, &batch, lsn).await?;
+            lsn = batch.end;
+            self.consumer.advance(lsn);
+            self.status
+                .delivered
+                .store(lsn, std::sync::atomic::Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// This node's committed checkpoint, created from the local one on first contact.
+    async fn claim_checkpoint(&self, client: &Client) -> Result<Lsn, PgError> {
+        let local = self.consumer.checkpoint().max(self.log.start());
+        client
+            .execute(
+                "INSERT INTO meterd.sink_checkpoints (node_id, lsn) VALUES ($1, $2)
+                 ON CONFLICT (node_id) DO NOTHING",
+                &[&self.node_id, &to_i64(local)],
+            )
+            .await
+            .map_err(sql_err("creating this node's checkpoint"))?;
+        let committed: i64 = client
+            .query_one(
+                "SELECT lsn FROM meterd.sink_checkpoints WHERE node_id = $1",
+                &[&self.node_id],
+            )
+            .await
+            .map_err(sql_err("reading this node's checkpoint"))?
+            .get(0);
+        let committed = u64::try_from(committed).unwrap_or(0);
+        let (start, end) = (self.log.start(), self.log.durable_end());
+        if committed > end {
+            return Err(PgError::CheckpointAhead {
+                database: committed,
+                end,
+            });
+        }
+        if committed < start {
+            tracing::error!(
+                checkpoint = committed,
+                log_start = start,
+                "PostgreSQL's checkpoint for this node is older than the log's start (was the \
+                 database restored from an older backup?); the events in between are no longer \
+                 in the log and are missing from PostgreSQL"
+            );
+            client
+                .execute(
+                    "UPDATE meterd.sink_checkpoints SET lsn = $2, updated_at = now() WHERE node_id = $1",
+                    &[&self.node_id, &to_i64(start)],
+                )
+                .await
+                .map_err(sql_err("moving this node's checkpoint to the log's start"))?;
+            return Ok(start);
+        }
+        Ok(committed)
+    }
+
+    /// Reads up to `batch_rows` events from `from` (whole log records), off the async threads.
+    async fn read(
+        &self,
+        reader: Option<LogReader>,
+        from: Lsn,
+    ) -> Result<(LogReader, Batch), PgError> {
+        let log = Arc::clone(&self.log);
+        let max_rows = self.config.batch_rows.max(1);
+        tokio::task::spawn_blocking(move || -> Result<(LogReader, Batch), crate::Error> {
+            let mut reader = match reader {
+                Some(r) if r.position() == from => r,
+                _ => log.reader(from)?,
+            };
+            let mut batch = Batch {
+                events: Vec::new(),
+                end: from,
+            };
+            let mut payload = Vec::new();
+            while batch.events.len() < max_rows {
+                let Some((lsn, end)) = reader.next_record(&mut payload)? else {
+                    break;
+                };
+                batch.events.extend(crate::decode_record(lsn, &payload)?);
+                batch.end = end;
+            }
+            Ok((reader, batch))
+        })
+        .await
+        .map_err(|e| {
+            PgError::Log(crate::Error::LogIo {
+                path: "log".into(),
+                source: std::io::Error::other(e),
+            })
+        })?
+        .map_err(PgError::Log)
+    }
+
+    /// COPYs the batch and moves the checkpoint from `from` to its end, in one transaction.
+    async fn commit(&self, client: &mut Client, batch: &Batch, from: Lsn) -> Result<(), PgError> {
+        let tx = client
+            .transaction()
+            .await
+            .map_err(sql_err("starting a delivery"))?;
+        let sink = tx
+            .copy_in(copy::COPY_STATEMENT)
+            .await
+            .map_err(sql_err("starting COPY into meterd.events_data"))?;
+        let writer = BinaryCopyInWriter::new(sink, &copy::TYPES);
+        tokio::pin!(writer);
+        for event in &batch.events {
+            copy::write_event(writer.as_mut(), event)
+                .await
+                .map_err(sql_err("COPY into meterd.events_data"))?;
+        }
+        writer
+            .finish()
+            .await
+            .map_err(sql_err("finishing COPY into meterd.events_data"))?;
+        let moved = tx
+            .execute(
+                "UPDATE meterd.sink_checkpoints SET lsn = $3, updated_at = now()
+                 WHERE node_id = $1 AND lsn = $2",
+                &[&self.node_id, &to_i64(from), &to_i64(batch.end)],
+            )
+            .await
+            .map_err(sql_err("advancing this node's checkpoint"))?;
+        if moved != 1 {
+            return Err(PgError::CheckpointMoved { expected: from });
+        }
+        tx.commit()
+            .await
+            .map_err(sql_err("committing a delivery"))?;
+        tracing::debug!(
+            events = batch.events.len(),
+            checkpoint = batch.end,
+            "delivered to PostgreSQL"
+        );
+        Ok(())
+    }
+}
+
+fn to_i64(lsn: Lsn) -> i64 {
+    // Log positions are byte offsets; 2^63 bytes is beyond any log.
+    i64::try_from(lsn).unwrap_or(i64::MAX)
+}
+
+/// Creates the daily partitions the batch needs that this session has not seen yet (plain
+/// PostgreSQL), in their own transaction before the COPY.
+async fn ensure_partitions(
+    client: &Client,
+    events: &[StoredEvent],
+    known: &mut HashSet<i64>,
+) -> Result<(), PgError> {
+    const DAY_US: i64 = 86_400_000_000;
+    let missing: HashSet<i64> = events
+        .iter()
+        .map(|e| e.event.time_us.div_euclid(DAY_US) * DAY_US)
+        .filter(|d| !known.contains(d))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let times: Vec<DateTime<Utc>> = missing
+        .iter()
+        .filter_map(|&us| DateTime::from_timestamp_micros(us))
+        .collect();
+    client
+        .execute("SELECT meterd.ensure_event_partitions($1)", &[&times])
+        .await
+        .map_err(sql_err("creating partitions of meterd.events_data"))?;
+    known.extend(missing);
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! Plain PostgreSQL upkeep: the rollup refresher, partitions ahead of time, retention.
+//! On TimescaleDB the extension's own policies do all of this, and the task ends at once.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use meterd_schemas::migrations::Flavor;
+use tokio_util::sync::CancellationToken;
+
+use super::sink::connect;
+use super::{PgError, PostgresConfig, sql_err};
+
+/// How often partitions ahead and retention are looked after.
+const PARTITION_INTERVAL: Duration = Duration::from_secs(3600);
+
+pub(crate) async fn session(
+    config: &PostgresConfig,
+    shutdown: &CancellationToken,
+) -> Result<(), PgError> {
+    let client = connect(config).await?;
+    // Wait for the sink to have migrated the schema.
+    let current = meterd_schemas::migrations::POSTGRES
+        .last()
+        .map_or(0, |m| m.version);
+    let flavor = loop {
+        let row = client
+            .query_opt(
+                "SELECT flavor, max(version) FROM meterd.schema_migrations GROUP BY flavor",
+                &[],
+            )
+            .await;
+        // Before the first migration the table does not exist: that is an error here too.
+        if let Ok(Some(row)) = row {
+            let (name, version): (String, i32) = (row.get(0), row.get(1));
+            if version >= current {
+                break Flavor::parse(&name).ok_or(PgError::UnknownFlavor(name))?;
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    };
+    if flavor == Flavor::TimescaleDb {
+        return Ok(());
+    }
+
+    let mut last_partitions: Option<Instant> = None;
+    loop {
+        if last_partitions.is_none_or(|t| t.elapsed() >= PARTITION_INTERVAL) {
+            partitions(&client, config, Utc::now()).await?;
+            last_partitions = Some(Instant::now());
+        }
+        let started = Instant::now();
+        let buckets: i64 = client
+            .query_one("SELECT meterd.refresh_rollups()", &[])
+            .await
+            .map_err(sql_err("refreshing rollups (meterd.refresh_rollups)"))?
+            .get(0);
+        if buckets > 0 {
+            tracing::debug!(
+                buckets,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "refreshed rollups"
+            );
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(config.refresh_interval) => {}
+        }
+    }
+}
+
+/// Creates partitions for today and the days ahead, and drops those past retention.
+async fn partitions(
+    client: &tokio_postgres::Client,
+    config: &PostgresConfig,
+    now: DateTime<Utc>,
+) -> Result<(), PgError> {
+    let days: Vec<DateTime<Utc>> = (0..=i64::from(config.partitions_ahead_days))
+        .map(|d| now + chrono::Duration::days(d))
+        .collect();
+    client
+        .execute("SELECT meterd.ensure_event_partitions($1)", &[&days])
+        .await
+        .map_err(sql_err("creating partitions ahead"))?;
+    if let Some(retention) = &config.retention {
+        let dropped: i32 = client
+            .query_one(
+                "SELECT meterd.drop_event_partitions(now() - $1::text::interval)",
+                &[retention],
+            )
+            .await
+            .map_err(sql_err(
+                "dropping partitions past retention (postgres.retention)",
+            ))?
+            .get(0);
+        if dropped > 0 {
+            tracing::info!(
+                dropped,
+                "dropped partitions of meterd.events_data past retention"
+            );
+        }
+    }
+    Ok(())
+}

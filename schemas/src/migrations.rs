@@ -1,0 +1,112 @@
+//! The versioned DDL of meterd's PostgreSQL schema, as committed under
+//! `schemas/migrations/postgres/`. A migration has one file for both flavors or one per flavor
+//! (`NNNN_name.postgres.sql`, `NNNN_name.timescaledb.sql`); the runner applies each in order,
+//! once, and records it in `meterd.schema_migrations`.
+
+/// Which form of the schema a database has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// Plain PostgreSQL: native partitioning and meterd's rollup refresher.
+    Postgres,
+    /// PostgreSQL with TimescaleDB: a hypertable and continuous aggregates.
+    TimescaleDb,
+}
+
+impl Flavor {
+    /// The name recorded in `meterd.schema_migrations`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flavor::Postgres => "postgres",
+            Flavor::TimescaleDb => "timescaledb",
+        }
+    }
+
+    /// The flavor recorded as `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "postgres" => Some(Flavor::Postgres),
+            "timescaledb" => Some(Flavor::TimescaleDb),
+            _ => None,
+        }
+    }
+}
+
+/// One schema version.
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    postgres: &'static str,
+    timescaledb: &'static str,
+}
+
+impl Migration {
+    /// The SQL of this version for `flavor`.
+    pub fn sql(&self, flavor: Flavor) -> &'static str {
+        match flavor {
+            Flavor::Postgres => self.postgres,
+            Flavor::TimescaleDb => self.timescaledb,
+        }
+    }
+}
+
+macro_rules! file {
+    ($name:literal) => {
+        include_str!(concat!("../migrations/postgres/", $name))
+    };
+}
+
+/// Every PostgreSQL migration, oldest first.
+pub const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "base",
+        postgres: file!("0001_base.sql"),
+        timescaledb: file!("0001_base.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "events",
+        postgres: file!("0002_events.postgres.sql"),
+        timescaledb: file!("0002_events.timescaledb.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "rollups",
+        postgres: file!("0003_rollups.postgres.sql"),
+        timescaledb: file!("0003_rollups.timescaledb.sql"),
+    },
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_consecutive_from_one() {
+        for (i, m) in POSTGRES.iter().enumerate() {
+            assert_eq!(m.version as usize, i + 1, "{}", m.name);
+        }
+    }
+
+    #[test]
+    fn every_file_is_listed() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
+        let listed: Vec<String> = POSTGRES
+            .iter()
+            .flat_map(|m| {
+                let n = format!("{:04}_{}", m.version, m.name);
+                [
+                    format!("{n}.sql"),
+                    format!("{n}.postgres.sql"),
+                    format!("{n}.timescaledb.sql"),
+                ]
+            })
+            .collect();
+        for entry in std::fs::read_dir(&dir).expect("migrations dir") {
+            let name = entry.expect("entry").file_name();
+            let name = name.to_string_lossy();
+            assert!(listed.iter().any(|l| *l == name), "{name} is not listed");
+        }
+    }
+}

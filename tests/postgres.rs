@@ -1,0 +1,636 @@
+//! The PostgreSQL store against a real PostgreSQL 15: exactly-once delivery through replays,
+//! restarts, an outage and `kill -9` mid-COPY; migrations; tenant isolation.
+//!
+//! Rollup correctness is in `tests/rollups.rs`, TimescaleDB conformance in
+//! `tests/timescaledb.rs`.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::pg::{self, PrivatePg, TestDb};
+use common::{NDJSON, Server, distinct_keys, generated, ndjson};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Gives each event an id unique to `prefix`, so batches never collide by accident.
+fn renamed(events: &mut [Value], prefix: &str) {
+    for (i, e) in events.iter_mut().enumerate() {
+        e["id"] = Value::String(format!("{prefix}-{i}"));
+    }
+}
+
+/// Every `(tenant, id)` in PostgreSQL's `meterd.events`.
+async fn keys_in_postgres(client: &tokio_postgres::Client) -> Vec<(String, String)> {
+    client
+        .query("SELECT tenant, id FROM meterd.events", &[])
+        .await
+        .expect("read keys")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Asserts PostgreSQL holds exactly `want`, each once.
+async fn assert_exactly(
+    client: &tokio_postgres::Client,
+    want: &HashSet<(String, String)>,
+    context: &str,
+) {
+    let have = keys_in_postgres(client).await;
+    let unique: HashSet<(String, String)> = have.iter().cloned().collect();
+    assert_eq!(
+        have.len(),
+        unique.len(),
+        "{context}: {} rows are duplicates",
+        have.len() - unique.len()
+    );
+    let missing: Vec<_> = want.difference(&unique).take(5).collect();
+    let extra: Vec<_> = unique.difference(want).take(5).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{context}: {} acknowledged events missing (e.g. {missing:?}), {} unexpected (e.g. {extra:?})",
+        want.difference(&unique).count(),
+        unique.difference(want).count()
+    );
+}
+
+/// Per-column aggregates, the same question asked of PostgreSQL and of meterd's embedded store:
+/// equal answers mean every column was carried over.
+const COLUMN_DIGEST: &[(&str, &str)] = &[
+    ("count(*)", "count(*)"),
+    ("count(subject)", "count(subject)"),
+    ("count(source)", "count(source)"),
+    ("count(provider)", "count(provider)"),
+    ("count(model)", "count(model)"),
+    ("sum(input_tokens)", "sum(input_tokens)"),
+    ("sum(output_tokens)", "sum(output_tokens)"),
+    ("sum(cached_input_tokens)", "sum(cached_input_tokens)"),
+    ("sum(reasoning_tokens)", "sum(reasoning_tokens)"),
+    ("count(route)", "count(route)"),
+    ("count(method)", "count(method)"),
+    ("sum(status_code)", "sum(status_code)"),
+    ("sum(request_bytes)", "sum(request_bytes)"),
+    ("sum(response_bytes)", "sum(response_bytes)"),
+    ("count(agent)", "count(agent)"),
+    ("count(run_id)", "count(run_id)"),
+    ("count(parent_run_id)", "count(parent_run_id)"),
+    ("count(status)", "count(status)"),
+    ("sum(latency_ms)", "sum(latency_ms)"),
+    ("sum(duration_ms)", "sum(duration_ms)"),
+    ("sum(steps)", "sum(steps)"),
+    ("sum(tool_calls)", "sum(tool_calls)"),
+    (
+        "sum(floor(extract(epoch FROM time)))",
+        "sum(arrow_cast(time, 'Int64') / 1000000)",
+    ),
+    (
+        "sum(floor(extract(epoch FROM ingested_at)))",
+        "sum(arrow_cast(ingested_at, 'Int64') / 1000000)",
+    ),
+    (
+        "count(*) FILTER (WHERE dimensions <> '{}'::jsonb)",
+        "sum(CASE WHEN cardinality(map_keys(dimensions)) > 0 THEN 1 ELSE 0 END)",
+    ),
+];
+
+async fn assert_columns_match(server: &Server, client: &tokio_postgres::Client) {
+    for (pg_expr, df_expr) in COLUMN_DIGEST {
+        let in_pg: Option<i64> = client
+            .query_one(
+                &format!("SELECT ({pg_expr})::bigint FROM meterd.events"),
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{pg_expr}: {e}"))
+            .get(0);
+        let in_meterd = server
+            .scalar(&format!("SELECT {df_expr} AS v FROM events"))
+            .await
+            .as_i64();
+        assert_eq!(
+            in_pg, in_meterd,
+            "{pg_expr} differs between PostgreSQL and meterd"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_event_reaches_postgres_once() {
+    let db = TestDb::create("delivery").await;
+    let mut server = Server::start(&["--postgres-url", &db.url]);
+    let client = db.client().await;
+
+    let events = generated(21, 4_000, 8, Duration::from_secs(30 * 86_400), 0.05);
+    let keys = distinct_keys(&events);
+    let mut accepted = 0;
+    for chunk in events.chunks(500) {
+        accepted += server.post_ndjson(chunk).await.accepted();
+    }
+    assert_eq!(accepted as usize, keys.len());
+    pg::wait_for(
+        &client,
+        "SELECT count(*) FROM meterd.events",
+        keys.len() as i64,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+    assert_exactly(&client, &keys, "after the first delivery").await;
+    assert_columns_match(&server, &client).await;
+
+    // Replays: the same events again add nothing, in meterd or in PostgreSQL.
+    for chunk in events.chunks(700) {
+        assert_eq!(server.post_ndjson(chunk).await.accepted(), 0);
+    }
+    // A graceful restart and a kill: the sink resumes from its committed checkpoint.
+    assert!(server.stop().success(), "meterd exits cleanly");
+    server.restart();
+    server.kill();
+    server.restart();
+    let mut more = generated(22, 300, 3, Duration::from_secs(86_400), 0.0);
+    renamed(&mut more, "after-restart");
+    assert_eq!(server.post_ndjson(&more).await.accepted(), 300);
+    let mut all = keys.clone();
+    all.extend(distinct_keys(&more));
+    pg::wait_for(
+        &client,
+        "SELECT count(*) FROM meterd.events",
+        all.len() as i64,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+    assert_exactly(&client, &all, "after replays and restarts").await;
+
+    // The node's checkpoint is where the log ends.
+    let checkpoints = pg::int(&client, "SELECT count(*) FROM meterd.sink_checkpoints").await;
+    assert_eq!(checkpoints, 1, "one node, one checkpoint");
+    let ready = server
+        .client
+        .get(format!("{}/readyz", server.url))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status(), StatusCode::OK);
+    let body: Value = ready.json().await.expect("json");
+    assert_eq!(body["postgres"]["connected"], true, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_keeps_acknowledging_then_503_then_drains() {
+    let pg = PrivatePg::start();
+    let db = TestDb::create_on(&pg.url(), "outage").await;
+    let mut server = Server::start(&["--postgres-url", &db.url, "--max-log-bytes", "3000000"]);
+    let client = db.client().await;
+
+    let mut acked: HashSet<(String, String)> = HashSet::new();
+    let mut first = generated(31, 500, 4, Duration::from_secs(86_400), 0.0);
+    renamed(&mut first, "before");
+    assert_eq!(server.post_ndjson(&first).await.accepted(), 500);
+    acked.extend(distinct_keys(&first));
+    pg::wait_for(
+        &client,
+        "SELECT count(*) FROM meterd.events",
+        500,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+    drop(client);
+
+    pg.stop_server();
+    // PostgreSQL is down: ingest keeps acknowledging into the log until the log is full.
+    let mut saw_503 = false;
+    for round in 0..200 {
+        let mut batch = generated(1000 + round, 500, 4, Duration::from_secs(86_400), 0.0);
+        renamed(&mut batch, &format!("during-{round}"));
+        let reply = server
+            .try_post_events(ndjson(&batch), NDJSON, false)
+            .await
+            .expect("meterd answers while PostgreSQL is down");
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(
+                reply.headers.contains_key("retry-after"),
+                "503 carries Retry-After"
+            );
+            saw_503 = true;
+            break;
+        }
+        assert_eq!(reply.accepted(), 500, "round {round}");
+        acked.extend(distinct_keys(&batch));
+    }
+    assert!(saw_503, "a full log answers 503");
+    assert!(
+        acked.len() > 1_000,
+        "ingest kept acknowledging during the outage"
+    );
+    let ready = server
+        .client
+        .get(format!("{}/readyz", server.url))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(
+        ready.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not ready while PostgreSQL is down"
+    );
+
+    // PostgreSQL comes back: the backlog drains by itself and ingest takes events again.
+    pg.start_server();
+    let client = db.client().await;
+    pg::wait_for(
+        &client,
+        "SELECT count(*) FROM meterd.events",
+        acked.len() as i64,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+    assert_exactly(&client, &acked, "after the outage").await;
+    let deadline = Instant::now() + DELIVERY_TIMEOUT;
+    let mut after = generated(99, 100, 2, Duration::from_secs(3600), 0.0);
+    renamed(&mut after, "after");
+    loop {
+        let reply = server
+            .try_post_events(ndjson(&after), NDJSON, false)
+            .await
+            .expect("answer");
+        if reply.status == StatusCode::OK {
+            assert_eq!(reply.accepted(), 100);
+            acked.extend(distinct_keys(&after));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ingest never recovered: {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    pg::wait_for(
+        &client,
+        "SELECT count(*) FROM meterd.events",
+        acked.len() as i64,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+    assert_exactly(&client, &acked, "after recovery").await;
+    server.kill();
+}
+
+/// What a writer sent and what meterd acknowledged.
+#[derive(Debug, Default)]
+struct Sent {
+    sent: HashSet<(String, String)>,
+    acked: HashSet<(String, String)>,
+}
+
+/// Posts batches until the server stops answering.
+async fn post_until_gone(url: String, prefix: String) -> Sent {
+    let http = reqwest::Client::new();
+    let mut out = Sent::default();
+    for round in 0..10_000u64 {
+        let mut batch = generated(round, 200, 5, Duration::from_secs(5 * 86_400), 0.0);
+        renamed(&mut batch, &format!("{prefix}-{round}"));
+        let keys = distinct_keys(&batch);
+        // A request cut off by the kill may still have been made durable: sent, not acked.
+        out.sent.extend(keys.iter().cloned());
+        let answer = http
+            .post(format!("{url}/v1/events"))
+            .header("content-type", NDJSON)
+            .body(ndjson(&batch))
+            .send()
+            .await;
+        match answer {
+            Ok(r) if r.status() == StatusCode::OK => out.acked.extend(keys),
+            Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(r) => panic!("unexpected answer {}", r.status()),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// Waits until every acknowledged key is in PostgreSQL, then checks nothing is there twice and
+/// nothing is there that was never sent.
+async fn assert_acked_once(
+    client: &tokio_postgres::Client,
+    acked: &HashSet<(String, String)>,
+    sent: &HashSet<(String, String)>,
+) {
+    let deadline = Instant::now() + DELIVERY_TIMEOUT;
+    loop {
+        let have: HashSet<(String, String)> = keys_in_postgres(client).await.into_iter().collect();
+        if acked.is_subset(&have) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged events never reached PostgreSQL",
+            acked.difference(&have).count()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let anything durable but unacknowledged arrive too, then check the whole table.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let have = keys_in_postgres(client).await;
+    let unique: HashSet<(String, String)> = have.iter().cloned().collect();
+    assert_eq!(
+        have.len(),
+        unique.len(),
+        "{} rows are duplicates",
+        have.len() - unique.len()
+    );
+    let stray: Vec<_> = unique.difference(sent).take(5).collect();
+    assert!(stray.is_empty(), "rows that were never sent: {stray:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_during_copy_delivers_each_event_once() {
+    let db = TestDb::create("killcopy").await;
+    let mut server = Server::start(&["--postgres-url", &db.url]);
+    let client = db.client().await;
+    let mut acked: HashSet<(String, String)> = HashSet::new();
+
+    // Deterministic: hold this node's checkpoint row, so the sink's transaction stops after its
+    // COPY, at the checkpoint update; kill meterd there; let go.
+    let mut first = generated(41, 1_000, 4, Duration::from_secs(86_400), 0.0);
+    renamed(&mut first, "held");
+    assert_eq!(server.post_ndjson(&first).await.accepted(), 1_000);
+    acked.extend(distinct_keys(&first));
+    pg::wait_for(
+        &client,
+        "SELECT count(*) FROM meterd.events",
+        1_000,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+    let mut locker = db.client().await;
+    let tx = locker.transaction().await.expect("begin");
+    tx.execute("SELECT * FROM meterd.sink_checkpoints FOR UPDATE", &[])
+        .await
+        .expect("lock checkpoint row");
+    let mut second = generated(42, 1_000, 4, Duration::from_secs(86_400), 0.0);
+    renamed(&mut second, "in-copy");
+    assert_eq!(server.post_ndjson(&second).await.accepted(), 1_000);
+    acked.extend(distinct_keys(&second));
+    let waiting = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND wait_event_type = 'Lock' \
+         AND query LIKE 'UPDATE meterd.sink_checkpoints%'",
+        db.name
+    );
+    pg::wait_for(&client, &waiting, 1, DELIVERY_TIMEOUT).await;
+    server.kill();
+    tx.rollback().await.expect("release the row");
+    // The killed session's COPY never commits.
+    pg::wait_for(
+        &client,
+        "SELECT count(*) FROM meterd.events",
+        1_000,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        pg::int(&client, "SELECT count(*) FROM meterd.events").await,
+        1_000
+    );
+    server.restart();
+    pg::wait_for(
+        &client,
+        "SELECT count(*) FROM meterd.events",
+        2_000,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+
+    // Random: kill while batches stream in and COPYs run, three times.
+    let copying = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND state = 'active' \
+         AND query LIKE 'COPY meterd.events_data%'",
+        db.name
+    );
+    let mut kills_in_copy = 0;
+    let mut sent = acked.clone();
+    for round in 0..3 {
+        let writer = tokio::spawn(post_until_gone(server.url.clone(), format!("r{round}")));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if pg::int(&client, &copying).await > 0 {
+                kills_in_copy += 1;
+                break;
+            }
+        }
+        server.kill();
+        let round_result = writer.await.expect("writer");
+        acked.extend(round_result.acked);
+        sent.extend(round_result.sent);
+        server.restart();
+    }
+    assert_acked_once(&client, &acked, &sent).await;
+    eprintln!("{kills_in_copy} of 3 random kills landed while a COPY was running");
+    server.kill();
+}
+
+fn meterd_migrate(url: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_meterd"))
+        .args(["migrate", "--postgres-url", url])
+        .output()
+        .expect("run meterd migrate")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_idempotent_and_safe_to_run_at_once() {
+    let db = TestDb::create("migrate").await;
+    // Four processes at once.
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            let url = db.url.clone();
+            std::thread::spawn(move || meterd_migrate(&url))
+        })
+        .collect();
+    let outputs: Vec<_> = runs
+        .into_iter()
+        .map(|t| t.join().expect("thread"))
+        .collect();
+    let mut applied_all = 0;
+    for out in &outputs {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "meterd migrate failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if stdout.contains("applied now: [1, 2, 3]") {
+            applied_all += 1;
+        } else {
+            assert!(stdout.contains("applied now: []"), "{stdout}");
+        }
+    }
+    assert_eq!(applied_all, 1, "exactly one process applied the migrations");
+    let client = db.client().await;
+    assert_eq!(
+        pg::int(&client, "SELECT count(*) FROM meterd.schema_migrations").await,
+        3
+    );
+
+    // Again: nothing to do.
+    let again = meterd_migrate(&db.url);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("applied now: []"));
+
+    // A migration changed after it was applied is refused, not silently re-run.
+    client
+        .execute(
+            "UPDATE meterd.schema_migrations SET checksum = 'x' WHERE version = 2",
+            &[],
+        )
+        .await
+        .expect("tamper");
+    let refused = meterd_migrate(&db.url);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("migration 2 (events) differs"), "{stderr}");
+
+    // No URL at all is a configuration error.
+    let none = Command::new(env!("CARGO_BIN_EXE_meterd"))
+        .arg("migrate")
+        .env_remove("METERD_POSTGRES_URL")
+        .output()
+        .expect("run");
+    assert_eq!(none.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_scoped_role_sees_only_its_tenant() {
+    let db = TestDb::create("rls").await;
+    let mut server = Server::start(&["--postgres-url", &db.url]);
+    let admin = db.client().await;
+    let events = generated(51, 2_000, 6, Duration::from_secs(10 * 86_400), 0.0);
+    let accepted = server.post_ndjson(&events).await.accepted();
+    pg::wait_for(
+        &admin,
+        "SELECT count(*) FROM meterd.events",
+        accepted as i64,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+    admin
+        .execute("SELECT meterd.refresh_rollups()", &[])
+        .await
+        .expect("refresh");
+
+    let tenant: String = admin
+        .query_one(
+            "SELECT tenant FROM meterd.events GROUP BY tenant ORDER BY count(*) DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .expect("a tenant")
+        .get(0);
+    let role = format!("reader_{}", db.name);
+    admin
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role};
+             CREATE ROLE {role} LOGIN PASSWORD 'reader-secret';
+             GRANT CONNECT ON DATABASE {db} TO {role};
+             GRANT USAGE ON SCHEMA meterd TO {role};
+             GRANT SELECT ON meterd.events, meterd.usage_hourly, meterd.usage_daily TO {role};
+             INSERT INTO meterd.tenant_roles (role_name, tenant) VALUES ('{role}', '{tenant}');
+             ALTER ROLE {role} SET meterd.tenant = '{tenant}';",
+            db = db.name
+        ))
+        .await
+        .expect("create the tenant role");
+    let reader_url = db
+        .url
+        .replacen("meterd:meterd@", &format!("{role}:reader-secret@"), 1);
+    let reader = pg::connect(&reader_url).await;
+
+    for relation in ["meterd.events", "meterd.usage_hourly", "meterd.usage_daily"] {
+        let (count_col, sum) = if relation == "meterd.events" {
+            ("count(*)", "count(*)")
+        } else {
+            ("count(*)", "sum(events)")
+        };
+        let others = pg::int(
+            &reader,
+            &format!("SELECT {count_col} FROM {relation} WHERE tenant <> '{tenant}'"),
+        )
+        .await;
+        assert_eq!(others, 0, "{relation}: the reader sees other tenants' rows");
+        let seen = pg::int(
+            &reader,
+            &format!("SELECT coalesce(({sum})::bigint, 0) FROM {relation}"),
+        )
+        .await;
+        let truth = pg::int(
+            &admin,
+            &format!("SELECT count(*) FROM meterd.events WHERE tenant = '{tenant}'"),
+        )
+        .await;
+        assert!(truth > 0);
+        assert_eq!(
+            seen, truth,
+            "{relation}: the reader sees all of its own tenant's events"
+        );
+    }
+    // Switching the session's tenant to one not granted shows nothing.
+    reader
+        .batch_execute("SET meterd.tenant = 'someone-else'")
+        .await
+        .expect("set");
+    assert_eq!(
+        pg::int(&reader, "SELECT count(*) FROM meterd.events").await,
+        0
+    );
+    assert_eq!(
+        pg::int(&reader, "SELECT count(*) FROM meterd.usage_hourly").await,
+        0
+    );
+    // The storage relations behind the views are not readable at all.
+    for relation in [
+        "meterd.events_data",
+        "meterd.usage_hourly_mat",
+        "meterd.usage_daily_mat",
+        "meterd.rollup_invalidations",
+        "meterd.sink_checkpoints",
+    ] {
+        let err = reader
+            .query(&format!("SELECT count(*) FROM {relation}"), &[])
+            .await
+            .expect_err(relation);
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{relation}: {err:?}"
+        );
+    }
+    // Nor are the other roles' grants.
+    assert_eq!(
+        pg::int(&reader, "SELECT count(*) FROM meterd.tenant_roles").await,
+        1
+    );
+    drop(reader);
+    admin
+        .batch_execute(&format!(
+            "DELETE FROM meterd.tenant_roles WHERE role_name = '{role}';
+             REVOKE ALL ON meterd.events, meterd.usage_hourly, meterd.usage_daily FROM {role};
+             REVOKE ALL ON SCHEMA meterd FROM {role};
+             REVOKE ALL ON DATABASE {db} FROM {role};",
+            db = db.name
+        ))
+        .await
+        .expect("clean up grants");
+    server.kill();
+    drop(admin);
+    drop(db);
+    let cleanup = pg::connect(&pg::admin_url()).await;
+    cleanup
+        .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
+        .await
+        .expect("drop role");
+}

