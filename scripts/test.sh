@@ -9,9 +9,13 @@ step() {
     printf '\n==> %s\n' "$*"
 }
 
-# System packages the tests need, beyond Rust. Empty today: the embedded store needs nothing.
-# Later stores add theirs here (e.g. postgresql, clickhouse-server).
-APT_PACKAGES=()
+# System packages the tests need, beyond Rust: PostgreSQL 15 for the PostgreSQL store, Node.js
+# and npm for the TimescaleDB conformance test (TimescaleDB itself comes from npm, see
+# tests/timescaledb/README.md).
+APT_PACKAGES=(postgresql)
+if ! command -v npm >/dev/null; then
+    APT_PACKAGES+=(nodejs npm)
+fi
 
 install_packages() {
     if [ "${#APT_PACKAGES[@]}" -eq 0 ]; then
@@ -36,7 +40,47 @@ install_packages() {
     DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
 }
 
+as_postgres() {
+    if [ "$(id -u)" -eq 0 ]; then
+        runuser -u postgres -- "$@"
+    else
+        sudo -u postgres "$@"
+    fi
+}
+
+# Starts the Debian PostgreSQL cluster and creates the role the tests connect as. Tests create
+# their own databases (and, for outage tests, their own private servers).
+start_postgres() {
+    step "starting PostgreSQL"
+    local version
+    version=$(pg_lsclusters --no-header | awk 'NR==1 {print $1}')
+    if [ -z "$version" ]; then
+        echo "no PostgreSQL cluster found (pg_lsclusters is empty)" >&2
+        exit 1
+    fi
+    if ! pg_lsclusters --no-header | awk 'NR==1 {print $4}' | grep -q online; then
+        local sudo=()
+        if [ "$(id -u)" -ne 0 ]; then
+            sudo=(sudo)
+        fi
+        "${sudo[@]}" pg_ctlcluster "$version" main start
+    fi
+    as_postgres psql -q -v ON_ERROR_STOP=1 -c "DO \$\$ BEGIN
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'meterd') THEN
+            CREATE ROLE meterd LOGIN SUPERUSER PASSWORD 'meterd';
+        END IF;
+    END \$\$;"
+    local port
+    port=$(pg_lsclusters --no-header | awk 'NR==1 {print $3}')
+    export METERD_TEST_POSTGRES_URL="postgres://meterd:meterd@127.0.0.1:$port/postgres"
+    export METERD_TEST_PG_BIN="/usr/lib/postgresql/$version/bin"
+}
+
 install_packages
+start_postgres
+
+step "npm ci (TimescaleDB for the conformance test)"
+npm ci --prefix tests/timescaledb --no-audit --no-fund
 
 step "cargo fmt --all --check"
 cargo fmt --all --check
