@@ -157,6 +157,47 @@ pub fn router(
         .route("/openapi.json", get(openapi_json))
 }
 
+/// SQL over the embedded store.
+fn embedded_query(ingest: &Arc<Ingest>, settings: &Settings) -> anyhow::Result<Arc<QueryService>> {
+    QueryService::new(
+        Arc::new(EmbeddedSource(Arc::clone(ingest))),
+        settings.query.clone(),
+    )
+    .context("starting the query service")
+}
+
+/// The relations `POST /v1/sql` serves from PostgreSQL.
+const POSTGRES_TABLES: &[&str] = &["events", "usage_hourly", "usage_daily"];
+
+/// SQL over PostgreSQL's `meterd` schema, migrated first so the relations exist.
+async fn postgres_query(
+    pg: &meterd_ingest::postgres::PostgresConfig,
+    settings: &Settings,
+) -> anyhow::Result<Arc<QueryService>> {
+    let mut client = meterd_ingest::postgres::connect(pg)
+        .await
+        .context("connecting to PostgreSQL")?;
+    meterd_ingest::postgres::migrate(&mut client, pg)
+        .await
+        .context("migrating PostgreSQL")?;
+    drop(client);
+    let config: tokio_postgres::Config = pg.url.parse().context("parsing the PostgreSQL URL")?;
+    let manager = deadpool_postgres::Manager::from_config(
+        config,
+        tokio_postgres::NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(settings.query.threads.max(1) * 4)
+        .build()
+        .context("building the PostgreSQL pool")?;
+    QueryService::with_postgres(pool, "meterd", POSTGRES_TABLES, settings.query.clone())
+        .await
+        .context("registering PostgreSQL tables")
+}
+
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let ingest_config = settings.ingest.clone();
@@ -186,11 +227,22 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let query = QueryService::new(
-        Arc::new(EmbeddedSource(Arc::clone(&ingest))),
-        settings.query.clone(),
-    )
-    .context("starting the query service")?;
+    let query = match &settings.postgres {
+        Some(pg) => match postgres_query(pg, &settings).await {
+            Ok(query) => {
+                tracing::info!("SQL is served from PostgreSQL");
+                query
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "PostgreSQL is not ready; SQL is served from the embedded store until restart"
+                );
+                embedded_query(&ingest, &settings)?
+            }
+        },
+        None => embedded_query(&ingest, &settings)?,
+    };
     let app = router(
         Arc::clone(&ingest),
         &query,

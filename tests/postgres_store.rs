@@ -98,7 +98,8 @@ const COLUMN_DIGEST: &[(&str, &str)] = &[
     ),
 ];
 
-async fn assert_columns_match(server: &Server, client: &tokio_postgres::Client) {
+/// `embedded` is a meterd without PostgreSQL that was sent the same events.
+async fn assert_columns_match(embedded: &Server, client: &tokio_postgres::Client) {
     for (pg_expr, df_expr) in COLUMN_DIGEST {
         let in_pg: Option<i64> = client
             .query_one(
@@ -108,7 +109,7 @@ async fn assert_columns_match(server: &Server, client: &tokio_postgres::Client) 
             .await
             .unwrap_or_else(|e| panic!("{pg_expr}: {e}"))
             .get(0);
-        let in_meterd = server
+        let in_meterd = embedded
             .scalar(&format!("SELECT {df_expr} AS v FROM events"))
             .await
             .as_i64();
@@ -125,11 +126,15 @@ async fn every_acknowledged_event_reaches_postgres_once() {
     let mut server = Server::start(&["--postgres-url", &db.url]);
     let client = db.client().await;
 
+    // The same events also go to a meterd without PostgreSQL: its embedded store is the
+    // reference for every column.
+    let embedded = Server::start(&[]);
     let events = generated(21, 4_000, 8, Duration::from_secs(30 * 86_400), 0.05);
     let keys = distinct_keys(&events);
     let mut accepted = 0;
     for chunk in events.chunks(500) {
         accepted += server.post_ndjson(chunk).await.accepted();
+        embedded.post_ndjson(chunk).await.accepted();
     }
     assert_eq!(accepted as usize, keys.len());
     pg::wait_for(
@@ -140,7 +145,7 @@ async fn every_acknowledged_event_reaches_postgres_once() {
     )
     .await;
     assert_exactly(&client, &keys, "after the first delivery").await;
-    assert_columns_match(&server, &client).await;
+    assert_columns_match(&embedded, &client).await;
 
     // Replays: the same events again add nothing, in meterd or in PostgreSQL.
     for chunk in events.chunks(700) {
@@ -633,4 +638,63 @@ async fn a_tenant_scoped_role_sees_only_its_tenant() {
         .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
         .await
         .expect("drop role");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_is_served_from_postgres_with_filters_pushed_down() {
+    let db = TestDb::create("sqlpg").await;
+    let mut server = Server::start(&["--postgres-url", &db.url]);
+    let client = db.client().await;
+    let events = generated(81, 500, 4, Duration::from_secs(3 * 86_400), 0.0);
+    let accepted = server.post_ndjson(&events).await.accepted();
+    pg::wait_for(
+        &client,
+        "SELECT count(*) FROM meterd.events",
+        accepted as i64,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+
+    // A row only PostgreSQL has: the answer can only come from there.
+    client
+        .batch_execute(
+            "SELECT meterd.ensure_event_partitions(ARRAY[now()]);
+             INSERT INTO meterd.events_data (tenant, id, type, time, ingested_at)
+             VALUES ('only-in-postgres', 'x1', 'llm.usage', now(), now());",
+        )
+        .await
+        .expect("insert directly");
+    assert_eq!(server.count("tenant = 'only-in-postgres'").await, 1);
+    assert_eq!(server.count("true").await, accepted + 1);
+
+    // The rollups are relations of the SQL API too.
+    client
+        .execute("SELECT meterd.refresh_rollups()", &[])
+        .await
+        .expect("refresh");
+    for relation in ["usage_hourly", "usage_daily"] {
+        let total = server
+            .scalar(&format!("SELECT sum(events) FROM {relation}"))
+            .await;
+        assert_eq!(total.as_u64(), Some(accepted + 1), "{relation}");
+    }
+
+    // Time and tenant filters run in PostgreSQL.
+    let plan = server
+        .sql(
+            "EXPLAIN SELECT count(*) FROM events \
+             WHERE tenant = 'tenant-01' AND time >= '2026-01-01T00:00:00Z'",
+        )
+        .await
+        .to_string();
+    assert!(plan.contains("PostgresScanExec"), "{plan}");
+    assert!(
+        plan.contains(r#"\"tenant\" = $"#),
+        "tenant filter not pushed down: {plan}"
+    );
+    assert!(
+        plan.contains(r#"\"time\" >= $"#),
+        "time filter not pushed down: {plan}"
+    );
+    server.kill();
 }

@@ -112,6 +112,15 @@ pub enum Error {
     #[error("building the DataFusion runtime environment failed")]
     Setup(#[source] DataFusionError),
 
+    /// A table could not be registered (for PostgreSQL: it is missing, or its columns could not
+    /// be read from the catalog).
+    #[error("registering table {table}")]
+    Table {
+        table: String,
+        #[source]
+        source: DataFusionError,
+    },
+
     /// The task running the query panicked or was cancelled.
     #[error("the query task failed")]
     Task(#[source] tokio::task::JoinError),
@@ -136,9 +145,11 @@ impl Error {
             Error::Plan(e) | Error::Execute(e) => datafusion_error_status_code(e),
             Error::MemoryLimit { .. } | Error::TooManyRows { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Error::Encode { .. } | Error::StartRuntime(_) | Error::Setup(_) | Error::Task(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Error::Encode { .. }
+            | Error::StartRuntime(_)
+            | Error::Setup(_)
+            | Error::Table { .. }
+            | Error::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }

@@ -6,11 +6,15 @@
 //! files plus its not-yet-flushed batches). Queries run on their own tokio runtime with a
 //! timeout, a memory pool and a row cap, so an expensive question gets a clear 4xx/5xx instead
 //! of starving ingest or the process.
+//!
+//! With PostgreSQL configured, [`QueryService::with_postgres`] serves `events` and the rollup
+//! tables from PostgreSQL instead, pushing projections, filters and limits into the SQL it sends.
 
 mod coop;
 mod error;
 mod format;
 mod http;
+mod postgres;
 mod runtime;
 mod statement;
 mod table;
@@ -80,28 +84,41 @@ impl QueryService {
     /// Builds the session (memory pool, `information_schema`, the `events` table) and starts the
     /// query runtime with `config.threads` worker threads.
     pub fn new(source: Arc<dyn EventsSource>, config: QueryConfig) -> Result<Arc<Self>> {
-        let threads = config.threads.max(1);
-        // How many memory consumers a ResourcesExhausted error names.
-        let top_consumers = NonZeroUsize::MIN.saturating_add(4);
-        let pool =
-            TrackConsumersPool::new(FairSpillPool::new(config.memory_limit_bytes), top_consumers);
-        let runtime_env = RuntimeEnvBuilder::new()
-            .with_memory_pool(Arc::new(pool))
-            .build_arc()
-            .map_err(Error::Setup)?;
-        let session = SessionConfig::new()
-            .with_information_schema(true)
-            .with_target_partitions(threads);
-        let state = SessionStateBuilder::new()
-            .with_config(session)
-            .with_runtime_env(runtime_env)
-            .with_default_features()
-            .with_physical_optimizer_rule(Arc::new(coop::CooperativeMultipliers))
-            .build();
-        let ctx = SessionContext::new_with_state(state);
+        let ctx = session_context(&config)?;
         ctx.register_table("events", Arc::new(table::EventsTable::new(source)))
             .map_err(Error::Setup)?;
+        Self::start(ctx, &config)
+    }
 
+    /// Like [`QueryService::new`], but each of `tables` is the PostgreSQL table or view
+    /// `schema.table`, registered under its own name, its columns read from the catalog now.
+    /// Scans go through `pool`; projections, limits and the filters that translate exactly
+    /// (comparisons, `IN`, `BETWEEN`, `IS NULL` on text, integer, boolean and timestamp
+    /// columns) run in PostgreSQL. A missing table is an error that names it.
+    pub async fn with_postgres(
+        pool: deadpool_postgres::Pool,
+        schema: &str,
+        tables: &[&str],
+        config: QueryConfig,
+    ) -> Result<Arc<Self>> {
+        let ctx = session_context(&config)?;
+        for &table in tables {
+            let registration_error = |source| Error::Table {
+                table: format!("{schema}.{table}"),
+                source,
+            };
+            let provider =
+                postgres::PostgresTable::discover(pool.clone(), schema, table, config.timeout)
+                    .await
+                    .map_err(registration_error)?;
+            ctx.register_table(table, Arc::new(provider))
+                .map_err(registration_error)?;
+        }
+        Self::start(ctx, &config)
+    }
+
+    /// Starts the query runtime for a session whose tables are registered.
+    fn start(ctx: SessionContext, config: &QueryConfig) -> Result<Arc<Self>> {
         let engine = Arc::new(Engine {
             ctx,
             max_rows: config.max_rows,
@@ -110,7 +127,7 @@ impl QueryService {
         Ok(Arc::new(Self {
             engine,
             timeout: config.timeout,
-            runtime: QueryRuntime::new(threads)?,
+            runtime: QueryRuntime::new(config.threads.max(1))?,
         }))
     }
 
@@ -162,6 +179,30 @@ impl QueryService {
         }
         outcome
     }
+}
+
+/// A session without tables: memory pool, `information_schema`, `config.threads` partitions and
+/// the rule that keeps row-multiplying operators cancellable.
+fn session_context(config: &QueryConfig) -> Result<SessionContext> {
+    let threads = config.threads.max(1);
+    // How many memory consumers a ResourcesExhausted error names.
+    let top_consumers = NonZeroUsize::MIN.saturating_add(4);
+    let pool =
+        TrackConsumersPool::new(FairSpillPool::new(config.memory_limit_bytes), top_consumers);
+    let runtime_env = RuntimeEnvBuilder::new()
+        .with_memory_pool(Arc::new(pool))
+        .build_arc()
+        .map_err(Error::Setup)?;
+    let session = SessionConfig::new()
+        .with_information_schema(true)
+        .with_target_partitions(threads);
+    let state = SessionStateBuilder::new()
+        .with_config(session)
+        .with_runtime_env(runtime_env)
+        .with_default_features()
+        .with_physical_optimizer_rule(Arc::new(coop::CooperativeMultipliers))
+        .build();
+    Ok(SessionContext::new_with_state(state))
 }
 
 /// What the query task needs; shared with it so the task never owns the runtime it runs on.

@@ -305,6 +305,7 @@ fn refresh_function(sql: &mut String) {
          v_buckets timestamptz[];\n    \
          v_lo timestamptz;\n    \
          v_hi timestamptz;\n    \
+         v_chunk timestamptz[];\n    \
          v_total bigint := 0;\n\
          BEGIN\n    \
          PERFORM pg_advisory_xact_lock({REFRESH_LOCK_KEY});\n"
@@ -335,7 +336,7 @@ fn refresh_function(sql: &mut String) {
             &source,
             Some(&format!(
                 "{time_column} >= v_lo AND {time_column} < v_hi + INTERVAL '{interval}'\n          \
-                 AND {bucket_of_row} = ANY (v_buckets)",
+                 AND {bucket_of_row} = ANY (v_chunk)",
                 interval = r.width.interval()
             )),
         );
@@ -352,9 +353,11 @@ fn refresh_function(sql: &mut String) {
              SELECT coalesce(array_agg(bucket ORDER BY bucket), '{{}}') INTO v_buckets FROM done;\n    \
              IF cardinality(v_buckets) > 0 THEN\n        \
              DELETE FROM meterd.{name}_mat WHERE bucket = ANY (v_buckets);\n        \
-             -- One scan per day of source rows, so partitions are pruned.\n        \
-             FOR v_lo, v_hi IN\n            \
-             SELECT min(b), max(b) FROM unnest(v_buckets) AS b GROUP BY {chunk_of_bucket}\n        \
+             -- One scan per day of source rows, so partitions are pruned and each row is\n        \
+             -- checked against that day's buckets only.\n        \
+             FOR v_lo, v_hi, v_chunk IN\n            \
+             SELECT min(b), max(b), array_agg(b) FROM unnest(v_buckets) AS b\n            \
+             GROUP BY {chunk_of_bucket}\n        \
              LOOP\n        \
              INSERT INTO meterd.{name}_mat ({cols})\n        \
              {select};\n        \

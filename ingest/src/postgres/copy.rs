@@ -1,4 +1,5 @@
-//! Binary COPY of events into `meterd.events_data`.
+//! Binary COPY of events into `meterd.events_data` (and, for benchmarks, any table of the
+//! same columns).
 
 use std::pin::Pin;
 
@@ -7,14 +8,19 @@ use meterd_schemas::{EventData, StoredEvent};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, ToSql, Type};
 
-/// The COPY statement; the column order matches [`TYPES`] and [`write_event`].
-pub(crate) const COPY_STATEMENT: &str = "COPY meterd.events_data (\
-    tenant, id, type, time, ingested_at, subject, source, dimensions, provider, model, \
-    input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, route, method, \
-    status_code, request_bytes, response_bytes, agent, run_id, parent_run_id, status, \
-    latency_ms, duration_ms, steps, tool_calls) FROM STDIN (FORMAT binary)";
+/// The columns in the order of [`TYPES`] and [`write_event`].
+pub const COLUMNS: &str = "tenant, id, type, time, ingested_at, subject, source, dimensions, \
+    provider, model, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, route, \
+    method, status_code, request_bytes, response_bytes, agent, run_id, parent_run_id, status, \
+    latency_ms, duration_ms, steps, tool_calls";
 
-pub(crate) const TYPES: [Type; 27] = [
+/// `COPY <table> (COLUMNS) FROM STDIN (FORMAT binary)`; `table` is trusted (a constant).
+pub fn copy_statement(table: &str) -> String {
+    format!("COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)")
+}
+
+/// The column types of [`COLUMNS`].
+pub const TYPES: [Type; 27] = [
     Type::TEXT,
     Type::TEXT,
     Type::TEXT,
@@ -111,7 +117,7 @@ fn timestamp(us: i64) -> DateTime<Utc> {
 }
 
 /// Writes one event as one row.
-pub(crate) async fn write_event(
+pub async fn write_event(
     writer: Pin<&mut BinaryCopyInWriter>,
     stored: &StoredEvent,
 ) -> Result<(), tokio_postgres::Error> {

@@ -11,7 +11,7 @@
 //! - Upkeep (plain PostgreSQL): refreshes the rollups, creates partitions ahead and drops them
 //!   past retention. TimescaleDB does this itself with its policies.
 
-mod copy;
+pub mod copy;
 pub mod migrate;
 mod sink;
 mod upkeep;
@@ -119,6 +119,8 @@ pub enum PgError {
     CheckpointAhead { database: u64, end: u64 },
     #[error("reading the log")]
     Log(#[source] crate::Error),
+    #[error("the log reader task failed: {0}")]
+    ReaderTask(String),
 }
 
 pub(crate) fn sql_err(step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {

@@ -87,11 +87,15 @@ where
     let mut delays = backoff();
     loop {
         let started = std::time::Instant::now();
-        match session(shutdown.clone()).await {
-            Ok(()) => return,
-            Err(e) => {
-                tracing::warn!(task = what, error = %error_chain(&e), "PostgreSQL task failed; retrying");
-            }
+        // Cancelling drops a batch in flight: its transaction rolls back and the log keeps it.
+        let result = tokio::select! {
+            r = session(shutdown.clone()) => r,
+            () = shutdown.cancelled() => return,
+        };
+        if let Err(e) = result {
+            tracing::warn!(task = what, error = %error_chain(&e), "PostgreSQL task failed; retrying");
+        } else {
+            return;
         }
         if started.elapsed() > Duration::from_secs(30) {
             // It ran for a while: start the backoff over.
@@ -105,11 +109,23 @@ where
     }
 }
 
-/// Connects (without TLS) and spawns the connection's driver.
+/// Connects (without TLS) and spawns the connection's driver. Unless the URL says otherwise,
+/// connecting gives up after 10 s and a dead peer is noticed within about a minute (TCP
+/// keepalives and user timeout), so an outage or a cut network ends a session instead of
+/// hanging it.
 pub async fn connect(config: &PostgresConfig) -> Result<Client, PgError> {
-    let (client, connection) = tokio_postgres::connect(&config.url, NoTls)
-        .await
-        .map_err(PgError::Connect)?;
+    let mut pg: tokio_postgres::Config = config.url.parse().map_err(PgError::Connect)?;
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(Duration::from_secs(10));
+    }
+    pg.keepalives(true);
+    if pg.get_keepalives_idle() == Duration::from_secs(2 * 3600) {
+        pg.keepalives_idle(Duration::from_secs(30));
+    }
+    if pg.get_tcp_user_timeout().is_none() {
+        pg.tcp_user_timeout(Duration::from_secs(60));
+    }
+    let (client, connection) = pg.connect(NoTls).await.map_err(PgError::Connect)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "PostgreSQL connection ended");
@@ -257,12 +273,7 @@ impl Sink {
             Ok((reader, batch))
         })
         .await
-        .map_err(|e| {
-            PgError::Log(crate::Error::LogIo {
-                path: "log".into(),
-                source: std::io::Error::other(e),
-            })
-        })?
+        .map_err(|e| PgError::ReaderTask(e.to_string()))?
         .map_err(PgError::Log)
     }
 
@@ -273,7 +284,7 @@ impl Sink {
             .await
             .map_err(sql_err("starting a delivery"))?;
         let sink = tx
-            .copy_in(copy::COPY_STATEMENT)
+            .copy_in(&copy::copy_statement("meterd.events_data"))
             .await
             .map_err(sql_err("starting COPY into meterd.events_data"))?;
         let writer = BinaryCopyInWriter::new(sink, &copy::TYPES);

@@ -211,6 +211,7 @@ DECLARE
     v_buckets timestamptz[];
     v_lo timestamptz;
     v_hi timestamptz;
+    v_chunk timestamptz[];
     v_total bigint := 0;
 BEGIN
     PERFORM pg_advisory_xact_lock(7887054623174194024);
@@ -225,9 +226,11 @@ BEGIN
     SELECT coalesce(array_agg(bucket ORDER BY bucket), '{}') INTO v_buckets FROM done;
     IF cardinality(v_buckets) > 0 THEN
         DELETE FROM meterd.usage_hourly_mat WHERE bucket = ANY (v_buckets);
-        -- One scan per day of source rows, so partitions are pruned.
-        FOR v_lo, v_hi IN
-            SELECT min(b), max(b) FROM unnest(v_buckets) AS b GROUP BY date_bin(INTERVAL '1 day', b, TIMESTAMPTZ '2000-01-01 00:00:00+00')
+        -- One scan per day of source rows, so partitions are pruned and each row is
+        -- checked against that day's buckets only.
+        FOR v_lo, v_hi, v_chunk IN
+            SELECT min(b), max(b), array_agg(b) FROM unnest(v_buckets) AS b
+            GROUP BY date_bin(INTERVAL '1 day', b, TIMESTAMPTZ '2000-01-01 00:00:00+00')
         LOOP
         INSERT INTO meterd.usage_hourly_mat (bucket, tenant, type, provider, model, agent, route, status_class, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, errors, latency_count, latency_ms_sum, duration_count, duration_ms_sum, latency_le_5, latency_le_10, latency_le_25, latency_le_50, latency_le_100, latency_le_250, latency_le_500, latency_le_1000, latency_le_2500, latency_le_5000, latency_le_10000, latency_le_30000, latency_le_60000)
         SELECT date_bin(INTERVAL '1 hour', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket,
@@ -263,7 +266,7 @@ BEGIN
                sum(CASE WHEN latency_ms <= 60000 THEN 1 ELSE 0 END)::bigint AS latency_le_60000
         FROM meterd.events_data
         WHERE time >= v_lo AND time < v_hi + INTERVAL '1 hour'
-                  AND date_bin(INTERVAL '1 hour', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') = ANY (v_buckets)
+                  AND date_bin(INTERVAL '1 hour', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') = ANY (v_chunk)
         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8;
         END LOOP;
         v_total := v_total + cardinality(v_buckets);
@@ -282,9 +285,11 @@ BEGIN
     SELECT coalesce(array_agg(bucket ORDER BY bucket), '{}') INTO v_buckets FROM done;
     IF cardinality(v_buckets) > 0 THEN
         DELETE FROM meterd.usage_daily_mat WHERE bucket = ANY (v_buckets);
-        -- One scan per day of source rows, so partitions are pruned.
-        FOR v_lo, v_hi IN
-            SELECT min(b), max(b) FROM unnest(v_buckets) AS b GROUP BY date_bin(INTERVAL '1 day', b, TIMESTAMPTZ '2000-01-01 00:00:00+00')
+        -- One scan per day of source rows, so partitions are pruned and each row is
+        -- checked against that day's buckets only.
+        FOR v_lo, v_hi, v_chunk IN
+            SELECT min(b), max(b), array_agg(b) FROM unnest(v_buckets) AS b
+            GROUP BY date_bin(INTERVAL '1 day', b, TIMESTAMPTZ '2000-01-01 00:00:00+00')
         LOOP
         INSERT INTO meterd.usage_daily_mat (bucket, tenant, type, provider, model, agent, route, status_class, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, errors, latency_count, latency_ms_sum, duration_count, duration_ms_sum, latency_le_5, latency_le_10, latency_le_25, latency_le_50, latency_le_100, latency_le_250, latency_le_500, latency_le_1000, latency_le_2500, latency_le_5000, latency_le_10000, latency_le_30000, latency_le_60000)
         SELECT date_bin(INTERVAL '1 day', bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket,
@@ -320,7 +325,7 @@ BEGIN
                sum(latency_le_60000)::bigint AS latency_le_60000
         FROM meterd.usage_hourly_mat
         WHERE bucket >= v_lo AND bucket < v_hi + INTERVAL '1 day'
-                  AND date_bin(INTERVAL '1 day', bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00') = ANY (v_buckets)
+                  AND date_bin(INTERVAL '1 day', bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00') = ANY (v_chunk)
         GROUP BY 1, 2, 3, 4, 5, 6, 7, 8;
         END LOOP;
         v_total := v_total + cardinality(v_buckets);
