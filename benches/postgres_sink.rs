@@ -174,6 +174,26 @@ async fn run(opts: Options) -> Result<()> {
         report.version
     );
 
+    // Baselines: the same rows, plain binary COPY, no service in between.
+    let rows: Vec<StoredEvent> = events
+        .iter()
+        .map(|event| StoredEvent {
+            ingested_at_us: chrono::Utc::now().timestamp_micros(),
+            event: event.clone(),
+        })
+        .collect();
+    client
+        .batch_execute(
+            "CREATE TABLE public.plain (LIKE meterd.events_data);
+             CREATE TABLE public.uniq (LIKE meterd.events_data);
+             CREATE UNIQUE INDEX ON public.uniq (tenant, id, time);",
+        )
+        .await?;
+    // Each phase starts right after a checkpoint, so none pays for another's dirty pages.
+    client.batch_execute("CHECKPOINT").await?;
+    let plain = plain_copy(&mut client, "public.plain", &rows).await?;
+    client.batch_execute("CHECKPOINT").await?;
+
     // Fill a log (not timed), the way ingest does: dedup, fsync, group commit.
     let dir = tempfile::tempdir()?;
     let mut ingest_config = IngestConfig::new(dir.path());
@@ -224,24 +244,16 @@ async fn run(opts: Options) -> Result<()> {
     let meterd_time = started.elapsed();
     stop.cancel();
     handle.join().await;
-
-    // Baselines: the same rows, plain binary COPY, no service in between.
-    let rows: Vec<StoredEvent> = events
-        .into_iter()
-        .map(|event| StoredEvent {
-            ingested_at_us: chrono::Utc::now().timestamp_micros(),
-            event,
-        })
-        .collect();
+    client.batch_execute("CHECKPOINT").await?;
+    let unique = plain_copy(&mut client, "public.uniq", &rows).await?;
+    // The same COPY straight into meterd's table (partitions, index, invalidation trigger), no
+    // log and no checkpoint: what the table costs, apart from the sink.
     client
         .batch_execute(
-            "CREATE TABLE public.plain (LIKE meterd.events_data);
-             CREATE TABLE public.uniq (LIKE meterd.events_data);
-             CREATE UNIQUE INDEX ON public.uniq (tenant, id, time);",
+            "TRUNCATE meterd.events_data; TRUNCATE meterd.rollup_invalidations; CHECKPOINT;",
         )
         .await?;
-    let plain = plain_copy(&mut client, "public.plain", &rows).await?;
-    let unique = plain_copy(&mut client, "public.uniq", &rows).await?;
+    let into_meterd_table = plain_copy(&mut client, "meterd.events_data", &rows).await?;
 
     // Rollups: a full refresh of everything delivered against the same GROUP BY run raw.
     let hourly = meterd_rollups::rollup("usage_hourly").context("usage_hourly")?;
@@ -296,6 +308,10 @@ async fn run(opts: Options) -> Result<()> {
     println!(
         "  plain binary COPY, unique (tenant, id, time) index:           {}",
         rate(n, unique)
+    );
+    println!(
+        "  plain binary COPY into meterd's table, no log, no checkpoint: {}",
+        rate(n, into_meterd_table)
     );
     println!(
         "  meterd / plain: {:.2}x   meterd / unique-index: {:.2}x",

@@ -174,17 +174,19 @@ impl Sink {
             "delivering to PostgreSQL"
         );
 
-        let mut reader: Option<LogReader> = None;
         let mut partitions: HashSet<i64> = HashSet::new();
+        // The next batch is read from the log while the current one is committed.
+        let mut next = self.read(None, lsn);
         while !shutdown.is_cancelled() {
-            let (back, batch) = self.read(reader.take(), lsn).await?;
-            reader = Some(back);
+            let (reader, batch) = next.await?;
             if batch.events.is_empty() {
+                next = self.read(Some(reader), lsn);
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep(IDLE_POLL) => continue,
                 }
             }
+            next = self.read(Some(reader), batch.end);
             if report.flavor == Flavor::Postgres {
                 ensure_partitions(&client, &batch.events, &mut partitions).await?;
             }
@@ -245,36 +247,40 @@ impl Sink {
         Ok(committed)
     }
 
-    /// Reads up to `batch_rows` events from `from` (whole log records), off the async threads.
-    async fn read(
+    /// Starts reading up to `batch_rows` events from `from` (whole log records) on a blocking
+    /// thread; the returned future yields the reader back with the batch.
+    fn read(
         &self,
         reader: Option<LogReader>,
         from: Lsn,
-    ) -> Result<(LogReader, Batch), PgError> {
+    ) -> impl std::future::Future<Output = Result<(LogReader, Batch), PgError>> + use<> {
         let log = Arc::clone(&self.log);
         let max_rows = self.config.batch_rows.max(1);
-        tokio::task::spawn_blocking(move || -> Result<(LogReader, Batch), crate::Error> {
-            let mut reader = match reader {
-                Some(r) if r.position() == from => r,
-                _ => log.reader(from)?,
-            };
-            let mut batch = Batch {
-                events: Vec::new(),
-                end: from,
-            };
-            let mut payload = Vec::new();
-            while batch.events.len() < max_rows {
-                let Some((lsn, end)) = reader.next_record(&mut payload)? else {
-                    break;
+        let task =
+            tokio::task::spawn_blocking(move || -> Result<(LogReader, Batch), crate::Error> {
+                let mut reader = match reader {
+                    Some(r) if r.position() == from => r,
+                    _ => log.reader(from)?,
                 };
-                batch.events.extend(crate::decode_record(lsn, &payload)?);
-                batch.end = end;
-            }
-            Ok((reader, batch))
-        })
-        .await
-        .map_err(|e| PgError::ReaderTask(e.to_string()))?
-        .map_err(PgError::Log)
+                let mut batch = Batch {
+                    events: Vec::new(),
+                    end: from,
+                };
+                let mut payload = Vec::new();
+                while batch.events.len() < max_rows {
+                    let Some((lsn, end)) = reader.next_record(&mut payload)? else {
+                        break;
+                    };
+                    batch.events.extend(crate::decode_record(lsn, &payload)?);
+                    batch.end = end;
+                }
+                Ok((reader, batch))
+            });
+        async move {
+            task.await
+                .map_err(|e| PgError::ReaderTask(e.to_string()))?
+                .map_err(PgError::Log)
+        }
     }
 
     /// COPYs the batch and moves the checkpoint from `from` to its end, in one transaction.
