@@ -160,5 +160,39 @@ async fn rollups_equal_a_raw_group_by_through_late_events() {
         .expect("histogram");
     let (count, le_25, le_500): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
     assert_eq!((count, le_25, le_500), (8, 3, 6));
+
+    // Retention drops whole daily partitions of raw events; the rollups keep their buckets.
+    let cutoff = now.duration_trunc(day).expect("trunc") - TimeDelta::days(20);
+    let before_cutoff = |relation: &str, measure: &str| {
+        format!(
+            "SELECT ({measure})::bigint FROM {relation} WHERE {} < '{cutoff}'",
+            if relation == "meterd.events" {
+                "time"
+            } else {
+                "bucket"
+            }
+        )
+    };
+    let old_events = pg::int(&client, &before_cutoff("meterd.events", "count(*)")).await;
+    let old_rollup = pg::int(&client, &before_cutoff("meterd.usage_daily", "sum(events)")).await;
+    assert!(old_events > 0);
+    assert_eq!(old_rollup, old_events);
+    let dropped: i32 = client
+        .query_one("SELECT meterd.drop_event_partitions($1)", &[&cutoff])
+        .await
+        .expect("drop partitions")
+        .get(0);
+    assert!(dropped >= 9, "dropped {dropped} partitions");
+    assert_eq!(
+        pg::int(&client, &before_cutoff("meterd.events", "count(*)")).await,
+        0
+    );
+    assert!(pg::int(&client, "SELECT count(*) FROM meterd.events").await > 0);
+    refresh(&client, now).await;
+    assert_eq!(
+        pg::int(&client, &before_cutoff("meterd.usage_daily", "sum(events)")).await,
+        old_rollup,
+        "rollups keep the buckets of dropped partitions"
+    );
     server.kill();
 }

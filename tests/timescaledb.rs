@@ -47,6 +47,17 @@ fn migration_steps() -> Vec<Value> {
         let sql = std::fs::read_to_string(dir.join(file)).expect("migration file");
         steps.push(json!({ "sql": sql }));
     }
+    // The policies meterd sets from its configuration, as it sets them (twice: replacing works).
+    use meterd_ingest::postgres::migrate::{
+        ADD_COMPRESSION_POLICY, ADD_RETENTION_POLICY, REMOVE_COMPRESSION_POLICY,
+        REMOVE_RETENTION_POLICY,
+    };
+    for _ in 0..2 {
+        steps.push(json!({"sql": REMOVE_COMPRESSION_POLICY}));
+        steps.push(json!({"sql": ADD_COMPRESSION_POLICY, "params": ["7 days"]}));
+        steps.push(json!({"sql": REMOVE_RETENTION_POLICY}));
+        steps.push(json!({"sql": ADD_RETENTION_POLICY, "params": ["400 days"]}));
+    }
     steps
 }
 
@@ -105,6 +116,10 @@ async fn timescaledb_continuous_aggregates_equal_the_plain_rollups() {
         json!({"query": "SELECT count(*) AS n FROM timescaledb_information.continuous_aggregates \
                                 WHERE view_schema = 'meterd'", "name": "caggs"}),
     );
+    steps.push(json!({
+        "query": "SELECT proc_name FROM timescaledb_information.jobs ORDER BY 1",
+        "name": "jobs",
+    }));
     steps.push(json!({"query": canonical("meterd.usage_hourly"), "name": "hourly"}));
     steps.push(json!({"query": canonical("meterd.usage_daily"), "name": "daily"}));
     // Late events after the refresh, then a second refresh.
@@ -156,6 +171,27 @@ async fn timescaledb_continuous_aggregates_equal_the_plain_rollups() {
     assert_eq!(results["events"][0]["n"], json!(keys.len()));
     assert_eq!(results["hypertables"][0]["n"], json!(1));
     assert_eq!(results["caggs"][0]["n"], json!(2));
+    let jobs: Vec<String> = results["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .map(|j| j["proc_name"].as_str().unwrap_or("").to_owned())
+        .collect();
+    for policy in [
+        "policy_compression",
+        "policy_retention",
+        "policy_refresh_continuous_aggregate",
+    ] {
+        assert!(
+            jobs.iter().any(|j| j == policy),
+            "{policy} missing from {jobs:?}"
+        );
+    }
+    assert_eq!(
+        jobs.iter().filter(|j| *j == "policy_compression").count(),
+        1,
+        "replacing a policy leaves one: {jobs:?}"
+    );
 
     for (name, relation) in [
         ("hourly", "meterd.usage_hourly"),

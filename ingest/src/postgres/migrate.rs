@@ -183,6 +183,17 @@ async fn choose_flavor(client: &Client, mode: TimescaleMode) -> Result<Flavor, P
     }
 }
 
+/// The TimescaleDB policy statements, in the order [`migrate`] runs them; the `ADD_*` ones take
+/// the interval as `$1` (text).
+pub const REMOVE_COMPRESSION_POLICY: &str =
+    "SELECT remove_compression_policy('meterd.events_data', if_exists => true)";
+pub const ADD_COMPRESSION_POLICY: &str =
+    "SELECT add_compression_policy('meterd.events_data', compress_after => $1::text::interval)";
+pub const REMOVE_RETENTION_POLICY: &str =
+    "SELECT remove_retention_policy('meterd.events_data', if_exists => true)";
+pub const ADD_RETENTION_POLICY: &str =
+    "SELECT add_retention_policy('meterd.events_data', drop_after => $1::text::interval)";
+
 /// Replaces the compression and retention policies of `meterd.events_data` with the configured
 /// ones (or none).
 async fn apply_timescaledb_policies(
@@ -193,33 +204,23 @@ async fn apply_timescaledb_policies(
         .transaction()
         .await
         .map_err(sql_err("starting the policy update"))?;
-    tx.execute(
-        "SELECT remove_compression_policy('meterd.events_data', if_exists => true)",
-        &[],
-    )
-    .await
-    .map_err(sql_err("removing the compression policy"))?;
+    tx.execute(REMOVE_COMPRESSION_POLICY, &[])
+        .await
+        .map_err(sql_err("removing the compression policy"))?;
     if let Some(after) = &config.compress_after {
-        tx.execute(
-            "SELECT add_compression_policy('meterd.events_data', compress_after => $1::text::interval)",
-            &[after],
-        )
-        .await
-        .map_err(sql_err("adding the compression policy (postgres.compress_after)"))?;
+        tx.execute(ADD_COMPRESSION_POLICY, &[after])
+            .await
+            .map_err(sql_err(
+                "adding the compression policy (postgres.compress_after)",
+            ))?;
     }
-    tx.execute(
-        "SELECT remove_retention_policy('meterd.events_data', if_exists => true)",
-        &[],
-    )
-    .await
-    .map_err(sql_err("removing the retention policy"))?;
-    if let Some(retention) = &config.retention {
-        tx.execute(
-            "SELECT add_retention_policy('meterd.events_data', drop_after => $1::text::interval)",
-            &[retention],
-        )
+    tx.execute(REMOVE_RETENTION_POLICY, &[])
         .await
-        .map_err(sql_err("adding the retention policy (postgres.retention)"))?;
+        .map_err(sql_err("removing the retention policy"))?;
+    if let Some(retention) = &config.retention {
+        tx.execute(ADD_RETENTION_POLICY, &[retention])
+            .await
+            .map_err(sql_err("adding the retention policy (postgres.retention)"))?;
     }
     tx.commit()
         .await
