@@ -84,7 +84,9 @@ impl MigrateArgs {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
-        postgres_config(self.postgres_url.clone(), file.postgres)?.ok_or_else(|| {
+        let max_age = meterd_schemas::Limits::default().max_age.num_days();
+        let max_age = file.max_event_age_days.map_or(max_age, clamp_i64);
+        postgres_config(self.postgres_url.clone(), file.postgres, max_age)?.ok_or_else(|| {
             ConfigError::Invalid(
                 "no PostgreSQL configured: give --postgres-url, METERD_POSTGRES_URL or [postgres] url"
                     .to_owned(),
@@ -135,11 +137,12 @@ pub struct PostgresFileConfig {
     pub timescaledb: Option<TimescaleSetting>,
     /// Events per COPY transaction [default: 10000].
     pub batch_rows: Option<usize>,
-    /// TimescaleDB: compress chunks older than this PostgreSQL interval, or `"off"`
-    /// [default: "7 days"].
-    pub compress_after: Option<String>,
-    /// Drop raw events older than this PostgreSQL interval, or `"off"` [default: off].
-    pub retention: Option<String>,
+    /// TimescaleDB: compress chunks older than this many days; 0 turns compression off
+    /// [default: 7].
+    pub compress_after_days: Option<u32>,
+    /// Drop raw events older than this many days; at least `max_event_age_days`, so no late
+    /// event can land in a dropped day [default: keep everything].
+    pub retention_days: Option<u32>,
     /// Plain PostgreSQL: seconds between rollup refreshes [default: 30].
     pub refresh_interval_secs: Option<f64>,
     /// Plain PostgreSQL: days of partitions created ahead [default: 3].
@@ -303,7 +306,11 @@ impl Settings {
                 "refusing to listen on {listen} without API keys: configure [[api_keys]] in the config file, or listen on a loopback address"
             )));
         }
-        let postgres = postgres_config(args.postgres_url.clone(), file.postgres.clone())?;
+        let postgres = postgres_config(
+            args.postgres_url.clone(),
+            file.postgres.clone(),
+            ingest.limits.max_age.num_days(),
+        )?;
         if postgres.is_some() {
             ingest.sinks.push(POSTGRES_SINK.to_owned());
         }
@@ -326,6 +333,7 @@ pub const POSTGRES_SINK: &str = "postgres";
 pub fn postgres_config(
     url: Option<String>,
     file: Option<PostgresFileConfig>,
+    max_event_age_days: i64,
 ) -> Result<Option<PostgresConfig>, ConfigError> {
     let file = file.unwrap_or_default();
     let Some(url) = url.or(file.url) else {
@@ -342,12 +350,17 @@ pub fn postgres_config(
     if let Some(v) = file.batch_rows {
         pg.batch_rows = positive(v, "postgres.batch_rows")?;
     }
-    let interval = |v: String| (v != "off").then_some(v);
-    if let Some(v) = file.compress_after {
-        pg.compress_after = interval(v);
+    if let Some(days) = file.compress_after_days {
+        pg.compress_after = (days > 0).then(|| format!("{days} days"));
     }
-    if let Some(v) = file.retention {
-        pg.retention = interval(v);
+    if let Some(days) = file.retention_days {
+        if i64::from(days) < max_event_age_days {
+            return Err(ConfigError::Invalid(format!(
+                "postgres.retention_days ({days}) must be at least max_event_age_days \
+                 ({max_event_age_days}): otherwise a late event could land in a dropped day"
+            )));
+        }
+        pg.retention = Some(format!("{days} days"));
     }
     if let Some(v) = file.refresh_interval_secs {
         if !(v.is_finite() && v > 0.0) {

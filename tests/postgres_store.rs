@@ -170,7 +170,7 @@ async fn every_acknowledged_event_reaches_postgres_once() {
     .await;
     assert_exactly(&client, &all, "after replays and restarts").await;
 
-    // The node's checkpoint is where the log ends.
+    // One node, one checkpoint row.
     let checkpoints = pg::int(&client, "SELECT count(*) FROM meterd.sink_checkpoints").await;
     assert_eq!(checkpoints, 1, "one node, one checkpoint");
     let ready = server
@@ -412,7 +412,9 @@ async fn kill_9_during_copy_delivers_each_event_once() {
     )
     .await;
 
-    // Random: kill while batches stream in and COPYs run, three times.
+    // Random: kill while batches stream in, three times, each as soon as a COPY is seen running
+    // (or after 15 s). The held-row kill above is the case that is guaranteed to land inside a
+    // delivery transaction; these add kills at whatever point the stream is at.
     let copying = format!(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' AND state = 'active' \
          AND query LIKE 'COPY meterd.events_data%'",
@@ -697,4 +699,69 @@ async fn sql_is_served_from_postgres_with_filters_pushed_down() {
         "time filter not pushed down: {plan}"
     );
     server.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_sent_to_two_nodes_is_stored_once() {
+    let db = TestDb::create("twonodes").await;
+    let mut first = Server::start(&["--postgres-url", &db.url]);
+    let mut second = Server::start(&["--postgres-url", &db.url]);
+    let client = db.client().await;
+
+    let mut shared = generated(91, 300, 4, Duration::from_secs(86_400), 0.0);
+    renamed(&mut shared, "shared");
+    let mut only_first = generated(92, 200, 4, Duration::from_secs(86_400), 0.0);
+    renamed(&mut only_first, "first");
+    // The second node delivers the shared events; then the first node, which has never seen
+    // them, accepts them too, in batches mixed with events only it has.
+    assert_eq!(second.post_ndjson(&shared).await.accepted(), 300);
+    pg::wait_for(
+        &client,
+        "SELECT count(*) FROM meterd.events",
+        300,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+    let mut mixed = shared.clone();
+    mixed.extend(only_first.iter().cloned());
+    assert_eq!(first.post_ndjson(&mixed).await.accepted(), 500);
+
+    let mut want = distinct_keys(&shared);
+    want.extend(distinct_keys(&only_first));
+    pg::wait_for(
+        &client,
+        "SELECT count(*) FROM meterd.events",
+        500,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+    // Both nodes' checkpoints reached their log ends, and nothing more arrives.
+    pg::wait_for(
+        &client,
+        "SELECT count(*) FROM meterd.sink_checkpoints",
+        2,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_exactly(&client, &want, "two nodes").await;
+    client
+        .execute("SELECT meterd.refresh_rollups()", &[])
+        .await
+        .expect("refresh");
+    assert_eq!(
+        pg::int(
+            &client,
+            "SELECT sum(events)::bigint FROM meterd.usage_daily"
+        )
+        .await,
+        500,
+        "the rollups count the shared events once"
+    );
+    assert!(
+        first.stderr().contains("already had"),
+        "the first node reports the events it found stored"
+    );
+    first.kill();
+    second.kill();
 }

@@ -34,6 +34,10 @@ pub enum Flavor {
 /// buckets start where TimescaleDB's `time_bucket` starts them.
 const ORIGIN: &str = "TIMESTAMPTZ '2000-01-01 00:00:00+00'";
 
+/// Sums saturate at the largest `bigint` instead of failing the refresh: PostgreSQL sums
+/// `bigint` as `numeric`, and one absurd value must not stop every tenant's rollups.
+const SUM_MAX: i64 = i64::MAX;
+
 /// The advisory lock key that serialises refreshes across meterd nodes (`'mtrdrfsh'` as bytes).
 pub const REFRESH_LOCK_KEY: i64 = 0x6d74_7264_7266_7368;
 
@@ -71,7 +75,7 @@ fn dimension_sql(expr: &DimensionExpr) -> String {
 fn measure_over_events(aggregate: &Aggregate) -> String {
     match aggregate {
         Aggregate::Count => "count(*)".to_owned(),
-        Aggregate::Sum(c) => format!("coalesce(sum({c}), 0)::bigint"),
+        Aggregate::Sum(c) => format!("least(coalesce(sum({c}), 0), {SUM_MAX})::bigint"),
         Aggregate::CountIf(p) => {
             format!(
                 "sum(CASE WHEN {} THEN 1 ELSE 0 END)::bigint",
@@ -102,7 +106,7 @@ pub fn select_sql(flavor: Flavor, rollup: &Rollup, from: &str, filter: Option<&s
     for m in measures() {
         let expr = match rollup.source {
             Source::Events => measure_over_events(&m.aggregate),
-            Source::Rollup(_) => format!("sum({})::bigint", m.name),
+            Source::Rollup(_) => format!("least(sum({}), {SUM_MAX})::bigint", m.name),
         };
         let _ = write!(sql, ",\n       {expr} AS {}", m.name);
     }
@@ -192,15 +196,20 @@ fn plain(sql: &mut String) {
          watermark timestamptz NOT NULL\n);\n\
          -- Read by the rollup views with the querying role's rights; it holds no tenant data.\n\
          GRANT SELECT ON meterd.rollup_watermarks TO PUBLIC;\n\n\
-         -- Buckets whose source rows changed since they were last materialised.\n\
+         -- Buckets whose source rows changed since they were last materialised. Append-only (no\n\
+         -- unique key, so a writer never skips its row because another transaction's row is\n\
+         -- there): a refresh deletes the rows it can see, and the rows of transactions that\n\
+         -- commit later stay for the next one.\n\
          CREATE TABLE meterd.rollup_invalidations (\n    \
          rollup text NOT NULL,\n    \
-         bucket timestamptz NOT NULL,\n    \
-         PRIMARY KEY (rollup, bucket)\n);\n\n\
+         bucket timestamptz NOT NULL\n);\n\
+         CREATE INDEX ON meterd.rollup_invalidations (rollup, bucket);\n\n\
          CREATE FUNCTION meterd.rollup_watermark(p_rollup text) RETURNS timestamptz\n\
-         LANGUAGE sql STABLE AS $$\n    \
+         LANGUAGE sql STABLE\n\
+         BEGIN ATOMIC\n    \
          SELECT coalesce((SELECT watermark FROM meterd.rollup_watermarks WHERE rollup = p_rollup),\n                    \
-         '-infinity'::timestamptz)\n$$;\n\n",
+         '-infinity'::timestamptz);\n\
+         END;\n\n",
     );
 
     // Materialised tables and user views.
@@ -259,14 +268,13 @@ fn plain(sql: &mut String) {
         .collect();
     sql.push_str(
         "CREATE FUNCTION meterd.invalidate_rollups() RETURNS trigger\n\
-         LANGUAGE plpgsql AS $$\nBEGIN\n",
+         LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$\nBEGIN\n",
     );
     for r in &direct {
         let _ = write!(
             sql,
             "    INSERT INTO meterd.rollup_invalidations (rollup, bucket)\n    \
-             SELECT DISTINCT '{name}', {bucket} FROM changed\n    \
-             ON CONFLICT DO NOTHING;\n",
+             SELECT DISTINCT '{name}', {bucket} FROM changed;\n",
             name = r.name,
             bucket = bucket_expr(Flavor::Postgres, r, "time"),
         );
@@ -299,7 +307,7 @@ fn refresh_function(sql: &mut String) {
     let _ = write!(
         sql,
         "CREATE FUNCTION meterd.refresh_rollups(p_now timestamptz DEFAULT now()) RETURNS bigint\n\
-         LANGUAGE plpgsql AS $$\n\
+         LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$\n\
          DECLARE\n    \
          v_watermark timestamptz;\n    \
          v_buckets timestamptz[];\n    \
@@ -350,7 +358,8 @@ fn refresh_function(sql: &mut String) {
              DELETE FROM meterd.rollup_invalidations\n        \
              WHERE rollup = '{name}' AND bucket < v_watermark\n        \
              RETURNING bucket)\n    \
-             SELECT coalesce(array_agg(bucket ORDER BY bucket), '{{}}') INTO v_buckets FROM done;\n    \
+             SELECT coalesce(array_agg(DISTINCT bucket ORDER BY bucket), '{{}}') INTO v_buckets\n    \
+             FROM done;\n    \
              IF cardinality(v_buckets) > 0 THEN\n        \
              DELETE FROM meterd.{name}_mat WHERE bucket = ANY (v_buckets);\n        \
              -- One scan per day of source rows, so partitions are pruned and each row is\n        \
@@ -372,8 +381,7 @@ fn refresh_function(sql: &mut String) {
             let _ = write!(
                 sql,
                 "        INSERT INTO meterd.rollup_invalidations (rollup, bucket)\n        \
-                 SELECT DISTINCT '{cname}', {cbucket} FROM unnest(v_buckets) AS b\n        \
-                 ON CONFLICT DO NOTHING;\n",
+                 SELECT DISTINCT '{cname}', {cbucket} FROM unnest(v_buckets) AS b;\n",
                 cname = coarser.name,
                 cbucket = bucket_expr(Flavor::Postgres, coarser, "b"),
             );
@@ -418,8 +426,10 @@ mod tests {
         let daily = crate::rollup("usage_daily").expect("defined");
         let sql = select_sql(Flavor::TimescaleDb, daily, "meterd.usage_hourly_agg", None);
         assert!(sql.contains("time_bucket(INTERVAL '1 day', bucket) AS bucket"));
-        assert!(sql.contains("sum(events)::bigint AS events"));
-        assert!(sql.contains("sum(latency_le_60000)::bigint AS latency_le_60000"));
+        assert!(sql.contains("least(sum(events), 9223372036854775807)::bigint AS events"));
+        assert!(sql.contains(
+            "least(sum(latency_le_60000), 9223372036854775807)::bigint AS latency_le_60000"
+        ));
         assert!(!sql.contains("count(*)"));
     }
 

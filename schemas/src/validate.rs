@@ -305,7 +305,12 @@ impl Validator {
                 );
                 continue;
             }
+            if k.contains('\0') {
+                self.err(&field, format!("key {NUL_REASON}"));
+                continue;
+            }
             match val {
+                Value::String(s) if s.contains('\0') => self.err(&field, NUL_REASON),
                 Value::String(s) if s.len() <= bounds::DIMENSION_VALUE_MAX => {
                     out.insert(k.clone(), s.clone());
                 }
@@ -481,6 +486,10 @@ impl Validator {
                 self.err(field, format!("{} bytes; at most {max} allowed", s.len()));
                 None
             }
+            Some(Value::String(s)) if s.contains('\0') => {
+                self.err(field, NUL_REASON);
+                None
+            }
             Some(Value::String(s)) => Some(s.clone()),
             Some(other) => {
                 self.err(field, format!("expected a string, got {}", kind(other)));
@@ -554,6 +563,10 @@ impl Validator {
         None
     }
 }
+
+/// Why a string with a NUL character is refused: PostgreSQL cannot store it in `text` or
+/// `jsonb`, so one such event would stop delivery to it.
+const NUL_REASON: &str = "must not contain the NUL character (\\u0000)";
 
 fn is_tenant_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')
@@ -848,6 +861,32 @@ mod tests {
         let mut max = llm();
         max["data"]["input_tokens"] = json!(i64::MAX);
         validate_event(&max, &ctx()).expect("i64::MAX fits");
+    }
+
+    #[test]
+    fn nul_characters_are_refused_everywhere() {
+        assert_rejects(llm(), "/subject", Some(json!("a\u{0}b")), "subject", "NUL");
+        assert_rejects(
+            llm(),
+            "/data/model",
+            Some(json!("gpt\u{0}")),
+            "data.model",
+            "NUL",
+        );
+        assert_rejects(
+            llm(),
+            "/dimensions/department",
+            Some(json!("x\u{0}")),
+            "dimensions.department",
+            "NUL",
+        );
+        let mut key = llm();
+        key["dimensions"] = json!({"a\u{0}": "x"});
+        let errors = validate_event(&key, &ctx()).expect_err("NUL in a key");
+        assert!(
+            errors.iter().any(|e| e.reason.contains("NUL")),
+            "{errors:?}"
+        );
     }
 
     #[test]

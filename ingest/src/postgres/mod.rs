@@ -47,7 +47,8 @@ pub struct PostgresConfig {
     /// TimescaleDB: compress chunks older than this interval (`7 days`); `None` disables.
     pub compress_after: Option<String>,
     /// Drop raw events older than this interval (`400 days`); `None` keeps them. Rollups keep
-    /// their buckets.
+    /// the buckets already materialised for dropped days, as long as no late event reaches a
+    /// dropped day (configuration keeps retention at least as long as the accepted event age).
     pub retention: Option<String>,
     /// Plain PostgreSQL: how often the rollup refresher runs.
     pub refresh_interval: Duration,

@@ -10,6 +10,7 @@ use meterd_schemas::StoredEvent;
 use meterd_schemas::migrations::Flavor;
 use tokio::task::JoinHandle;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
@@ -131,6 +132,12 @@ pub async fn connect(config: &PostgresConfig) -> Result<Client, PgError> {
             tracing::debug!(error = %e, "PostgreSQL connection ended");
         }
     });
+    // A session left behind by a cut network must not hold this node's checkpoint row (or a
+    // lock) for hours: the server ends it once it has idled inside a transaction this long.
+    client
+        .batch_execute("SET idle_in_transaction_session_timeout = '60s'")
+        .await
+        .map_err(sql_err("configuring the session"))?;
     Ok(client)
 }
 
@@ -162,6 +169,7 @@ impl Sink {
         let mut client = connect(&self.config).await?;
         let report = super::migrate(&mut client, &self.config).await?;
         let mut lsn = self.claim_checkpoint(&client).await?;
+        self.consumer.advance(lsn);
         self.status.set_connected(true);
         self.status
             .delivered
@@ -283,14 +291,47 @@ impl Sink {
         }
     }
 
-    /// COPYs the batch and moves the checkpoint from `from` to its end, in one transaction.
+    /// Delivers the batch and moves the checkpoint from `from` to its end, in one transaction.
+    /// Normally a plain COPY. If the batch holds an event PostgreSQL already has (the unique
+    /// `(tenant, time, id)` index says so: another meterd node delivered it), the batch is sent
+    /// again through a staging table with `ON CONFLICT DO NOTHING`, so it adds only new events.
     async fn commit(&self, client: &mut Client, batch: &Batch, from: Lsn) -> Result<(), PgError> {
+        match self.deliver(client, batch, from, Delivery::Copy).await {
+            Err(PgError::Sql { source, .. })
+                if source.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
+            {
+                self.deliver(client, batch, from, Delivery::SkipExisting)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn deliver(
+        &self,
+        client: &mut Client,
+        batch: &Batch,
+        from: Lsn,
+        how: Delivery,
+    ) -> Result<(), PgError> {
         let tx = client
             .transaction()
             .await
             .map_err(sql_err("starting a delivery"))?;
+        let target = match how {
+            Delivery::Copy => "meterd.events_data",
+            Delivery::SkipExisting => {
+                tx.batch_execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS meterd_staging
+                         (LIKE meterd.events_data) ON COMMIT DELETE ROWS",
+                )
+                .await
+                .map_err(sql_err("creating the staging table"))?;
+                "meterd_staging"
+            }
+        };
         let sink = tx
-            .copy_in(&copy::copy_statement("meterd.events_data"))
+            .copy_in(&copy::copy_statement(target))
             .await
             .map_err(sql_err("starting COPY into meterd.events_data"))?;
         let writer = BinaryCopyInWriter::new(sink, &copy::TYPES);
@@ -304,6 +345,22 @@ impl Sink {
             .finish()
             .await
             .map_err(sql_err("finishing COPY into meterd.events_data"))?;
+        if how == Delivery::SkipExisting {
+            let inserted = tx
+                .execute(
+                    "INSERT INTO meterd.events_data SELECT * FROM meterd_staging
+                     ON CONFLICT DO NOTHING",
+                    &[],
+                )
+                .await
+                .map_err(sql_err("inserting the new events of a batch"))?;
+            tracing::warn!(
+                events = batch.events.len(),
+                already_stored = (batch.events.len() as u64).saturating_sub(inserted),
+                "a batch held events PostgreSQL already had (delivered by another meterd \
+                 node); stored only the new ones"
+            );
+        }
         let moved = tx
             .execute(
                 "UPDATE meterd.sink_checkpoints SET lsn = $3, updated_at = now()
@@ -325,6 +382,15 @@ impl Sink {
         );
         Ok(())
     }
+}
+
+/// How a batch goes into `meterd.events_data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// Straight COPY: the fast path.
+    Copy,
+    /// COPY into a staging table, then `INSERT ... ON CONFLICT DO NOTHING`.
+    SkipExisting,
 }
 
 fn to_i64(lsn: Lsn) -> i64 {

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use meterd_schemas::migrations::Flavor;
+use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
 use super::sink::connect;
@@ -29,12 +30,17 @@ pub(crate) async fn session(
                 &[],
             )
             .await;
-        // Before the first migration the table does not exist: that is an error here too.
-        if let Ok(Some(row)) = row {
-            let (name, version): (String, i32) = (row.get(0), row.get(1));
-            if version >= current {
-                break Flavor::parse(&name).ok_or(PgError::UnknownFlavor(name))?;
+        match row {
+            Ok(Some(row)) => {
+                let (name, version): (String, i32) = (row.get(0), row.get(1));
+                if version >= current {
+                    break Flavor::parse(&name).ok_or(PgError::UnknownFlavor(name))?;
+                }
             }
+            Ok(None) => {}
+            // Before the first migration the table does not exist yet: ask again shortly.
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => {}
+            Err(e) => return Err(sql_err("reading the schema version")(e)),
         }
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),

@@ -13,15 +13,17 @@ CREATE POLICY own_grants ON meterd.tenant_roles FOR SELECT USING (role_name = cu
 GRANT SELECT ON meterd.tenant_roles TO PUBLIC;
 
 -- Whether the current role may see rows of tenant `p_tenant`. Both subqueries are uncorrelated,
--- so PostgreSQL evaluates them once per query, not per row.
+-- so PostgreSQL evaluates them once per query, not per row. The body is parsed here, once (a
+-- SQL-standard body), so no caller's search_path can change what its operators mean.
 CREATE FUNCTION meterd.tenant_visible(p_tenant text) RETURNS boolean
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE
+BEGIN ATOMIC
     SELECT NOT EXISTS (SELECT 1 FROM meterd.tenant_roles WHERE role_name = current_user)
         OR (p_tenant = current_setting('meterd.tenant', true)
             AND EXISTS (SELECT 1 FROM meterd.tenant_roles
                         WHERE role_name = current_user
-                          AND tenant = current_setting('meterd.tenant', true)))
-$$;
+                          AND tenant = current_setting('meterd.tenant', true)));
+END;
 
 -- Delivery checkpoints: for each meterd node, the position in its log up to which events are
 -- in meterd.events. Advanced in the same transaction as the rows it covers, so a batch is in

@@ -32,7 +32,9 @@ CREATE TABLE meterd.events_data (
     tool_calls bigint
 )
  PARTITION BY RANGE (time);
-CREATE INDEX events_tenant_time ON meterd.events_data (tenant, time DESC);
+-- Serves per-tenant time ranges, and keeps an event delivered by two meterd nodes from being
+-- stored twice: a batch that hits it is re-sent with ON CONFLICT DO NOTHING.
+CREATE UNIQUE INDEX events_tenant_time_id ON meterd.events_data (tenant, time DESC, id);
 
 -- What users and tenant-scoped roles query. TimescaleDB refuses row-level security policies on
 -- hypertables with continuous aggregates or compression, so tenant isolation is a security
@@ -42,7 +44,7 @@ SELECT * FROM meterd.events_data WHERE meterd.tenant_visible(tenant);
 
 -- Creates the daily partitions holding the given times, if missing. Returns how many it created.
 CREATE FUNCTION meterd.ensure_event_partitions(p_times timestamptz[]) RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_day timestamptz;
     v_name text;
@@ -69,7 +71,7 @@ $$;
 -- Drops the daily partitions that end at or before `p_before`. Returns how many it dropped.
 -- Rollups keep their materialised buckets, as TimescaleDB's continuous aggregates do.
 CREATE FUNCTION meterd.drop_event_partitions(p_before timestamptz) RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_name text;
     v_dropped integer := 0;

@@ -33,7 +33,9 @@ CREATE TABLE meterd.events_data (
 )
 ;
 SELECT create_hypertable('meterd.events_data', by_range('time', INTERVAL '1 day'));
-CREATE INDEX events_tenant_time ON meterd.events_data (tenant, time DESC);
+-- Serves per-tenant time ranges, and keeps an event delivered by two meterd nodes from being
+-- stored twice: a batch that hits it is re-sent with ON CONFLICT DO NOTHING.
+CREATE UNIQUE INDEX events_tenant_time_id ON meterd.events_data (tenant, time DESC, id);
 
 -- What users and tenant-scoped roles query. TimescaleDB refuses row-level security policies on
 -- hypertables with continuous aggregates or compression, so tenant isolation is a security

@@ -8,18 +8,22 @@ CREATE TABLE meterd.rollup_watermarks (
 -- Read by the rollup views with the querying role's rights; it holds no tenant data.
 GRANT SELECT ON meterd.rollup_watermarks TO PUBLIC;
 
--- Buckets whose source rows changed since they were last materialised.
+-- Buckets whose source rows changed since they were last materialised. Append-only (no
+-- unique key, so a writer never skips its row because another transaction's row is
+-- there): a refresh deletes the rows it can see, and the rows of transactions that
+-- commit later stay for the next one.
 CREATE TABLE meterd.rollup_invalidations (
     rollup text NOT NULL,
-    bucket timestamptz NOT NULL,
-    PRIMARY KEY (rollup, bucket)
+    bucket timestamptz NOT NULL
 );
+CREATE INDEX ON meterd.rollup_invalidations (rollup, bucket);
 
 CREATE FUNCTION meterd.rollup_watermark(p_rollup text) RETURNS timestamptz
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE
+BEGIN ATOMIC
     SELECT coalesce((SELECT watermark FROM meterd.rollup_watermarks WHERE rollup = p_rollup),
-                    '-infinity'::timestamptz)
-$$;
+                    '-infinity'::timestamptz);
+END;
 
 CREATE TABLE meterd.usage_hourly_mat (
     bucket timestamptz NOT NULL,
@@ -73,15 +77,15 @@ SELECT date_bin(INTERVAL '1 hour', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') A
        coalesce(route, '') AS route,
        CASE WHEN type = 'api.request' THEN (status_code / 100)::text || 'xx' ELSE coalesce(status, '') END AS status_class,
        count(*) AS events,
-       coalesce(sum(input_tokens), 0)::bigint AS input_tokens,
-       coalesce(sum(output_tokens), 0)::bigint AS output_tokens,
-       coalesce(sum(cached_input_tokens), 0)::bigint AS cached_input_tokens,
-       coalesce(sum(reasoning_tokens), 0)::bigint AS reasoning_tokens,
+       least(coalesce(sum(input_tokens), 0), 9223372036854775807)::bigint AS input_tokens,
+       least(coalesce(sum(output_tokens), 0), 9223372036854775807)::bigint AS output_tokens,
+       least(coalesce(sum(cached_input_tokens), 0), 9223372036854775807)::bigint AS cached_input_tokens,
+       least(coalesce(sum(reasoning_tokens), 0), 9223372036854775807)::bigint AS reasoning_tokens,
        sum(CASE WHEN (type = 'api.request' AND status_code >= 500) OR (type = 'llm.usage' AND status = 'error') OR (type = 'agent.run' AND status IN ('failed', 'timeout')) THEN 1 ELSE 0 END)::bigint AS errors,
        sum(CASE WHEN latency_ms IS NOT NULL THEN 1 ELSE 0 END)::bigint AS latency_count,
-       coalesce(sum(latency_ms), 0)::bigint AS latency_ms_sum,
+       least(coalesce(sum(latency_ms), 0), 9223372036854775807)::bigint AS latency_ms_sum,
        sum(CASE WHEN duration_ms IS NOT NULL THEN 1 ELSE 0 END)::bigint AS duration_count,
-       coalesce(sum(duration_ms), 0)::bigint AS duration_ms_sum,
+       least(coalesce(sum(duration_ms), 0), 9223372036854775807)::bigint AS duration_ms_sum,
        sum(CASE WHEN latency_ms <= 5 THEN 1 ELSE 0 END)::bigint AS latency_le_5,
        sum(CASE WHEN latency_ms <= 10 THEN 1 ELSE 0 END)::bigint AS latency_le_10,
        sum(CASE WHEN latency_ms <= 25 THEN 1 ELSE 0 END)::bigint AS latency_le_25,
@@ -152,29 +156,29 @@ SELECT date_bin(INTERVAL '1 day', bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00') 
        agent AS agent,
        route AS route,
        status_class AS status_class,
-       sum(events)::bigint AS events,
-       sum(input_tokens)::bigint AS input_tokens,
-       sum(output_tokens)::bigint AS output_tokens,
-       sum(cached_input_tokens)::bigint AS cached_input_tokens,
-       sum(reasoning_tokens)::bigint AS reasoning_tokens,
-       sum(errors)::bigint AS errors,
-       sum(latency_count)::bigint AS latency_count,
-       sum(latency_ms_sum)::bigint AS latency_ms_sum,
-       sum(duration_count)::bigint AS duration_count,
-       sum(duration_ms_sum)::bigint AS duration_ms_sum,
-       sum(latency_le_5)::bigint AS latency_le_5,
-       sum(latency_le_10)::bigint AS latency_le_10,
-       sum(latency_le_25)::bigint AS latency_le_25,
-       sum(latency_le_50)::bigint AS latency_le_50,
-       sum(latency_le_100)::bigint AS latency_le_100,
-       sum(latency_le_250)::bigint AS latency_le_250,
-       sum(latency_le_500)::bigint AS latency_le_500,
-       sum(latency_le_1000)::bigint AS latency_le_1000,
-       sum(latency_le_2500)::bigint AS latency_le_2500,
-       sum(latency_le_5000)::bigint AS latency_le_5000,
-       sum(latency_le_10000)::bigint AS latency_le_10000,
-       sum(latency_le_30000)::bigint AS latency_le_30000,
-       sum(latency_le_60000)::bigint AS latency_le_60000
+       least(sum(events), 9223372036854775807)::bigint AS events,
+       least(sum(input_tokens), 9223372036854775807)::bigint AS input_tokens,
+       least(sum(output_tokens), 9223372036854775807)::bigint AS output_tokens,
+       least(sum(cached_input_tokens), 9223372036854775807)::bigint AS cached_input_tokens,
+       least(sum(reasoning_tokens), 9223372036854775807)::bigint AS reasoning_tokens,
+       least(sum(errors), 9223372036854775807)::bigint AS errors,
+       least(sum(latency_count), 9223372036854775807)::bigint AS latency_count,
+       least(sum(latency_ms_sum), 9223372036854775807)::bigint AS latency_ms_sum,
+       least(sum(duration_count), 9223372036854775807)::bigint AS duration_count,
+       least(sum(duration_ms_sum), 9223372036854775807)::bigint AS duration_ms_sum,
+       least(sum(latency_le_5), 9223372036854775807)::bigint AS latency_le_5,
+       least(sum(latency_le_10), 9223372036854775807)::bigint AS latency_le_10,
+       least(sum(latency_le_25), 9223372036854775807)::bigint AS latency_le_25,
+       least(sum(latency_le_50), 9223372036854775807)::bigint AS latency_le_50,
+       least(sum(latency_le_100), 9223372036854775807)::bigint AS latency_le_100,
+       least(sum(latency_le_250), 9223372036854775807)::bigint AS latency_le_250,
+       least(sum(latency_le_500), 9223372036854775807)::bigint AS latency_le_500,
+       least(sum(latency_le_1000), 9223372036854775807)::bigint AS latency_le_1000,
+       least(sum(latency_le_2500), 9223372036854775807)::bigint AS latency_le_2500,
+       least(sum(latency_le_5000), 9223372036854775807)::bigint AS latency_le_5000,
+       least(sum(latency_le_10000), 9223372036854775807)::bigint AS latency_le_10000,
+       least(sum(latency_le_30000), 9223372036854775807)::bigint AS latency_le_30000,
+       least(sum(latency_le_60000), 9223372036854775807)::bigint AS latency_le_60000
 FROM meterd.usage_hourly
 WHERE bucket >= meterd.rollup_watermark('usage_daily')
   AND meterd.tenant_visible(tenant)
@@ -182,11 +186,10 @@ GROUP BY 1, 2, 3, 4, 5, 6, 7, 8;
 COMMENT ON VIEW meterd.usage_daily IS 'meterd rollup by 1 day bucket (UTC); see the rollups crate for the columns';
 
 CREATE FUNCTION meterd.invalidate_rollups() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     INSERT INTO meterd.rollup_invalidations (rollup, bucket)
-    SELECT DISTINCT 'usage_hourly', date_bin(INTERVAL '1 hour', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') FROM changed
-    ON CONFLICT DO NOTHING;
+    SELECT DISTINCT 'usage_hourly', date_bin(INTERVAL '1 hour', time, TIMESTAMPTZ '2000-01-01 00:00:00+00') FROM changed;
     RETURN NULL;
 END
 $$;
@@ -205,7 +208,7 @@ CREATE TRIGGER events_invalidate_delete AFTER DELETE ON meterd.events_data
     FOR EACH STATEMENT EXECUTE FUNCTION meterd.invalidate_rollups();
 
 CREATE FUNCTION meterd.refresh_rollups(p_now timestamptz DEFAULT now()) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_watermark timestamptz;
     v_buckets timestamptz[];
@@ -223,7 +226,8 @@ BEGIN
         DELETE FROM meterd.rollup_invalidations
         WHERE rollup = 'usage_hourly' AND bucket < v_watermark
         RETURNING bucket)
-    SELECT coalesce(array_agg(bucket ORDER BY bucket), '{}') INTO v_buckets FROM done;
+    SELECT coalesce(array_agg(DISTINCT bucket ORDER BY bucket), '{}') INTO v_buckets
+    FROM done;
     IF cardinality(v_buckets) > 0 THEN
         DELETE FROM meterd.usage_hourly_mat WHERE bucket = ANY (v_buckets);
         -- One scan per day of source rows, so partitions are pruned and each row is
@@ -242,15 +246,15 @@ BEGIN
                coalesce(route, '') AS route,
                CASE WHEN type = 'api.request' THEN (status_code / 100)::text || 'xx' ELSE coalesce(status, '') END AS status_class,
                count(*) AS events,
-               coalesce(sum(input_tokens), 0)::bigint AS input_tokens,
-               coalesce(sum(output_tokens), 0)::bigint AS output_tokens,
-               coalesce(sum(cached_input_tokens), 0)::bigint AS cached_input_tokens,
-               coalesce(sum(reasoning_tokens), 0)::bigint AS reasoning_tokens,
+               least(coalesce(sum(input_tokens), 0), 9223372036854775807)::bigint AS input_tokens,
+               least(coalesce(sum(output_tokens), 0), 9223372036854775807)::bigint AS output_tokens,
+               least(coalesce(sum(cached_input_tokens), 0), 9223372036854775807)::bigint AS cached_input_tokens,
+               least(coalesce(sum(reasoning_tokens), 0), 9223372036854775807)::bigint AS reasoning_tokens,
                sum(CASE WHEN (type = 'api.request' AND status_code >= 500) OR (type = 'llm.usage' AND status = 'error') OR (type = 'agent.run' AND status IN ('failed', 'timeout')) THEN 1 ELSE 0 END)::bigint AS errors,
                sum(CASE WHEN latency_ms IS NOT NULL THEN 1 ELSE 0 END)::bigint AS latency_count,
-               coalesce(sum(latency_ms), 0)::bigint AS latency_ms_sum,
+               least(coalesce(sum(latency_ms), 0), 9223372036854775807)::bigint AS latency_ms_sum,
                sum(CASE WHEN duration_ms IS NOT NULL THEN 1 ELSE 0 END)::bigint AS duration_count,
-               coalesce(sum(duration_ms), 0)::bigint AS duration_ms_sum,
+               least(coalesce(sum(duration_ms), 0), 9223372036854775807)::bigint AS duration_ms_sum,
                sum(CASE WHEN latency_ms <= 5 THEN 1 ELSE 0 END)::bigint AS latency_le_5,
                sum(CASE WHEN latency_ms <= 10 THEN 1 ELSE 0 END)::bigint AS latency_le_10,
                sum(CASE WHEN latency_ms <= 25 THEN 1 ELSE 0 END)::bigint AS latency_le_25,
@@ -271,8 +275,7 @@ BEGIN
         END LOOP;
         v_total := v_total + cardinality(v_buckets);
         INSERT INTO meterd.rollup_invalidations (rollup, bucket)
-        SELECT DISTINCT 'usage_daily', date_bin(INTERVAL '1 day', b, TIMESTAMPTZ '2000-01-01 00:00:00+00') FROM unnest(v_buckets) AS b
-        ON CONFLICT DO NOTHING;
+        SELECT DISTINCT 'usage_daily', date_bin(INTERVAL '1 day', b, TIMESTAMPTZ '2000-01-01 00:00:00+00') FROM unnest(v_buckets) AS b;
     END IF;
 
     -- usage_daily
@@ -282,7 +285,8 @@ BEGIN
         DELETE FROM meterd.rollup_invalidations
         WHERE rollup = 'usage_daily' AND bucket < v_watermark
         RETURNING bucket)
-    SELECT coalesce(array_agg(bucket ORDER BY bucket), '{}') INTO v_buckets FROM done;
+    SELECT coalesce(array_agg(DISTINCT bucket ORDER BY bucket), '{}') INTO v_buckets
+    FROM done;
     IF cardinality(v_buckets) > 0 THEN
         DELETE FROM meterd.usage_daily_mat WHERE bucket = ANY (v_buckets);
         -- One scan per day of source rows, so partitions are pruned and each row is
@@ -300,29 +304,29 @@ BEGIN
                agent AS agent,
                route AS route,
                status_class AS status_class,
-               sum(events)::bigint AS events,
-               sum(input_tokens)::bigint AS input_tokens,
-               sum(output_tokens)::bigint AS output_tokens,
-               sum(cached_input_tokens)::bigint AS cached_input_tokens,
-               sum(reasoning_tokens)::bigint AS reasoning_tokens,
-               sum(errors)::bigint AS errors,
-               sum(latency_count)::bigint AS latency_count,
-               sum(latency_ms_sum)::bigint AS latency_ms_sum,
-               sum(duration_count)::bigint AS duration_count,
-               sum(duration_ms_sum)::bigint AS duration_ms_sum,
-               sum(latency_le_5)::bigint AS latency_le_5,
-               sum(latency_le_10)::bigint AS latency_le_10,
-               sum(latency_le_25)::bigint AS latency_le_25,
-               sum(latency_le_50)::bigint AS latency_le_50,
-               sum(latency_le_100)::bigint AS latency_le_100,
-               sum(latency_le_250)::bigint AS latency_le_250,
-               sum(latency_le_500)::bigint AS latency_le_500,
-               sum(latency_le_1000)::bigint AS latency_le_1000,
-               sum(latency_le_2500)::bigint AS latency_le_2500,
-               sum(latency_le_5000)::bigint AS latency_le_5000,
-               sum(latency_le_10000)::bigint AS latency_le_10000,
-               sum(latency_le_30000)::bigint AS latency_le_30000,
-               sum(latency_le_60000)::bigint AS latency_le_60000
+               least(sum(events), 9223372036854775807)::bigint AS events,
+               least(sum(input_tokens), 9223372036854775807)::bigint AS input_tokens,
+               least(sum(output_tokens), 9223372036854775807)::bigint AS output_tokens,
+               least(sum(cached_input_tokens), 9223372036854775807)::bigint AS cached_input_tokens,
+               least(sum(reasoning_tokens), 9223372036854775807)::bigint AS reasoning_tokens,
+               least(sum(errors), 9223372036854775807)::bigint AS errors,
+               least(sum(latency_count), 9223372036854775807)::bigint AS latency_count,
+               least(sum(latency_ms_sum), 9223372036854775807)::bigint AS latency_ms_sum,
+               least(sum(duration_count), 9223372036854775807)::bigint AS duration_count,
+               least(sum(duration_ms_sum), 9223372036854775807)::bigint AS duration_ms_sum,
+               least(sum(latency_le_5), 9223372036854775807)::bigint AS latency_le_5,
+               least(sum(latency_le_10), 9223372036854775807)::bigint AS latency_le_10,
+               least(sum(latency_le_25), 9223372036854775807)::bigint AS latency_le_25,
+               least(sum(latency_le_50), 9223372036854775807)::bigint AS latency_le_50,
+               least(sum(latency_le_100), 9223372036854775807)::bigint AS latency_le_100,
+               least(sum(latency_le_250), 9223372036854775807)::bigint AS latency_le_250,
+               least(sum(latency_le_500), 9223372036854775807)::bigint AS latency_le_500,
+               least(sum(latency_le_1000), 9223372036854775807)::bigint AS latency_le_1000,
+               least(sum(latency_le_2500), 9223372036854775807)::bigint AS latency_le_2500,
+               least(sum(latency_le_5000), 9223372036854775807)::bigint AS latency_le_5000,
+               least(sum(latency_le_10000), 9223372036854775807)::bigint AS latency_le_10000,
+               least(sum(latency_le_30000), 9223372036854775807)::bigint AS latency_le_30000,
+               least(sum(latency_le_60000), 9223372036854775807)::bigint AS latency_le_60000
         FROM meterd.usage_hourly_mat
         WHERE bucket >= v_lo AND bucket < v_hi + INTERVAL '1 day'
                   AND date_bin(INTERVAL '1 day', bucket, TIMESTAMPTZ '2000-01-01 00:00:00+00') = ANY (v_chunk)
