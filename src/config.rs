@@ -285,7 +285,9 @@ impl Settings {
                     "query_timeout_secs must be a positive number, got {v}"
                 )));
             }
-            query.timeout = Duration::from_secs_f64(v);
+            query.timeout = Duration::try_from_secs_f64(v).map_err(|_| {
+                ConfigError::Invalid(format!("query_timeout_secs {v} is too large"))
+            })?;
         }
         if let Some(v) = pick!(query_max_rows) {
             query.max_rows = positive(v, "query_max_rows")?;
@@ -368,7 +370,9 @@ pub fn postgres_config(
                 "postgres.refresh_interval_secs must be a positive number, got {v}"
             )));
         }
-        pg.refresh_interval = Duration::from_secs_f64(v);
+        pg.refresh_interval = Duration::try_from_secs_f64(v).map_err(|_| {
+            ConfigError::Invalid(format!("postgres.refresh_interval_secs {v} is too large"))
+        })?;
     }
     if let Some(v) = file.partitions_ahead_days {
         pg.partitions_ahead_days = v;

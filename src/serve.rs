@@ -181,7 +181,16 @@ async fn postgres_query(
         .await
         .context("migrating PostgreSQL")?;
     drop(client);
-    let config: tokio_postgres::Config = pg.url.parse().context("parsing the PostgreSQL URL")?;
+    let mut config: tokio_postgres::Config =
+        pg.url.parse().context("parsing the PostgreSQL URL")?;
+    // As the sink's connections: give up connecting after 10 s, notice a dead peer in a minute.
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(std::time::Duration::from_secs(60));
+    }
+    config.keepalives_idle(std::time::Duration::from_secs(30));
     let manager = deadpool_postgres::Manager::from_config(
         config,
         tokio_postgres::NoTls,
