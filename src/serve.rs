@@ -101,6 +101,7 @@ async fn readyz(State(state): State<Readiness>) -> Response {
             "connected": pg.connected(),
             "delivered_lsn": pg.delivered(),
             "last_error": pg.last_error(),
+            "rollup_refresher_error": pg.refresher_error(),
         });
     }
     body["ready"] = json!(ready);

@@ -70,7 +70,7 @@ async fn migrate_locked(
 
     let flavor = match rows.first() {
         Some(row) => {
-            let recorded: String = row.get(2);
+            let recorded: String = row.try_get(2).map_err(sql_err("reading a result column"))?;
             Flavor::parse(&recorded).ok_or(PgError::UnknownFlavor(recorded))?
         }
         None => choose_flavor(client, config.timescaledb).await?,
@@ -84,8 +84,8 @@ async fn migrate_locked(
     let known = POSTGRES.last().map_or(0, |m| m.version);
     let mut version = 0;
     for row in &rows {
-        let v: i32 = row.get(0);
-        let applied: String = row.get(3);
+        let v: i32 = row.try_get(0).map_err(sql_err("reading a result column"))?;
+        let applied: String = row.try_get(3).map_err(sql_err("reading a result column"))?;
         let Some(m) = POSTGRES.iter().find(|m| m.version == v) else {
             return Err(PgError::NewerSchema { database: v, known });
         };
@@ -93,7 +93,7 @@ async fn migrate_locked(
         if applied != current {
             return Err(PgError::ChecksumMismatch {
                 version: v,
-                name: row.get(1),
+                name: row.try_get(1).map_err(sql_err("reading a result column"))?,
                 applied,
                 current,
             });
@@ -157,7 +157,8 @@ async fn choose_flavor(client: &Client, mode: TimescaleMode) -> Result<Flavor, P
         )
         .await
         .map_err(sql_err("looking for the timescaledb extension"))?
-        .get(0);
+        .try_get(0)
+        .map_err(sql_err("reading a result column"))?;
     if !available {
         return match mode {
             TimescaleMode::Require => Err(PgError::TimescaleUnavailable(

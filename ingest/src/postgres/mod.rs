@@ -134,6 +134,7 @@ pub struct SinkStatus {
     connected: AtomicBool,
     delivered: AtomicU64,
     last_error: Mutex<Option<String>>,
+    refresher_error: Mutex<Option<String>>,
 }
 
 impl SinkStatus {
@@ -153,6 +154,22 @@ impl SinkStatus {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// The last failure of the plain-PostgreSQL upkeep (rollup refresh, partitions), until its
+    /// next success. It does not make meterd unready: ingest and delivery go on.
+    pub fn refresher_error(&self) -> Option<String> {
+        self.refresher_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_refresher_error(&self, error: Option<String>) {
+        *self
+            .refresher_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = error;
     }
 
     fn set_connected(&self, connected: bool) {

@@ -61,9 +61,17 @@ pub fn spawn(
         let sink = sink.clone();
         async move { sink.session(&token).await }
     }));
+    let upkeep_status = Arc::clone(&status);
     let upkeep_task = tokio::spawn(retrying("upkeep", shutdown.clone(), move |token| {
         let config = Arc::clone(&config);
-        async move { upkeep::session(&config, &token).await }
+        let status = Arc::clone(&upkeep_status);
+        async move {
+            let result = upkeep::session(&config, &token, &status).await;
+            if let Err(e) = &result {
+                status.set_refresher_error(Some(error_chain(e)));
+            }
+            result
+        }
     }));
     PostgresHandle {
         status,
@@ -226,7 +234,8 @@ impl Sink {
             )
             .await
             .map_err(sql_err("reading this node's checkpoint"))?
-            .get(0);
+            .try_get(0)
+            .map_err(sql_err("reading a result column"))?;
         let committed = u64::try_from(committed).unwrap_or(0);
         let (start, end) = (self.log.start(), self.log.durable_end());
         if committed > end {

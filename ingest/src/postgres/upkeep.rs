@@ -9,7 +9,7 @@ use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
 use super::sink::connect;
-use super::{PgError, PostgresConfig, sql_err};
+use super::{PgError, PostgresConfig, SinkStatus, sql_err};
 
 /// How often partitions ahead and retention are looked after.
 const PARTITION_INTERVAL: Duration = Duration::from_secs(3600);
@@ -17,6 +17,7 @@ const PARTITION_INTERVAL: Duration = Duration::from_secs(3600);
 pub(crate) async fn session(
     config: &PostgresConfig,
     shutdown: &CancellationToken,
+    status: &SinkStatus,
 ) -> Result<(), PgError> {
     let client = connect(config).await?;
     // Wait for the sink to have migrated the schema.
@@ -32,7 +33,10 @@ pub(crate) async fn session(
             .await;
         match row {
             Ok(Some(row)) => {
-                let (name, version): (String, i32) = (row.get(0), row.get(1));
+                let (name, version): (String, i32) = (
+                    row.try_get(0).map_err(sql_err("reading a result column"))?,
+                    row.try_get(1).map_err(sql_err("reading a result column"))?,
+                );
                 if version >= current {
                     break Flavor::parse(&name).ok_or(PgError::UnknownFlavor(name))?;
                 }
@@ -62,7 +66,9 @@ pub(crate) async fn session(
             .query_one("SELECT meterd.refresh_rollups()", &[])
             .await
             .map_err(sql_err("refreshing rollups (meterd.refresh_rollups)"))?
-            .get(0);
+            .try_get(0)
+            .map_err(sql_err("reading a result column"))?;
+        status.set_refresher_error(None);
         if buckets > 0 {
             tracing::debug!(
                 buckets,
@@ -100,7 +106,8 @@ async fn partitions(
             .map_err(sql_err(
                 "dropping partitions past retention (postgres.retention)",
             ))?
-            .get(0);
+            .try_get(0)
+            .map_err(sql_err("reading a result column"))?;
         if dropped > 0 {
             tracing::info!(
                 dropped,
