@@ -465,6 +465,46 @@ mod tests {
     }
 
     #[test]
+    fn postgres_settings_resolve_and_retention_covers_the_event_age() {
+        let f = file(
+            "[postgres]\nurl = \"postgres://m@db/x\"\ncompress_after_days = 0\n\
+             retention_days = 500\nbatch_rows = 5000\n",
+        );
+        let args = ServeArgs {
+            config: Some(f.path().to_owned()),
+            ..ServeArgs::default()
+        };
+        let s = Settings::resolve(&args).expect("resolve");
+        let pg = s.postgres.expect("postgres configured");
+        assert_eq!(pg.url, "postgres://m@db/x");
+        assert_eq!(pg.compress_after, None);
+        assert_eq!(pg.retention.as_deref(), Some("500 days"));
+        assert_eq!(pg.batch_rows, 5000);
+        assert_eq!(s.ingest.sinks, vec![POSTGRES_SINK.to_owned()]);
+        // The flag wins over the file.
+        let args = ServeArgs {
+            postgres_url: Some("postgres://flag/y".to_owned()),
+            ..args
+        };
+        let s = Settings::resolve(&args).expect("resolve");
+        assert_eq!(s.postgres.expect("configured").url, "postgres://flag/y");
+
+        let short = file("[postgres]\nurl = \"postgres://m@db/x\"\nretention_days = 30\n");
+        let args = ServeArgs {
+            config: Some(short.path().to_owned()),
+            ..ServeArgs::default()
+        };
+        let err = Settings::resolve(&args).expect_err("retention shorter than the event age");
+        assert!(err.to_string().contains("retention_days (30)"), "{err}");
+        assert!(
+            Settings::resolve(&ServeArgs::default())
+                .expect("defaults")
+                .postgres
+                .is_none()
+        );
+    }
+
+    #[test]
     fn defaults_need_nothing() {
         let s = Settings::resolve(&ServeArgs::default()).expect("defaults");
         assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
