@@ -88,8 +88,10 @@ cargo fmt --all --check
 step "cargo clippy --workspace --all-targets --locked -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "cargo build --locked"
-cargo build --locked
+# One build of everything the tests need (the binary included). A separate `cargo build` would
+# resolve dependency features without the dev-dependencies and compile them all a second time.
+step "cargo test --workspace --locked --no-run"
+cargo test --workspace --locked --no-run
 
 step "cargo test --workspace --locked"
 cargo test --workspace --locked
