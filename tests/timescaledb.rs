@@ -34,18 +34,13 @@ fn canonical(relation: &str) -> String {
 }
 
 fn migration_steps() -> Vec<Value> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/migrations/postgres");
     let mut steps = vec![
         json!({"sql": "CREATE EXTENSION IF NOT EXISTS timescaledb"}),
         json!({"sql": "CREATE SCHEMA meterd"}),
     ];
-    for file in [
-        "0001_base.sql",
-        "0002_events.timescaledb.sql",
-        "0003_rollups.timescaledb.sql",
-    ] {
-        let sql = std::fs::read_to_string(dir.join(file)).expect("migration file");
-        steps.push(json!({ "sql": sql }));
+    // Exactly what `meterd migrate` applies to a TimescaleDB database, in its order.
+    for m in meterd_schemas::migrations::POSTGRES {
+        steps.push(json!({ "sql": m.sql(meterd_schemas::migrations::Flavor::TimescaleDb) }));
     }
     // The policies meterd sets from its configuration, as it sets them (twice: replacing works).
     use meterd_ingest::postgres::migrate::{
