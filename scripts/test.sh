@@ -76,6 +76,12 @@ start_postgres() {
     export METERD_TEST_PG_BIN="/usr/lib/postgresql/$version/bin"
 }
 
+# A one-off build keeps no incremental state: it would only cost disk and time.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
+step "disk space"
+df -h .
+
 install_packages
 start_postgres
 
@@ -95,5 +101,8 @@ cargo test --workspace --locked --no-run
 
 step "cargo test --workspace --locked"
 cargo test --workspace --locked
+
+step "disk used by the build"
+du -sh target 2>/dev/null || true
 
 step "all checks passed"
