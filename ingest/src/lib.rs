@@ -12,6 +12,7 @@ pub mod embedded;
 pub mod error;
 pub mod http;
 pub mod log;
+mod payload;
 pub mod postgres;
 pub mod sink;
 mod writer;

@@ -1,15 +1,23 @@
-//! Local state of the external stores fed from the log: this node's identity and, per store, a
-//! copy of its delivery checkpoint.
+//! What the external stores fed from the log share: this node's identity, per store a copy of
+//! its delivery checkpoint, the status a sink reports, and the retry loop sinks run in.
 //!
-//! The store's own checkpoint (kept in the store, in the same transaction as the rows) is the
-//! truth about what was delivered. The copy here only tells the log, at startup and before the
-//! store is reachable, how much it must keep; it may lag the truth (the log then keeps a little
-//! more) but never runs ahead of it, because it is written from the consumer's checkpoint, which
-//! a store advances only after its commit.
+//! PostgreSQL keeps its own checkpoint, in the same transaction as the rows: that is the truth
+//! about what was delivered there. ClickHouse has no transactions; its sink keeps the truth
+//! here, in a durable delivery record (see [`DeliveryRecord`]). The checkpoint copy under
+//! `sinks/<name>.lsn` only tells the log, at startup and before the store is reachable, how much
+//! it must keep; it may lag the truth (the log then keeps a little more) but never runs ahead of
+//! it, because it is written from the consumer's checkpoint, which a sink advances only after
+//! the store confirmed.
 
 use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::log::Lsn;
@@ -47,6 +55,65 @@ pub fn save_checkpoint(data_dir: &Path, sink: &str, lsn: Lsn) -> Result<()> {
     fs::rename(&tmp, &path).map_err(|e| state_err(&path, e))
 }
 
+/// A sink's durable record of its delivery: everything up to `checkpoint` is in the store, and
+/// the log records from `checkpoint` up to `in_flight_end` may be, in part or in full. It is
+/// written, and synced, before a batch is sent, so after a crash the sink knows exactly which
+/// batch to settle, with the same boundaries as when it was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryRecord {
+    pub checkpoint: Lsn,
+    pub in_flight_end: Lsn,
+}
+
+fn delivery_path(data_dir: &Path, sink: &str) -> PathBuf {
+    data_dir.join("sinks").join(format!("{sink}.delivery"))
+}
+
+/// The delivery record of `sink`, if one was written. Unlike a checkpoint copy, a garbled
+/// record is an error: guessing could send a batch twice.
+pub fn load_delivery(data_dir: &Path, sink: &str) -> Result<Option<DeliveryRecord>> {
+    let path = delivery_path(data_dir, sink);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(state_err(&path, e)),
+    };
+    let mut parts = text.split_whitespace().map(str::parse::<Lsn>);
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(Ok(checkpoint)), Some(Ok(in_flight_end)), None) if in_flight_end >= checkpoint => {
+            Ok(Some(DeliveryRecord {
+                checkpoint,
+                in_flight_end,
+            }))
+        }
+        _ => Err(state_err(
+            &path,
+            std::io::Error::new(
+                ErrorKind::InvalidData,
+                format!("not a delivery record: {text:?}"),
+            ),
+        )),
+    }
+}
+
+/// Writes the delivery record of `sink` durably: a synced temporary file renamed over the old
+/// record, then the directory synced.
+pub fn save_delivery(data_dir: &Path, sink: &str, record: DeliveryRecord) -> Result<()> {
+    let path = delivery_path(data_dir, sink);
+    let dir = path.parent().unwrap_or(data_dir);
+    fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
+    let tmp = path.with_extension("delivery.tmp");
+    let text = format!("{} {}\n", record.checkpoint, record.in_flight_end);
+    fs::write(&tmp, text).map_err(|e| state_err(&tmp, e))?;
+    fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| state_err(&tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| state_err(&path, e))?;
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| state_err(dir, e))
+}
+
 /// This node's identity, created (a random UUID) with the data directory and kept in
 /// `node_id`. A node's delivery checkpoints are only meaningful for its own log, so a new data
 /// directory is a new node.
@@ -68,6 +135,132 @@ pub fn node_id(data_dir: &Path) -> Result<String> {
     Ok(id)
 }
 
+/// What the sink reports about itself, for `/readyz` and the logs.
+#[derive(Debug, Default)]
+pub struct SinkStatus {
+    connected: AtomicBool,
+    delivered: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    refresher_error: Mutex<Option<String>>,
+}
+
+impl SinkStatus {
+    /// Whether the sink holds a working connection.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// The log position up to which events are confirmed by the store.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_delivered(&self, lsn: Lsn) {
+        self.delivered.store(lsn, Ordering::Release);
+    }
+
+    /// The last failure, until the next success.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The last failure of the plain-PostgreSQL upkeep (rollup refresh, partitions), until its
+    /// next success. It does not make meterd unready: ingest and delivery go on.
+    pub fn refresher_error(&self) -> Option<String> {
+        self.refresher_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn set_refresher_error(&self, error: Option<String>) {
+        *self
+            .refresher_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = error;
+    }
+
+    pub(crate) fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Release);
+        if connected {
+            *self
+                .last_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = None;
+        }
+    }
+
+    pub(crate) fn set_error(&self, error: String) {
+        self.connected.store(false, Ordering::Release);
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(error);
+    }
+}
+
+/// Formats an error with its chain of sources, for logs and status.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Runs `session` until it returns `Ok` (it saw the shutdown), retrying errors with
+/// exponential backoff (100 ms to 5 s, jittered; started over after a session that ran for a
+/// while). `store` and `task` name it in the logs.
+pub(crate) async fn retrying<E, F, Fut>(
+    store: &'static str,
+    task: &'static str,
+    shutdown: CancellationToken,
+    session: F,
+) where
+    E: std::error::Error,
+    F: Fn(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<(), E>>,
+{
+    let backoff = || {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut delays = backoff();
+    loop {
+        let started = Instant::now();
+        // Cancelling drops a batch in flight; the log keeps it, and the sink's own bookkeeping
+        // (a rolled-back transaction, a delivery record) settles it at the next start.
+        let result = tokio::select! {
+            r = session(shutdown.clone()) => r,
+            () = shutdown.cancelled() => return,
+        };
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(store, task, error = %error_chain(&e), "task failed; retrying")
+            }
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            delays = backoff();
+        }
+        let delay = delays.next().unwrap_or(Duration::from_secs(5));
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,6 +276,28 @@ mod tests {
         );
         fs::write(checkpoint_path(dir.path(), "postgres"), "").expect("write");
         assert_eq!(load_checkpoint(dir.path(), "postgres").expect("load"), None);
+    }
+
+    #[test]
+    fn delivery_records_round_trip_and_garbage_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(load_delivery(dir.path(), "clickhouse").expect("load"), None);
+        let record = DeliveryRecord {
+            checkpoint: 10,
+            in_flight_end: 400,
+        };
+        save_delivery(dir.path(), "clickhouse", record).expect("save");
+        assert_eq!(
+            load_delivery(dir.path(), "clickhouse").expect("load"),
+            Some(record)
+        );
+        for garbage in ["", "10", "400 10", "10 400 7", "ten 400"] {
+            fs::write(delivery_path(dir.path(), "clickhouse"), garbage).expect("write");
+            assert!(
+                load_delivery(dir.path(), "clickhouse").is_err(),
+                "{garbage:?} was accepted"
+            );
+        }
     }
 
     #[test]

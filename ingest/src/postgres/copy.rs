@@ -4,9 +4,11 @@
 use std::pin::Pin;
 
 use chrono::{DateTime, Utc};
-use meterd_schemas::{EventData, StoredEvent};
+use meterd_schemas::StoredEvent;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, ToSql, Type};
+
+use crate::payload::payload;
 
 /// The columns in the order of [`TYPES`] and [`write_event`].
 pub const COLUMNS: &str = "tenant, id, type, time, ingested_at, subject, source, dimensions, \
@@ -49,66 +51,6 @@ pub const TYPES: [Type; 27] = [
     Type::INT8,
     Type::INT8,
 ];
-
-/// The type-specific columns of one event; absent ones are NULL.
-#[derive(Default)]
-struct Payload<'a> {
-    provider: Option<&'a str>,
-    model: Option<&'a str>,
-    input_tokens: Option<i64>,
-    output_tokens: Option<i64>,
-    cached_input_tokens: Option<i64>,
-    reasoning_tokens: Option<i64>,
-    route: Option<&'a str>,
-    method: Option<&'a str>,
-    status_code: Option<i64>,
-    request_bytes: Option<i64>,
-    response_bytes: Option<i64>,
-    agent: Option<&'a str>,
-    run_id: Option<&'a str>,
-    parent_run_id: Option<&'a str>,
-    status: Option<&'a str>,
-    latency_ms: Option<i64>,
-    duration_ms: Option<i64>,
-    steps: Option<i64>,
-    tool_calls: Option<i64>,
-}
-
-fn payload(data: &EventData) -> Payload<'_> {
-    match data {
-        EventData::LlmUsage(u) => Payload {
-            provider: Some(&u.provider),
-            model: Some(&u.model),
-            input_tokens: Some(u.input_tokens),
-            output_tokens: Some(u.output_tokens),
-            cached_input_tokens: u.cached_input_tokens,
-            reasoning_tokens: u.reasoning_tokens,
-            latency_ms: u.latency_ms,
-            status: u.status.as_deref(),
-            run_id: u.run_id.as_deref(),
-            ..Payload::default()
-        },
-        EventData::ApiRequest(r) => Payload {
-            route: r.route.as_deref(),
-            method: r.method.as_deref(),
-            status_code: Some(r.status_code),
-            latency_ms: Some(r.latency_ms),
-            request_bytes: r.request_bytes,
-            response_bytes: r.response_bytes,
-            ..Payload::default()
-        },
-        EventData::AgentRun(a) => Payload {
-            agent: a.agent.as_deref(),
-            run_id: Some(&a.run_id),
-            parent_run_id: a.parent_run_id.as_deref(),
-            status: a.status.as_deref(),
-            duration_ms: Some(a.duration_ms),
-            steps: a.steps,
-            tool_calls: a.tool_calls,
-            ..Payload::default()
-        },
-    }
-}
 
 fn timestamp(us: i64) -> DateTime<Utc> {
     // Validation bounds event times to a few hundred days around now, far inside chrono's range;

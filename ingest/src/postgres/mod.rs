@@ -16,13 +16,14 @@ pub mod migrate;
 mod sink;
 mod upkeep;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 pub use meterd_schemas::migrations::Flavor;
 pub use migrate::{MigrationReport, migrate};
 pub use sink::{PostgresHandle, connect, spawn};
+
+pub use crate::sink::SinkStatus;
+pub(crate) use crate::sink::error_chain;
 
 /// Whether to use TimescaleDB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -126,79 +127,4 @@ pub enum PgError {
 
 pub(crate) fn sql_err(step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
     move |source| PgError::Sql { step, source }
-}
-
-/// What the sink reports about itself, for `/readyz` and the logs.
-#[derive(Debug, Default)]
-pub struct SinkStatus {
-    connected: AtomicBool,
-    delivered: AtomicU64,
-    last_error: Mutex<Option<String>>,
-    refresher_error: Mutex<Option<String>>,
-}
-
-impl SinkStatus {
-    /// Whether the sink holds a working connection.
-    pub fn connected(&self) -> bool {
-        self.connected.load(Ordering::Acquire)
-    }
-
-    /// The log position up to which events are committed in PostgreSQL.
-    pub fn delivered(&self) -> u64 {
-        self.delivered.load(Ordering::Acquire)
-    }
-
-    /// The last failure, until the next success.
-    pub fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// The last failure of the plain-PostgreSQL upkeep (rollup refresh, partitions), until its
-    /// next success. It does not make meterd unready: ingest and delivery go on.
-    pub fn refresher_error(&self) -> Option<String> {
-        self.refresher_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    fn set_refresher_error(&self, error: Option<String>) {
-        *self
-            .refresher_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = error;
-    }
-
-    fn set_connected(&self, connected: bool) {
-        self.connected.store(connected, Ordering::Release);
-        if connected {
-            *self
-                .last_error
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = None;
-        }
-    }
-
-    fn set_error(&self, error: String) {
-        self.connected.store(false, Ordering::Release);
-        *self
-            .last_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(error);
-    }
-}
-
-/// Formats an error with its chain of sources, for logs and status.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

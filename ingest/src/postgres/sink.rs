@@ -4,7 +4,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 use meterd_schemas::StoredEvent;
 use meterd_schemas::migrations::Flavor;
@@ -16,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{PgError, PostgresConfig, SinkStatus, copy, error_chain, sql_err, upkeep};
 use crate::log::{Consumer, LogReader, LogShared, Lsn};
+use crate::sink::retrying;
 
 /// How long the sink waits for new log records once it has caught up.
 const IDLE_POLL: Duration = Duration::from_millis(20);
@@ -57,64 +57,35 @@ pub fn spawn(
         config: Arc::clone(&config),
         status: Arc::clone(&status),
     };
-    let sink_task = tokio::spawn(retrying("sink", shutdown.clone(), move |token| {
-        let sink = sink.clone();
-        async move { sink.session(&token).await }
-    }));
+    let sink_task = tokio::spawn(retrying(
+        "postgres",
+        "sink",
+        shutdown.clone(),
+        move |token| {
+            let sink = sink.clone();
+            async move { sink.session(&token).await }
+        },
+    ));
     let upkeep_status = Arc::clone(&status);
-    let upkeep_task = tokio::spawn(retrying("upkeep", shutdown.clone(), move |token| {
-        let config = Arc::clone(&config);
-        let status = Arc::clone(&upkeep_status);
-        async move {
-            let result = upkeep::session(&config, &token, &status).await;
-            if let Err(e) = &result {
-                status.set_refresher_error(Some(error_chain(e)));
+    let upkeep_task = tokio::spawn(retrying(
+        "postgres",
+        "upkeep",
+        shutdown.clone(),
+        move |token| {
+            let config = Arc::clone(&config);
+            let status = Arc::clone(&upkeep_status);
+            async move {
+                let result = upkeep::session(&config, &token, &status).await;
+                if let Err(e) = &result {
+                    status.set_refresher_error(Some(error_chain(e)));
+                }
+                result
             }
-            result
-        }
-    }));
+        },
+    ));
     PostgresHandle {
         status,
         tasks: vec![sink_task, upkeep_task],
-    }
-}
-
-/// Runs `session` until it returns `Ok` (it saw the shutdown), retrying errors with backoff.
-async fn retrying<F, Fut>(what: &'static str, shutdown: CancellationToken, session: F)
-where
-    F: Fn(CancellationToken) -> Fut,
-    Fut: std::future::Future<Output = Result<(), PgError>>,
-{
-    let backoff = || {
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times()
-            .build()
-    };
-    let mut delays = backoff();
-    loop {
-        let started = std::time::Instant::now();
-        // Cancelling drops a batch in flight: its transaction rolls back and the log keeps it.
-        let result = tokio::select! {
-            r = session(shutdown.clone()) => r,
-            () = shutdown.cancelled() => return,
-        };
-        if let Err(e) = result {
-            tracing::warn!(task = what, error = %error_chain(&e), "PostgreSQL task failed; retrying");
-        } else {
-            return;
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            // It ran for a while: start the backoff over.
-            delays = backoff();
-        }
-        let delay = delays.next().unwrap_or(Duration::from_secs(5));
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(delay) => {}
-        }
     }
 }
 
@@ -179,9 +150,7 @@ impl Sink {
         let mut lsn = self.claim_checkpoint(&client).await?;
         self.consumer.advance(lsn);
         self.status.set_connected(true);
-        self.status
-            .delivered
-            .store(lsn, std::sync::atomic::Ordering::Release);
+        self.status.set_delivered(lsn);
         tracing::info!(
             node = %self.node_id,
             flavor = report.flavor.as_str(),
@@ -209,9 +178,7 @@ impl Sink {
             self.commit(&mut client, &batch, lsn).await?;
             lsn = batch.end;
             self.consumer.advance(lsn);
-            self.status
-                .delivered
-                .store(lsn, std::sync::atomic::Ordering::Release);
+            self.status.set_delivered(lsn);
         }
         Ok(())
     }
