@@ -9,8 +9,10 @@
 //!
 //! The definitions here are data ([`ROLLUPS`], [`DIMENSIONS`], [`measures`]); [`postgres`]
 //! renders them as a TimescaleDB continuous aggregate or as plain PostgreSQL tables kept by an
-//! incremental refresher. Buckets are UTC: a bucket's value is its start as a UTC timestamp.
+//! incremental refresher, [`clickhouse`] as materialized views into `AggregatingMergeTree`
+//! tables. Buckets are UTC: a bucket's value is its start as a UTC timestamp.
 
+pub mod clickhouse;
 pub mod postgres;
 
 use std::sync::OnceLock;
