@@ -9,10 +9,11 @@ step() {
     printf '\n==> %s\n' "$*"
 }
 
-# System packages the tests need, beyond Rust: PostgreSQL 15 for the PostgreSQL store, Node.js
-# and npm for the TimescaleDB conformance test (TimescaleDB itself comes from npm, see
-# tests/timescaledb/README.md).
-APT_PACKAGES=(postgresql)
+# System packages the tests need, beyond Rust: PostgreSQL 15 for the PostgreSQL store,
+# ClickHouse (Debian's 18.16; each test starts a private server of its own) for the ClickHouse
+# store, Node.js and npm for the TimescaleDB conformance test (TimescaleDB itself comes from npm,
+# see tests/timescaledb/README.md).
+APT_PACKAGES=(postgresql clickhouse-server)
 if ! command -v npm >/dev/null; then
     APT_PACKAGES+=(nodejs npm)
 fi
@@ -87,6 +88,17 @@ start_postgres
 
 step "npm ci (TimescaleDB for the conformance test)"
 npm ci --prefix tests/timescaledb --no-audit --no-fund
+
+# chDB (ClickHouse 26.9 embedded in Python) for the conformance test of the DDL meterd uses on
+# current ClickHouse releases; see tests/clickhouse_modern.rs. Only its engine is needed, not
+# its pandas and pyarrow extras.
+step "chDB (current ClickHouse for the conformance test)"
+if [ ! -x tests/clickhouse/.venv/bin/python ]; then
+    python3 -m venv tests/clickhouse/.venv
+fi
+tests/clickhouse/.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+    chdb==4.4.0 chdb-core==26.9.0
+export METERD_TEST_CHDB_PYTHON="$PWD/tests/clickhouse/.venv/bin/python"
 
 step "cargo fmt --all --check"
 cargo fmt --all --check

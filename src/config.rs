@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
+use meterd_ingest::clickhouse::{self, ClickHouseConfig};
 use meterd_ingest::postgres::{PostgresConfig, TimescaleMode};
 use meterd_ingest::{EmbeddedOptions, IngestConfig};
 use meterd_query::QueryConfig;
@@ -57,6 +58,10 @@ pub struct ServeArgs {
     /// Log format on stderr: text or json [default: text].
     #[arg(long, env = "METERD_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Where `POST /v1/sql` reads: auto (ClickHouse if configured, else PostgreSQL if
+    /// configured, else the embedded store), embedded, postgres or clickhouse [default: auto].
+    #[arg(long, env = "METERD_SQL_SOURCE")]
+    pub sql_source: Option<SqlSource>,
     /// Deadline for a graceful shutdown, in seconds [default: 30].
     #[arg(long, env = "METERD_SHUTDOWN_TIMEOUT_SECS")]
     pub shutdown_timeout_secs: Option<u64>,
@@ -64,6 +69,10 @@ pub struct ServeArgs {
     /// settings under `[postgres]` in the config file.
     #[arg(long, env = "METERD_POSTGRES_URL")]
     pub postgres_url: Option<String>,
+    /// ClickHouse to fill, its HTTP interface `http://host:8123`; database, credentials and
+    /// batching under `[clickhouse]` in the config file.
+    #[arg(long, env = "METERD_CLICKHOUSE_URL")]
+    pub clickhouse_url: Option<String>,
 }
 
 /// Flags of `meterd migrate`.
@@ -104,6 +113,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where `POST /v1/sql` reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SqlSource {
+    /// ClickHouse if configured, else PostgreSQL if configured, else the embedded store.
+    #[default]
+    Auto,
+    Embedded,
+    Postgres,
+    Clickhouse,
+}
+
 /// The TOML file. Every key mirrors a flag; `[[api_keys]]` exists only here.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,10 +142,35 @@ pub struct FileConfig {
     pub query_memory_bytes: Option<usize>,
     pub query_threads: Option<usize>,
     pub log_format: Option<LogFormat>,
+    pub sql_source: Option<SqlSource>,
     pub shutdown_timeout_secs: Option<u64>,
     #[serde(default)]
     pub api_keys: Vec<ApiKeyConfig>,
     pub postgres: Option<PostgresFileConfig>,
+    pub clickhouse: Option<ClickHouseFileConfig>,
+}
+
+/// `[clickhouse]`: the ClickHouse store.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseFileConfig {
+    /// HTTP interface URL; `--clickhouse-url` / `METERD_CLICKHOUSE_URL` take precedence.
+    pub url: Option<String>,
+    /// The database meterd creates and fills [default: meterd].
+    pub database: Option<String>,
+    pub user: Option<String>,
+    /// The password, or `password_env`: the environment variable holding it.
+    pub password: Option<String>,
+    pub password_env: Option<String>,
+    /// An insert is sent at this many events [default: 100000; at most 1000000]...
+    pub batch_rows: Option<usize>,
+    /// ...or this many bytes of log records [default: 67108864]...
+    pub batch_bytes: Option<usize>,
+    /// ...or when its first event has waited this long, in seconds [default: 1].
+    pub batch_period_secs: Option<f64>,
+    /// Drop raw events older than this many days (TTL where the server has it, else whole
+    /// months); at least `max_event_age_days` [default: keep everything].
+    pub retention_days: Option<u32>,
 }
 
 /// `[postgres]`: the PostgreSQL/TimescaleDB store.
@@ -226,8 +272,12 @@ pub struct Settings {
     pub api_keys: Vec<ApiKey>,
     pub log_format: LogFormat,
     pub shutdown_timeout: Duration,
+    /// Where `POST /v1/sql` reads, resolved: never `Auto`, and only a configured store.
+    pub sql_source: SqlSource,
     /// The PostgreSQL store, when configured.
     pub postgres: Option<PostgresConfig>,
+    /// The ClickHouse store, when configured.
+    pub clickhouse: Option<ClickHouseConfig>,
 }
 
 impl Settings {
@@ -316,12 +366,38 @@ impl Settings {
         if postgres.is_some() {
             ingest.sinks.push(POSTGRES_SINK.to_owned());
         }
+        let clickhouse = clickhouse_config(
+            args.clickhouse_url.clone(),
+            file.clickhouse.clone(),
+            ingest.limits.max_age.num_days(),
+        )?;
+        if clickhouse.is_some() {
+            ingest.sinks.push(CLICKHOUSE_SINK.to_owned());
+        }
+        let sql_source = match pick!(sql_source).unwrap_or_default() {
+            SqlSource::Auto if clickhouse.is_some() => SqlSource::Clickhouse,
+            SqlSource::Auto if postgres.is_some() => SqlSource::Postgres,
+            SqlSource::Auto => SqlSource::Embedded,
+            SqlSource::Postgres if postgres.is_none() => {
+                return Err(ConfigError::Invalid(
+                    "sql_source = postgres, but no PostgreSQL is configured".to_owned(),
+                ));
+            }
+            SqlSource::Clickhouse if clickhouse.is_none() => {
+                return Err(ConfigError::Invalid(
+                    "sql_source = clickhouse, but no ClickHouse is configured".to_owned(),
+                ));
+            }
+            other => other,
+        };
         Ok(Self {
             listen,
             ingest,
             query,
             api_keys,
             postgres,
+            clickhouse,
+            sql_source,
             log_format: pick!(log_format).unwrap_or_default(),
             shutdown_timeout: Duration::from_secs(pick!(shutdown_timeout_secs).unwrap_or(30)),
         })
@@ -378,6 +454,78 @@ pub fn postgres_config(
         pg.partitions_ahead_days = v;
     }
     Ok(Some(pg))
+}
+
+/// The log consumer name of the ClickHouse store.
+pub const CLICKHOUSE_SINK: &str = "clickhouse";
+
+/// The ClickHouse settings, if a URL is given by flag, environment or file.
+pub fn clickhouse_config(
+    url: Option<String>,
+    file: Option<ClickHouseFileConfig>,
+    max_event_age_days: i64,
+) -> Result<Option<ClickHouseConfig>, ConfigError> {
+    let file = file.unwrap_or_default();
+    let Some(url) = url.or(file.url) else {
+        return Ok(None);
+    };
+    let mut ch = ClickHouseConfig::new(url);
+    if let Some(db) = file.database {
+        if !clickhouse::valid_database_name(&db) {
+            return Err(ConfigError::Invalid(format!(
+                "clickhouse.database {db:?} must be letters, digits and _ (not starting with a digit)"
+            )));
+        }
+        ch.database = db;
+    }
+    ch.user = file.user;
+    ch.password = match (file.password, file.password_env) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Invalid(
+                "clickhouse: give password or password_env, not both".to_owned(),
+            ));
+        }
+        (Some(p), None) => Some(p),
+        (None, Some(var)) => Some(std::env::var(&var).map_err(|_| {
+            ConfigError::Invalid(format!(
+                "clickhouse.password_env: environment variable {var} is not set"
+            ))
+        })?),
+        (None, None) => None,
+    };
+    if let Some(v) = file.batch_rows {
+        let v = positive(v, "clickhouse.batch_rows")?;
+        if v > 1_000_000 {
+            return Err(ConfigError::Invalid(format!(
+                "clickhouse.batch_rows ({v}) must be at most 1000000: a batch month is sent as \
+                 one block, which must fit ClickHouse's max_insert_block_size"
+            )));
+        }
+        ch.batch_rows = v;
+    }
+    if let Some(v) = file.batch_bytes {
+        ch.batch_bytes = positive(v, "clickhouse.batch_bytes")?;
+    }
+    if let Some(v) = file.batch_period_secs {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(ConfigError::Invalid(format!(
+                "clickhouse.batch_period_secs must be a number >= 0, got {v}"
+            )));
+        }
+        ch.batch_period = Duration::try_from_secs_f64(v).map_err(|_| {
+            ConfigError::Invalid(format!("clickhouse.batch_period_secs {v} is too large"))
+        })?;
+    }
+    if let Some(days) = file.retention_days {
+        if i64::from(days) < max_event_age_days {
+            return Err(ConfigError::Invalid(format!(
+                "clickhouse.retention_days ({days}) must be at least max_event_age_days \
+                 ({max_event_age_days}): otherwise a late event could land in a dropped month"
+            )));
+        }
+        ch.retention_days = Some(days);
+    }
+    Ok(Some(ch))
 }
 
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -502,6 +650,61 @@ mod tests {
                 .postgres
                 .is_none()
         );
+    }
+
+    #[test]
+    fn clickhouse_settings_resolve_and_bad_ones_are_refused() {
+        let f = file(
+            "[clickhouse]\nurl = \"http://ch:8123\"\ndatabase = \"metering\"\nuser = \"m\"\n\
+             password = \"p\"\nbatch_rows = 5000\nbatch_bytes = 1000000\n\
+             batch_period_secs = 0.25\nretention_days = 400\n",
+        );
+        let args = ServeArgs {
+            config: Some(f.path().to_owned()),
+            ..ServeArgs::default()
+        };
+        let s = Settings::resolve(&args).expect("resolve");
+        let ch = s.clickhouse.expect("clickhouse configured");
+        assert_eq!(ch.url, "http://ch:8123");
+        assert_eq!(ch.database, "metering");
+        assert_eq!(
+            (ch.user.as_deref(), ch.password.as_deref()),
+            (Some("m"), Some("p"))
+        );
+        assert_eq!((ch.batch_rows, ch.batch_bytes), (5000, 1_000_000));
+        assert_eq!(ch.batch_period, Duration::from_millis(250));
+        assert_eq!(ch.retention_days, Some(400));
+        assert_eq!(s.ingest.sinks, vec![CLICKHOUSE_SINK.to_owned()]);
+        // The flag wins over the file; both stores can be configured together.
+        let args = ServeArgs {
+            clickhouse_url: Some("http://flag:8123".to_owned()),
+            postgres_url: Some("postgres://m@db/x".to_owned()),
+            ..args
+        };
+        let s = Settings::resolve(&args).expect("resolve");
+        assert_eq!(s.clickhouse.expect("configured").url, "http://flag:8123");
+        assert_eq!(
+            s.ingest.sinks,
+            vec![POSTGRES_SINK.to_owned(), CLICKHOUSE_SINK.to_owned()]
+        );
+
+        for (bad, reason) in [
+            ("database = \"a-b\"", "clickhouse.database"),
+            ("batch_rows = 2000000", "at most 1000000"),
+            ("batch_rows = 0", "clickhouse.batch_rows"),
+            ("batch_period_secs = -1.0", "batch_period_secs"),
+            ("retention_days = 30", "retention_days (30)"),
+            ("password = \"x\"\npassword_env = \"Y\"", "not both"),
+            ("colour = \"red\"", "unknown field"),
+        ] {
+            let f = file(&format!("[clickhouse]\nurl = \"http://ch:8123\"\n{bad}\n"));
+            let args = ServeArgs {
+                config: Some(f.path().to_owned()),
+                ..ServeArgs::default()
+            };
+            let err = Settings::resolve(&args).expect_err(bad);
+            assert!(err.to_string().contains(reason), "{bad}: {err}");
+        }
     }
 
     #[test]

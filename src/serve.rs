@@ -14,13 +14,13 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use meterd_ingest::Ingest;
-use meterd_ingest::postgres::SinkStatus;
+use meterd_ingest::sink::SinkStatus;
 use meterd_query::{EventsSource, QueryService};
 use meterd_schemas::{EventsSnapshot, Principal};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{POSTGRES_SINK, Scope, Settings};
+use crate::config::{CLICKHOUSE_SINK, POSTGRES_SINK, Scope, Settings, SqlSource};
 use crate::openapi;
 
 /// The embedded store seen through the query crate's interface.
@@ -88,20 +88,35 @@ async fn healthz() -> impl IntoResponse {
 #[derive(Debug, Clone)]
 struct Readiness {
     ingest: Arc<Ingest>,
-    postgres: Option<Arc<SinkStatus>>,
+    stores: Stores,
+}
+
+/// The status of each external store that is configured.
+#[derive(Debug, Clone, Default)]
+pub struct Stores {
+    pub postgres: Option<Arc<SinkStatus>>,
+    pub clickhouse: Option<Arc<SinkStatus>>,
 }
 
 async fn readyz(State(state): State<Readiness>) -> Response {
     let r = state.ingest.readiness();
     let mut ready = r.ready;
     let mut body = json!({ "ingest": r });
-    if let Some(pg) = &state.postgres {
+    if let Some(pg) = &state.stores.postgres {
         ready &= pg.connected();
         body["postgres"] = json!({
             "connected": pg.connected(),
             "delivered_lsn": pg.delivered(),
             "last_error": pg.last_error(),
             "rollup_refresher_error": pg.refresher_error(),
+        });
+    }
+    if let Some(ch) = &state.stores.clickhouse {
+        ready &= ch.connected();
+        body["clickhouse"] = json!({
+            "connected": ch.connected(),
+            "delivered_lsn": ch.delivered(),
+            "last_error": ch.last_error(),
         });
     }
     body["ready"] = json!(ready);
@@ -121,7 +136,7 @@ async fn openapi_json() -> impl IntoResponse {
 pub fn router(
     ingest: Arc<Ingest>,
     query: &Arc<QueryService>,
-    postgres: Option<Arc<SinkStatus>>,
+    stores: Stores,
     settings: &Settings,
 ) -> Router {
     let mut keys = Keys::default();
@@ -153,7 +168,7 @@ pub fn router(
         .route("/healthz", get(healthz))
         .route(
             "/readyz",
-            get(readyz).with_state(Readiness { ingest, postgres }),
+            get(readyz).with_state(Readiness { ingest, stores }),
         )
         .route("/openapi.json", get(openapi_json))
 }
@@ -167,8 +182,41 @@ fn embedded_query(ingest: &Arc<Ingest>, settings: &Settings) -> anyhow::Result<A
     .context("starting the query service")
 }
 
-/// The relations `POST /v1/sql` serves from PostgreSQL.
-const POSTGRES_TABLES: &[&str] = &["events", "usage_hourly", "usage_daily"];
+/// The relations `POST /v1/sql` serves from PostgreSQL or ClickHouse.
+const STORE_TABLES: &[&str] = &["events", "usage_hourly", "usage_daily"];
+
+/// The query service of a store, or `None` (logged) when the store is not ready: SQL is then
+/// served from the embedded store until the next restart.
+fn store_query(store: &str, query: anyhow::Result<Arc<QueryService>>) -> Option<Arc<QueryService>> {
+    match query {
+        Ok(query) => {
+            tracing::info!(store, "SQL is served from {store}");
+            Some(query)
+        }
+        Err(e) => {
+            tracing::warn!(
+                store,
+                error = %format!("{e:#}"),
+                "{store} is not ready; SQL is served from the embedded store until restart"
+            );
+            None
+        }
+    }
+}
+
+/// SQL over ClickHouse's `meterd` database, its tables created first so they exist.
+async fn clickhouse_query(
+    ch: &meterd_ingest::clickhouse::ClickHouseConfig,
+    settings: &Settings,
+) -> anyhow::Result<Arc<QueryService>> {
+    let client = meterd_ingest::clickhouse::client(ch);
+    meterd_ingest::clickhouse::schema::ensure(&client, ch)
+        .await
+        .context("creating meterd's ClickHouse tables")?;
+    QueryService::with_clickhouse(client, &ch.database, STORE_TABLES, settings.query.clone())
+        .await
+        .context("reading the ClickHouse tables")
+}
 
 /// SQL over PostgreSQL's `meterd` schema, migrated first so the relations exist.
 async fn postgres_query(
@@ -203,7 +251,7 @@ async fn postgres_query(
         .max_size(settings.query.threads.max(1) * 4)
         .build()
         .context("building the PostgreSQL pool")?;
-    QueryService::with_postgres(pool, "meterd", POSTGRES_TABLES, settings.query.clone())
+    QueryService::with_postgres(pool, "meterd", STORE_TABLES, settings.query.clone())
         .await
         .context("registering PostgreSQL tables")
 }
@@ -237,26 +285,46 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let query = match &settings.postgres {
-        Some(pg) => match postgres_query(pg, &settings).await {
-            Ok(query) => {
-                tracing::info!("SQL is served from PostgreSQL");
-                query
-            }
-            Err(e) => {
-                tracing::warn!(
-                    error = %format!("{e:#}"),
-                    "PostgreSQL is not ready; SQL is served from the embedded store until restart"
-                );
-                embedded_query(&ingest, &settings)?
-            }
-        },
+    let clickhouse = match &settings.clickhouse {
+        Some(ch) => {
+            let consumer = ingest
+                .sink_consumer(CLICKHOUSE_SINK)
+                .context("the ClickHouse log consumer is not registered")?;
+            Some(meterd_ingest::clickhouse::spawn(
+                Arc::clone(ingest.log()),
+                consumer,
+                ingest.node_id().to_owned(),
+                settings.ingest.data_dir.clone(),
+                ch.clone(),
+                stores_stop.clone(),
+            ))
+        }
+        None => None,
+    };
+    let query = match (
+        settings.sql_source,
+        &settings.postgres,
+        &settings.clickhouse,
+    ) {
+        (SqlSource::Postgres, Some(pg), _) => {
+            store_query("PostgreSQL", postgres_query(pg, &settings).await)
+        }
+        (SqlSource::Clickhouse, _, Some(ch)) => {
+            store_query("ClickHouse", clickhouse_query(ch, &settings).await)
+        }
+        _ => None,
+    };
+    let query = match query {
+        Some(query) => query,
         None => embedded_query(&ingest, &settings)?,
     };
     let app = router(
         Arc::clone(&ingest),
         &query,
-        postgres.as_ref().map(|p| Arc::clone(&p.status)),
+        Stores {
+            postgres: postgres.as_ref().map(|p| Arc::clone(&p.status)),
+            clickhouse: clickhouse.as_ref().map(|c| Arc::clone(&c.status)),
+        },
         &settings,
     );
 
@@ -291,6 +359,9 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         stores_stop.cancel();
         if let Some(pg) = postgres {
             pg.join().await;
+        }
+        if let Some(ch) = clickhouse {
+            ch.join().await;
         }
         flushed
     })

@@ -11,18 +11,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::pg::{self, PrivatePg, TestDb};
-use common::{NDJSON, Server, distinct_keys, generated, ndjson};
+use common::{NDJSON, Server, distinct_keys, generated, ndjson, post_until_gone, renamed};
 use reqwest::StatusCode;
 use serde_json::Value;
 
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Gives each event an id unique to `prefix`, so batches never collide by accident.
-fn renamed(events: &mut [Value], prefix: &str) {
-    for (i, e) in events.iter_mut().enumerate() {
-        e["id"] = Value::String(format!("{prefix}-{i}"));
-    }
-}
 
 /// Every `(tenant, id)` in PostgreSQL's `meterd.events`.
 async fn keys_in_postgres(client: &tokio_postgres::Client) -> Vec<(String, String)> {
@@ -293,41 +286,6 @@ async fn postgres_outage_keeps_acknowledging_then_503_then_drains() {
     .await;
     assert_exactly(&client, &acked, "after recovery").await;
     server.kill();
-}
-
-/// What a writer sent and what meterd acknowledged.
-#[derive(Debug, Default)]
-struct Sent {
-    sent: HashSet<(String, String)>,
-    acked: HashSet<(String, String)>,
-}
-
-/// Posts batches until the server stops answering.
-async fn post_until_gone(url: String, prefix: String) -> Sent {
-    let http = reqwest::Client::new();
-    let mut out = Sent::default();
-    for round in 0..10_000u64 {
-        let mut batch = generated(round, 200, 5, Duration::from_secs(5 * 86_400), 0.0);
-        renamed(&mut batch, &format!("{prefix}-{round}"));
-        let keys = distinct_keys(&batch);
-        // A request cut off by the kill may still have been made durable: sent, not acked.
-        out.sent.extend(keys.iter().cloned());
-        let answer = http
-            .post(format!("{url}/v1/events"))
-            .header("content-type", NDJSON)
-            .body(ndjson(&batch))
-            .send()
-            .await;
-        match answer {
-            Ok(r) if r.status() == StatusCode::OK => out.acked.extend(keys),
-            Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Ok(r) => panic!("unexpected answer {}", r.status()),
-            Err(_) => break,
-        }
-    }
-    out
 }
 
 /// Waits until every acknowledged key is in PostgreSQL, then checks nothing is there twice and

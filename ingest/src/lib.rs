@@ -6,6 +6,7 @@
 //! plus the unflushed tail, meterd's default store) and [`http`] (`POST /v1/events`). [`Ingest`]
 //! ties them together and owns their threads.
 
+pub mod clickhouse;
 pub mod decode;
 pub mod dedup;
 pub mod embedded;

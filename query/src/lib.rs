@@ -7,14 +7,17 @@
 //! timeout, a memory pool and a row cap, so an expensive question gets a clear 4xx/5xx instead
 //! of starving ingest or the process.
 //!
-//! With PostgreSQL configured, [`QueryService::with_postgres`] serves `events` and the rollup
-//! tables from PostgreSQL instead, pushing projections, filters and limits into the SQL it sends.
+//! With PostgreSQL or ClickHouse configured, [`QueryService::with_postgres`] and
+//! [`QueryService::with_clickhouse`] serve `events` and the rollup tables from that store
+//! instead, pushing projections, filters and limits into the SQL they send.
 
+mod clickhouse;
 mod coop;
 mod error;
 mod format;
 mod http;
 mod postgres;
+mod pushdown;
 mod runtime;
 mod statement;
 mod table;
@@ -111,6 +114,37 @@ impl QueryService {
                 postgres::PostgresTable::discover(pool.clone(), schema, table, config.timeout)
                     .await
                     .map_err(registration_error)?;
+            ctx.register_table(table, Arc::new(provider))
+                .map_err(registration_error)?;
+        }
+        Self::start(ctx, &config)
+    }
+
+    /// Like [`QueryService::with_postgres`], from ClickHouse: each of `tables` is
+    /// `database.table`, its columns read from `system.columns` now (meterd's `_delivery` left
+    /// out; `events.time` read exactly from `time_us`). Projections, limits and the filters that
+    /// translate exactly (comparisons, `IN`, `BETWEEN`, `IS NULL` on text, integer and time
+    /// columns) run in ClickHouse.
+    pub async fn with_clickhouse(
+        client: ::clickhouse::Client,
+        database: &str,
+        tables: &[&str],
+        config: QueryConfig,
+    ) -> Result<Arc<Self>> {
+        let ctx = session_context(&config)?;
+        for &table in tables {
+            let registration_error = |source| Error::Table {
+                table: format!("{database}.{table}"),
+                source,
+            };
+            let provider = crate::clickhouse::ClickHouseTable::discover(
+                client.clone(),
+                database,
+                table,
+                config.timeout,
+            )
+            .await
+            .map_err(registration_error)?;
             ctx.register_table(table, Arc::new(provider))
                 .map_err(registration_error)?;
         }

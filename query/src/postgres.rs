@@ -23,7 +23,7 @@ use datafusion::common::{ScalarValue, internal_datafusion_err, internal_err};
 use datafusion::datasource::TableType;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
-use datafusion::logical_expr::expr::{Between, BinaryExpr, Cast, InList, TryCast};
+use datafusion::logical_expr::expr::{Between, BinaryExpr, Cast, InList};
 use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
@@ -35,6 +35,8 @@ use datafusion::physical_plan::{
 use deadpool_postgres::Pool;
 use tokio_postgres::Row;
 use tokio_postgres::types::{FromSql, ToSql, Type};
+
+use crate::pushdown::literal_value;
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01T00:00:00Z).
 const POSTGRES_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
@@ -588,22 +590,6 @@ fn keeps_values(kind: ColumnKind, to: &DataType) -> bool {
         }
         _ => false,
     }
-}
-
-/// The non-NULL value of a literal, or of a cast of one (which DataFusion may not have folded
-/// yet), evaluated with DataFusion's cast so it means what it means there.
-fn literal_value(expr: &Expr) -> Option<ScalarValue> {
-    let value = match expr {
-        Expr::Literal(value, _) => value.clone(),
-        Expr::Cast(Cast { expr, field }) | Expr::TryCast(TryCast { expr, field }) => {
-            let Expr::Literal(value, _) = expr.as_ref() else {
-                return None;
-            };
-            value.cast_to(field.data_type()).ok()?
-        }
-        _ => return None,
-    };
-    (!value.is_null()).then_some(value)
 }
 
 /// The parameter comparing `value` with a column of `kind`, and whether it is exact (only a

@@ -6,9 +6,11 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod ch;
 pub mod pg;
 pub mod rollups;
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -148,6 +150,11 @@ impl Server {
 
     fn stderr_path(&self, start: usize) -> PathBuf {
         self.root.path().join(format!("stderr-{start}.log"))
+    }
+
+    /// Replaces the arguments the next (re)start passes.
+    pub fn set_args(&mut self, args: &[&str]) {
+        self.args = args.iter().map(|a| (*a).to_owned()).collect();
     }
 
     /// Starts the process again on the same data directory (after [`Server::kill`] or
@@ -494,6 +501,48 @@ pub fn generated(seed: u64, n: usize, tenants: u32, span: Duration, duplicates: 
         n,
         "the generator yields exactly the requested number of events"
     );
+    out
+}
+
+/// Gives each event an id unique to `prefix`, so batches never collide by accident.
+pub fn renamed(events: &mut [Value], prefix: &str) {
+    for (i, e) in events.iter_mut().enumerate() {
+        e["id"] = Value::String(format!("{prefix}-{i}"));
+    }
+}
+
+/// What a writer sent and what meterd acknowledged.
+#[derive(Debug, Default)]
+pub struct Sent {
+    pub sent: HashSet<(String, String)>,
+    pub acked: HashSet<(String, String)>,
+}
+
+/// Posts batches until the server stops answering.
+pub async fn post_until_gone(url: String, prefix: String) -> Sent {
+    let http = reqwest::Client::new();
+    let mut out = Sent::default();
+    for round in 0..10_000u64 {
+        let mut batch = generated(round, 200, 5, Duration::from_secs(5 * 86_400), 0.0);
+        renamed(&mut batch, &format!("{prefix}-{round}"));
+        let keys = distinct_keys(&batch);
+        // A request cut off by the kill may still have been made durable: sent, not acked.
+        out.sent.extend(keys.iter().cloned());
+        let answer = http
+            .post(format!("{url}/v1/events"))
+            .header("content-type", NDJSON)
+            .body(ndjson(&batch))
+            .send()
+            .await;
+        match answer {
+            Ok(r) if r.status() == StatusCode::OK => out.acked.extend(keys),
+            Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(r) => panic!("unexpected answer {}", r.status()),
+            Err(_) => break,
+        }
+    }
     out
 }
 

@@ -1,0 +1,230 @@
+//! What meterd inserts: the columns of `events_in`, one `Native` block per month of event time,
+//! each closed by its delivery's marker row.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Datelike};
+use clickhouse::native::Block;
+use clickhouse::native::builder::BlockBuilder;
+use clickhouse::native::encode::Encode;
+use meterd_schemas::StoredEvent;
+
+use super::ChError;
+use crate::log::Lsn;
+use crate::payload::{Payload, payload};
+
+/// The columns of `events_in` and of the `repair_*` tables, in order, with their types. They
+/// do not depend on the server version; the materialized views convert to each table's types.
+pub const INPUT_COLUMNS: &[(&str, &str)] = &[
+    ("tenant", "String"),
+    ("id", "String"),
+    ("type", "String"),
+    ("time_us", "Int64"),
+    ("ingested_at_us", "Int64"),
+    ("subject", "Nullable(String)"),
+    ("source", "Nullable(String)"),
+    ("dimensions", "String"),
+    ("provider", "Nullable(String)"),
+    ("model", "Nullable(String)"),
+    ("input_tokens", "Nullable(Int64)"),
+    ("output_tokens", "Nullable(Int64)"),
+    ("cached_input_tokens", "Nullable(Int64)"),
+    ("reasoning_tokens", "Nullable(Int64)"),
+    ("route", "Nullable(String)"),
+    ("method", "Nullable(String)"),
+    ("status_code", "Nullable(Int64)"),
+    ("request_bytes", "Nullable(Int64)"),
+    ("response_bytes", "Nullable(Int64)"),
+    ("agent", "Nullable(String)"),
+    ("run_id", "Nullable(String)"),
+    ("parent_run_id", "Nullable(String)"),
+    ("status", "Nullable(String)"),
+    ("latency_ms", "Nullable(Int64)"),
+    ("duration_ms", "Nullable(Int64)"),
+    ("steps", "Nullable(Int64)"),
+    ("tool_calls", "Nullable(Int64)"),
+    ("_delivery", "UInt64"),
+    ("_marker", "UInt8"),
+];
+
+/// The events of one batch that fall in one month, as one block.
+pub struct MonthBlock {
+    /// `YYYYMM` of the events' time (UTC): the partition of every table written.
+    pub month: u32,
+    /// The delivery id on every row.
+    pub delivery: u64,
+    /// Event rows (the marker row not counted).
+    pub events: u64,
+    /// Earliest and latest event time in the block (µs), bounding the check of `events`.
+    pub min_time_us: i64,
+    pub max_time_us: i64,
+    pub block: Block,
+}
+
+impl std::fmt::Debug for MonthBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MonthBlock")
+            .field("month", &self.month)
+            .field("delivery", &format_args!("{:#x}", self.delivery))
+            .field("events", &self.events)
+            .field("min_time_us", &self.min_time_us)
+            .field("max_time_us", &self.max_time_us)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `YYYYMM` of a time in microseconds (UTC).
+pub fn month_of(time_us: i64) -> u32 {
+    let t = DateTime::from_timestamp_micros(time_us).unwrap_or(DateTime::UNIX_EPOCH);
+    t.year().unsigned_abs() * 100 + t.month()
+}
+
+/// The id of the delivery of `node`'s batch starting at `batch_start`, for its events of
+/// `month`: stable across restarts (a settled batch is found again), distinct across nodes,
+/// batches and months, and never 0 (0 marks rollup rows that are not markers).
+pub fn delivery_id(node: &str, batch_start: Lsn, month: u32) -> u64 {
+    let key = format!("{node}:{batch_start}:{month}");
+    xxhash_rust::xxh3::xxh3_64(key.as_bytes()).max(1)
+}
+
+/// Splits a batch into month blocks, each in log order and closed by its marker row.
+pub fn month_blocks(
+    node: &str,
+    batch_start: Lsn,
+    events: &[StoredEvent],
+) -> Result<Vec<MonthBlock>, ChError> {
+    let mut months: BTreeMap<u32, Vec<&StoredEvent>> = BTreeMap::new();
+    for e in events {
+        months.entry(month_of(e.event.time_us)).or_default().push(e);
+    }
+    months
+        .into_iter()
+        .map(|(month, events)| build(month, delivery_id(node, batch_start, month), &events))
+        .collect()
+}
+
+fn block_err(e: impl std::fmt::Display) -> ChError {
+    ChError::Block(e.to_string())
+}
+
+/// Adds one column: the events' values, then the marker row's.
+fn column<T: Encode>(
+    builder: &mut BlockBuilder,
+    name: &str,
+    values: impl Iterator<Item = T>,
+    marker: T,
+) -> Result<(), ChError> {
+    builder
+        .upsert_column::<T>(name)
+        .map_err(block_err)?
+        .add_all(values.chain(std::iter::once(marker)))
+        .map_err(block_err)?;
+    Ok(())
+}
+
+fn build(month: u32, delivery: u64, events: &[&StoredEvent]) -> Result<MonthBlock, ChError> {
+    let payloads: Vec<Payload<'_>> = events.iter().map(|e| payload(&e.event.data)).collect();
+    let dimensions = events
+        .iter()
+        .map(|e| serde_json::to_string(&e.event.dimensions))
+        .collect::<Result<Vec<String>, _>>()
+        .map_err(block_err)?;
+    let min_time_us = events.iter().map(|e| e.event.time_us).min().unwrap_or(0);
+    let max_time_us = events.iter().map(|e| e.event.time_us).max().unwrap_or(0);
+
+    let mut b = BlockBuilder::new();
+    let ev = || events.iter().map(|e| &e.event);
+    column(&mut b, "tenant", ev().map(|e| e.tenant.as_str()), "")?;
+    column(&mut b, "id", ev().map(|e| e.id.as_str()), "")?;
+    column(&mut b, "type", ev().map(|e| e.event_type().as_str()), "")?;
+    // The marker's time puts it in the block's month and in an hour the block touches.
+    column(&mut b, "time_us", ev().map(|e| e.time_us), min_time_us)?;
+    column(
+        &mut b,
+        "ingested_at_us",
+        events.iter().map(|e| e.ingested_at_us),
+        0,
+    )?;
+    column(&mut b, "subject", ev().map(|e| e.subject.as_deref()), None)?;
+    column(&mut b, "source", ev().map(|e| e.source.as_deref()), None)?;
+    column(
+        &mut b,
+        "dimensions",
+        dimensions.iter().map(String::as_str),
+        "",
+    )?;
+    macro_rules! payload_columns {
+        ($($field:ident),* $(,)?) => {
+            $(column(&mut b, stringify!($field), payloads.iter().map(|p| p.$field), None)?;)*
+        };
+    }
+    payload_columns!(
+        provider,
+        model,
+        input_tokens,
+        output_tokens,
+        cached_input_tokens,
+        reasoning_tokens,
+        route,
+        method,
+        status_code,
+        request_bytes,
+        response_bytes,
+        agent,
+        run_id,
+        parent_run_id,
+        status,
+        latency_ms,
+        duration_ms,
+        steps,
+        tool_calls,
+    );
+    column(
+        &mut b,
+        "_delivery",
+        events.iter().map(|_| delivery),
+        delivery,
+    )?;
+    column(&mut b, "_marker", events.iter().map(|_| 0u8), 1u8)?;
+    let block = b.build().map_err(block_err)?;
+    Ok(MonthBlock {
+        month,
+        delivery,
+        events: events.len() as u64,
+        min_time_us,
+        max_time_us,
+        block,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_are_utc() {
+        // 2026-01-31T23:59:59.999999Z and one microsecond later.
+        let end_of_january = 1_769_903_999_999_999;
+        assert_eq!(month_of(end_of_january), 202_601);
+        assert_eq!(month_of(end_of_january + 1), 202_602);
+    }
+
+    #[test]
+    fn delivery_ids_are_stable_distinct_and_never_zero() {
+        let a = delivery_id("node-a", 4096, 202_601);
+        assert_eq!(a, delivery_id("node-a", 4096, 202_601));
+        assert_ne!(a, delivery_id("node-b", 4096, 202_601));
+        assert_ne!(a, delivery_id("node-a", 4097, 202_601));
+        assert_ne!(a, delivery_id("node-a", 4096, 202_602));
+        assert_ne!(a, 0);
+    }
+
+    #[test]
+    fn input_columns_match_the_block() {
+        let names: Vec<&str> = INPUT_COLUMNS.iter().map(|(n, _)| *n).collect();
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), names.len());
+    }
+}

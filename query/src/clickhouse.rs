@@ -1,0 +1,697 @@
+//! ClickHouse relations (`meterd.events`, `meterd.usage_hourly`, ...) as DataFusion tables, so
+//! `POST /v1/sql` can answer from the ClickHouse store while ClickHouse does the filtering.
+//!
+//! At registration the relation's columns are read from `system.columns` and mapped to Arrow
+//! types (see [`Kind`]); meterd's bookkeeping columns (`_delivery`, and `time_us`, which becomes
+//! `time`) are not shown. At scan time the projection, the filters that translate exactly (see
+//! [`Translator`]) and the limit become one `SELECT ... FORMAT JSONEachRow`, decoded into Arrow
+//! batches as it streams in. ClickHouse 18.16 has no query parameters, so literals are rendered
+//! into the SQL: strings quoted and escaped, numbers and times as integers, nothing else.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::json::ReaderBuilder;
+use async_trait::async_trait;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::{ScalarValue, internal_datafusion_err, internal_err};
+use datafusion::datasource::TableType;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::TaskContext;
+use datafusion::logical_expr::expr::{Between, BinaryExpr, InList};
+use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchReceiverStream;
+use datafusion::physical_plan::{
+    ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning,
+    PlanProperties, ReplaceChildrenOptions, SendableRecordBatchStream,
+};
+
+use crate::pushdown::literal_value;
+
+/// Batches a scan may have decoded ahead of its consumer.
+const PREFETCH_BATCHES: usize = 2;
+/// An `IN` list longer than this is left to DataFusion, keeping the SQL text small.
+const MAX_IN_LIST: usize = 1_000;
+
+/// How a ClickHouse column is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `String`, `FixedString`, `Enum*`: `Utf8`. Comparisons and `IN` pushed down (both
+    /// compare bytes).
+    Text,
+    /// Signed and unsigned integers up to 32 bits, and `Int64`: `Int64`. Pushed down.
+    Int,
+    /// `UInt64`: `UInt64`. Pushed down.
+    UInt,
+    /// `Float32`, `Float64`: `Float64`. Only `IS [NOT] NULL` pushed down (NaN ordering).
+    Float,
+    /// `DateTime` (seconds): `Timestamp(Microsecond, "UTC")`. Pushed down for whole seconds.
+    DateTime,
+    /// `DateTime64(p)`: `Timestamp(Microsecond, "UTC")`. Pushed down.
+    DateTime64,
+    /// `events.time`, read from `time_us` (exact microseconds). Pushed down on `time_us`, with
+    /// the implied condition on `time` so ClickHouse can use its key and partitions.
+    EventTime,
+    /// Anything else: `Utf8` holding `toString(value)`. Only `IS [NOT] NULL` pushed down.
+    AsText,
+}
+
+impl Kind {
+    fn from_type(ty: &str) -> Self {
+        let base = strip(strip(ty, "LowCardinality"), "Nullable");
+        match base {
+            "String" => Kind::Text,
+            _ if base.starts_with("FixedString") || base.starts_with("Enum") => Kind::Text,
+            "Int8" | "Int16" | "Int32" | "Int64" | "UInt8" | "UInt16" | "UInt32" => Kind::Int,
+            "UInt64" => Kind::UInt,
+            "Float32" | "Float64" => Kind::Float,
+            _ if base == "DateTime" || base.starts_with("DateTime(") => Kind::DateTime,
+            _ if base.starts_with("DateTime64") => Kind::DateTime64,
+            _ => Kind::AsText,
+        }
+    }
+
+    fn arrow_type(self) -> DataType {
+        match self {
+            Kind::Text | Kind::AsText => DataType::Utf8,
+            Kind::Int => DataType::Int64,
+            Kind::UInt => DataType::UInt64,
+            Kind::Float => DataType::Float64,
+            Kind::DateTime | Kind::DateTime64 | Kind::EventTime => {
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+            }
+        }
+    }
+}
+
+/// `inner` of `wrapper(inner)`, or `ty` itself.
+fn strip<'a>(ty: &'a str, wrapper: &str) -> &'a str {
+    ty.strip_prefix(wrapper)
+        .and_then(|rest| rest.strip_prefix('('))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or(ty)
+}
+
+#[derive(Debug, Clone)]
+struct ChColumn {
+    name: String,
+    kind: Kind,
+    nullable: bool,
+}
+
+impl ChColumn {
+    /// The column as the SQL sent reads it (the JSON value the decoder expects).
+    fn value_sql(&self) -> String {
+        let c = quote_ident(&self.name);
+        match self.kind {
+            Kind::Text | Kind::Float => c,
+            Kind::Int => format!("toInt64({c})"),
+            Kind::UInt => format!("toUInt64({c})"),
+            Kind::DateTime => format!("toInt64(toUInt32({c})) * 1000000"),
+            Kind::DateTime64 => format!("toUnixTimestamp64Micro({c})"),
+            Kind::EventTime => "time_us".to_owned(),
+            Kind::AsText => format!("toString({c})"),
+        }
+    }
+
+    fn select_item(&self) -> String {
+        format!("{} AS {}", self.value_sql(), quote_ident(&self.name))
+    }
+}
+
+/// A ClickHouse identifier in backquotes.
+fn quote_ident(name: &str) -> String {
+    format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
+}
+
+/// A ClickHouse string literal.
+fn quote_str(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('\'');
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("\\'"),
+            '\0' => out.push_str("\\0"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// A relation of the ClickHouse store.
+#[derive(Debug)]
+pub(crate) struct ClickHouseTable {
+    client: clickhouse::Client,
+    relation: String,
+    columns: Arc<[ChColumn]>,
+    schema: SchemaRef,
+    table_type: TableType,
+    timeout: Duration,
+}
+
+impl ClickHouseTable {
+    /// Reads the columns of `database.name` from `system.columns`, in column order.
+    pub(crate) async fn discover(
+        client: clickhouse::Client,
+        database: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let qualified = format!("{database}.{name}");
+        let engine: Option<String> = client
+            .query("SELECT engine FROM system.tables WHERE database = ? AND name = ?")
+            .bind(database)
+            .bind(name)
+            .fetch_optional()
+            .await
+            .map_err(|e| external(e, format!("reading the definition of {qualified}")))?;
+        let Some(engine) = engine else {
+            return Err(DataFusionError::Plan(format!(
+                "ClickHouse has no table or view {qualified}"
+            )));
+        };
+        let raw: Vec<(String, String)> = client
+            .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
+            .bind(database)
+            .bind(name)
+            .fetch_all()
+            .await
+            .map_err(|e| external(e, format!("reading the columns of {qualified}")))?;
+        let event_time =
+            raw.iter().any(|(n, _)| n == "time_us") && raw.iter().any(|(n, _)| n == "time");
+        let mut columns = Vec::with_capacity(raw.len());
+        for (column, ty) in raw {
+            if column == "_delivery" || (event_time && column == "time_us") {
+                continue;
+            }
+            let kind = if event_time && column == "time" {
+                Kind::EventTime
+            } else {
+                Kind::from_type(&ty)
+            };
+            let nullable = ty.contains("Nullable(");
+            columns.push(ChColumn {
+                name: column,
+                kind,
+                nullable,
+            });
+        }
+        if columns.is_empty() {
+            return Err(DataFusionError::Plan(format!(
+                "ClickHouse relation {qualified} has no columns"
+            )));
+        }
+        let fields: Vec<Field> = columns
+            .iter()
+            .map(|c| Field::new(&c.name, c.kind.arrow_type(), c.nullable))
+            .collect();
+        let table_type = if engine == "View" || engine == "MaterializedView" {
+            TableType::View
+        } else {
+            TableType::Base
+        };
+        Ok(Self {
+            client,
+            relation: format!("{}.{}", quote_ident(database), quote_ident(name)),
+            columns: columns.into(),
+            schema: Arc::new(Schema::new(fields)),
+            table_type,
+            timeout,
+        })
+    }
+}
+
+#[async_trait]
+impl TableProvider for ClickHouseTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        self.table_type
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        Ok(filters
+            .iter()
+            .map(|filter| {
+                if Translator(&self.columns).predicate(filter).is_some() {
+                    TableProviderFilterPushDown::Exact
+                } else {
+                    TableProviderFilterPushDown::Unsupported
+                }
+            })
+            .collect())
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let translator = Translator(&self.columns);
+        let mut conditions = Vec::with_capacity(filters.len());
+        for filter in filters {
+            conditions.push(translator.predicate(filter).ok_or_else(|| {
+                internal_datafusion_err!("filter {filter} was pushed down but does not translate")
+            })?);
+        }
+        let indices: Vec<usize> = match projection {
+            Some(indices) => indices.clone(),
+            None => (0..self.columns.len()).collect(),
+        };
+        let mut columns = Vec::with_capacity(indices.len());
+        for &i in &indices {
+            columns.push(
+                self.columns
+                    .get(i)
+                    .ok_or_else(|| {
+                        internal_datafusion_err!("projection index {i} is out of range")
+                    })?
+                    .clone(),
+            );
+        }
+        // ClickHouse needs at least one column; `count(*)` needs only the rows.
+        let select_list = if columns.is_empty() {
+            "1 AS `_row`".to_owned()
+        } else {
+            columns
+                .iter()
+                .map(ChColumn::select_item)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut sql = format!("SELECT {select_list} FROM {}", self.relation);
+        if !conditions.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conditions.join(" AND "));
+        }
+        if let Some(limit) = limit {
+            sql.push_str(&format!(" LIMIT {limit}"));
+        }
+        let schema = Arc::new(self.schema.project(&indices)?);
+        Ok(Arc::new(ClickHouseScanExec::new(ScanRequest {
+            client: self.client.clone(),
+            sql,
+            schema,
+            timeout: self.timeout,
+            batch_size: state.config().batch_size(),
+        })))
+    }
+}
+
+/// Turns DataFusion filters into ClickHouse conditions that select exactly the same rows, or
+/// `None`.
+struct Translator<'a>(&'a [ChColumn]);
+
+impl Translator<'_> {
+    fn predicate(&self, expr: &Expr) -> Option<String> {
+        match expr {
+            Expr::BinaryExpr(BinaryExpr { left, op, right }) => match op {
+                Operator::And | Operator::Or => {
+                    let l = self.predicate(left)?;
+                    let r = self.predicate(right)?;
+                    let word = if *op == Operator::And { "AND" } else { "OR" };
+                    Some(format!("({l} {word} {r})"))
+                }
+                _ => self.comparison(left, *op, right),
+            },
+            Expr::Between(Between {
+                expr,
+                negated: false,
+                low,
+                high,
+            }) => {
+                let lo = self.comparison(expr, Operator::GtEq, low)?;
+                let hi = self.comparison(expr, Operator::LtEq, high)?;
+                Some(format!("({lo} AND {hi})"))
+            }
+            Expr::InList(InList {
+                expr,
+                list,
+                negated,
+            }) if !list.is_empty() && list.len() <= MAX_IN_LIST => {
+                let column = self.column(expr)?;
+                if !matches!(column.kind, Kind::Text | Kind::Int | Kind::UInt) {
+                    return None;
+                }
+                let values = list
+                    .iter()
+                    .map(|v| literal(column.kind, v).map(|(sql, exact)| exact.then_some(sql)))
+                    .collect::<Option<Option<Vec<String>>>>()??;
+                let word = if *negated { "NOT IN" } else { "IN" };
+                Some(format!(
+                    "{} {word} ({})",
+                    column.value_sql(),
+                    values.join(", ")
+                ))
+            }
+            Expr::IsNull(inner) => Some(format!("isNull({})", self.column(inner)?.value_sql())),
+            Expr::IsNotNull(inner) => {
+                Some(format!("isNotNull({})", self.column(inner)?.value_sql()))
+            }
+            _ => None,
+        }
+    }
+
+    fn column(&self, expr: &Expr) -> Option<&ChColumn> {
+        match expr {
+            Expr::Column(c) => self.0.iter().find(|col| col.name == c.name),
+            _ => None,
+        }
+    }
+
+    /// `column op literal` (either side), for the kinds whose order ClickHouse and Arrow share.
+    fn comparison(&self, left: &Expr, op: Operator, right: &Expr) -> Option<String> {
+        let (column, value, op) = match (self.column(left), self.column(right)) {
+            (Some(c), None) => (c, right, op),
+            (None, Some(c)) => (c, left, op.swap()?),
+            _ => return None,
+        };
+        let sql_op = match op {
+            Operator::Eq => "=",
+            Operator::NotEq => "!=",
+            Operator::Lt => "<",
+            Operator::LtEq => "<=",
+            Operator::Gt => ">",
+            Operator::GtEq => ">=",
+            _ => return None,
+        };
+        if matches!(column.kind, Kind::Float | Kind::AsText) {
+            return None;
+        }
+        let (literal, exact) = literal(column.kind, value)?;
+        if !exact {
+            return None;
+        }
+        let condition = format!("{} {sql_op} {literal}", column.value_sql());
+        match column.kind {
+            Kind::EventTime => {
+                // `time` is `time_us` rounded down to its second (or DateTime64 of it), so a
+                // bound on `time_us` implies this bound on `time`, which ClickHouse can use.
+                let us: i64 = literal.parse().ok()?;
+                let second = us.div_euclid(1_000_000);
+                let implied = match op {
+                    Operator::Eq | Operator::Gt | Operator::GtEq => {
+                        Some(format!("`time` >= toDateTime({second}, 'UTC')"))
+                    }
+                    Operator::Lt | Operator::LtEq => {
+                        Some(format!("`time` < toDateTime({}, 'UTC')", second + 1))
+                    }
+                    _ => None,
+                };
+                Some(match implied {
+                    Some(i) => format!("({condition} AND {i})"),
+                    None => condition,
+                })
+            }
+            Kind::DateTime => {
+                // Compare the column itself, so its key and partitions are used.
+                let us: i64 = literal.parse().ok()?;
+                if us.rem_euclid(1_000_000) != 0 {
+                    return None;
+                }
+                Some(format!(
+                    "{} {sql_op} toDateTime({}, 'UTC')",
+                    quote_ident(&column.name),
+                    us / 1_000_000
+                ))
+            }
+            _ => Some(condition),
+        }
+    }
+}
+
+/// The SQL literal of `expr` for a column of `kind`, and whether comparing with it is exact.
+fn literal(kind: Kind, expr: &Expr) -> Option<(String, bool)> {
+    let value = literal_value(expr)?;
+    match (kind, &value) {
+        (Kind::Text, ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)))
+        | (Kind::Text, ScalarValue::LargeUtf8(Some(s))) => Some((quote_str(s), true)),
+        (Kind::Int, v) => int_value(v).map(|i| (i.to_string(), true)),
+        (Kind::UInt, v) => int_value(v)
+            .and_then(|i| u64::try_from(i).ok())
+            .map(|u| (u.to_string(), true)),
+        (Kind::DateTime | Kind::DateTime64 | Kind::EventTime, v) => {
+            timestamp_micros(v).map(|us| (us.to_string(), true))
+        }
+        _ => None,
+    }
+}
+
+fn int_value(value: &ScalarValue) -> Option<i64> {
+    match value {
+        ScalarValue::Int8(Some(v)) => Some(i64::from(*v)),
+        ScalarValue::Int16(Some(v)) => Some(i64::from(*v)),
+        ScalarValue::Int32(Some(v)) => Some(i64::from(*v)),
+        ScalarValue::Int64(Some(v)) => Some(*v),
+        ScalarValue::UInt8(Some(v)) => Some(i64::from(*v)),
+        ScalarValue::UInt16(Some(v)) => Some(i64::from(*v)),
+        ScalarValue::UInt32(Some(v)) => Some(i64::from(*v)),
+        ScalarValue::UInt64(Some(v)) => i64::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
+/// A UTC timestamp literal in microseconds. Zone-less timestamps are not pushed down: the
+/// column is UTC, and DataFusion's comparison of the two is its own business.
+fn timestamp_micros(value: &ScalarValue) -> Option<i64> {
+    match value {
+        ScalarValue::TimestampSecond(Some(v), Some(_)) => v.checked_mul(1_000_000),
+        ScalarValue::TimestampMillisecond(Some(v), Some(_)) => v.checked_mul(1_000),
+        ScalarValue::TimestampMicrosecond(Some(v), Some(_)) => Some(*v),
+        ScalarValue::TimestampNanosecond(Some(v), Some(_)) => {
+            (v.rem_euclid(1_000) == 0).then_some(v.div_euclid(1_000))
+        }
+        _ => None,
+    }
+}
+
+#[derive(Debug)]
+struct ScanRequest {
+    client: clickhouse::Client,
+    sql: String,
+    schema: SchemaRef,
+    timeout: Duration,
+    batch_size: usize,
+}
+
+/// Streams the result of one `SELECT` on ClickHouse as record batches, decoding its
+/// `JSONEachRow` output as it arrives. Dropping the stream drops the request, which ends the
+/// query on the server; `max_execution_time` bounds it otherwise.
+#[derive(Debug)]
+struct ClickHouseScanExec {
+    request: Arc<ScanRequest>,
+    properties: Arc<PlanProperties>,
+}
+
+impl ClickHouseScanExec {
+    fn new(request: ScanRequest) -> Self {
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(Arc::clone(&request.schema)),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        );
+        Self {
+            request: Arc::new(request),
+            properties: Arc::new(properties),
+        }
+    }
+}
+
+impl DisplayAs for ClickHouseScanExec {
+    fn fmt_as(&self, t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match t {
+            DisplayFormatType::Default | DisplayFormatType::Verbose => {
+                write!(f, "ClickHouseScanExec: sql={}", self.request.sql)
+            }
+            DisplayFormatType::TreeRender => write!(f, "sql={}", self.request.sql),
+        }
+    }
+}
+
+impl ExecutionPlan for ClickHouseScanExec {
+    fn name(&self) -> &str {
+        "ClickHouseScanExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+        _options: ReplaceChildrenOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        if children.is_empty() {
+            Ok(self)
+        } else {
+            internal_err!("ClickHouseScanExec has no children")
+        }
+    }
+
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+        )
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        if partition != 0 {
+            return internal_err!(
+                "ClickHouseScanExec has one partition, not {}",
+                partition + 1
+            );
+        }
+        let mut builder =
+            RecordBatchReceiverStream::builder(Arc::clone(&self.request.schema), PREFETCH_BATCHES);
+        let tx = builder.tx();
+        let request = Arc::clone(&self.request);
+        builder.spawn(async move { fetch(&request, &tx).await });
+        Ok(builder.build())
+    }
+}
+
+/// Runs the scan's statement and sends its rows to `tx` until the result ends or the receiver
+/// is gone.
+async fn fetch(
+    request: &ScanRequest,
+    tx: &tokio::sync::mpsc::Sender<Result<RecordBatch>>,
+) -> Result<()> {
+    // A scan without columns reads a constant per row; the decoder wants a field for it.
+    let decode_schema = if request.schema.fields().is_empty() {
+        Arc::new(Schema::new(vec![Field::new(
+            "_row",
+            DataType::Int64,
+            false,
+        )]))
+    } else {
+        Arc::clone(&request.schema)
+    };
+    let mut decoder = ReaderBuilder::new(Arc::clone(&decode_schema))
+        .with_batch_size(request.batch_size.max(1))
+        .build_decoder()
+        .map_err(|e| external(e, "building the JSON decoder"))?;
+    let timeout = request.timeout.as_secs().max(1).to_string();
+    let mut cursor = request
+        .client
+        .query(&request.sql)
+        .with_setting("output_format_json_quote_64bit_integers", "0")
+        .with_setting("max_execution_time", timeout)
+        .fetch_bytes("JSONEachRow")
+        .map_err(|e| external(e, format!("ClickHouse refused `{}`", request.sql)))?;
+    let send = |batch: RecordBatch| async {
+        let batch = if request.schema.fields().is_empty() {
+            RecordBatch::try_new_with_options(
+                Arc::clone(&request.schema),
+                vec![],
+                &arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+            )
+            .map_err(|e| external(e, "building a batch"))?
+        } else {
+            batch
+        };
+        Ok::<bool, DataFusionError>(tx.send(Ok(batch)).await.is_ok())
+    };
+    loop {
+        let chunk = cursor
+            .next()
+            .await
+            .map_err(|e| external(e, format!("reading the result of `{}`", request.sql)))?;
+        let Some(chunk) = chunk else { break };
+        let mut rest: &[u8] = &chunk;
+        while !rest.is_empty() {
+            let read = decoder
+                .decode(rest)
+                .map_err(|e| external(e, "decoding ClickHouse's JSON"))?;
+            rest = &rest[read..];
+            if !rest.is_empty() || read == 0 {
+                // The decoder is full: hand a batch on.
+                if let Some(batch) = decoder
+                    .flush()
+                    .map_err(|e| external(e, "decoding ClickHouse's JSON"))?
+                    && !send(batch).await?
+                {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    if let Some(batch) = decoder
+        .flush()
+        .map_err(|e| external(e, "decoding ClickHouse's JSON"))?
+    {
+        send(batch).await?;
+    }
+    Ok(())
+}
+
+/// A ClickHouse or decoding error as a DataFusion error, with what we were doing.
+fn external(
+    e: impl std::error::Error + Send + Sync + 'static,
+    doing: impl Into<String>,
+) -> DataFusionError {
+    DataFusionError::External(Box::new(e)).context(doing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn types_map() {
+        assert_eq!(Kind::from_type("String"), Kind::Text);
+        assert_eq!(Kind::from_type("LowCardinality(String)"), Kind::Text);
+        assert_eq!(
+            Kind::from_type("LowCardinality(Nullable(String))"),
+            Kind::Text
+        );
+        assert_eq!(Kind::from_type("Nullable(Int64)"), Kind::Int);
+        assert_eq!(Kind::from_type("UInt64"), Kind::UInt);
+        assert_eq!(Kind::from_type("DateTime('UTC')"), Kind::DateTime);
+        assert_eq!(Kind::from_type("DateTime"), Kind::DateTime);
+        assert_eq!(Kind::from_type("DateTime64(6, 'UTC')"), Kind::DateTime64);
+        assert_eq!(Kind::from_type("Array(String)"), Kind::AsText);
+    }
+
+    #[test]
+    fn literals_are_quoted_and_escaped() {
+        assert_eq!(quote_str("a'b\\c"), "'a\\'b\\\\c'");
+        assert_eq!(quote_str("x\0y"), "'x\\0y'");
+        assert_eq!(quote_ident("we`ird"), "`we\\`ird`");
+    }
+}

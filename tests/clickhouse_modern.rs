@@ -1,0 +1,275 @@
+//! The form of meterd's ClickHouse tables for current releases (21.8 and later:
+//! `LowCardinality`, `DateTime64`, `TTL`), run on a current ClickHouse: chDB 4.4 (ClickHouse
+//! 26.9 embedded in Python, from PyPI; `scripts/test.sh` installs it into
+//! `tests/clickhouse/.venv`). No ClickHouse server newer than Debian's 18.16 can be installed
+//! from this machine's package registries, and chDB runs the same engine in-process.
+//!
+//! The test creates meterd's tables in the modern form, inserts generated events (a month plus
+//! hour and day edges, then late events) the way meterd does, one insert per month with its
+//! delivery marker, and checks the column types, the TTL, that markers stay out of `events`
+//! and of the rollup views, and that `usage_hourly` and `usage_daily` equal a raw GROUP BY
+//! over `events`, bucket by bucket and column by column.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, TimeDelta};
+use common::ch::{normalised, raw_group_by, rollup_rows};
+use common::{generated, renamed};
+use meterd_ingest::clickhouse::schema;
+use meterd_rollups::clickhouse::Dialect;
+use serde_json::{Value, json};
+
+const DB: &str = "meterd";
+
+fn python() -> String {
+    std::env::var("METERD_TEST_CHDB_PYTHON").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clickhouse/.venv/bin/python"
+        )
+        .to_owned()
+    })
+}
+
+const PAYLOAD_COLUMNS: [&str; 19] = [
+    "provider",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "reasoning_tokens",
+    "route",
+    "method",
+    "status_code",
+    "request_bytes",
+    "response_bytes",
+    "agent",
+    "run_id",
+    "parent_run_id",
+    "status",
+    "latency_ms",
+    "duration_ms",
+    "steps",
+    "tool_calls",
+];
+
+fn time_us(event: &Value) -> i64 {
+    let text = event["time"].as_str().expect("time");
+    DateTime::parse_from_rfc3339(text)
+        .expect("RFC 3339 time")
+        .timestamp_micros()
+}
+
+/// The `events_in` row of an event, as meterd fills it.
+fn input_row(event: &Value, delivery: u64) -> Value {
+    let mut row = json!({
+        "tenant": event["tenant"],
+        "id": event["id"],
+        "type": event["type"],
+        "time_us": time_us(event),
+        "ingested_at_us": 1_700_000_000_000_000i64,
+        "subject": event.get("subject").cloned().unwrap_or(Value::Null),
+        "source": event.get("source").cloned().unwrap_or(Value::Null),
+        "dimensions": event.get("dimensions").map_or("{}".to_owned(), Value::to_string),
+        "_delivery": delivery,
+        "_marker": 0,
+    });
+    for column in PAYLOAD_COLUMNS {
+        row[column] = event["data"].get(column).cloned().unwrap_or(Value::Null);
+    }
+    row
+}
+
+/// One insert per month of event time, each closed by its marker row, as meterd sends a batch.
+fn inserts(events: &[Value], batch: u64) -> Vec<String> {
+    let mut months: BTreeMap<(i32, u32), Vec<&Value>> = BTreeMap::new();
+    for e in events {
+        let t = DateTime::from_timestamp_micros(time_us(e)).expect("time");
+        months.entry((t.year(), t.month())).or_default().push(e);
+    }
+    months
+        .into_values()
+        .enumerate()
+        .map(|(i, month)| {
+            let delivery = batch * 1_000 + i as u64 + 1;
+            let mut body = format!("INSERT INTO {DB}.events_in FORMAT JSONEachRow\n");
+            for e in &month {
+                body.push_str(&input_row(e, delivery).to_string());
+                body.push('\n');
+            }
+            let marker_time = month.iter().map(|e| time_us(e)).min().unwrap_or(0);
+            let marker = json!({
+                "tenant": "", "id": "", "type": "", "time_us": marker_time,
+                "ingested_at_us": 0, "dimensions": "", "_delivery": delivery, "_marker": 1,
+            });
+            body.push_str(&marker.to_string());
+            body
+        })
+        .collect()
+}
+
+/// Keeps the first event of each `(tenant, id)`, as meterd's dedup does.
+fn unique(events: Vec<Value>) -> Vec<Value> {
+    let mut seen = HashSet::new();
+    events
+        .into_iter()
+        .filter(|e| {
+            seen.insert((
+                e["tenant"].as_str().unwrap_or_default().to_owned(),
+                e["id"].as_str().unwrap_or_default().to_owned(),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn the_modern_form_runs_on_current_clickhouse_with_the_same_rollups() {
+    let now = chrono::Utc::now();
+    let mut month = generated(111, 8_000, 6, Duration::from_secs(30 * 86_400), 0.02);
+    let edge_day =
+        chrono::DurationRound::duration_trunc(now - TimeDelta::days(9), TimeDelta::days(1))
+            .expect("trunc");
+    month.extend(common::rollups::edge_events(edge_day));
+    let month = unique(month);
+    let mut late = generated(112, 1_000, 6, Duration::from_secs(25 * 86_400), 0.0);
+    renamed(&mut late, "late");
+    let total = month.len() + late.len();
+
+    let mut steps: Vec<Value> = schema::statements(DB, &Dialect::MODERN, Some(400))
+        .into_iter()
+        .map(|sql| json!({ "sql": sql }))
+        .collect();
+    for (batch, events) in [month.as_slice(), late.as_slice()].into_iter().enumerate() {
+        for chunk in events.chunks(3_000) {
+            for sql in inserts(chunk, batch as u64 * 100 + steps.len() as u64) {
+                steps.push(json!({ "sql": sql }));
+            }
+        }
+    }
+    let queries = [
+        format!(
+            "SELECT name, type FROM system.columns WHERE database = '{DB}' AND table = 'events' \
+             AND name IN ('tenant', 'time', 'ingested_at', 'provider') ORDER BY name"
+        ),
+        format!(
+            "SELECT create_table_query FROM system.tables WHERE database = '{DB}' AND name = 'events'"
+        ),
+        format!("SELECT count(), countIf(_delivery = 0 OR tenant = '') FROM {DB}.events"),
+        format!("SELECT count() FROM {DB}.usage_hourly_state WHERE _delivery != 0"),
+        format!("SELECT toInt64(sum(events)) FROM {DB}.usage_daily"),
+        rollup_rows(DB, "usage_hourly"),
+        raw_group_by(DB, "toStartOfHour"),
+        rollup_rows(DB, "usage_daily"),
+        raw_group_by(DB, "toStartOfDay"),
+    ];
+    for sql in &queries {
+        steps.push(json!({ "sql": sql, "rows": true }));
+    }
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let request = json!({ "path": dir.path().join("chdb"), "steps": steps });
+    let runner = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clickhouse/run_chdb.py");
+    let mut child = Command::new(python())
+        .arg(runner)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "running {}: {e}. This test needs chDB; `bash scripts/test.sh` installs it into \
+                 tests/clickhouse/.venv (or set METERD_TEST_CHDB_PYTHON)",
+                python()
+            )
+        });
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(request.to_string().as_bytes())
+        .expect("write request");
+    let out = child.wait_with_output().expect("chDB runner");
+    assert!(
+        out.status.success(),
+        "the chDB runner failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("runner output");
+    let version = answer["version"].as_str().unwrap_or_default();
+    let major: u32 = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        Dialect::for_version(major, 0) == Dialect::MODERN,
+        "chDB runs ClickHouse {version}, which should get the modern form"
+    );
+    let results: Vec<Vec<Vec<Value>>> = answer["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .expect("rows")
+                .iter()
+                .map(|row| row.as_array().cloned().unwrap_or_default())
+                .collect()
+        })
+        .collect();
+
+    let types: Vec<(String, String)> = results[0]
+        .iter()
+        .map(|r| {
+            (
+                r[0].as_str().unwrap_or_default().to_owned(),
+                r[1].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            ("ingested_at".to_owned(), "DateTime64(6, 'UTC')".to_owned()),
+            (
+                "provider".to_owned(),
+                "LowCardinality(Nullable(String))".to_owned()
+            ),
+            ("tenant".to_owned(), "LowCardinality(String)".to_owned()),
+            ("time".to_owned(), "DateTime64(6, 'UTC')".to_owned()),
+        ]
+    );
+    let create = results[1][0][0].as_str().unwrap_or_default();
+    assert!(create.contains("TTL"), "events has a TTL: {create}");
+    assert_eq!(
+        results[2][0],
+        vec![json!(total), json!(0)],
+        "every event once, no marker"
+    );
+    assert!(
+        results[3][0][0].as_i64().unwrap_or(0) > 0,
+        "state tables hold markers"
+    );
+    assert_eq!(
+        results[4][0][0],
+        json!(total),
+        "usage_daily counts every event once"
+    );
+    for (rollup, raw, name) in [(5, 6, "usage_hourly"), (7, 8, "usage_daily")] {
+        let have = normalised(results[rollup].clone());
+        let want = normalised(results[raw].clone());
+        assert!(!want.is_empty());
+        assert!(
+            have == want,
+            "{name} differs from a raw GROUP BY: {} rows against {}; first difference {:?}",
+            have.len(),
+            want.len(),
+            have.iter().zip(&want).find(|(a, b)| a != b)
+        );
+    }
+}
