@@ -98,12 +98,14 @@ struct Sink {
     status: Arc<SinkStatus>,
 }
 
-/// Events read from the log, from `start` up to `end` (whole records).
+/// Events read from the log, from `start` up to `end` (whole records), and once built, their
+/// month blocks.
 struct Batch {
     start: Lsn,
     end: Lsn,
     events: Vec<StoredEvent>,
     bytes: usize,
+    blocks: Vec<MonthBlock>,
 }
 
 /// What one blocking read step produced.
@@ -152,7 +154,8 @@ impl Sink {
             .retention_days
             .filter(|_| !version.dialect().ttl);
         let mut last_retention: Option<Instant> = None;
-        let mut reader = None;
+        // The next batch is read, and its blocks built, while the current one is inserted.
+        let mut next = self.read_ahead(None, checkpoint);
         while !shutdown.is_cancelled() {
             if let Some(days) = retention
                 && last_retention.is_none_or(|t| t.elapsed() >= RETENTION_INTERVAL)
@@ -162,9 +165,11 @@ impl Sink {
                     tracing::warn!(error = %error_chain(&e), "dropping expired months of events");
                 }
             }
-            let (next_reader, batch) = self.next_batch(reader.take(), checkpoint).await?;
-            reader = Some(next_reader);
+            let (reader, batch) = next
+                .await
+                .map_err(|e| ChError::ReaderTask(e.to_string()))??;
             if batch.events.is_empty() {
+                next = self.read_ahead(Some(reader), checkpoint);
                 if recorded.checkpoint < checkpoint {
                     // Idle: record the last batch as delivered so the log can let it go.
                     recorded = self.record(checkpoint, checkpoint).await?;
@@ -174,9 +179,12 @@ impl Sink {
                     () = tokio::time::sleep(IDLE_POLL) => continue,
                 }
             }
+            next = self.read_ahead(Some(reader), batch.end);
             // Durably before the first byte is sent; this also confirms `checkpoint`.
             recorded = self.record(checkpoint, batch.end).await?;
-            self.send(&client, &batch).await?;
+            for block in &batch.blocks {
+                self.insert(&client, "events_in", block).await?;
+            }
             checkpoint = batch.end;
             self.status.set_delivered(checkpoint);
             tracing::debug!(
@@ -187,6 +195,33 @@ impl Sink {
             );
         }
         Ok(())
+    }
+
+    /// Starts reading the batch from `from` and building its blocks, on a task of its own.
+    fn read_ahead(
+        &self,
+        reader: Option<LogReader>,
+        from: Lsn,
+    ) -> JoinHandle<Result<(LogReader, Batch), ChError>> {
+        let sink = self.clone();
+        tokio::spawn(async move {
+            let (reader, mut batch) = sink.next_batch(reader, from).await?;
+            if !batch.events.is_empty() {
+                batch = sink.build_blocks(batch).await?;
+            }
+            Ok((reader, batch))
+        })
+    }
+
+    /// Builds the month blocks of `batch` on a blocking thread.
+    async fn build_blocks(&self, mut batch: Batch) -> Result<Batch, ChError> {
+        let node = self.node_id.clone();
+        tokio::task::spawn_blocking(move || {
+            batch.blocks = month_blocks(&node, batch.start, &batch.events)?;
+            Ok(batch)
+        })
+        .await
+        .map_err(|e| ChError::ReaderTask(e.to_string()))?
     }
 
     /// The delivery record, or a fresh one at the log consumer's checkpoint.
@@ -236,6 +271,7 @@ impl Sink {
             end: from,
             events: Vec::new(),
             bytes: 0,
+            blocks: Vec::new(),
         };
         let mut reader = reader;
         let mut first_read: Option<Instant> = None;
@@ -287,6 +323,7 @@ impl Sink {
             end,
             events: step.events,
             bytes: step.bytes,
+            blocks: Vec::new(),
         })
     }
 
@@ -335,14 +372,6 @@ impl Sink {
 
     fn table(&self, name: &str) -> String {
         format!("{}.{name}", self.config.database)
-    }
-
-    /// Sends each month block of the batch as one insert into `events_in`.
-    async fn send(&self, client: &Client, batch: &Batch) -> Result<(), ChError> {
-        for block in month_blocks(&self.node_id, batch.start, &batch.events)? {
-            self.insert(client, "events_in", &block).await?;
-        }
-        Ok(())
     }
 
     async fn insert(
