@@ -210,9 +210,19 @@ async fn clickhouse_query(
     settings: &Settings,
 ) -> anyhow::Result<Arc<QueryService>> {
     let client = meterd_ingest::clickhouse::client(ch);
-    meterd_ingest::clickhouse::schema::ensure(&client, ch)
-        .await
-        .context("creating meterd's ClickHouse tables")?;
+    // The sink creates the same tables at the same time; a statement that loses that race
+    // fails, and the next attempt finds the table there.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match meterd_ingest::clickhouse::schema::ensure(&client, ch).await {
+            Ok(_) => break,
+            Err(_) if attempt < 3 => {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e).context("creating meterd's ClickHouse tables"),
+        }
+    }
     QueryService::with_clickhouse(client, &ch.database, STORE_TABLES, settings.query.clone())
         .await
         .context("reading the ClickHouse tables")

@@ -733,8 +733,30 @@ async fn sql_is_served_from_clickhouse_with_filters_pushed_down() {
             .await,
         0
     );
-    // Quotes in literals stay literals.
+    // Quotes, backslashes and question marks in literals stay literals.
     assert_eq!(server.count("tenant = 'a''b'' OR ''1''=''1'").await, 0);
+    assert_eq!(
+        server
+            .count("tenant = 'x\\' OR tenant = 'only-in-clickhouse'")
+            .await,
+        1,
+        "a backslash ending a literal"
+    );
+    assert_eq!(server.count("tenant = '?' OR tenant = '??fields'").await, 0);
+    // Bounds beyond ClickHouse's DateTime range (1970 to 2106) do not wrap around.
+    for bounds in [
+        "time >= '1900-01-01T00:00:00Z'",
+        "time < '2200-01-01T00:00:00Z'",
+        "time BETWEEN '1900-01-01T00:00:00Z' AND '2200-01-01T00:00:00Z'",
+    ] {
+        assert_eq!(
+            server
+                .count(&format!("tenant = 'only-in-clickhouse' AND {bounds}"))
+                .await,
+            1,
+            "{bounds}"
+        );
+    }
 
     // The rollups are relations of the SQL API too.
     for relation in ["usage_hourly", "usage_daily"] {

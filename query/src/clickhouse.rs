@@ -402,9 +402,12 @@ impl Translator<'_> {
             Kind::EventTime => {
                 // `time` is `time_us` rounded down to its second (or DateTime64 of it), so a
                 // bound on `time_us` implies this bound on `time`, which ClickHouse can use.
+                // Only within `DateTime`'s range: outside it `toDateTime` would wrap.
                 let us: i64 = literal.parse().ok()?;
                 let second = us.div_euclid(1_000_000);
+                let in_range = (0..i64::from(u32::MAX)).contains(&second);
                 let implied = match op {
+                    _ if !in_range => None,
                     Operator::Eq | Operator::Gt | Operator::GtEq => {
                         Some(format!("`time` >= toDateTime({second}, 'UTC')"))
                     }
@@ -421,7 +424,10 @@ impl Translator<'_> {
             Kind::DateTime => {
                 // Compare the column itself, so its key and partitions are used.
                 let us: i64 = literal.parse().ok()?;
-                if us.rem_euclid(1_000_000) != 0 {
+                // Whole seconds within `DateTime`'s range only: `toDateTime` would wrap.
+                if us.rem_euclid(1_000_000) != 0
+                    || !(0..=i64::from(u32::MAX)).contains(&us.div_euclid(1_000_000))
+                {
                     return None;
                 }
                 Some(format!(
@@ -609,7 +615,8 @@ async fn fetch(
     let timeout = request.timeout.as_secs().max(1).to_string();
     let mut cursor = request
         .client
-        .query(&request.sql)
+        // Sent verbatim: a `?` in a literal is text, not a bind placeholder.
+        .query_raw(&request.sql)
         .with_setting("output_format_json_quote_64bit_integers", "0")
         .with_setting("max_execution_time", timeout)
         .fetch_bytes("JSONEachRow")

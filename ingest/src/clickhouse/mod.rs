@@ -104,12 +104,18 @@ pub enum ChError {
         expected: u64,
     },
     #[error(
+        "delivery {delivery:#x} was sent to {table} again, but {table} still lacks it (is a view \
+         missing or changed?)"
+    )]
+    RepairDidNotLand { table: String, delivery: u64 },
+    #[error(
         "the delivery record says a batch was sent from {from} to {end}, but the log's records \
          from {from} end at {found}; the data directory's files do not belong together"
     )]
     RecordMismatch { from: u64, end: u64, found: u64 },
     #[error(
-        "the delivery record's checkpoint {checkpoint} lies outside the log ({start} to {end})"
+        "the delivery record (checkpoint {checkpoint}) reaches beyond the log ({start} to {end}); \
+         the data directory's files do not belong together"
     )]
     RecordOutsideLog {
         checkpoint: u64,

@@ -148,11 +148,10 @@ impl Sink {
             "delivering to ClickHouse"
         );
 
-        // Retention where the server has no TTL: whole months, dropped by meterd.
-        let retention = self
-            .config
-            .retention_days
-            .filter(|_| !version.dialect().ttl);
+        // Retention by whole months, dropped by meterd: all of it on servers without TTL, and
+        // on the others what the table's TTL does not cover (a table created before an upgrade
+        // has none, and a TTL keeps the days it was created with).
+        let retention = self.config.retention_days;
         let mut last_retention: Option<Instant> = None;
         // The next batch is read, and its blocks built, while the current one is inserted.
         let mut next = self.read_ahead(None, checkpoint);
@@ -234,12 +233,24 @@ impl Sink {
                 self.record(at, at).await?
             }
         };
-        if record.checkpoint < start || record.in_flight_end > end {
+        if record.in_flight_end > end {
             return Err(ChError::RecordOutsideLog {
                 checkpoint: record.checkpoint,
                 start,
                 end,
             });
+        }
+        if record.checkpoint < start {
+            // The log let go of records ClickHouse never confirmed: the sink was not configured
+            // for a while (its consumer was not registered), or the data directory was
+            // restored. Those events cannot be delivered from here any more.
+            tracing::error!(
+                checkpoint = record.checkpoint,
+                log_start = start,
+                "the ClickHouse delivery record is older than the log's start; the events in \
+                 between are no longer in the log and are missing from ClickHouse"
+            );
+            return self.record(start, start).await;
         }
         Ok(record)
     }
@@ -484,11 +495,9 @@ impl Sink {
             }
             let still = self.missing(client, &targets, &block).await?;
             if let Some(target) = still.first() {
-                return Err(ChError::PartialDelivery {
+                return Err(ChError::RepairDidNotLand {
                     table: self.table(&target.table),
                     delivery: block.delivery,
-                    found: 0,
-                    expected: block.events,
                 });
             }
             tracing::warn!(
