@@ -168,8 +168,8 @@ pub struct ClickHouseFileConfig {
     pub batch_bytes: Option<usize>,
     /// ...or when its first event has waited this long, in seconds [default: 1].
     pub batch_period_secs: Option<f64>,
-    /// Drop raw events older than this many days (TTL where the server has it, else whole
-    /// months); at least `max_event_age_days` [default: keep everything].
+    /// Drop raw events older than this many days (whole months dropped by meterd, and a TTL
+    /// on servers that have it); at least `max_event_age_days` [default: keep everything].
     pub retention_days: Option<u32>,
 }
 

@@ -34,6 +34,19 @@ fn pings(port: u16) -> bool {
     answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200")
 }
 
+/// `clickhouse-server`: `METERD_TEST_CLICKHOUSE_SERVER`, else Debian's `/usr/sbin` one (not
+/// always on a non-root `PATH`), else whatever `PATH` finds.
+fn server_binary() -> String {
+    std::env::var("METERD_TEST_CLICKHOUSE_SERVER").unwrap_or_else(|_| {
+        let debian = "/usr/sbin/clickhouse-server";
+        if std::path::Path::new(debian).exists() {
+            debian.to_owned()
+        } else {
+            "clickhouse-server".to_owned()
+        }
+    })
+}
+
 /// A private `clickhouse-server`.
 #[derive(Debug)]
 pub struct PrivateClickHouse {
@@ -92,7 +105,7 @@ impl PrivateClickHouse {
         assert!(self.child.is_none(), "the server is already running");
         let out = std::fs::File::create(self.dir.path().join("stdout.log")).expect("log file");
         let err = out.try_clone().expect("log file");
-        let child = Command::new("clickhouse-server")
+        let child = Command::new(server_binary())
             .arg(format!(
                 "--config-file={}",
                 self.dir.path().join("config.xml").display()
