@@ -56,6 +56,14 @@ pub enum Error {
     },
     #[error("the log writer has stopped")]
     WriterStopped,
+    #[error("the data directory {path} is in use by another meterd ({}); stop it or give this one another --data-dir", match pid { Some(pid) => format!("pid {pid}"), None => "process unknown".to_owned() })]
+    DataDirInUse { path: PathBuf, pid: Option<u32> },
+    #[error("data directory lock {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Result with [`Error`] as the default error.

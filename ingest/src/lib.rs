@@ -12,6 +12,7 @@ pub mod dedup;
 pub mod embedded;
 pub mod error;
 pub mod http;
+pub mod lock;
 pub mod log;
 mod payload;
 pub mod postgres;
@@ -106,6 +107,8 @@ pub struct Readiness {
 #[derive(Debug)]
 pub struct Ingest {
     config: IngestConfig,
+    /// Held while this process uses the data directory.
+    _lock: lock::DataDirLock,
     tx: Mutex<Option<mpsc::Sender<Submission>>>,
     log: Arc<LogShared>,
     index: Arc<dedup::DedupIndex>,
@@ -126,8 +129,19 @@ fn now_us() -> i64 {
 impl Ingest {
     /// Opens the log, the index and the store, replays what they have not seen yet, and starts
     /// the writer and maintenance threads.
-    pub fn open(config: IngestConfig) -> Result<Arc<Self>> {
+    pub fn open(mut config: IngestConfig) -> Result<Arc<Self>> {
+        // Absolute from here on: paths of files under it reach DataFusion and the logs, and the
+        // default `./meterd-data` is relative.
+        config.data_dir = std::path::absolute(&config.data_dir).map_err(|e| Error::DataDir {
+            path: config.data_dir.clone(),
+            source: e,
+        })?;
         let dir = &config.data_dir;
+        std::fs::create_dir_all(dir).map_err(|e| Error::DataDir {
+            path: dir.clone(),
+            source: e,
+        })?;
+        let lock = lock::DataDirLock::acquire(dir)?;
         let (log_writer, log, recovery) = LogWriter::open(
             &dir.join("log"),
             LogOptions {
@@ -191,6 +205,7 @@ impl Ingest {
             })?;
         let ingest = Arc::new(Self {
             config,
+            _lock: lock,
             tx: Mutex::new(Some(tx)),
             log,
             index,
@@ -350,7 +365,6 @@ impl Ingest {
         if last_slow.elapsed() >= Duration::from_secs(5) {
             *last_slow = Instant::now();
             self.store.compact()?;
-            self.store.delete_replaced(false)?;
             self.index_consumer.advance(self.index.persist()?);
             self.save_sink_checkpoints()?;
             let freed = self.log.trim()?;
