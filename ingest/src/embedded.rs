@@ -9,19 +9,20 @@
 //! critical section that swaps the manifest, so a snapshot sees every event exactly once.
 //!
 //! Compaction merges small files of one day into one sorted file the same way: write, fsync,
-//! swap the manifest; replaced files are deleted only after a grace period so queries that
-//! planned on them can finish.
+//! swap the manifest. A replaced file is deleted as soon as no running query can still read it
+//! (see [`Epoch`]), so outside readers of the folder (DuckDB, pandas, polars) see exactly the
+//! table's files whenever no query is running, and always after a graceful stop.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
 use arrow::datatypes::TimestampMicrosecondType;
-use meterd_schemas::{EventsSnapshot, events_schema};
+use meterd_schemas::{EventsSnapshot, SnapshotPin, events_schema};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::Compression;
@@ -45,8 +46,6 @@ pub struct EmbeddedOptions {
     pub compact_target_rows: u64,
     /// Compact a day once it has this many candidate files.
     pub compact_min_files: usize,
-    /// How long replaced files stay on disk for queries that already planned on them.
-    pub delete_grace: Duration,
 }
 
 impl Default for EmbeddedOptions {
@@ -56,7 +55,6 @@ impl Default for EmbeddedOptions {
             flush_interval: Duration::from_secs(5),
             compact_target_rows: 2_000_000,
             compact_min_files: 8,
-            delete_grace: Duration::from_secs(300),
         }
     }
 }
@@ -93,7 +91,53 @@ struct State {
     manifest: Manifest,
     tail: Vec<TailBatch>,
     tail_rows: usize,
-    doomed: Vec<(Instant, PathBuf)>,
+    /// The epoch snapshots taken now belong to.
+    epoch: Arc<Epoch>,
+}
+
+/// A span of time between two compactions, for deciding when a replaced file may go.
+///
+/// A snapshot taken in an epoch may list any file that was part of the table then. A compaction
+/// hands the files it replaced to the current epoch and starts a new one; the old epoch deletes
+/// them when it is dropped, that is when the store has moved on and no query holds a pin on it
+/// (queries pin before planning and release after their last batch, see
+/// [`EmbeddedStore::pin`]). An epoch also keeps the next one alive, so a query pinned in an
+/// older epoch keeps every file replaced later too: each was listed in that query's snapshots
+/// or in later ones it may still take.
+///
+/// This is meterd's own and written by hand: it is what ties a file's deletion to the queries
+/// of this store, which no generic crate knows about.
+#[derive(Debug, Default)]
+struct Epoch {
+    /// Files replaced during this epoch, deleted when it ends.
+    retired: Mutex<Vec<PathBuf>>,
+    /// The epoch after this one, kept alive by this one.
+    next: OnceLock<Arc<Epoch>>,
+}
+
+impl Drop for Epoch {
+    fn drop(&mut self) {
+        let retired = std::mem::take(
+            self.retired
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for path in retired {
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::debug!(path = %path.display(), "deleted a replaced parquet file")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // Nothing can be returned from here; the next start removes the file as an
+                // orphan (no manifest lists it).
+                Err(e) => tracing::warn!(
+                    path = %path.display(),
+                    error = %e,
+                    "could not delete a replaced parquet file; it is removed at the next start"
+                ),
+            }
+        }
+    }
 }
 
 /// The embedded Parquet store.
@@ -113,6 +157,9 @@ impl EmbeddedStore {
     /// [`flushed_lsn`](Self::flushed_lsn) into [`push`](Self::push).
     pub fn open(dir: &Path, log: &LogShared, options: EmbeddedOptions) -> Result<Self> {
         fs::create_dir_all(dir).map_err(|e| store_io(dir, e))?;
+        // Snapshots hand out absolute paths (DataFusion's file scan takes nothing else), and a
+        // relative data directory such as the default `./meterd-data` is the common case.
+        let dir = &std::path::absolute(dir).map_err(|e| store_io(dir, e))?;
         let path = dir.join(MANIFEST);
         let manifest: Manifest = match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Manifest {
@@ -175,6 +222,13 @@ impl EmbeddedStore {
                 .collect(),
             batches: st.tail.iter().map(|t| t.batch.clone()).collect(),
         }
+    }
+
+    /// Keeps every file of the snapshots taken from now on (until the pin is dropped) on disk,
+    /// even if a compaction replaces it meanwhile. A query holds one from before it plans until
+    /// its last batch is read.
+    pub fn pin(&self) -> SnapshotPin {
+        Arc::clone(&self.lock().epoch) as SnapshotPin
     }
 
     /// The files of the table, as the manifest lists them.
@@ -272,36 +326,25 @@ impl EmbeddedStore {
                 m
             };
             self.publish(&manifest)?;
-            let mut st = self.lock();
-            st.manifest = manifest;
-            let when = Instant::now();
-            st.doomed
-                .extend(inputs.iter().map(|f| (when, self.dir.join(&f.path))));
+            let ended = {
+                let mut st = self.lock();
+                st.manifest = manifest;
+                let next = Arc::new(Epoch::default());
+                let ended = std::mem::replace(&mut st.epoch, Arc::clone(&next));
+                ended
+                    .retired
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .extend(inputs.iter().map(|f| self.dir.join(&f.path)));
+                // Set once, right here: only the current epoch is ever ended.
+                let _ = ended.next.set(next);
+                ended
+            };
+            // Outside the lock: with no query pinned, this deletes the replaced files now.
+            drop(ended);
             replaced += inputs.len();
         }
         Ok(replaced)
-    }
-
-    /// Deletes replaced files whose grace period is over.
-    pub fn delete_replaced(&self, force: bool) -> Result<usize> {
-        let due: Vec<PathBuf> = {
-            let mut st = self.lock();
-            let grace = self.options.delete_grace;
-            let (due, keep): (Vec<_>, Vec<_>) = st
-                .doomed
-                .drain(..)
-                .partition(|(when, _)| force || when.elapsed() >= grace);
-            st.doomed = keep;
-            due.into_iter().map(|(_, p)| p).collect()
-        };
-        for p in &due {
-            match fs::remove_file(p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(store_io(p, e)),
-            }
-        }
-        Ok(due.len())
     }
 
     fn write_file(&self, day: i64, rows: &RecordBatch) -> Result<FileEntry> {
@@ -499,6 +542,89 @@ mod tests {
         n
     }
 
+    fn parquet_files_on_disk(dir: &Path) -> usize {
+        fs::read_dir(dir)
+            .expect("store dir")
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .flat_map(|d| fs::read_dir(d.path()).expect("day dir").flatten())
+            .filter(|f| f.path().extension().is_some_and(|e| e == "parquet"))
+            .count()
+    }
+
+    #[test]
+    fn replaced_files_stay_while_a_query_pinned_before_the_compaction_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_w, log, _) =
+            LogWriter::open(&dir.path().join("log"), LogOptions::default()).expect("log");
+        let opts = EmbeddedOptions {
+            compact_min_files: 2,
+            ..EmbeddedOptions::default()
+        };
+        let events = dir.path().join("events");
+        let store = EmbeddedStore::open(&events, &log, opts).expect("open");
+        for i in 0..2u32 {
+            store.push(u64::from(i) + 1, batch(i * 10..i * 10 + 10, 20_000));
+            store.flush().expect("flush");
+        }
+        let old_query = store.pin();
+        let old_snapshot = store.snapshot();
+        assert_eq!(store.compact().expect("compact"), 2);
+        // Pinned in the next epoch, released before the older pin.
+        let newer_query = store.pin();
+        for i in 2..4u32 {
+            store.push(u64::from(i) + 1, batch(i * 10..i * 10 + 10, 20_000));
+            store.flush().expect("flush");
+        }
+        assert_eq!(store.compact().expect("compact"), 3);
+        assert_eq!(rows_in(&old_snapshot), 20, "the old snapshot still reads");
+        assert_eq!(parquet_files_on_disk(&events), 6);
+        drop(newer_query);
+        assert_eq!(
+            parquet_files_on_disk(&events),
+            6,
+            "the older query may still take snapshots listing any of them"
+        );
+        drop(old_query);
+        assert_eq!(parquet_files_on_disk(&events), 1);
+        assert_eq!(rows_in(&store.snapshot()), 40);
+    }
+
+    #[test]
+    fn a_relative_directory_gives_absolute_snapshot_paths() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_w, log, _) =
+            LogWriter::open(&dir.path().join("log"), LogOptions::default()).expect("log");
+        let cwd = std::env::current_dir().expect("cwd");
+        let relative = pathdiff(&dir.path().join("events"), &cwd);
+        assert!(relative.is_relative());
+        let store = EmbeddedStore::open(&relative, &log, EmbeddedOptions::default()).expect("open");
+        store.push(10, batch(0..10, 20_000));
+        store.flush().expect("flush");
+        let snap = store.snapshot();
+        assert_eq!(snap.parquet_files.len(), 1);
+        assert!(
+            snap.parquet_files[0].is_absolute(),
+            "{:?}",
+            snap.parquet_files
+        );
+    }
+
+    /// `target` relative to `base`, with `..` as needed (both absolute).
+    fn pathdiff(target: &Path, base: &Path) -> PathBuf {
+        let t: Vec<_> = target.components().collect();
+        let b: Vec<_> = base.components().collect();
+        let common = t.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        let mut out = PathBuf::new();
+        for _ in common..b.len() {
+            out.push("..");
+        }
+        for c in &t[common..] {
+            out.push(c);
+        }
+        out
+    }
+
     #[test]
     fn flush_moves_the_tail_into_day_files_exactly_once() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -564,7 +690,12 @@ mod tests {
         assert_eq!(store.compact().expect("compact"), 4);
         assert_eq!(store.files().len(), 1);
         assert_eq!(rows_in(&store.snapshot()), 40);
-        assert_eq!(store.delete_replaced(true).expect("delete"), 4);
+        // No query held a pin: the replaced files are gone at once.
+        assert_eq!(
+            parquet_files_on_disk(&dir.path().join("events")),
+            1,
+            "the folder holds exactly the table's files"
+        );
         let f = File::open(&store.snapshot().parquet_files[0]).expect("open");
         let merged: Vec<RecordBatch> = ParquetRecordBatchReaderBuilder::try_new(f)
             .expect("reader")

@@ -293,6 +293,10 @@ impl EventsBatchBuilder {
     }
 }
 
+/// Keeps the files of an embedded store's snapshots on disk while it is held: a compaction that
+/// replaces a file deletes it only once no pin taken before the replacement is left.
+pub type SnapshotPin = std::sync::Arc<dyn std::any::Any + Send + Sync>;
+
 /// A consistent view of the embedded store at one instant: the Parquet files that hold flushed
 /// events plus the accepted events not yet flushed. Every acknowledged event is in exactly one of
 /// the two.

@@ -13,7 +13,7 @@ pub mod json_schema;
 pub mod migrations;
 pub mod validate;
 
-pub use arrow_schema::{EventsBatchBuilder, EventsSnapshot, events_schema};
+pub use arrow_schema::{EventsBatchBuilder, EventsSnapshot, SnapshotPin, events_schema};
 pub use auth::Principal;
 pub use cloudevents::validate_cloudevent;
 pub use event::{AgentRun, ApiRequest, Event, EventData, EventType, LlmUsage, StoredEvent};
