@@ -50,6 +50,12 @@ pub enum DecodeError {
     WrongShape(String),
     #[error("the body holds no events")]
     Empty,
+    #[error("header {name}: {reason}")]
+    BadHeader { name: String, reason: String },
+    #[error(
+        "CloudEvents binary mode: data of type {0:?} is not supported; send application/json data"
+    )]
+    UnsupportedDataContentType(String),
 }
 
 /// Picks the framing from a `Content-Type` header value. A missing header means JSON.
@@ -72,6 +78,84 @@ pub fn framing(content_type: Option<&str>) -> Result<Framing, DecodeError> {
             ct.chars().take(100).collect(),
         )),
     }
+}
+
+/// The header that marks a CloudEvents binary-mode request (HTTP protocol binding 3.1.3).
+pub const CE_SPECVERSION_HEADER: &str = "ce-specversion";
+
+/// Whether a request is a CloudEvent in binary mode: a `ce-specversion` header on a body that is
+/// not a structured CloudEvent (which the content type would say). Many SDKs send binary mode
+/// by default.
+pub fn is_binary_cloudevent(content_type: Option<&str>, has_ce_specversion: bool) -> bool {
+    has_ce_specversion
+        && !matches!(
+            framing(content_type),
+            Ok(Framing::CloudEvent | Framing::CloudEventsBatch)
+        )
+}
+
+/// Rebuilds a binary-mode CloudEvent as its structured form: each `ce-<name>` header is the
+/// attribute `<name>` (percent-decoded, as the HTTP binding asks), the body is `data`, and the
+/// `Content-Type` is `datacontenttype`. A `ce-dimensions` header holds a JSON object.
+pub fn binary_cloudevent<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<Value, DecodeError> {
+    let mut event = serde_json::Map::new();
+    for (name, raw) in headers {
+        let Some(attribute) = name.strip_prefix("ce-") else {
+            continue;
+        };
+        let bad = |reason: String| DecodeError::BadHeader {
+            name: truncate(name, 64),
+            reason,
+        };
+        let decoded: Vec<u8> = percent_encoding::percent_decode(raw).collect();
+        // HTTP header values were ISO-8859-1 before UTF-8 and percent-encoding took over; an
+        // SDK that sends `é` as the single byte 0xE9 means that.
+        let text = String::from_utf8(decoded)
+            .unwrap_or_else(|e| e.as_bytes().iter().map(|&b| char::from(b)).collect());
+        let value = if attribute == "dimensions" {
+            serde_json::from_str(&text)
+                .map_err(|e| bad(format!("must hold a JSON object of strings ({e})")))?
+        } else {
+            Value::String(text)
+        };
+        if event.insert(attribute.to_owned(), value).is_some() {
+            return Err(bad("given more than once".into()));
+        }
+    }
+    if let Some(ct) = content_type {
+        let essence = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        match essence.as_str() {
+            "application/json" => {
+                event.insert("datacontenttype".into(), Value::String(essence));
+            }
+            // What curl and Python's urllib send when the caller set no type (SDKs leave it
+            // unset when the event has no datacontenttype): the body must still be JSON.
+            "application/x-www-form-urlencoded" => {}
+            _ => return Err(DecodeError::UnsupportedDataContentType(truncate(ct, 100))),
+        }
+    }
+    let data: Value =
+        serde_json::from_slice(body).map_err(|e| DecodeError::MalformedJson(e.to_string()))?;
+    event.insert("data".into(), data);
+    Ok(Value::Object(event))
+}
+
+/// At most `max` bytes of `s` (on a character boundary), for echoing a sender's value back.
+fn truncate(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
 }
 
 /// Inflates a gzip body if `Content-Encoding` says so, never past `limit` bytes.
@@ -225,6 +309,56 @@ mod tests {
                 reason: "key must be a string at line 1 column 2".into()
             })
         );
+    }
+
+    #[test]
+    fn binary_mode_is_rebuilt_as_a_structured_event() {
+        assert!(is_binary_cloudevent(Some("application/json"), true));
+        assert!(is_binary_cloudevent(None, true));
+        assert!(!is_binary_cloudevent(Some("application/json"), false));
+        assert!(!is_binary_cloudevent(
+            Some("application/cloudevents+json"),
+            true
+        ));
+        let headers: Vec<(&str, &[u8])> = vec![
+            ("ce-specversion", b"1.0"),
+            ("ce-id", b"c1"),
+            ("ce-source", b"bot"),
+            ("ce-type", b"llm.usage"),
+            ("ce-tenant", b"caf%C3%A9 %22Corp%22"),
+            ("ce-dimensions", br#"{"team":"a"}"#),
+            ("user-agent", b"sdk"),
+        ];
+        let event = binary_cloudevent(
+            headers,
+            Some("application/json; charset=utf-8"),
+            br#"{"model":"m"}"#,
+        )
+        .expect("binary");
+        assert_eq!(
+            event,
+            serde_json::json!({"specversion": "1.0", "id": "c1", "source": "bot",
+                "type": "llm.usage", "tenant": "café \"Corp\"", "dimensions": {"team": "a"},
+                "datacontenttype": "application/json", "data": {"model": "m"}})
+        );
+        assert!(matches!(
+            binary_cloudevent(vec![("ce-id", b"x" as &[u8])], Some("text/plain"), b"hi"),
+            Err(DecodeError::UnsupportedDataContentType(_))
+        ));
+        let defaulted = binary_cloudevent(
+            vec![("ce-id", b"x" as &[u8])],
+            Some("application/x-www-form-urlencoded"),
+            b"{}",
+        )
+        .expect("a client's default type with a JSON body");
+        assert!(defaulted.get("datacontenttype").is_none());
+        let latin1 = binary_cloudevent(vec![("ce-tenant", b"caf\xe9" as &[u8])], None, b"{}")
+            .expect("ISO-8859-1 header");
+        assert_eq!(latin1["tenant"], "café");
+        assert!(matches!(
+            binary_cloudevent(vec![("ce-id", b"1" as &[u8]), ("ce-id", b"2")], None, b"{}"),
+            Err(DecodeError::BadHeader { .. })
+        ));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use meterd_schemas::{
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::decode::{self, DecodeError};
+use crate::decode::{self, DecodeError, Framing};
 use crate::{Ingest, SubmitError};
 
 /// Most per-event errors listed in a 400.
@@ -69,14 +69,15 @@ impl IngestError {
         match self {
             IngestError::Invalid { .. } | IngestError::BodyRead(_) => StatusCode::BAD_REQUEST,
             IngestError::Decode(d) => match d {
-                DecodeError::UnsupportedMediaType(_) | DecodeError::UnsupportedEncoding(_) => {
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE
-                }
+                DecodeError::UnsupportedMediaType(_)
+                | DecodeError::UnsupportedEncoding(_)
+                | DecodeError::UnsupportedDataContentType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 DecodeError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
                 DecodeError::BadGzip(_)
                 | DecodeError::MalformedJson(_)
                 | DecodeError::MalformedLine { .. }
                 | DecodeError::WrongShape(_)
+                | DecodeError::BadHeader { .. }
                 | DecodeError::Empty => StatusCode::BAD_REQUEST,
             },
             IngestError::TenantForbidden { .. } => StatusCode::FORBIDDEN,
@@ -162,9 +163,25 @@ async fn post_events(
             .and_then(|v: &HeaderValue| v.to_str().ok())
     };
     let raw = read_body(body, limit).await?;
-    let framing = decode::framing(header_str(header::CONTENT_TYPE))?;
+    let content_type = header_str(header::CONTENT_TYPE);
+    let binary = decode::is_binary_cloudevent(
+        content_type,
+        headers.contains_key(decode::CE_SPECVERSION_HEADER),
+    );
+    let framing = if binary {
+        Framing::CloudEvent
+    } else {
+        decode::framing(content_type)?
+    };
     let body = decode::inflate(raw, header_str(header::CONTENT_ENCODING), limit)?;
-    let items = decode::items(&body, framing)?;
+    let items = if binary {
+        let ce_headers = headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_bytes()));
+        vec![decode::binary_cloudevent(ce_headers, content_type, &body)?]
+    } else {
+        decode::items(&body, framing)?
+    };
 
     let bound = principal.as_ref().and_then(|p| p.tenant.as_deref());
     if let Some(bound) = bound {

@@ -2,7 +2,8 @@
 //!
 //! `id`, `type`, `time`, `subject`, `source` and `data` map directly; the tenant comes from the
 //! extension attribute `tenant` or from the API key; an optional `dimensions` attribute holds an
-//! object of strings. Other extension attributes (`traceparent`, ...) are allowed and ignored, as
+//! object of strings. `time` is optional in CloudEvents: an event without it takes the time it
+//! was received (so a retry of it, received later, is a conflict rather than a duplicate). Other extension attributes (`traceparent`, ...) are allowed and ignored, as
 //! the CloudEvents spec asks of consumers that do not understand them.
 
 use serde_json::Value;
@@ -59,6 +60,7 @@ pub fn validate_cloudevent(
         dimensions: obj.get("dimensions"),
         data: obj.get("data"),
         source_required: true,
+        time_defaults_to_now: true,
     };
     v.envelope(fields, ctx)
 }
@@ -109,6 +111,25 @@ mod tests {
         );
         let errs = validate_cloudevent(&v, &ctx(None)).expect_err("no tenant");
         assert_eq!(errs[0].field, "tenant");
+    }
+
+    #[test]
+    fn time_is_optional_and_then_the_time_received() {
+        let mut v = ce();
+        v.as_object_mut().expect("object").remove("time");
+        let ctx = ctx(None);
+        let e = validate_cloudevent(&v, &ctx).expect("valid without time");
+        assert_eq!(e.time_us, ctx.now.timestamp_micros());
+        v["time"] = Value::Null;
+        assert_eq!(
+            validate_cloudevent(&v, &ctx).expect("null time").time_us,
+            ctx.now.timestamp_micros()
+        );
+        v["time"] = json!("yesterday");
+        assert_eq!(
+            validate_cloudevent(&v, &ctx).expect_err("bad time")[0].field,
+            "time"
+        );
     }
 
     #[test]

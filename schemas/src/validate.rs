@@ -103,6 +103,7 @@ pub fn validate_event(
         dimensions: obj.get("dimensions"),
         data: obj.get("data"),
         source_required: false,
+        time_defaults_to_now: false,
     };
     v.envelope(fields, ctx)
 }
@@ -119,6 +120,8 @@ pub(crate) struct EnvelopeFields<'a> {
     pub dimensions: Option<&'a Value>,
     pub data: Option<&'a Value>,
     pub source_required: bool,
+    /// CloudEvents make `time` optional: an event without it happened when it was received.
+    pub time_defaults_to_now: bool,
 }
 
 #[derive(Debug, Default)]
@@ -142,8 +145,14 @@ impl Validator {
             (t, bound) => {
                 let t = self.required_str(t, "tenant", 1, bounds::TENANT_MAX);
                 if let Some(t) = &t {
-                    if let Some(c) = t.chars().find(|c| !is_tenant_char(*c)) {
-                        self.err("tenant", format!("character {c:?} not allowed; use letters, digits, '-', '_', '.' or ':'"));
+                    if let Some(c) = t.chars().find(|c| c.is_control()) {
+                        self.err(
+                            "tenant",
+                            format!(
+                                "control character {c:?} not allowed; any other UTF-8 text of 1 to {} bytes is a tenant",
+                                bounds::TENANT_MAX
+                            ),
+                        );
                     }
                     if let Some(bound) = bound
                         && t != bound
@@ -180,7 +189,10 @@ impl Validator {
                 None
             }
         };
-        let time_us = self.time(f.time, ctx);
+        let time_us = match f.time {
+            None | Some(Value::Null) if f.time_defaults_to_now => Some(ctx.now.timestamp_micros()),
+            time => self.time(time, ctx),
+        };
         let subject = self.optional_str(f.subject, "subject", 1, bounds::SUBJECT_MAX);
         let source = if f.source_required {
             self.required_str(f.source, "source", 1, bounds::SOURCE_MAX)
@@ -555,22 +567,35 @@ impl Validator {
             return None;
         }
         match n.as_f64() {
+            // JSON Schema, and many encoders, count `1200.0` as the integer 1200. Up to 2^53
+            // every integer is exactly a double, so the value is the one that was meant.
+            Some(f) if f.fract() == 0.0 && f.abs() <= MAX_EXACT_FLOAT => {
+                if f < 0.0 {
+                    self.err(field, format!("{n} is negative; must be >= 0"));
+                    return None;
+                }
+                // In range and integral: the cast is exact.
+                return Some(f as i64);
+            }
             Some(f) if f.fract() == 0.0 && f.abs() >= i64::MAX as f64 => {
                 self.err(field, format!("{n} is out of range; at most {}", i64::MAX));
             }
+            Some(f) if f.fract() == 0.0 => self.err(
+                field,
+                format!("{n} is written as a decimal number past 2^53, where decimals are not exact; write it as an integer"),
+            ),
             _ => self.err(field, format!("{n} is not an integer")),
         }
         None
     }
 }
 
+/// The largest magnitude up to which every integer is exactly an `f64` (2^53).
+const MAX_EXACT_FLOAT: f64 = 9_007_199_254_740_992.0;
+
 /// Why a string with a NUL character is refused: PostgreSQL cannot store it in `text` or
 /// `jsonb`, so one such event would stop delivery to it.
 const NUL_REASON: &str = "must not contain the NUL character (\\u0000)";
-
-fn is_tenant_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')
-}
 
 /// A JSON value's kind, for error messages.
 pub(crate) fn kind(v: &Value) -> &'static str {
@@ -713,9 +738,26 @@ mod tests {
         assert_rejects(
             llm(),
             "/tenant",
-            Some(json!("a b")),
+            Some(json!("a\nb")),
             "tenant",
-            "not allowed",
+            "control character '\\n' not allowed",
+        );
+        // (NUL has a reason of its own, as in every field.)
+        for control in ["\t", "\r", "\u{7f}", "\u{85}", "\u{1b}[31m"] {
+            assert_rejects(
+                llm(),
+                "/tenant",
+                Some(json!(format!("acme{control}"))),
+                "tenant",
+                "control character",
+            );
+        }
+        assert_rejects(
+            llm(),
+            "/tenant",
+            Some(json!("é".repeat(65))),
+            "tenant",
+            "130 bytes; at most 128",
         );
         assert_rejects(llm(), "/type", None, "type", "required");
         assert_rejects(llm(), "/type", Some(json!("llm")), "type", "unknown type");
@@ -778,6 +820,27 @@ mod tests {
             "data",
             "expected an object",
         );
+    }
+
+    #[test]
+    fn tenants_are_any_text_without_control_characters() {
+        for tenant in [
+            "acme",
+            "user@example.com",
+            "Acme Corp",
+            "org/42",
+            "café-ü",
+            "O'Brien \"quoted\" \\ back; DROP TABLE events; --",
+            "%_*?[]{}$`",
+            "日本語のテナント",
+            " leading and trailing spaces ",
+            "é".repeat(64).as_str(),
+        ] {
+            let mut v = llm();
+            v["tenant"] = json!(tenant);
+            let e = validate_event(&v, &ctx()).unwrap_or_else(|e| panic!("{tenant:?}: {e:?}"));
+            assert_eq!(e.tenant, tenant);
+        }
     }
 
     #[test]
@@ -861,6 +924,32 @@ mod tests {
         let mut max = llm();
         max["data"]["input_tokens"] = json!(i64::MAX);
         validate_event(&max, &ctx()).expect("i64::MAX fits");
+        // An integral decimal is that integer, as JSON Schema counts it, up to 2^53.
+        let mut float = llm();
+        float["data"]["input_tokens"] = json!(1200.0);
+        float["data"]["latency_ms"] = json!(9_007_199_254_740_992.0);
+        let e = validate_event(&float, &ctx()).expect("integral decimals");
+        match e.data {
+            EventData::LlmUsage(u) => {
+                assert_eq!(u.input_tokens, 1200);
+                assert_eq!(u.latency_ms, Some(9_007_199_254_740_992));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_rejects(
+            llm(),
+            "/data/input_tokens",
+            Some(json!(1e17)),
+            "data.input_tokens",
+            "write it as an integer",
+        );
+        assert_rejects(
+            llm(),
+            "/data/input_tokens",
+            Some(json!(-3.0)),
+            "data.input_tokens",
+            "negative",
+        );
     }
 
     #[test]
