@@ -16,7 +16,7 @@ use axum::routing::get;
 use meterd_ingest::Ingest;
 use meterd_ingest::sink::SinkStatus;
 use meterd_query::{EventsSource, QueryService};
-use meterd_schemas::{EventsSnapshot, Principal};
+use meterd_schemas::{EventsSnapshot, Principal, SnapshotPin};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +30,10 @@ struct EmbeddedSource(Arc<Ingest>);
 impl EventsSource for EmbeddedSource {
     fn snapshot(&self) -> EventsSnapshot {
         self.0.store().snapshot()
+    }
+
+    fn pin(&self) -> SnapshotPin {
+        self.0.store().pin()
     }
 }
 
@@ -129,7 +133,7 @@ async fn readyz(State(state): State<Readiness>) -> Response {
 }
 
 async fn openapi_json() -> impl IntoResponse {
-    axum::Json(openapi::document())
+    axum::Json(openapi::document(chrono::Utc::now()))
 }
 
 /// Builds the whole HTTP surface.
@@ -174,11 +178,15 @@ pub fn router(
 }
 
 /// SQL over the embedded store.
-fn embedded_query(ingest: &Arc<Ingest>, settings: &Settings) -> anyhow::Result<Arc<QueryService>> {
+async fn embedded_query(
+    ingest: &Arc<Ingest>,
+    settings: &Settings,
+) -> anyhow::Result<Arc<QueryService>> {
     QueryService::new(
         Arc::new(EmbeddedSource(Arc::clone(ingest))),
         settings.query.clone(),
     )
+    .await
     .context("starting the query service")
 }
 
@@ -304,7 +312,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
                 Arc::clone(ingest.log()),
                 consumer,
                 ingest.node_id().to_owned(),
-                settings.ingest.data_dir.clone(),
+                ingest.config().data_dir.clone(),
                 ch.clone(),
                 stores_stop.clone(),
             ))
@@ -326,7 +334,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     };
     let query = match query {
         Some(query) => query,
-        None => embedded_query(&ingest, &settings)?,
+        None => embedded_query(&ingest, &settings).await?,
     };
     let app = router(
         Arc::clone(&ingest),

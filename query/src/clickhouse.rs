@@ -51,6 +51,9 @@ enum Kind {
     UInt,
     /// `Float32`, `Float64`: `Float64`. Only `IS [NOT] NULL` pushed down (NaN ordering).
     Float,
+    /// `Decimal(P, S)` with `P <= 38` (the rollups' exact sums): `Decimal128(38, S)`. Only
+    /// `IS [NOT] NULL` pushed down.
+    Decimal { scale: i8 },
     /// `DateTime` (seconds): `Timestamp(Microsecond, "UTC")`. Pushed down for whole seconds.
     DateTime,
     /// `DateTime64(p)`: `Timestamp(Microsecond, "UTC")`. Pushed down.
@@ -71,6 +74,9 @@ impl Kind {
             "Int8" | "Int16" | "Int32" | "Int64" | "UInt8" | "UInt16" | "UInt32" => Kind::Int,
             "UInt64" => Kind::UInt,
             "Float32" | "Float64" => Kind::Float,
+            _ if base.starts_with("Decimal") => {
+                decimal_scale(base).map_or(Kind::AsText, |scale| Kind::Decimal { scale })
+            }
             _ if base == "DateTime" || base.starts_with("DateTime(") => Kind::DateTime,
             _ if base.starts_with("DateTime64") => Kind::DateTime64,
             _ => Kind::AsText,
@@ -83,11 +89,32 @@ impl Kind {
             Kind::Int => DataType::Int64,
             Kind::UInt => DataType::UInt64,
             Kind::Float => DataType::Float64,
+            Kind::Decimal { scale } => DataType::Decimal128(38, scale),
             Kind::DateTime | Kind::DateTime64 | Kind::EventTime => {
                 DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
             }
         }
     }
+}
+
+/// The scale of `Decimal(P, S)`, `Decimal32(S)`, `Decimal64(S)` or `Decimal128(S)` when it fits
+/// Arrow's `Decimal128` (at most 38 digits).
+fn decimal_scale(ty: &str) -> Option<i8> {
+    let (name, args) = ty.strip_suffix(')')?.split_once('(')?;
+    let args: Vec<u8> = args
+        .split(',')
+        .map(|a| a.trim().parse().ok())
+        .collect::<Option<_>>()?;
+    let (precision, scale) = match (name, args.as_slice()) {
+        ("Decimal", [p, s]) => (*p, *s),
+        ("Decimal32", [s]) => (9, *s),
+        ("Decimal64", [s]) => (18, *s),
+        ("Decimal128", [s]) => (38, *s),
+        _ => return None,
+    };
+    (precision <= 38 && scale <= precision)
+        .then(|| i8::try_from(scale).ok())
+        .flatten()
 }
 
 /// `inner` of `wrapper(inner)`, or `ty` itself.
@@ -110,7 +137,8 @@ impl ChColumn {
     fn value_sql(&self) -> String {
         let c = quote_ident(&self.name);
         match self.kind {
-            Kind::Text | Kind::Float => c,
+            // Decimals come as JSON numbers with every digit, which the decoder reads exactly.
+            Kind::Text | Kind::Float | Kind::Decimal { .. } => c,
             Kind::Int => format!("toInt64({c})"),
             Kind::UInt => format!("toUInt64({c})"),
             Kind::DateTime => format!("toInt64(toUInt32({c})) * 1000000"),
@@ -390,7 +418,10 @@ impl Translator<'_> {
             Operator::GtEq => ">=",
             _ => return None,
         };
-        if matches!(column.kind, Kind::Float | Kind::AsText) {
+        if matches!(
+            column.kind,
+            Kind::Float | Kind::Decimal { .. } | Kind::AsText
+        ) {
             return None;
         }
         let (literal, exact) = literal(column.kind, value)?;
@@ -693,6 +724,15 @@ mod tests {
         assert_eq!(Kind::from_type("DateTime"), Kind::DateTime);
         assert_eq!(Kind::from_type("DateTime64(6, 'UTC')"), Kind::DateTime64);
         assert_eq!(Kind::from_type("Array(String)"), Kind::AsText);
+        assert_eq!(
+            Kind::from_type("Decimal(38, 0)"),
+            Kind::Decimal { scale: 0 }
+        );
+        assert_eq!(
+            Kind::from_type("Nullable(Decimal64(4))"),
+            Kind::Decimal { scale: 4 }
+        );
+        assert_eq!(Kind::from_type("Decimal(76, 0)"), Kind::AsText);
     }
 
     #[test]

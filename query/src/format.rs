@@ -1,8 +1,9 @@
 //! Writing a query result in the format the client asked for.
 //!
-//! JSON (the default), NDJSON and CSV render timestamps with a time zone as RFC 3339 with `Z`
-//! for UTC (`2026-11-21T10:00:00.123Z`), which is what the rest of meterd's API speaks; Arrow's
-//! own display would write `+00:00`. Maps become JSON objects.
+//! JSON (the default), NDJSON and CSV render every timestamp as RFC 3339 with an offset, `Z` for
+//! UTC (`2026-11-21T10:00:00.123Z`), which is what the rest of meterd's API speaks; a timestamp
+//! without a zone is a UTC one. Maps become JSON objects, and the JSON answer names each
+//! column's type as SQL does (`BIGINT`, `TIMESTAMP WITH TIME ZONE`).
 
 use std::sync::Arc;
 
@@ -102,7 +103,7 @@ fn encode_json(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, A
         .iter()
         .map(|f| Column {
             name: f.name(),
-            data_type: f.data_type().to_string(),
+            data_type: sql_type_name(f.data_type()),
         })
         .collect();
 
@@ -178,6 +179,63 @@ fn encode_arrow(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, 
     writer.into_inner()
 }
 
+/// The SQL name of a column's type, as DataFusion's SQL spells it in `CAST(... AS <type>)`, for
+/// the `columns` of a JSON answer (Arrow's own names such as `Timestamp(µs, "UTC")` are for
+/// Arrow users; they get the Arrow format).
+pub(crate) fn sql_type_name(data_type: &DataType) -> String {
+    match data_type {
+        DataType::Null => "NULL".to_owned(),
+        DataType::Boolean => "BOOLEAN".to_owned(),
+        DataType::Int8 => "TINYINT".to_owned(),
+        DataType::Int16 => "SMALLINT".to_owned(),
+        DataType::Int32 => "INTEGER".to_owned(),
+        DataType::Int64 => "BIGINT".to_owned(),
+        DataType::UInt8 => "TINYINT UNSIGNED".to_owned(),
+        DataType::UInt16 => "SMALLINT UNSIGNED".to_owned(),
+        DataType::UInt32 => "INTEGER UNSIGNED".to_owned(),
+        DataType::UInt64 => "BIGINT UNSIGNED".to_owned(),
+        DataType::Float16 | DataType::Float32 => "REAL".to_owned(),
+        DataType::Float64 => "DOUBLE".to_owned(),
+        DataType::Decimal32(p, s)
+        | DataType::Decimal64(p, s)
+        | DataType::Decimal128(p, s)
+        | DataType::Decimal256(p, s) => format!("DECIMAL({p}, {s})"),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => "VARCHAR".to_owned(),
+        DataType::Binary
+        | DataType::LargeBinary
+        | DataType::BinaryView
+        | DataType::FixedSizeBinary(_) => "BYTEA".to_owned(),
+        DataType::Timestamp(_, Some(_)) => "TIMESTAMP WITH TIME ZONE".to_owned(),
+        DataType::Timestamp(_, None) => "TIMESTAMP".to_owned(),
+        DataType::Date32 | DataType::Date64 => "DATE".to_owned(),
+        DataType::Time32(_) | DataType::Time64(_) => "TIME".to_owned(),
+        DataType::Duration(_) | DataType::Interval(_) => "INTERVAL".to_owned(),
+        DataType::List(item)
+        | DataType::LargeList(item)
+        | DataType::ListView(item)
+        | DataType::LargeListView(item)
+        | DataType::FixedSizeList(item, _) => format!("{}[]", sql_type_name(item.data_type())),
+        DataType::Struct(fields) => {
+            let inner: Vec<String> = fields
+                .iter()
+                .map(|f| format!("{} {}", f.name(), sql_type_name(f.data_type())))
+                .collect();
+            format!("STRUCT({})", inner.join(", "))
+        }
+        DataType::Map(entries, _) => match entries.data_type() {
+            DataType::Struct(kv) if kv.len() == 2 => format!(
+                "MAP({}, {})",
+                sql_type_name(kv[0].data_type()),
+                sql_type_name(kv[1].data_type())
+            ),
+            other => format!("MAP({})", sql_type_name(other)),
+        },
+        DataType::Dictionary(_, values) => sql_type_name(values),
+        DataType::RunEndEncoded(_, values) => sql_type_name(values.data_type()),
+        DataType::Union(..) => "UNION".to_owned(),
+    }
+}
+
 /// Whether arrow-csv cannot write the type (it refuses nested types), so the column is written
 /// as JSON text instead.
 fn needs_json_text(data_type: &DataType) -> bool {
@@ -199,16 +257,18 @@ fn needs_json_text(data_type: &DataType) -> bool {
 /// Utf8 columns holding their JSON rendering (strings unquoted).
 fn csv_compatible(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
     let schema = batch.schema();
-    if !schema.fields().iter().any(|f| {
-        needs_json_text(f.data_type()) || matches!(f.data_type(), DataType::Timestamp(_, Some(_)))
-    }) {
+    if !schema
+        .fields()
+        .iter()
+        .any(|f| needs_json_text(f.data_type()) || matches!(f.data_type(), DataType::Timestamp(..)))
+    {
         return Ok(batch.clone());
     }
     let options = encoder_options();
     let mut fields = Vec::with_capacity(schema.fields().len());
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
     for (field, column) in schema.fields().iter().zip(batch.columns()) {
-        let timestamp = matches!(field.data_type(), DataType::Timestamp(_, Some(_)));
+        let timestamp = matches!(field.data_type(), DataType::Timestamp(..));
         if !timestamp && !needs_json_text(field.data_type()) {
             fields.push(Arc::clone(field));
             columns.push(Arc::clone(column));
@@ -262,10 +322,12 @@ impl EncoderFactory for Rfc3339Timestamps {
         array: &'a dyn Array,
         _options: &'a EncoderOptions,
     ) -> Result<Option<NullableEncoder<'a>>, ArrowError> {
-        let DataType::Timestamp(unit, Some(tz)) = array.data_type() else {
+        let DataType::Timestamp(unit, tz) = array.data_type() else {
             return Ok(None);
         };
-        let tz: Tz = tz.parse()?;
+        // meterd keeps time in UTC: a timestamp without a zone (a cast string, a computed
+        // value) is a UTC one, and gets its `Z` like every other timestamp of the API.
+        let tz: Tz = tz.as_deref().unwrap_or("UTC").parse()?;
         let values = match unit {
             TimeUnit::Second => array
                 .as_primitive_opt::<TimestampSecondType>()
@@ -332,7 +394,9 @@ fn format_timestamp(value: i64, unit: TimeUnit, tz: Tz) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use arrow::array::{Int64Array, MapBuilder, StringArray, TimestampMicrosecondArray};
+    use arrow::array::{
+        Int64Array, MapBuilder, StringArray, TimestampMicrosecondArray, TimestampNanosecondArray,
+    };
 
     use super::*;
 
@@ -374,7 +438,10 @@ mod tests {
             .expect("json");
         let value: serde_json::Value = serde_json::from_slice(&out).expect("valid json");
         assert_eq!(value["columns"][0]["name"], "time");
-        assert_eq!(value["columns"][3]["type"], "Int64");
+        assert_eq!(value["columns"][0]["type"], "TIMESTAMP WITH TIME ZONE");
+        assert_eq!(value["columns"][2]["type"], "MAP(VARCHAR, VARCHAR)");
+        assert_eq!(value["columns"][3]["type"], "BIGINT");
+        assert_eq!(value["columns"][4]["type"], "VARCHAR");
         assert_eq!(
             value["rows"],
             serde_json::json!([
@@ -418,6 +485,69 @@ mod tests {
             r#"2026-11-21T10:00:00.123Z,1970-01-01T01:00:00+01:00,"{""region"":""eu""}",1,"a,""b""""#
         );
         assert_eq!(lines[2], ",1970-01-01T01:00:00+01:00,{},,c");
+    }
+
+    #[test]
+    fn timestamps_without_a_zone_are_utc_with_an_offset() {
+        let naive = TimestampNanosecondArray::from(vec![Some(1_795_255_200_508_051_313), None]);
+        let batch = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![Field::new(
+                "now()",
+                naive.data_type().clone(),
+                true,
+            )])),
+            vec![Arc::new(naive)],
+        )
+        .expect("batch");
+        let json: serde_json::Value = serde_json::from_slice(
+            &Format::Json
+                .encode(&batch.schema(), std::slice::from_ref(&batch))
+                .expect("json"),
+        )
+        .expect("valid");
+        assert_eq!(json["columns"][0]["type"], "TIMESTAMP");
+        assert_eq!(
+            json["rows"],
+            serde_json::json!([["2026-11-21T10:00:00.508051313Z"], [null]])
+        );
+        let ndjson = Format::Ndjson
+            .encode(&batch.schema(), std::slice::from_ref(&batch))
+            .expect("ndjson");
+        assert_eq!(
+            String::from_utf8(ndjson).expect("utf8"),
+            "{\"now()\":\"2026-11-21T10:00:00.508051313Z\"}\n{\"now()\":null}\n"
+        );
+        let csv = Format::Csv.encode(&batch.schema(), &[batch]).expect("csv");
+        assert_eq!(
+            String::from_utf8(csv).expect("utf8"),
+            // A lone null column is quoted so the row is not a blank line.
+            "now()\n2026-11-21T10:00:00.508051313Z\n\"\"\n"
+        );
+    }
+
+    #[test]
+    fn type_names_are_sql() {
+        use arrow::datatypes::{IntervalUnit, TimeUnit};
+        let cases = [
+            (DataType::Decimal128(38, 0), "DECIMAL(38, 0)"),
+            (DataType::Float64, "DOUBLE"),
+            (DataType::Boolean, "BOOLEAN"),
+            (DataType::Utf8View, "VARCHAR"),
+            (DataType::Date32, "DATE"),
+            (DataType::Interval(IntervalUnit::MonthDayNano), "INTERVAL"),
+            (DataType::Timestamp(TimeUnit::Nanosecond, None), "TIMESTAMP"),
+            (
+                DataType::List(Arc::new(Field::new("item", DataType::Int64, true))),
+                "BIGINT[]",
+            ),
+            (
+                DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
+                "VARCHAR",
+            ),
+        ];
+        for (data_type, name) in cases {
+            assert_eq!(sql_type_name(&data_type), name, "{data_type}");
+        }
     }
 
     #[test]

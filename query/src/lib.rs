@@ -3,7 +3,8 @@
 //! exporting them first.
 //!
 //! `events` is read fresh at every query from an [`EventsSource`] (the embedded store's Parquet
-//! files plus its not-yet-flushed batches). Queries run on their own tokio runtime with a
+//! files plus its not-yet-flushed batches), and the rollups (`usage_hourly`, `usage_daily`) are
+//! computed from it. Queries run on their own tokio runtime with a
 //! timeout, a memory pool and a row cap, so an expensive question gets a clear 4xx/5xx instead
 //! of starving ingest or the process.
 //!
@@ -14,10 +15,12 @@
 mod clickhouse;
 mod coop;
 mod error;
+mod exact_sum;
 mod format;
 mod http;
 mod postgres;
 mod pushdown;
+mod rollup_table;
 mod runtime;
 mod statement;
 mod table;
@@ -48,6 +51,10 @@ pub trait EventsSource: Send + Sync + fmt::Debug + 'static {
     /// A consistent view of the store now: every event is in exactly one of the Parquet files
     /// or the in-memory batches.
     fn snapshot(&self) -> meterd_schemas::EventsSnapshot;
+
+    /// Keeps the files of every snapshot taken from now on readable until dropped. A query
+    /// holds one from before it plans until its last batch is read.
+    fn pin(&self) -> meterd_schemas::SnapshotPin;
 }
 
 /// Limits and resources of the SQL API.
@@ -84,13 +91,24 @@ pub struct QueryService {
 }
 
 impl QueryService {
-    /// Builds the session (memory pool, `information_schema`, the `events` table) and starts the
-    /// query runtime with `config.threads` worker threads.
-    pub fn new(source: Arc<dyn EventsSource>, config: QueryConfig) -> Result<Arc<Self>> {
+    /// Builds the session (memory pool, `information_schema`, the `events` table and the
+    /// rollups computed from it) and starts the query runtime with `config.threads` worker
+    /// threads.
+    pub async fn new(source: Arc<dyn EventsSource>, config: QueryConfig) -> Result<Arc<Self>> {
         let ctx = session_context(&config)?;
-        ctx.register_table("events", Arc::new(table::EventsTable::new(source)))
-            .map_err(Error::Setup)?;
-        Self::start(ctx, &config)
+        ctx.register_table(
+            "events",
+            Arc::new(table::EventsTable::new(Arc::clone(&source))),
+        )
+        .map_err(Error::Setup)?;
+        for rollup in meterd_rollups::ROLLUPS {
+            let table = rollup_table::RollupTable::new(&ctx.state(), rollup)
+                .await
+                .map_err(Error::Setup)?;
+            ctx.register_table(rollup.name, Arc::new(table))
+                .map_err(Error::Setup)?;
+        }
+        Self::start(ctx, Some(source), &config)
     }
 
     /// Like [`QueryService::new`], but each of `tables` is the PostgreSQL table or view
@@ -117,7 +135,7 @@ impl QueryService {
             ctx.register_table(table, Arc::new(provider))
                 .map_err(registration_error)?;
         }
-        Self::start(ctx, &config)
+        Self::start(ctx, None, &config)
     }
 
     /// Like [`QueryService::with_postgres`], from ClickHouse: each of `tables` is
@@ -148,13 +166,19 @@ impl QueryService {
             ctx.register_table(table, Arc::new(provider))
                 .map_err(registration_error)?;
         }
-        Self::start(ctx, &config)
+        Self::start(ctx, None, &config)
     }
 
-    /// Starts the query runtime for a session whose tables are registered.
-    fn start(ctx: SessionContext, config: &QueryConfig) -> Result<Arc<Self>> {
+    /// Starts the query runtime for a session whose tables are registered; `pinned` is the
+    /// embedded store whose files each query pins.
+    fn start(
+        ctx: SessionContext,
+        pinned: Option<Arc<dyn EventsSource>>,
+        config: &QueryConfig,
+    ) -> Result<Arc<Self>> {
         let engine = Arc::new(Engine {
             ctx,
+            pinned,
             max_rows: config.max_rows,
             memory_limit_bytes: config.memory_limit_bytes,
         });
@@ -227,21 +251,28 @@ fn session_context(config: &QueryConfig) -> Result<SessionContext> {
         .with_memory_pool(Arc::new(pool))
         .build_arc()
         .map_err(Error::Setup)?;
-    let session = SessionConfig::new()
+    let mut session = SessionConfig::new()
         .with_information_schema(true)
         .with_target_partitions(threads);
+    // meterd's times are UTC: `now()` is a UTC timestamp like `events.time`, not a zoneless one.
+    session.options_mut().execution.time_zone = Some("UTC".to_owned());
     let state = SessionStateBuilder::new()
         .with_config(session)
         .with_runtime_env(runtime_env)
         .with_default_features()
         .with_physical_optimizer_rule(Arc::new(coop::CooperativeMultipliers))
         .build();
-    Ok(SessionContext::new_with_state(state))
+    let ctx = SessionContext::new_with_state(state);
+    // Replaces DataFusion's wrapping `sum` (see exact_sum).
+    ctx.register_udaf(exact_sum::exact_sum());
+    Ok(ctx)
 }
 
 /// What the query task needs; shared with it so the task never owns the runtime it runs on.
 struct Engine {
     ctx: SessionContext,
+    /// The embedded store, if the tables read it: every query pins its files.
+    pinned: Option<Arc<dyn EventsSource>>,
     max_rows: usize,
     memory_limit_bytes: usize,
 }
@@ -260,6 +291,9 @@ impl Engine {
     /// Parses, guards, plans, executes and collects one statement, stopping as soon as the
     /// result passes the row cap.
     async fn collect(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+        // Held until the last batch is read (or the query is dropped on timeout): a compaction
+        // meanwhile must not delete a file this query's scans were planned on.
+        let _pin = self.pinned.as_ref().map(|source| source.pin());
         let state = self.ctx.state();
         let recursion_limit = state.config().options().sql_parser.recursion_limit.get();
         let statement = statement::parse_read_only(sql, recursion_limit)?;

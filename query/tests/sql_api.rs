@@ -36,6 +36,11 @@ impl EventsSource for FixedSource {
     fn snapshot(&self) -> EventsSnapshot {
         self.0.lock().expect("snapshot lock").clone()
     }
+
+    fn pin(&self) -> meterd_schemas::SnapshotPin {
+        // Fixed files are never deleted.
+        Arc::new(())
+    }
 }
 
 fn llm(tenant: &str, id: &str, time_us: i64, input: i64, output: i64) -> StoredEvent {
@@ -114,7 +119,7 @@ struct Fixture {
 }
 
 /// 10 events: 4 in a January file, 3 in a February file, 3 in memory (March).
-fn fixture(config: QueryConfig) -> Fixture {
+async fn fixture(config: QueryConfig) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let jan = batch(&[
         llm("acme", "j1", JAN, 100, 10),
@@ -140,13 +145,14 @@ fn fixture(config: QueryConfig) -> Fixture {
             batch(&[llm("globex", "m3", MAR + 2 * MINUTE, 50, 5)]),
         ],
     };
-    fixture_over(dir, snapshot, config)
+    fixture_over(dir, snapshot, config).await
 }
 
-fn fixture_over(dir: TempDir, snapshot: EventsSnapshot, config: QueryConfig) -> Fixture {
+async fn fixture_over(dir: TempDir, snapshot: EventsSnapshot, config: QueryConfig) -> Fixture {
     let source = Arc::new(FixedSource(Mutex::new(snapshot)));
-    let service =
-        QueryService::new(Arc::clone(&source) as Arc<dyn EventsSource>, config).expect("service");
+    let service = QueryService::new(Arc::clone(&source) as Arc<dyn EventsSource>, config)
+        .await
+        .expect("service");
     let router = service.router();
     Fixture {
         _dir: dir,
@@ -215,7 +221,7 @@ async fn error(router: &Router, query: &str, expected: StatusCode) -> String {
 
 #[tokio::test]
 async fn count_sees_parquet_files_and_memory_batches() {
-    let f = fixture(QueryConfig::default());
+    let f = fixture(QueryConfig::default()).await;
     let (status, body) = sql(&f.router, "SELECT count(*) AS n FROM events").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(
@@ -226,7 +232,7 @@ async fn count_sees_parquet_files_and_memory_batches() {
 
 #[tokio::test]
 async fn each_query_takes_a_fresh_snapshot() {
-    let f = fixture(QueryConfig::default());
+    let f = fixture(QueryConfig::default()).await;
     assert_eq!(
         rows(&f.router, "SELECT count(*) FROM events").await,
         json!([[10]])
@@ -249,7 +255,8 @@ async fn empty_store_is_an_empty_table() {
         tempfile::tempdir().expect("tempdir"),
         EventsSnapshot::default(),
         QueryConfig::default(),
-    );
+    )
+    .await;
     assert_eq!(
         rows(&f.router, "SELECT count(*) FROM events").await,
         json!([[0]])
@@ -270,7 +277,7 @@ async fn empty_store_is_an_empty_table() {
         parquet_files: vec![file],
         batches: vec![],
     };
-    let f = fixture_over(dir, snapshot, QueryConfig::default());
+    let f = fixture_over(dir, snapshot, QueryConfig::default()).await;
     assert_eq!(
         rows(&f.router, "SELECT count(*), max(status_code) FROM events").await,
         json!([[1, 200]])
@@ -279,7 +286,7 @@ async fn empty_store_is_an_empty_table() {
 
 #[tokio::test]
 async fn time_filters_prune_parquet_row_groups() {
-    let f = fixture(QueryConfig::default());
+    let f = fixture(QueryConfig::default()).await;
     let since_feb = "time >= '2026-02-01T00:00:00Z'";
     assert_eq!(
         rows(
@@ -316,7 +323,7 @@ async fn time_filters_prune_parquet_row_groups() {
 
 #[tokio::test]
 async fn group_by_tenant() {
-    let f = fixture(QueryConfig::default());
+    let f = fixture(QueryConfig::default()).await;
     let query = "SELECT tenant, count(*) AS events, sum(input_tokens) AS input, count(status_code) AS requests \
                  FROM events GROUP BY tenant ORDER BY tenant";
     assert_eq!(
@@ -331,7 +338,7 @@ async fn group_by_tenant() {
 
 #[tokio::test]
 async fn json_renders_every_events_column() {
-    let f = fixture(QueryConfig::default());
+    let f = fixture(QueryConfig::default()).await;
     let (status, body) = sql(
         &f.router,
         "SELECT * FROM events WHERE id IN ('m1', 'm2') ORDER BY id",
@@ -383,7 +390,7 @@ async fn json_renders_every_events_column() {
 
 #[tokio::test]
 async fn ndjson_is_one_object_per_row() {
-    let f = fixture(QueryConfig::default());
+    let f = fixture(QueryConfig::default()).await;
     let (status, content_type, body) = sql_as(
         &f.router,
         "ndjson",
@@ -408,7 +415,7 @@ async fn ndjson_is_one_object_per_row() {
 
 #[tokio::test]
 async fn csv_has_a_header_and_json_text_for_maps() {
-    let f = fixture(QueryConfig::default());
+    let f = fixture(QueryConfig::default()).await;
     let (status, content_type, body) = sql_as(
         &f.router,
         "csv",
@@ -451,7 +458,7 @@ async fn csv_has_a_header_and_json_text_for_maps() {
 
 #[tokio::test]
 async fn arrow_is_an_ipc_stream() {
-    let f = fixture(QueryConfig::default());
+    let f = fixture(QueryConfig::default()).await;
     let (status, content_type, body) = sql_as(&f.router, "arrow", "SELECT * FROM events").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(content_type, "application/vnd.apache.arrow.stream");
@@ -472,7 +479,7 @@ async fn arrow_is_an_ipc_stream() {
 
 #[tokio::test]
 async fn show_tables_and_columns() {
-    let f = fixture(QueryConfig::default());
+    let f = fixture(QueryConfig::default()).await;
     let tables = rows(&f.router, "SHOW TABLES").await;
     assert!(
         tables
@@ -505,7 +512,7 @@ async fn show_tables_and_columns() {
 
 #[tokio::test]
 async fn writes_and_session_changes_are_refused() {
-    let f = fixture(QueryConfig::default());
+    let f = fixture(QueryConfig::default()).await;
     for (query, kind) in [
         ("CREATE TABLE t (a INT)", "CREATE"),
         ("CREATE VIEW v AS SELECT * FROM events", "CREATE"),
@@ -557,7 +564,7 @@ async fn writes_and_session_changes_are_refused() {
 
 #[tokio::test]
 async fn bad_sql_is_a_client_error_with_datafusion_message() {
-    let f = fixture(QueryConfig::default());
+    let f = fixture(QueryConfig::default()).await;
     let syntax = error(
         &f.router,
         "SELEC tenant FROM events",
@@ -590,7 +597,7 @@ async fn bad_sql_is_a_client_error_with_datafusion_message() {
 
 #[tokio::test]
 async fn bad_requests_name_the_problem() {
-    let f = fixture(QueryConfig::default());
+    let f = fixture(QueryConfig::default()).await;
     let cases: [(&str, &str, &str); 4] = [
         ("/v1/sql", "", "the request body is empty"),
         ("/v1/sql", "SELECT 1", "must be a JSON object"),
@@ -620,7 +627,8 @@ async fn results_over_the_row_cap_are_refused() {
     let f = fixture(QueryConfig {
         max_rows: 5,
         ..QueryConfig::default()
-    });
+    })
+    .await;
     let message = error(
         &f.router,
         "SELECT * FROM events",
@@ -653,7 +661,8 @@ async fn memory_hungry_queries_hit_the_pool_limit() {
     let f = fixture(QueryConfig {
         memory_limit_bytes: 1024 * 1024,
         ..QueryConfig::default()
-    });
+    })
+    .await;
     let message = error(
         &f.router,
         "SELECT cardinality(array_agg(value)) FROM generate_series(1, 5000000)",
@@ -673,7 +682,8 @@ async fn slow_queries_time_out_and_stop() {
         timeout: Duration::from_secs(1),
         threads: 1,
         ..QueryConfig::default()
-    });
+    })
+    .await;
     let heavy = "SELECT count(*) FROM generate_series(1, 1000000) a CROSS JOIN generate_series(1, 1000000) b";
     let (status, body) = sql(&f.router, heavy).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
@@ -687,7 +697,7 @@ async fn slow_queries_time_out_and_stop() {
 
 #[tokio::test]
 async fn query_returns_batches() {
-    let f = fixture(QueryConfig::default());
+    let f = fixture(QueryConfig::default()).await;
     let (schema, batches) = f
         .service
         .query("SELECT tenant, id FROM events WHERE tenant = 'initech'")
