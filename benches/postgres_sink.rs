@@ -259,6 +259,7 @@ async fn run(opts: Options) -> Result<()> {
     let hourly = meterd_rollups::rollup("usage_hourly").context("usage_hourly")?;
     let raw = meterd_rollups::postgres::select_sql(
         meterd_rollups::postgres::Flavor::Postgres,
+        meterd_rollups::postgres::Sums::Exact,
         hourly,
         "meterd.events_data",
         None,

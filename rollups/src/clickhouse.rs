@@ -73,9 +73,9 @@ pub fn state_table(name: &str) -> String {
     format!("{name}_state")
 }
 
-/// Saturation bound of the finalised sums, as PostgreSQL's rollups saturate at the largest
-/// `bigint`.
-const SUM_MAX: &str = "toUInt64(9223372036854775807)";
+/// The state type of exact sums: 128-bit decimals add without wrapping (the sum of 2^64
+/// events of 2^63-1 fits), as PostgreSQL's `numeric(38, 0)` and meterd's SQL `sum`.
+const SUM_STATE: &str = "AggregateFunction(sum, Decimal(38, 0))";
 
 fn bucket_expr(width: Width) -> &'static str {
     match width {
@@ -110,8 +110,8 @@ fn state_sql(aggregate: &Aggregate) -> (String, &'static str) {
     match aggregate {
         Aggregate::Count => ("countState()".to_owned(), "AggregateFunction(count)"),
         Aggregate::Sum(c) => (
-            format!("sumState(toUInt64(ifNull({c}, 0)))"),
-            "AggregateFunction(sum, UInt64)",
+            format!("sumState(toDecimal128(ifNull({c}, 0), 0))"),
+            SUM_STATE,
         ),
         Aggregate::CountIf(p) => (
             format!("sumState(toUInt64({}))", predicate_sql(p)),
@@ -170,7 +170,8 @@ pub fn aggregate_select(rollup: &Rollup, from: &str) -> String {
 }
 
 /// `CREATE VIEW IF NOT EXISTS <db>.<name>`: the finalised rollup, the same columns in the same
-/// order as PostgreSQL's, every measure an `Int64`, delivery markers left out.
+/// order as PostgreSQL's, counts as `Int64` and sums as exact `Decimal(38, 0)`, delivery markers
+/// left out.
 pub fn view_ddl(db: &str, rollup: &Rollup) -> String {
     let mut sql = format!(
         "CREATE VIEW IF NOT EXISTS {db}.{name} AS\nSELECT bucket",
@@ -182,9 +183,9 @@ pub fn view_ddl(db: &str, rollup: &Rollup) -> String {
     for m in measures() {
         let expr = match m.aggregate {
             Aggregate::Count => format!("toInt64(countMerge({}))", m.name),
-            Aggregate::Sum(_) | Aggregate::CountIf(_) => {
-                format!("toInt64(least(sumMerge({}), {SUM_MAX}))", m.name)
-            }
+            // A count of events cannot pass 2^63.
+            Aggregate::CountIf(_) => format!("toInt64(sumMerge({}))", m.name),
+            Aggregate::Sum(_) => format!("sumMerge({})", m.name),
         };
         let _ = write!(sql, ",\n       {expr} AS {}", m.name);
     }

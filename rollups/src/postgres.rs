@@ -34,9 +34,30 @@ pub enum Flavor {
 /// buckets start where TimescaleDB's `time_bucket` starts them.
 const ORIGIN: &str = "TIMESTAMPTZ '2000-01-01 00:00:00+00'";
 
-/// Sums saturate at the largest `bigint` instead of failing the refresh: PostgreSQL sums
-/// `bigint` as `numeric`, and one absurd value must not stop every tenant's rollups.
+/// How a summed measure is typed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sums {
+    /// Migration 0003: sums saturating at the largest `bigint`. Rendered only so the applied
+    /// migration keeps its checksum; migration 0004 replaces it.
+    Saturating,
+    /// Since migration 0004: exact `numeric(38, 0)` sums, as PostgreSQL sums `bigint` and as
+    /// meterd's SQL answers `sum`. Counts stay `bigint` (a count cannot pass 2^63).
+    Exact,
+}
+
+/// The saturation bound of [`Sums::Saturating`].
 const SUM_MAX: i64 = i64::MAX;
+
+/// The SQL type of exact sums.
+pub const SUM_TYPE: &str = "numeric(38, 0)";
+
+/// The column type of a measure.
+fn measure_type(aggregate: &Aggregate, sums: Sums) -> &'static str {
+    match (aggregate, sums) {
+        (Aggregate::Sum(_), Sums::Exact) => SUM_TYPE,
+        _ => "bigint",
+    }
+}
 
 /// The advisory lock key that serialises refreshes across meterd nodes (`'mtrdrfsh'` as bytes).
 pub const REFRESH_LOCK_KEY: i64 = 0x6d74_7264_7266_7368;
@@ -71,11 +92,14 @@ fn dimension_sql(expr: &DimensionExpr) -> String {
     }
 }
 
-/// The aggregate of one measure over raw events. Every form yields a non-NULL `bigint`.
-fn measure_over_events(aggregate: &Aggregate) -> String {
+/// The aggregate of one measure over raw events, never NULL, of [`measure_type`].
+fn measure_over_events(aggregate: &Aggregate, sums: Sums) -> String {
     match aggregate {
         Aggregate::Count => "count(*)".to_owned(),
-        Aggregate::Sum(c) => format!("least(coalesce(sum({c}), 0), {SUM_MAX})::bigint"),
+        Aggregate::Sum(c) => match sums {
+            Sums::Saturating => format!("least(coalesce(sum({c}), 0), {SUM_MAX})::bigint"),
+            Sums::Exact => format!("coalesce(sum({c}), 0)::{SUM_TYPE}"),
+        },
         Aggregate::CountIf(p) => {
             format!(
                 "sum(CASE WHEN {} THEN 1 ELSE 0 END)::bigint",
@@ -85,9 +109,23 @@ fn measure_over_events(aggregate: &Aggregate) -> String {
     }
 }
 
+/// One measure summed over a finer rollup's rows, of [`measure_type`].
+fn measure_over_rollup(name: &str, aggregate: &Aggregate, sums: Sums) -> String {
+    match sums {
+        Sums::Saturating => format!("least(sum({name}), {SUM_MAX})::bigint"),
+        Sums::Exact => format!("sum({name})::{}", measure_type(aggregate, sums)),
+    }
+}
+
 /// `SELECT bucket, dimensions, measures FROM <from> [WHERE ...] GROUP BY ...` computing `rollup`
 /// from its source. `from` is the source relation; over another rollup every measure is summed.
-pub fn select_sql(flavor: Flavor, rollup: &Rollup, from: &str, filter: Option<&str>) -> String {
+pub fn select_sql(
+    flavor: Flavor,
+    sums: Sums,
+    rollup: &Rollup,
+    from: &str,
+    filter: Option<&str>,
+) -> String {
     let time_column = match rollup.source {
         Source::Events => "time",
         Source::Rollup(_) => "bucket",
@@ -105,8 +143,8 @@ pub fn select_sql(flavor: Flavor, rollup: &Rollup, from: &str, filter: Option<&s
     }
     for m in measures() {
         let expr = match rollup.source {
-            Source::Events => measure_over_events(&m.aggregate),
-            Source::Rollup(_) => format!("least(sum({}), {SUM_MAX})::bigint", m.name),
+            Source::Events => measure_over_events(&m.aggregate, sums),
+            Source::Rollup(_) => measure_over_rollup(&m.name, &m.aggregate, sums),
         };
         let _ = write!(sql, ",\n       {expr} AS {}", m.name);
     }
@@ -143,12 +181,12 @@ fn user_view(rollup: &Rollup, body: &str) -> String {
     )
 }
 
-/// The whole rollups migration for `flavor`.
+const GENERATED: &str = "-- Rollups: generated from the definitions in the rollups crate. Do not edit by hand;\n\
+     -- run `METERD_BLESS=1 cargo test --workspace --lib -- migrations_match` to regenerate.\n\n";
+
+/// Migration 0003, the rollups as first created (saturating sums), for `flavor`.
 pub fn migration(flavor: Flavor) -> String {
-    let mut sql = String::from(
-        "-- Rollups: generated from the definitions in the rollups crate. Do not edit by hand;\n\
-         -- run `METERD_BLESS=1 cargo test --workspace --lib -- migrations_match` to regenerate.\n\n",
-    );
+    let mut sql = String::from(GENERATED);
     match flavor {
         Flavor::TimescaleDb => timescaledb(&mut sql),
         Flavor::Postgres => plain(&mut sql),
@@ -156,37 +194,201 @@ pub fn migration(flavor: Flavor) -> String {
     sql
 }
 
-fn timescaledb(sql: &mut String) {
-    for r in ROLLUPS {
-        let agg = format!("meterd.{}_agg", r.name);
+/// Migration 0004: the rollups' sums become exact `numeric(38, 0)`, keeping every rollup row
+/// and every grant on the rollup views.
+///
+/// Plain PostgreSQL changes the materialised tables' column types in place. A TimescaleDB
+/// continuous aggregate cannot change a column's type, so its aggregates are created again
+/// (real-time aggregation answers from the raw events until the refresh policy has
+/// materialised them); buckets whose raw events retention has already dropped are kept first
+/// in `meterd.<rollup>_history`, which the view adds back.
+pub fn exact_sums_migration(flavor: Flavor) -> String {
+    let mut sql = String::from(GENERATED);
+    sql.push_str(SAVE_GRANTS);
+    for r in ROLLUPS.iter().rev() {
+        let _ = writeln!(sql, "DROP VIEW meterd.{};", r.name);
+    }
+    sql.push('\n');
+    match flavor {
+        Flavor::TimescaleDb => {
+            for r in ROLLUPS {
+                let history_cols: Vec<String> = std::iter::once("bucket".to_owned())
+                    .chain(DIMENSIONS.iter().map(|d| d.name.to_owned()))
+                    .chain(measures().iter().map(|m| {
+                        format!(
+                            "{name}::{ty} AS {name}",
+                            name = m.name,
+                            ty = measure_type(&m.aggregate, Sums::Exact)
+                        )
+                    }))
+                    .collect();
+                let _ = write!(
+                    sql,
+                    "CREATE TABLE meterd.{name}_history AS\n\
+                     SELECT {cols}\n\
+                     FROM meterd.{name}_agg\n\
+                     WHERE bucket < coalesce((SELECT {first} FROM meterd.events_data), 'infinity');\n\
+                     CREATE INDEX ON meterd.{name}_history (tenant, bucket);\n\
+                     COMMENT ON TABLE meterd.{name}_history IS 'meterd rollup buckets whose raw events were dropped before sums became exact';\n\n",
+                    name = r.name,
+                    cols = history_cols.join(", "),
+                    first = bucket_expr(Flavor::TimescaleDb, r, "min(time)"),
+                );
+            }
+            for r in ROLLUPS.iter().rev() {
+                let _ = writeln!(sql, "DROP MATERIALIZED VIEW meterd.{}_agg;", r.name);
+            }
+            sql.push('\n');
+            for r in ROLLUPS {
+                continuous_aggregate(
+                    &mut sql,
+                    r,
+                    Sums::Exact,
+                    Some(&format!("meterd.{}_history", r.name)),
+                );
+            }
+        }
+        Flavor::Postgres => {
+            for r in ROLLUPS {
+                let alters: Vec<String> = measures()
+                    .iter()
+                    .filter(|m| measure_type(&m.aggregate, Sums::Exact) != "bigint")
+                    .map(|m| format!("    ALTER COLUMN {} TYPE {SUM_TYPE}", m.name))
+                    .collect();
+                let _ = write!(
+                    sql,
+                    "ALTER TABLE meterd.{}_mat\n{};\n\n",
+                    r.name,
+                    alters.join(",\n")
+                );
+            }
+            // Buckets materialised with a saturated sum are computed again, exactly, by the
+            // next refresh (the daily ones from the hourly table).
+            for r in ROLLUPS {
+                let saturated: Vec<String> = measures()
+                    .iter()
+                    .filter(|m| matches!(m.aggregate, Aggregate::Sum(_)))
+                    .map(|m| format!("{} = {SUM_MAX}", m.name))
+                    .collect();
+                let _ = write!(
+                    sql,
+                    "INSERT INTO meterd.rollup_invalidations (rollup, bucket)\n\
+                     SELECT DISTINCT '{name}', bucket FROM meterd.{name}_mat\n\
+                     WHERE {saturated};\n\n",
+                    name = r.name,
+                    saturated = saturated.join(" OR "),
+                );
+            }
+            for r in ROLLUPS {
+                plain_view(&mut sql, r, Sums::Exact);
+            }
+            refresh_function(&mut sql, Sums::Exact);
+            sql.push('\n');
+        }
+    }
+    sql.push_str(RESTORE_GRANTS);
+    sql
+}
+
+/// Keeps the privileges granted on the rollup views (to Grafana or BI roles) across their
+/// re-creation, in a temporary table of the migration's transaction.
+const SAVE_GRANTS: &str = "CREATE TEMPORARY TABLE meterd_rollup_grants ON COMMIT DROP AS\n\
+     SELECT c.relname AS relation, a.grantee, a.privilege_type, a.is_grantable\n\
+     FROM pg_catalog.pg_class c\n\
+     CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a\n\
+     WHERE c.relnamespace = 'meterd'::regnamespace\n  \
+     AND c.relname IN ('usage_hourly', 'usage_daily')\n  \
+     AND a.grantee <> c.relowner;\n\n";
+
+const RESTORE_GRANTS: &str = "DO $$\n\
+     DECLARE\n    \
+     g record;\n\
+     BEGIN\n    \
+     FOR g IN SELECT * FROM meterd_rollup_grants LOOP\n        \
+     EXECUTE format('GRANT %s ON meterd.%I TO %s%s', g.privilege_type, g.relation,\n            \
+     CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END,\n            \
+     CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);\n    \
+     END LOOP;\n\
+     END\n\
+     $$;\n";
+
+/// A continuous aggregate `meterd.<name>_agg`, the user view over it (and over `history`, the
+/// buckets kept from before), and its refresh policy.
+fn continuous_aggregate(sql: &mut String, r: &Rollup, sums: Sums, history: Option<&str>) {
+    let agg = format!("meterd.{}_agg", r.name);
+    let _ = write!(
+        sql,
+        "CREATE MATERIALIZED VIEW {agg}\n\
+         WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS\n\
+         {select}\n\
+         WITH NO DATA;\n\n",
+        select = select_sql(
+            Flavor::TimescaleDb,
+            sums,
+            r,
+            &materialisation_source(Flavor::TimescaleDb, r),
+            None
+        ),
+    );
+    let mut body = format!(
+        "SELECT {cols}\nFROM {agg}\nWHERE meterd.tenant_visible(tenant)",
+        cols = column_list()
+    );
+    if let Some(history) = history {
         let _ = write!(
-            sql,
-            "CREATE MATERIALIZED VIEW {agg}\n\
-             WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS\n\
-             {select}\n\
-             WITH NO DATA;\n\n",
-            select = select_sql(
-                Flavor::TimescaleDb,
-                r,
-                &materialisation_source(Flavor::TimescaleDb, r),
-                None
-            ),
-        );
-        let body = format!(
-            "SELECT {cols}\nFROM {agg}\nWHERE meterd.tenant_visible(tenant)",
+            body,
+            "\nUNION ALL\nSELECT {cols}\nFROM {history}\nWHERE meterd.tenant_visible(tenant)",
             cols = column_list()
         );
-        sql.push_str(&user_view(r, &body));
-        // Refresh everything invalidated (late events included: no start offset) up to the
-        // last closed bucket; real-time aggregation covers the rest.
-        let interval = r.width.interval();
-        let _ = write!(
-            sql,
-            "SELECT add_continuous_aggregate_policy('{agg}',\n    \
-             start_offset => NULL,\n    end_offset => INTERVAL '{interval}',\n    \
-             schedule_interval => INTERVAL '1 minute');\n\n"
-        );
     }
+    sql.push_str(&user_view(r, &body));
+    // Refresh everything invalidated (late events included: no start offset) up to the
+    // last closed bucket; real-time aggregation covers the rest.
+    let interval = r.width.interval();
+    let _ = write!(
+        sql,
+        "SELECT add_continuous_aggregate_policy('{agg}',\n    \
+         start_offset => NULL,\n    end_offset => INTERVAL '{interval}',\n    \
+         schedule_interval => INTERVAL '1 minute');\n\n"
+    );
+}
+
+fn timescaledb(sql: &mut String) {
+    for r in ROLLUPS {
+        continuous_aggregate(sql, r, Sums::Saturating, None);
+    }
+}
+
+/// The user view of a plain-PostgreSQL rollup: materialised buckets below the watermark, a
+/// live GROUP BY above it.
+fn plain_view(sql: &mut String, r: &Rollup, sums: Sums) {
+    let live_source = match r.source {
+        Source::Events => "meterd.events_data".to_owned(),
+        Source::Rollup(src) => format!("meterd.{src}"),
+    };
+    let time_column = match r.source {
+        Source::Events => "time",
+        Source::Rollup(_) => "bucket",
+    };
+    let live = select_sql(
+        Flavor::Postgres,
+        sums,
+        r,
+        &live_source,
+        Some(&format!(
+            "{time_column} >= meterd.rollup_watermark('{name}')\n  \
+             AND meterd.tenant_visible(tenant)",
+            name = r.name
+        )),
+    );
+    let body = format!(
+        "SELECT {cols}\nFROM meterd.{name}_mat\n\
+         WHERE bucket < meterd.rollup_watermark('{name}')\n  \
+         AND meterd.tenant_visible(tenant)\nUNION ALL\n{live}",
+        cols = column_list(),
+        name = r.name,
+    );
+    sql.push_str(&user_view(r, &body));
 }
 
 fn plain(sql: &mut String) {
@@ -223,7 +425,12 @@ fn plain(sql: &mut String) {
             let _ = write!(sql, ",\n    {} text NOT NULL", d.name);
         }
         for m in measures() {
-            let _ = write!(sql, ",\n    {} bigint NOT NULL", m.name);
+            let _ = write!(
+                sql,
+                ",\n    {} {} NOT NULL",
+                m.name,
+                measure_type(&m.aggregate, Sums::Saturating)
+            );
         }
         let _ = write!(
             sql,
@@ -232,32 +439,7 @@ fn plain(sql: &mut String) {
              INSERT INTO meterd.rollup_watermarks VALUES ('{name}', '-infinity');\n\n",
             name = r.name
         );
-        let live_source = match r.source {
-            Source::Events => "meterd.events_data".to_owned(),
-            Source::Rollup(src) => format!("meterd.{src}"),
-        };
-        let time_column = match r.source {
-            Source::Events => "time",
-            Source::Rollup(_) => "bucket",
-        };
-        let live = select_sql(
-            Flavor::Postgres,
-            r,
-            &live_source,
-            Some(&format!(
-                "{time_column} >= meterd.rollup_watermark('{name}')\n  \
-                 AND meterd.tenant_visible(tenant)",
-                name = r.name
-            )),
-        );
-        let body = format!(
-            "SELECT {cols}\nFROM meterd.{name}_mat\n\
-             WHERE bucket < meterd.rollup_watermark('{name}')\n  \
-             AND meterd.tenant_visible(tenant)\nUNION ALL\n{live}",
-            cols = column_list(),
-            name = r.name,
-        );
-        sql.push_str(&user_view(r, &body));
+        plain_view(sql, r, Sums::Saturating);
     }
 
     // Invalidation triggers: every statement that changes events records the buckets it touched
@@ -295,7 +477,7 @@ fn plain(sql: &mut String) {
     }
     sql.push('\n');
 
-    refresh_function(sql);
+    refresh_function(sql, Sums::Saturating);
 }
 
 /// `meterd.refresh_rollups(p_now)`: for each rollup, finer first, move the watermark to the
@@ -303,10 +485,15 @@ fn plain(sql: &mut String) {
 /// re-materialise every invalidated bucket below it, then invalidate the coarser rollups'
 /// buckets that changed. One transaction, serialised across nodes by an advisory lock; returns
 /// how many buckets were re-materialised.
-fn refresh_function(sql: &mut String) {
+fn refresh_function(sql: &mut String, sums: Sums) {
+    // 0003 created it; 0004 replaces its body, signature unchanged.
+    let create = match sums {
+        Sums::Saturating => "CREATE",
+        Sums::Exact => "CREATE OR REPLACE",
+    };
     let _ = write!(
         sql,
-        "CREATE FUNCTION meterd.refresh_rollups(p_now timestamptz DEFAULT now()) RETURNS bigint\n\
+        "{create} FUNCTION meterd.refresh_rollups(p_now timestamptz DEFAULT now()) RETURNS bigint\n\
          LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$\n\
          DECLARE\n    \
          v_watermark timestamptz;\n    \
@@ -340,6 +527,7 @@ fn refresh_function(sql: &mut String) {
         let chunk_of_bucket = format!("date_bin(INTERVAL '1 day', b, {ORIGIN})");
         let select = select_sql(
             Flavor::Postgres,
+            sums,
             r,
             &source,
             Some(&format!(
@@ -401,12 +589,22 @@ mod tests {
     fn migrations_match_the_committed_files() {
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/migrations/postgres");
-        for (flavor, file) in [
-            (Flavor::Postgres, "0003_rollups.postgres.sql"),
-            (Flavor::TimescaleDb, "0003_rollups.timescaledb.sql"),
+        for (file, rendered) in [
+            ("0003_rollups.postgres.sql", migration(Flavor::Postgres)),
+            (
+                "0003_rollups.timescaledb.sql",
+                migration(Flavor::TimescaleDb),
+            ),
+            (
+                "0004_exact_sums.postgres.sql",
+                exact_sums_migration(Flavor::Postgres),
+            ),
+            (
+                "0004_exact_sums.timescaledb.sql",
+                exact_sums_migration(Flavor::TimescaleDb),
+            ),
         ] {
             let path = dir.join(file);
-            let rendered = migration(flavor);
             if std::env::var_os("METERD_BLESS").is_some() {
                 std::fs::write(&path, &rendered).expect("write migration");
                 continue;
@@ -424,13 +622,47 @@ mod tests {
     #[test]
     fn hierarchical_rollups_sum_their_source() {
         let daily = crate::rollup("usage_daily").expect("defined");
-        let sql = select_sql(Flavor::TimescaleDb, daily, "meterd.usage_hourly_agg", None);
+        let sql = select_sql(
+            Flavor::TimescaleDb,
+            Sums::Saturating,
+            daily,
+            "meterd.usage_hourly_agg",
+            None,
+        );
         assert!(sql.contains("time_bucket(INTERVAL '1 day', bucket) AS bucket"));
         assert!(sql.contains("least(sum(events), 9223372036854775807)::bigint AS events"));
         assert!(sql.contains(
             "least(sum(latency_le_60000), 9223372036854775807)::bigint AS latency_le_60000"
         ));
         assert!(!sql.contains("count(*)"));
+        let exact = select_sql(
+            Flavor::TimescaleDb,
+            Sums::Exact,
+            daily,
+            "meterd.usage_hourly_agg",
+            None,
+        );
+        assert!(exact.contains("sum(events)::bigint AS events"));
+        assert!(exact.contains("sum(input_tokens)::numeric(38, 0) AS input_tokens"));
+        assert!(!exact.contains("least("));
+    }
+
+    #[test]
+    fn exact_sums_are_numeric_from_the_events() {
+        let hourly = crate::rollup("usage_hourly").expect("defined");
+        let sql = select_sql(
+            Flavor::Postgres,
+            Sums::Exact,
+            hourly,
+            "meterd.events_data",
+            None,
+        );
+        assert!(sql.contains("coalesce(sum(input_tokens), 0)::numeric(38, 0) AS input_tokens"));
+        assert!(sql.contains("count(*) AS events"));
+        let migration = exact_sums_migration(Flavor::Postgres);
+        assert!(migration.contains("ALTER COLUMN latency_ms_sum TYPE numeric(38, 0)"));
+        assert!(!migration.contains("ALTER COLUMN latency_count"));
+        assert!(migration.contains("CREATE OR REPLACE FUNCTION meterd.refresh_rollups"));
     }
 
     #[test]

@@ -76,6 +76,12 @@ pub const POSTGRES: &[Migration] = &[
         postgres: file!("0003_rollups.postgres.sql"),
         timescaledb: file!("0003_rollups.timescaledb.sql"),
     },
+    Migration {
+        version: 4,
+        name: "exact_sums",
+        postgres: file!("0004_exact_sums.postgres.sql"),
+        timescaledb: file!("0004_exact_sums.timescaledb.sql"),
+    },
 ];
 
 #[cfg(test)]

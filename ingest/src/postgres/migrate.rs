@@ -29,11 +29,21 @@ pub async fn migrate(
     client: &mut Client,
     config: &PostgresConfig,
 ) -> Result<MigrationReport, PgError> {
+    migrate_to(client, config, i32::MAX).await
+}
+
+/// Like [`migrate`], but applies migrations up to version `last` only: upgrade tests build the
+/// schema an older meterd left.
+pub async fn migrate_to(
+    client: &mut Client,
+    config: &PostgresConfig,
+    last: i32,
+) -> Result<MigrationReport, PgError> {
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await
         .map_err(sql_err("taking the migration lock"))?;
-    let result = migrate_locked(client, config).await;
+    let result = migrate_locked(client, config, last).await;
     // When the connection itself failed, the lock went with the session.
     let unlocked = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
@@ -46,6 +56,7 @@ pub async fn migrate(
 async fn migrate_locked(
     client: &mut Client,
     config: &PostgresConfig,
+    last: i32,
 ) -> Result<MigrationReport, PgError> {
     client
         .batch_execute(
@@ -103,7 +114,10 @@ async fn migrate_locked(
 
     let mut applied = Vec::new();
     let recorded = version;
-    for m in POSTGRES.iter().filter(|m| m.version > recorded) {
+    for m in POSTGRES
+        .iter()
+        .filter(|m| m.version > recorded && m.version <= last)
+    {
         let sql = m.sql(flavor);
         let tx = client
             .transaction()

@@ -1,0 +1,146 @@
+-- Rollups: generated from the definitions in the rollups crate. Do not edit by hand;
+-- run `METERD_BLESS=1 cargo test --workspace --lib -- migrations_match` to regenerate.
+
+CREATE TEMPORARY TABLE meterd_rollup_grants ON COMMIT DROP AS
+SELECT c.relname AS relation, a.grantee, a.privilege_type, a.is_grantable
+FROM pg_catalog.pg_class c
+CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
+WHERE c.relnamespace = 'meterd'::regnamespace
+  AND c.relname IN ('usage_hourly', 'usage_daily')
+  AND a.grantee <> c.relowner;
+
+DROP VIEW meterd.usage_daily;
+DROP VIEW meterd.usage_hourly;
+
+CREATE TABLE meterd.usage_hourly_history AS
+SELECT bucket, tenant, type, provider, model, agent, route, status_class, events::bigint AS events, input_tokens::numeric(38, 0) AS input_tokens, output_tokens::numeric(38, 0) AS output_tokens, cached_input_tokens::numeric(38, 0) AS cached_input_tokens, reasoning_tokens::numeric(38, 0) AS reasoning_tokens, errors::bigint AS errors, latency_count::bigint AS latency_count, latency_ms_sum::numeric(38, 0) AS latency_ms_sum, duration_count::bigint AS duration_count, duration_ms_sum::numeric(38, 0) AS duration_ms_sum, latency_le_5::bigint AS latency_le_5, latency_le_10::bigint AS latency_le_10, latency_le_25::bigint AS latency_le_25, latency_le_50::bigint AS latency_le_50, latency_le_100::bigint AS latency_le_100, latency_le_250::bigint AS latency_le_250, latency_le_500::bigint AS latency_le_500, latency_le_1000::bigint AS latency_le_1000, latency_le_2500::bigint AS latency_le_2500, latency_le_5000::bigint AS latency_le_5000, latency_le_10000::bigint AS latency_le_10000, latency_le_30000::bigint AS latency_le_30000, latency_le_60000::bigint AS latency_le_60000
+FROM meterd.usage_hourly_agg
+WHERE bucket < coalesce((SELECT time_bucket(INTERVAL '1 hour', min(time)) FROM meterd.events_data), 'infinity');
+CREATE INDEX ON meterd.usage_hourly_history (tenant, bucket);
+COMMENT ON TABLE meterd.usage_hourly_history IS 'meterd rollup buckets whose raw events were dropped before sums became exact';
+
+CREATE TABLE meterd.usage_daily_history AS
+SELECT bucket, tenant, type, provider, model, agent, route, status_class, events::bigint AS events, input_tokens::numeric(38, 0) AS input_tokens, output_tokens::numeric(38, 0) AS output_tokens, cached_input_tokens::numeric(38, 0) AS cached_input_tokens, reasoning_tokens::numeric(38, 0) AS reasoning_tokens, errors::bigint AS errors, latency_count::bigint AS latency_count, latency_ms_sum::numeric(38, 0) AS latency_ms_sum, duration_count::bigint AS duration_count, duration_ms_sum::numeric(38, 0) AS duration_ms_sum, latency_le_5::bigint AS latency_le_5, latency_le_10::bigint AS latency_le_10, latency_le_25::bigint AS latency_le_25, latency_le_50::bigint AS latency_le_50, latency_le_100::bigint AS latency_le_100, latency_le_250::bigint AS latency_le_250, latency_le_500::bigint AS latency_le_500, latency_le_1000::bigint AS latency_le_1000, latency_le_2500::bigint AS latency_le_2500, latency_le_5000::bigint AS latency_le_5000, latency_le_10000::bigint AS latency_le_10000, latency_le_30000::bigint AS latency_le_30000, latency_le_60000::bigint AS latency_le_60000
+FROM meterd.usage_daily_agg
+WHERE bucket < coalesce((SELECT time_bucket(INTERVAL '1 day', min(time)) FROM meterd.events_data), 'infinity');
+CREATE INDEX ON meterd.usage_daily_history (tenant, bucket);
+COMMENT ON TABLE meterd.usage_daily_history IS 'meterd rollup buckets whose raw events were dropped before sums became exact';
+
+DROP MATERIALIZED VIEW meterd.usage_daily_agg;
+DROP MATERIALIZED VIEW meterd.usage_hourly_agg;
+
+CREATE MATERIALIZED VIEW meterd.usage_hourly_agg
+WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
+SELECT time_bucket(INTERVAL '1 hour', time) AS bucket,
+       tenant AS tenant,
+       type AS type,
+       coalesce(provider, '') AS provider,
+       coalesce(model, '') AS model,
+       coalesce(agent, '') AS agent,
+       coalesce(route, '') AS route,
+       CASE WHEN type = 'api.request' THEN (status_code / 100)::text || 'xx' ELSE coalesce(status, '') END AS status_class,
+       count(*) AS events,
+       coalesce(sum(input_tokens), 0)::numeric(38, 0) AS input_tokens,
+       coalesce(sum(output_tokens), 0)::numeric(38, 0) AS output_tokens,
+       coalesce(sum(cached_input_tokens), 0)::numeric(38, 0) AS cached_input_tokens,
+       coalesce(sum(reasoning_tokens), 0)::numeric(38, 0) AS reasoning_tokens,
+       sum(CASE WHEN (type = 'api.request' AND status_code >= 500) OR (type = 'llm.usage' AND status = 'error') OR (type = 'agent.run' AND status IN ('failed', 'timeout')) THEN 1 ELSE 0 END)::bigint AS errors,
+       sum(CASE WHEN latency_ms IS NOT NULL THEN 1 ELSE 0 END)::bigint AS latency_count,
+       coalesce(sum(latency_ms), 0)::numeric(38, 0) AS latency_ms_sum,
+       sum(CASE WHEN duration_ms IS NOT NULL THEN 1 ELSE 0 END)::bigint AS duration_count,
+       coalesce(sum(duration_ms), 0)::numeric(38, 0) AS duration_ms_sum,
+       sum(CASE WHEN latency_ms <= 5 THEN 1 ELSE 0 END)::bigint AS latency_le_5,
+       sum(CASE WHEN latency_ms <= 10 THEN 1 ELSE 0 END)::bigint AS latency_le_10,
+       sum(CASE WHEN latency_ms <= 25 THEN 1 ELSE 0 END)::bigint AS latency_le_25,
+       sum(CASE WHEN latency_ms <= 50 THEN 1 ELSE 0 END)::bigint AS latency_le_50,
+       sum(CASE WHEN latency_ms <= 100 THEN 1 ELSE 0 END)::bigint AS latency_le_100,
+       sum(CASE WHEN latency_ms <= 250 THEN 1 ELSE 0 END)::bigint AS latency_le_250,
+       sum(CASE WHEN latency_ms <= 500 THEN 1 ELSE 0 END)::bigint AS latency_le_500,
+       sum(CASE WHEN latency_ms <= 1000 THEN 1 ELSE 0 END)::bigint AS latency_le_1000,
+       sum(CASE WHEN latency_ms <= 2500 THEN 1 ELSE 0 END)::bigint AS latency_le_2500,
+       sum(CASE WHEN latency_ms <= 5000 THEN 1 ELSE 0 END)::bigint AS latency_le_5000,
+       sum(CASE WHEN latency_ms <= 10000 THEN 1 ELSE 0 END)::bigint AS latency_le_10000,
+       sum(CASE WHEN latency_ms <= 30000 THEN 1 ELSE 0 END)::bigint AS latency_le_30000,
+       sum(CASE WHEN latency_ms <= 60000 THEN 1 ELSE 0 END)::bigint AS latency_le_60000
+FROM meterd.events_data
+GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
+WITH NO DATA;
+
+CREATE VIEW meterd.usage_hourly WITH (security_barrier) AS
+SELECT bucket, tenant, type, provider, model, agent, route, status_class, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, errors, latency_count, latency_ms_sum, duration_count, duration_ms_sum, latency_le_5, latency_le_10, latency_le_25, latency_le_50, latency_le_100, latency_le_250, latency_le_500, latency_le_1000, latency_le_2500, latency_le_5000, latency_le_10000, latency_le_30000, latency_le_60000
+FROM meterd.usage_hourly_agg
+WHERE meterd.tenant_visible(tenant)
+UNION ALL
+SELECT bucket, tenant, type, provider, model, agent, route, status_class, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, errors, latency_count, latency_ms_sum, duration_count, duration_ms_sum, latency_le_5, latency_le_10, latency_le_25, latency_le_50, latency_le_100, latency_le_250, latency_le_500, latency_le_1000, latency_le_2500, latency_le_5000, latency_le_10000, latency_le_30000, latency_le_60000
+FROM meterd.usage_hourly_history
+WHERE meterd.tenant_visible(tenant);
+COMMENT ON VIEW meterd.usage_hourly IS 'meterd rollup by 1 hour bucket (UTC); see the rollups crate for the columns';
+
+SELECT add_continuous_aggregate_policy('meterd.usage_hourly_agg',
+    start_offset => NULL,
+    end_offset => INTERVAL '1 hour',
+    schedule_interval => INTERVAL '1 minute');
+
+CREATE MATERIALIZED VIEW meterd.usage_daily_agg
+WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
+SELECT time_bucket(INTERVAL '1 day', bucket) AS bucket,
+       tenant AS tenant,
+       type AS type,
+       provider AS provider,
+       model AS model,
+       agent AS agent,
+       route AS route,
+       status_class AS status_class,
+       sum(events)::bigint AS events,
+       sum(input_tokens)::numeric(38, 0) AS input_tokens,
+       sum(output_tokens)::numeric(38, 0) AS output_tokens,
+       sum(cached_input_tokens)::numeric(38, 0) AS cached_input_tokens,
+       sum(reasoning_tokens)::numeric(38, 0) AS reasoning_tokens,
+       sum(errors)::bigint AS errors,
+       sum(latency_count)::bigint AS latency_count,
+       sum(latency_ms_sum)::numeric(38, 0) AS latency_ms_sum,
+       sum(duration_count)::bigint AS duration_count,
+       sum(duration_ms_sum)::numeric(38, 0) AS duration_ms_sum,
+       sum(latency_le_5)::bigint AS latency_le_5,
+       sum(latency_le_10)::bigint AS latency_le_10,
+       sum(latency_le_25)::bigint AS latency_le_25,
+       sum(latency_le_50)::bigint AS latency_le_50,
+       sum(latency_le_100)::bigint AS latency_le_100,
+       sum(latency_le_250)::bigint AS latency_le_250,
+       sum(latency_le_500)::bigint AS latency_le_500,
+       sum(latency_le_1000)::bigint AS latency_le_1000,
+       sum(latency_le_2500)::bigint AS latency_le_2500,
+       sum(latency_le_5000)::bigint AS latency_le_5000,
+       sum(latency_le_10000)::bigint AS latency_le_10000,
+       sum(latency_le_30000)::bigint AS latency_le_30000,
+       sum(latency_le_60000)::bigint AS latency_le_60000
+FROM meterd.usage_hourly_agg
+GROUP BY 1, 2, 3, 4, 5, 6, 7, 8
+WITH NO DATA;
+
+CREATE VIEW meterd.usage_daily WITH (security_barrier) AS
+SELECT bucket, tenant, type, provider, model, agent, route, status_class, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, errors, latency_count, latency_ms_sum, duration_count, duration_ms_sum, latency_le_5, latency_le_10, latency_le_25, latency_le_50, latency_le_100, latency_le_250, latency_le_500, latency_le_1000, latency_le_2500, latency_le_5000, latency_le_10000, latency_le_30000, latency_le_60000
+FROM meterd.usage_daily_agg
+WHERE meterd.tenant_visible(tenant)
+UNION ALL
+SELECT bucket, tenant, type, provider, model, agent, route, status_class, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, errors, latency_count, latency_ms_sum, duration_count, duration_ms_sum, latency_le_5, latency_le_10, latency_le_25, latency_le_50, latency_le_100, latency_le_250, latency_le_500, latency_le_1000, latency_le_2500, latency_le_5000, latency_le_10000, latency_le_30000, latency_le_60000
+FROM meterd.usage_daily_history
+WHERE meterd.tenant_visible(tenant);
+COMMENT ON VIEW meterd.usage_daily IS 'meterd rollup by 1 day bucket (UTC); see the rollups crate for the columns';
+
+SELECT add_continuous_aggregate_policy('meterd.usage_daily_agg',
+    start_offset => NULL,
+    end_offset => INTERVAL '1 day',
+    schedule_interval => INTERVAL '1 minute');
+
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT * FROM meterd_rollup_grants LOOP
+        EXECUTE format('GRANT %s ON meterd.%I TO %s%s', g.privilege_type, g.relation,
+            CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE g.grantee::regrole::text END,
+            CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+END
+$$;
