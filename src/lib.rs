@@ -1,12 +1,14 @@
 //! meterd: usage metering and time-series analytics for AI products.
 //!
 //! This crate is the binary's library half: the command line, configuration, the wiring of the
-//! ingest and query crates into one HTTP server, and the `meterd gen` load generator. `main.rs`
-//! only calls [`run`].
+//! ingest and query crates into one HTTP server, the `meterd gen` load generator and `meterd
+//! load`, which sends a file of events. `main.rs` only calls [`run`].
 
 pub mod config;
+pub mod load;
 pub mod loadgen;
 pub mod openapi;
+mod send;
 pub mod serve;
 
 use std::process::ExitCode;
@@ -35,6 +37,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Generate realistic usage events as NDJSON, or post them to a running meterd.
     Gen(loadgen::GenArgs),
+    /// Send an NDJSON file of events (or standard input) to a running meterd, in batches.
+    Load(load::LoadArgs),
     /// Create or upgrade meterd's schema in PostgreSQL/TimescaleDB, then exit. `serve` does
     /// the same at startup.
     Migrate(config::MigrateArgs),
@@ -59,6 +63,10 @@ pub fn run() -> ExitCode {
         Command::Gen(args) => {
             init_tracing(LogFormat::Text);
             exit_code(runtime().and_then(|rt| rt.block_on(loadgen::run(args))))
+        }
+        Command::Load(args) => {
+            init_tracing(LogFormat::Text);
+            exit_code(runtime().and_then(|rt| rt.block_on(load::run(args))))
         }
         Command::Migrate(args) => {
             let pg = match args.resolve() {

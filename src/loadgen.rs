@@ -7,16 +7,17 @@
 //! always yields the same events, byte for byte: a failing test or a benchmark can be replayed
 //! exactly. [`run`] writes them as NDJSON or posts them to a running meterd.
 //!
-//! Event ids are `evt-<seed>-<n>` and run ids `run-<seed>-<n>`, so runs with different seeds never
-//! collide, while re-running the same seed over a different time window re-uses the ids with
-//! different content: the server reports those as conflicts.
+//! Event ids are `evt-<seed>-<tag>-<n>` and run ids `run-<seed>-<tag>-<n>`, where the tag is a
+//! hash of everything else that shapes the events (window, count, tenants, duplicate share): the
+//! same configuration gives the same ids, so a re-run is answered as duplicates, and any other
+//! configuration gives other ids, so two runs never send one id with two contents (a conflict).
 
 mod catalog;
 mod event;
-mod send;
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use chrono::{DateTime, DurationRound as _, TimeDelta, Utc};
@@ -27,6 +28,11 @@ use serde_json::Value;
 
 use catalog::{AGENT_SOURCES, AGENTS, API_SOURCES, LLM_SOURCES, MODELS, PROVIDERS, ROUTES};
 use event::{Data, Dimensions, Event, WireEvent};
+
+use crate::send::{self, Batch, BatchSource, SendOptions, Unit};
+
+/// Events encoded per write when producing a file.
+const WRITE_CHUNK: usize = 4096;
 
 /// Fresh events kept as candidates for deliberate duplicates.
 const RECENT_EVENTS: usize = 1024;
@@ -155,27 +161,72 @@ pub async fn run(args: GenArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let generator = Generator::new(config);
     match args.url {
-        Some(mut url) => {
-            // A bare server address means its ingest endpoint.
-            if url.path() == "/" {
-                url.set_path("/v1/events");
-            }
-            let options = send::SendOptions {
-                url,
+        Some(url) => {
+            let options = SendOptions {
+                url: SendOptions::ingest_url(url),
                 batch: usize::try_from(args.batch).context("--batch is too large")?,
                 rate: args.rate,
                 concurrency: usize::try_from(args.concurrency)
                     .context("--concurrency is too large")?,
                 api_key: args.api_key,
             };
-            send::post_all(generator, options).await
+            let total = generator.remaining();
+            send::post_all("meterd gen", generator, options, Some(total), Unit::Events).await?;
+            Ok(())
         }
         None => {
             let out = args.out;
-            tokio::task::spawn_blocking(move || send::write_ndjson(generator, &out))
+            tokio::task::spawn_blocking(move || write_ndjson(generator, &out))
                 .await
                 .context("the writer thread panicked")?
         }
+    }
+}
+
+/// Writes every event of `generator` as NDJSON to `out` (`-` is stdout).
+///
+/// A closed pipe (`meterd gen | head`) ends the output quietly.
+fn write_ndjson(mut generator: Generator, out: &Path) -> anyhow::Result<()> {
+    let to_stdout = out == Path::new("-");
+    let mut sink: Box<dyn Write> = if to_stdout {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?)
+    };
+    let name = if to_stdout {
+        "stdout".to_owned()
+    } else {
+        out.display().to_string()
+    };
+    let mut buf = Vec::with_capacity(WRITE_CHUNK * 512);
+    loop {
+        buf.clear();
+        if generator.fill_ndjson(WRITE_CHUNK, &mut buf) == 0 {
+            break;
+        }
+        match sink.write_all(&buf) {
+            Err(e) if e.kind() == ErrorKind::BrokenPipe => return Ok(()),
+            other => other.with_context(|| format!("writing events to {name}"))?,
+        }
+    }
+    match sink.flush() {
+        Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(()),
+        other => other.with_context(|| format!("writing events to {name}")),
+    }
+}
+
+impl BatchSource for Generator {
+    async fn next_batch(&mut self, max_events: usize) -> anyhow::Result<Option<Batch>> {
+        let first_event = self.emitted;
+        let mut body = Vec::with_capacity(max_events.saturating_mul(512).min(64 << 20));
+        let events = self.fill_ndjson(max_events, &mut body) as u64;
+        Ok((events > 0).then_some(Batch {
+            body,
+            events,
+            progress: events,
+            lines: Vec::new(),
+            first_event,
+        }))
     }
 }
 
@@ -217,6 +268,8 @@ impl Default for GenConfig {
 #[derive(Debug)]
 pub struct Generator {
     config: GenConfig,
+    /// Identifies the configuration in every id; see the module documentation.
+    tag: u32,
     duplicate_share: f64,
     rng: StdRng,
     tenants: Vec<Tenant>,
@@ -271,6 +324,7 @@ impl Generator {
         };
         Self {
             tenant_sizes: zipf(f64::from(tenant_count), TENANT_SKEW),
+            tag: config_tag(&config),
             config,
             duplicate_share,
             rng,
@@ -317,6 +371,7 @@ impl Generator {
         WireEvent {
             event,
             seed: self.config.seed,
+            tag: self.tag,
             tenant: &self.tenants[event.tenant].name,
         }
     }
@@ -408,6 +463,22 @@ impl Iterator for Generator {
         let left = usize::try_from(self.remaining()).unwrap_or(usize::MAX);
         (left, Some(left))
     }
+}
+
+/// A stable hash of what shapes the events besides the seed (which ids carry on its own).
+/// xxh3 rather than std's hasher, whose output may change between Rust releases: the ids must
+/// stay the same for the same arguments.
+fn config_tag(config: &GenConfig) -> u32 {
+    let canonical = format!(
+        "{}|{}|{}|{}|{}",
+        config.events,
+        config.tenants,
+        config.start.timestamp_micros(),
+        config.end.timestamp_micros(),
+        config.duplicates.to_bits(),
+    );
+    // The low 32 bits are plenty to tell a handful of runs of one seed apart.
+    xxhash_rust::xxh3::xxh3_64(canonical.as_bytes()) as u32
 }
 
 /// A Zipf distribution over `1..=n`; `n` is at least 1 and `s` non-negative by construction.

@@ -1,12 +1,15 @@
-//! Delivery of generated events: NDJSON to a file or stdout, or batches POSTed to meterd.
+//! Sending NDJSON events to a running meterd in batches: `meterd gen --url` and `meterd load`
+//! share it. At most `concurrency` requests are in flight; 429, 503 and broken connections are
+//! retried (ingest is idempotent, so a batch that did arrive is only answered as duplicates);
+//! anything else stops the run with the server's reasons.
 
-use std::io::{ErrorKind, Write};
-use std::path::Path;
+use std::future::Future;
+use std::io::IsTerminal as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{HumanBytes, HumanCount, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::Rng as _;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
@@ -15,10 +18,6 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::Generator;
-
-/// Events encoded per write when producing a file.
-const WRITE_CHUNK: usize = 4096;
 /// Retries of one batch before giving up.
 const MAX_RETRIES: u32 = 20;
 /// First retry delay without a Retry-After; doubles up to [`MAX_BACKOFF`].
@@ -29,43 +28,16 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// How much of an error body goes into an error message.
 const BODY_EXCERPT: usize = 2000;
-
-/// Writes every event of `generator` as NDJSON to `out` (`-` is stdout).
-///
-/// A closed pipe (`meterd gen | head`) ends the output quietly.
-pub(super) fn write_ndjson(mut generator: Generator, out: &Path) -> anyhow::Result<()> {
-    let to_stdout = out == Path::new("-");
-    let mut sink: Box<dyn Write> = if to_stdout {
-        Box::new(std::io::stdout().lock())
-    } else {
-        Box::new(std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?)
-    };
-    let name = if to_stdout {
-        "stdout".to_owned()
-    } else {
-        out.display().to_string()
-    };
-    let mut buf = Vec::with_capacity(WRITE_CHUNK * 512);
-    loop {
-        buf.clear();
-        if generator.fill_ndjson(WRITE_CHUNK, &mut buf) == 0 {
-            break;
-        }
-        match sink.write_all(&buf) {
-            Err(e) if e.kind() == ErrorKind::BrokenPipe => return Ok(()),
-            other => other.with_context(|| format!("writing events to {name}"))?,
-        }
-    }
-    match sink.flush() {
-        Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(()),
-        other => other.with_context(|| format!("writing events to {name}")),
-    }
-}
+/// How often progress is reported as a line when stderr is not a terminal (a CI log, a file).
+const PROGRESS_LINE_EVERY: Duration = Duration::from_secs(5);
+/// Rejected events named in an error, at most.
+const MAX_NAMED_REJECTIONS: usize = 20;
 
 /// How to POST events.
 #[derive(Debug, Clone)]
-pub(super) struct SendOptions {
+pub(crate) struct SendOptions {
     pub url: reqwest::Url,
+    /// Events per batch, at most.
     pub batch: usize,
     /// Events per second; 0 = unlimited.
     pub rate: f64,
@@ -73,9 +45,49 @@ pub(super) struct SendOptions {
     pub api_key: Option<String>,
 }
 
+impl SendOptions {
+    /// `url` with a bare server address (`http://host:8080`) meaning its ingest endpoint.
+    pub(crate) fn ingest_url(mut url: reqwest::Url) -> reqwest::Url {
+        if url.path() == "/" {
+            url.set_path("/v1/events");
+        }
+        url
+    }
+}
+
+/// One request's worth of NDJSON events.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    pub body: Vec<u8>,
+    pub events: u64,
+    /// How far the progress bar moves once the batch is acknowledged (events or input bytes).
+    pub progress: u64,
+    /// The input line of each event, to name rejected events by line; empty names them by
+    /// their position in the run.
+    pub lines: Vec<u64>,
+    /// How many events of the run came before this batch.
+    pub first_event: u64,
+}
+
+/// Where batches come from.
+pub(crate) trait BatchSource: Send {
+    /// The next batch of at most `max_events` events; `None` at the end.
+    fn next_batch(
+        &mut self,
+        max_events: usize,
+    ) -> impl Future<Output = anyhow::Result<Option<Batch>>> + Send;
+}
+
+/// What the progress bar counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unit {
+    Events,
+    Bytes,
+}
+
 /// What the server said about everything sent.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Totals {
+pub(crate) struct Totals {
     pub events: u64,
     pub batches: u64,
     pub accepted: u64,
@@ -94,22 +106,72 @@ struct IngestAnswer {
     conflicts: Vec<serde_json::Value>,
 }
 
-/// POSTs every event of `generator` with a progress bar, then prints the totals to stderr.
-pub(super) async fn post_all(generator: Generator, options: SendOptions) -> anyhow::Result<()> {
-    let total = generator.remaining();
-    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-    let style = ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} events ({per_sec}, eta {eta})",
-    )
-    .context("progress bar template")?;
-    bar.set_style(style);
+/// A progress bar on stderr when it is a terminal, redrawn as time passes even while a batch
+/// waits for its answer; hidden otherwise (then [`post_all`] prints a line now and then).
+fn progress_bar(total: Option<u64>, unit: Unit) -> anyhow::Result<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return Ok(ProgressBar::hidden());
+    }
+    let template = match (total, unit) {
+        (Some(_), Unit::Events) => {
+            "{spinner} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} events ({per_sec}, eta {eta})"
+        }
+        (Some(_), Unit::Bytes) => {
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta}) {msg}"
+        }
+        (None, Unit::Events) => "{spinner} [{elapsed_precise}] {human_pos} events ({per_sec})",
+        (None, Unit::Bytes) => "{spinner} [{elapsed_precise}] {bytes} ({bytes_per_sec}) {msg}",
+    };
+    let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
+    bar.set_style(ProgressStyle::with_template(template).context("progress bar template")?);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    Ok(bar)
+}
+
+/// POSTs every batch of `source` with a progress bar (or, off a terminal, a progress line every
+/// few seconds), then prints the totals to stderr. `command` names the run in what it prints.
+pub(crate) async fn post_all(
+    command: &str,
+    source: impl BatchSource,
+    options: SendOptions,
+    total: Option<u64>,
+    unit: Unit,
+) -> anyhow::Result<Totals> {
+    let bar = progress_bar(total, unit)?;
     let started = Instant::now();
-    let result = post_events(generator, &options, &bar).await;
+    let reporter = (bar.is_hidden()).then(|| {
+        let bar = bar.clone();
+        let command = command.to_owned();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(PROGRESS_LINE_EVERY);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let done = match unit {
+                    Unit::Events => format!("{} events", HumanCount(bar.position())),
+                    Unit::Bytes => format!("{}", HumanBytes(bar.position())),
+                };
+                let of = match (total, unit) {
+                    (Some(t), Unit::Events) => format!(" of {}", HumanCount(t)),
+                    (Some(t), Unit::Bytes) => format!(" of {}", HumanBytes(t)),
+                    (None, _) => String::new(),
+                };
+                eprintln!(
+                    "{command}: {done}{of} sent after {:.0}s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        })
+    });
+    let result = post_batches(source, &options, &bar).await;
+    if let Some(reporter) = reporter {
+        reporter.abort();
+    }
     bar.finish_and_clear();
     let totals = result?;
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "meterd gen: sent {} events in {} batches to {} in {:.1}s ({:.0} events/s): \
+        "{command}: sent {} events in {} batches to {} in {:.1}s ({:.0} events/s): \
          accepted {}, duplicates {}, conflicts {}, retries {}",
         totals.events,
         totals.batches,
@@ -121,13 +183,13 @@ pub(super) async fn post_all(generator: Generator, options: SendOptions) -> anyh
         totals.conflicts,
         totals.retries,
     );
-    Ok(())
+    Ok(totals)
 }
 
 /// Sends the batches, at most `concurrency` in flight, paced to `rate`; stops at the first
 /// batch that fails for good.
-pub(super) async fn post_events(
-    mut generator: Generator,
+pub(crate) async fn post_batches(
+    mut source: impl BatchSource,
     options: &SendOptions,
     bar: &ProgressBar,
 ) -> anyhow::Result<Totals> {
@@ -140,17 +202,15 @@ pub(super) async fn post_events(
     let mut totals = Totals::default();
     let started = Instant::now();
     let mut queued = 0u64;
-    loop {
-        let mut body = Vec::with_capacity(options.batch.saturating_mul(512).min(64 << 20));
-        let n = generator.fill_ndjson(options.batch.max(1), &mut body) as u64;
-        if n == 0 {
-            break;
+    while let Some(batch) = source.next_batch(options.batch.max(1)).await? {
+        if batch.events == 0 {
+            continue;
         }
         if options.rate > 0.0 {
             let due = started + Duration::from_secs_f64(queued as f64 / options.rate);
             tokio::time::sleep_until(due).await;
         }
-        queued += n;
+        queued += batch.events;
         let permit = Arc::clone(&in_flight)
             .acquire_owned()
             .await
@@ -160,10 +220,10 @@ pub(super) async fn post_events(
         let api_key = options.api_key.clone();
         let bar = bar.clone();
         tasks.spawn(async move {
-            let (answer, retries) = post_batch(&client, &url, api_key.as_deref(), body).await?;
+            let (answer, retries) = post_batch(&client, &url, api_key.as_deref(), &batch).await?;
             drop(permit);
-            bar.inc(n);
-            Ok((n, answer, retries))
+            bar.inc(batch.progress);
+            Ok((batch.events, answer, retries))
         });
         while let Some(done) = tasks.try_join_next() {
             add(&mut totals, done)?;
@@ -203,11 +263,11 @@ async fn post_batch(
     client: &reqwest::Client,
     url: &reqwest::Url,
     api_key: Option<&str>,
-    body: Vec<u8>,
+    batch: &Batch,
 ) -> anyhow::Result<(IngestAnswer, u32)> {
     let mut retries = 0;
     loop {
-        let (after, reason) = match attempt(client, url, api_key, body.clone()).await? {
+        let (after, reason) = match attempt(client, url, api_key, batch).await? {
             Attempt::Done(answer) => return Ok((answer, retries)),
             Attempt::Retry { after, reason } => (after, reason),
         };
@@ -225,12 +285,12 @@ async fn attempt(
     client: &reqwest::Client,
     url: &reqwest::Url,
     api_key: Option<&str>,
-    body: Vec<u8>,
+    batch: &Batch,
 ) -> anyhow::Result<Attempt> {
     let mut request = client
         .post(url.clone())
         .header(CONTENT_TYPE, "application/x-ndjson")
-        .body(body);
+        .body(batch.body.clone());
     if let Some(key) = api_key {
         request = request.bearer_auth(key);
     }
@@ -263,7 +323,7 @@ async fn attempt(
         Err(e) => return Err(e).with_context(|| format!("reading the answer of POST {url}")),
     };
     if !status.is_success() {
-        bail!("POST {url} answered {status}: {}", excerpt(&text));
+        bail!("POST {url} answered {status}: {}", rejection(&text, batch));
     }
     let answer = serde_json::from_str(&text)
         .with_context(|| format!("POST {url} answered {status} with {}", excerpt(&text)))?;
@@ -292,6 +352,53 @@ fn backoff(retries: u32) -> Duration {
         .saturating_mul(1 << retries.min(16))
         .min(MAX_BACKOFF);
     base.mul_f64(rand::rng().random_range(0.5..1.0))
+}
+
+/// The server's error answer, with each rejected event named by its input line (or its
+/// position in the run) rather than its index in the batch.
+fn rejection(text: &str, batch: &Batch) -> String {
+    #[derive(Deserialize)]
+    struct Rejected {
+        error: String,
+        #[serde(default)]
+        errors: Vec<FieldError>,
+    }
+    #[derive(Deserialize)]
+    struct FieldError {
+        index: u64,
+        field: String,
+        reason: String,
+    }
+    let Ok(rejected) = serde_json::from_str::<Rejected>(text) else {
+        return excerpt(text).to_owned();
+    };
+    let mut out = rejected.error;
+    for e in rejected.errors.iter().take(MAX_NAMED_REJECTIONS) {
+        let at = usize::try_from(e.index)
+            .ok()
+            .and_then(|i| batch.lines.get(i))
+            .map_or_else(
+                || format!("event {}", batch.first_event + e.index + 1),
+                |line| format!("line {line}"),
+            );
+        let field = if e.field.is_empty() {
+            ""
+        } else {
+            e.field.as_str()
+        };
+        out.push_str(&format!(
+            "\n  {at}: {field}{}{}",
+            if field.is_empty() { "" } else { ": " },
+            e.reason
+        ));
+    }
+    if rejected.errors.len() > MAX_NAMED_REJECTIONS {
+        out.push_str(&format!(
+            "\n  ... and {} more",
+            rejected.errors.len() - MAX_NAMED_REJECTIONS
+        ));
+    }
+    out
 }
 
 fn excerpt(text: &str) -> &str {

@@ -11,7 +11,7 @@ use serde::ser::{Error as _, Serialize, SerializeMap, Serializer};
 /// One generated event, before encoding.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Event {
-    /// Emission index; the id is `evt-<seed>-<seq>`.
+    /// Emission index; the id is `evt-<seed>-<tag>-<seq>`.
     pub seq: u64,
     /// Index of the tenant.
     pub tenant: usize,
@@ -104,6 +104,8 @@ impl Serialize for Dimensions {
 pub(super) struct WireEvent<'a> {
     pub event: &'a Event,
     pub seed: u64,
+    /// The configuration's tag (see [`super::Generator`]), part of every id.
+    pub tag: u32,
     pub tenant: &'a str,
 }
 
@@ -111,7 +113,7 @@ impl Serialize for WireEvent<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let e = self.event;
         let mut map = s.serialize_map(None)?;
-        map.serialize_entry("id", &Tagged("evt", self.seed, e.seq))?;
+        map.serialize_entry("id", &Tagged("evt", self.seed, self.tag, e.seq))?;
         map.serialize_entry("tenant", self.tenant)?;
         map.serialize_entry("type", e.data.type_name())?;
         map.serialize_entry("time", &Rfc3339Millis(e.time_ms))?;
@@ -127,6 +129,7 @@ impl Serialize for WireEvent<'_> {
             &WireData {
                 data: &e.data,
                 seed: self.seed,
+                tag: self.tag,
             },
         )?;
         map.end()
@@ -136,6 +139,7 @@ impl Serialize for WireEvent<'_> {
 struct WireData<'a> {
     data: &'a Data,
     seed: u64,
+    tag: u32,
 }
 
 impl Serialize for WireData<'_> {
@@ -166,7 +170,7 @@ impl Serialize for WireData<'_> {
                 map.serialize_entry("latency_ms", &latency_ms)?;
                 map.serialize_entry("status", status)?;
                 if let Some(run) = run {
-                    map.serialize_entry("run_id", &Tagged("run", self.seed, run))?;
+                    map.serialize_entry("run_id", &Tagged("run", self.seed, self.tag, run))?;
                 }
             }
             Data::Api {
@@ -194,9 +198,12 @@ impl Serialize for WireData<'_> {
                 tool_calls,
             } => {
                 map.serialize_entry("agent", agent)?;
-                map.serialize_entry("run_id", &Tagged("run", self.seed, run))?;
+                map.serialize_entry("run_id", &Tagged("run", self.seed, self.tag, run))?;
                 if let Some(parent) = parent {
-                    map.serialize_entry("parent_run_id", &Tagged("run", self.seed, parent))?;
+                    map.serialize_entry(
+                        "parent_run_id",
+                        &Tagged("run", self.seed, self.tag, parent),
+                    )?;
                 }
                 map.serialize_entry("status", status)?;
                 map.serialize_entry("duration_ms", &duration_ms)?;
@@ -208,12 +215,13 @@ impl Serialize for WireData<'_> {
     }
 }
 
-/// `<prefix>-<seed>-<n>`, written without an intermediate `String`.
-struct Tagged(&'static str, u64, u64);
+/// `<prefix>-<seed>-<tag>-<n>` (the tag in 8 hex digits), written without an intermediate
+/// `String`.
+struct Tagged(&'static str, u64, u32, u64);
 
 impl fmt::Display for Tagged {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}-{}", self.0, self.1, self.2)
+        write!(f, "{}-{}-{:08x}-{}", self.0, self.1, self.2, self.3)
     }
 }
 

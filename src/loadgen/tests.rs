@@ -7,8 +7,8 @@ use clap::Parser as _;
 use meterd_schemas::{Limits, ValidationContext, validate_event};
 use serde_json::json;
 
-use super::send::{SendOptions, Totals, post_events};
 use super::*;
+use crate::send::{SendOptions, Totals, post_batches};
 
 fn at(y: i32, mo: u32, d: u32, h: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(y, mo, d, h, 0, 0)
@@ -66,6 +66,54 @@ fn different_seed_or_window_gives_different_events() {
         ..config(42, 2000)
     };
     assert_ne!(base, ndjson(shifted));
+}
+
+#[test]
+fn an_id_never_comes_with_two_contents_across_runs_of_one_seed() {
+    let base = config(42, 2000);
+    let variants = [
+        base.clone(),
+        GenConfig {
+            end: at(2026, 11, 21, 13),
+            ..base.clone()
+        },
+        GenConfig {
+            start: at(2026, 11, 19, 12),
+            ..base.clone()
+        },
+        GenConfig {
+            events: 3000,
+            ..base.clone()
+        },
+        GenConfig {
+            tenants: 5,
+            ..base.clone()
+        },
+        GenConfig {
+            duplicates: 0.1,
+            ..base.clone()
+        },
+    ];
+    let mut contents: HashMap<String, Value> = HashMap::new();
+    for variant in variants {
+        for event in events(variant.clone()) {
+            let id = str_field(&event, "/id").to_owned();
+            if let Some(earlier) = contents.insert(id.clone(), event.clone()) {
+                assert_eq!(earlier, event, "{id} came with two contents ({variant:?})");
+            }
+        }
+    }
+    // The same configuration again gives the same ids: a re-run is all duplicates.
+    let again: HashSet<String> = events(base.clone())
+        .iter()
+        .map(|e| str_field(e, "/id").to_owned())
+        .collect();
+    assert!(again.iter().all(|id| contents.contains_key(id)));
+    assert!(
+        again.iter().all(|id| id.starts_with("evt-42-")),
+        "{:?}",
+        again.iter().next()
+    );
 }
 
 #[test]
@@ -419,7 +467,7 @@ async fn posting_retries_and_sums_the_answers() {
         .iter()
         .map(|e| str_field(e, "/id").to_owned())
         .collect();
-    let totals = post_events(
+    let totals = post_batches(
         Generator::new(cfg),
         &options(url),
         &indicatif::ProgressBar::hidden(),
@@ -443,7 +491,7 @@ async fn posting_retries_and_sums_the_answers() {
 #[tokio::test]
 async fn posting_fails_on_a_client_error_with_the_body() {
     let (url, _) = fake_ingest(Some(400)).await;
-    let err = post_events(
+    let err = post_batches(
         Generator::new(config(3, 100)),
         &options(url),
         &indicatif::ProgressBar::hidden(),
@@ -466,7 +514,7 @@ async fn rate_limits_pace_the_batches() {
         ..options(url)
     };
     let started = std::time::Instant::now();
-    let totals = post_events(
+    let totals = post_batches(
         Generator::new(config(3, 400)),
         &opts,
         &indicatif::ProgressBar::hidden(),
