@@ -1,57 +1,281 @@
-//! The OpenAPI 3.1 document served at `/openapi.json`. The event schema inside it is the same
-//! JSON Schema file producers can use on their own (`schemas/event.schema.json`).
+//! The OpenAPI 3.1 document served at `/openapi.json`.
+//!
+//! The event schema inside it is the JSON Schema file producers can use on their own
+//! (`schemas/event.schema.json`). Its `$defs` (the per-type `data` schemas) become components
+//! here and its references are rewritten to them: OpenAPI tools resolve a `#/...` reference
+//! against the document's root, where `#/$defs/...` does not exist.
+//!
+//! The document is built per request so its examples carry a current `time`: an example event
+//! from the past would be refused by the server it describes.
 
-use serde_json::{Value, json};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Map, Value, json};
 
-/// The API's OpenAPI document.
-pub fn document() -> Value {
-    let event: Value = serde_json::from_str(meterd_schemas::json_schema::EVENT_JSON_SCHEMA)
+/// Component names of the per-type `data` schemas, by their name in the event schema's `$defs`.
+const DATA_COMPONENTS: [(&str, &str); 3] = [
+    ("llm.usage", "LlmUsageData"),
+    ("api.request", "ApiRequestData"),
+    ("agent.run", "AgentRunData"),
+];
+
+/// The event JSON Schema as an OpenAPI component: without `$schema`/`$id` (an `$id` would make
+/// tools resolve references against meterd.dev), its `$defs` moved out, references rewritten.
+/// Returns the event schema and the moved definitions.
+fn event_components() -> (Value, Map<String, Value>) {
+    let mut event: Value = serde_json::from_str(meterd_schemas::json_schema::EVENT_JSON_SCHEMA)
         // A compile-time constant whose validity meterd-schemas tests.
         .expect("schemas/event.schema.json is valid JSON");
+    let mut moved = Map::new();
+    if let Some(obj) = event.as_object_mut() {
+        obj.remove("$schema");
+        obj.remove("$id");
+        if let Some(Value::Object(defs)) = obj.remove("$defs") {
+            for (name, schema) in defs {
+                let component = DATA_COMPONENTS
+                    .iter()
+                    .find(|(def, _)| *def == name)
+                    .map_or(name.clone(), |(_, component)| (*component).to_owned());
+                moved.insert(component, schema);
+            }
+        }
+    }
+    rewrite_refs(&mut event);
+    (event, moved)
+}
+
+/// Points `#/$defs/<name>` references at `#/components/schemas/<component>`.
+fn rewrite_refs(value: &mut Value) {
+    match value {
+        Value::Object(obj) => {
+            for (key, v) in obj.iter_mut() {
+                if key == "$ref"
+                    && let Some(target) = v.as_str().and_then(|r| r.strip_prefix("#/$defs/"))
+                {
+                    let component = DATA_COMPONENTS
+                        .iter()
+                        .find(|(def, _)| *def == target)
+                        .map_or(target, |(_, component)| component);
+                    *v = Value::String(format!("#/components/schemas/{component}"));
+                } else {
+                    rewrite_refs(v);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(rewrite_refs),
+        _ => {}
+    }
+}
+
+/// The API's OpenAPI document, with examples timed `now`.
+pub fn document(now: DateTime<Utc>) -> Value {
+    let (event, data_schemas) = event_components();
+    let time = (now - chrono::Duration::seconds(1)).to_rfc3339_opts(SecondsFormat::Millis, true);
+    let example_event = json!({
+        "id": "run-42-step-3", "tenant": "acme", "type": "llm.usage", "time": time,
+        "subject": "user-17", "source": "support-bot",
+        "dimensions": {"department": "customer_service"},
+        "data": {"provider": "openai", "model": "gpt-4o", "input_tokens": 1200, "output_tokens": 300}
+    });
+    let example_cloudevent = json!({
+        "specversion": "1.0", "id": "ce-42", "source": "support-bot", "type": "llm.usage",
+        "time": time, "tenant": "acme",
+        "data": {"provider": "anthropic", "model": "claude-sonnet-4", "input_tokens": 900, "output_tokens": 120}
+    });
     let error = json!({"$ref": "#/components/schemas/Error"});
     let err =
         |d: &str| json!({"description": d, "content": {"application/json": {"schema": error}}});
+    let retry_after = json!({"Retry-After": {"description": "Seconds to wait before sending again",
+        "schema": {"type": "integer", "minimum": 0}}});
+    let unavailable = |d: &str| {
+        json!({"description": d, "headers": retry_after,
+               "content": {"application/json": {"schema": error}}})
+    };
+    let mut schemas = Map::new();
+    schemas.insert("Event".into(), event);
+    schemas.extend(data_schemas);
+    schemas.insert("CloudEvent".into(), cloudevent_schema());
+    schemas.insert("IngestResult".into(), json!({
+        "type": "object", "required": ["accepted", "duplicates", "conflicts"],
+        "properties": {
+            "accepted": {"type": "integer", "minimum": 0, "description": "Events stored now"},
+            "duplicates": {"type": "integer", "minimum": 0, "description": "Events already stored with the same content"},
+            "conflicts": {"type": "array", "items": {"type": "string"},
+                          "description": "Ids already stored with other content; not stored again"}}}));
+    schemas.insert(
+        "SqlRequest".into(),
+        json!({
+        "type": "object", "required": ["sql"], "additionalProperties": false,
+        "properties": {"sql": {"type": "string", "minLength": 1, "pattern": "\\S",
+            "description": "One SELECT, WITH, EXPLAIN or SHOW statement"}}}),
+    );
+    schemas.insert("SqlResult".into(), json!({
+        "type": "object", "required": ["columns", "rows"],
+        "properties": {
+            "columns": {"type": "array", "items": {"type": "object", "required": ["name", "type"],
+                "properties": {"name": {"type": "string"},
+                               "type": {"type": "string", "description": "SQL type name, e.g. BIGINT, VARCHAR, TIMESTAMP WITH TIME ZONE"}}}},
+            "rows": {"type": "array", "items": {"type": "array"}}}}));
+    schemas.insert("Error".into(), json!({
+        "type": "object", "required": ["error"],
+        "properties": {
+            "error": {"type": "string"},
+            "errors": {"type": "array", "items": {"type": "object",
+                "required": ["index", "field", "reason"], "properties": {
+                "index": {"type": "integer"}, "field": {"type": "string"}, "reason": {"type": "string"}}}}}}));
+    schemas.insert("Status".into(), json!({"type": "object"}));
+
     json!({
         "openapi": "3.1.0",
         "info": {"title": "meterd", "version": env!("CARGO_PKG_VERSION"),
                  "description": "Usage metering and time-series analytics for AI products."},
         "paths": {
             "/v1/events": {"post": {
+                "operationId": "ingestEvents",
                 "summary": "Ingest usage events; answers after the batch is durable",
+                "description": "One event or an array (JSON), one event per line (NDJSON), or CloudEvents: structured (one or a batch) or binary mode (ce-* headers, the data as a JSON body). A body may be gzip-compressed (Content-Encoding: gzip).",
                 "requestBody": {"required": true, "content": {
-                    "application/json": {"schema": {"oneOf": [{"$ref": "#/components/schemas/Event"},
-                        {"type": "array", "items": {"$ref": "#/components/schemas/Event"}}]}},
-                    "application/x-ndjson": {"schema": {"type": "string", "description": "one event per line"}},
-                    "application/cloudevents+json": {"schema": {"type": "object"}},
-                    "application/cloudevents-batch+json": {"schema": {"type": "array", "items": {"type": "object"}}}
+                    "application/json": {
+                        "schema": {"oneOf": [{"$ref": "#/components/schemas/Event"},
+                            {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/Event"}}]},
+                        "example": example_event},
+                    "application/x-ndjson": {
+                        "schema": {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/Event"}},
+                        "description": "The events, one JSON object per line"},
+                    "application/cloudevents+json": {
+                        "schema": {"$ref": "#/components/schemas/CloudEvent"},
+                        "example": example_cloudevent},
+                    "application/cloudevents-batch+json": {
+                        "schema": {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/CloudEvent"}}}
                 }},
                 "responses": {
                     "200": {"description": "Batch durable", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/IngestResult"}}}},
-                    "400": err("Invalid batch; nothing stored"), "401": err("Missing or unknown API key"),
-                    "403": err("Key lacks the scope or tenant"), "413": err("Body too large"),
+                    "400": err("Invalid batch (each problem named by event index and field); nothing stored"),
+                    "401": err("Missing or unknown API key"),
+                    "403": err("Key lacks the scope or tenant"),
+                    "413": err("Body too large, also after gzip inflation"),
                     "415": err("Unsupported content type or encoding"),
-                    "503": err("Log full or overloaded; retry after Retry-After seconds")
+                    "503": unavailable("Log full or overloaded; retry after Retry-After seconds")
                 }}},
             "/v1/sql": {"post": {
-                "summary": "Read-only SQL over events",
-                "parameters": [{"name": "format", "in": "query", "schema": {"enum": ["json", "ndjson", "csv", "arrow"]}}],
-                "requestBody": {"required": true, "content": {"application/json": {"schema": {
-                    "type": "object", "required": ["sql"], "properties": {"sql": {"type": "string"}}}}}},
-                "responses": {"200": {"description": "Query result"}, "400": err("Refused or invalid statement"),
-                              "413": err("Result or memory over the limit"), "504": err("Query timed out")}}},
-            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
-            "/readyz": {"get": {"summary": "Readiness", "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
-            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}}
+                "operationId": "querySql",
+                "summary": "Read-only SQL over events and the rollups",
+                "parameters": [{"name": "format", "in": "query", "required": false,
+                                "schema": {"type": "string", "enum": ["json", "ndjson", "csv", "arrow"]}}],
+                "requestBody": {"required": true, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/SqlRequest"},
+                    "example": {"sql": "SELECT tenant, count(*) AS events FROM events GROUP BY tenant"}}}},
+                "responses": {
+                    "200": {"description": "Query result, in the requested format", "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/SqlResult"}},
+                        "application/x-ndjson": {"schema": {"type": "string"}},
+                        "text/csv; charset=utf-8": {"schema": {"type": "string"}},
+                        "application/vnd.apache.arrow.stream": {"schema": {"type": "string", "format": "binary"}}}},
+                    "400": err("Refused or invalid statement or request"),
+                    "401": err("Missing or unknown API key"),
+                    "403": err("Key lacks the query scope"),
+                    "413": err("Result or memory over the limit"),
+                    "504": err("Query timed out")}}},
+            "/healthz": {"get": {"operationId": "healthz", "summary": "Liveness",
+                "responses": {"200": {"description": "alive", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}}}}}},
+            "/readyz": {"get": {"operationId": "readyz", "summary": "Readiness: stores reachable, log not full",
+                "responses": {"200": {"description": "ready", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}}},
+                              "503": {"description": "not ready", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}}}}}},
+            "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document",
+                "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}}}}
         },
-        "components": {"schemas": {
-            "Event": event,
-            "IngestResult": {"type": "object", "required": ["accepted", "duplicates", "conflicts"], "properties": {
-                "accepted": {"type": "integer"}, "duplicates": {"type": "integer"},
-                "conflicts": {"type": "array", "items": {"type": "string"}}}},
-            "Error": {"type": "object", "required": ["error"], "properties": {
-                "error": {"type": "string"},
-                "errors": {"type": "array", "items": {"type": "object", "properties": {
-                    "index": {"type": "integer"}, "field": {"type": "string"}, "reason": {"type": "string"}}}}}}
-        }}
+        "components": {"schemas": schemas}
     })
+}
+
+/// A CloudEvent (structured mode) carrying a meterd event: the attributes meterd reads, the
+/// extension `tenant`, and `data` by `type`. Other extension attributes are allowed.
+fn cloudevent_schema() -> Value {
+    let not_nul = "^[^\\u0000]*$";
+    let string =
+        |max: u32| json!({"type": "string", "minLength": 1, "maxLength": max, "pattern": not_nul});
+    // Optional attributes may also be `null`, which meterd reads as absent.
+    let optional = |max: u32| json!({"type": ["string", "null"], "minLength": 1, "maxLength": max, "pattern": not_nul});
+    let by_type: Vec<Value> = DATA_COMPONENTS
+        .iter()
+        .map(|(name, component)| {
+            json!({"if": {"properties": {"type": {"const": name}}},
+                   "then": {"properties": {"data": {"$ref": format!("#/components/schemas/{component}")}}}})
+        })
+        .collect();
+    json!({
+        "type": "object",
+        "required": ["specversion", "id", "source", "type", "tenant", "data"],
+        "properties": {
+            "specversion": {"const": "1.0"},
+            "id": string(128),
+            "source": string(256),
+            "type": {"enum": DATA_COMPONENTS.iter().map(|(name, _)| *name).collect::<Vec<_>>()},
+            "time": {"type": ["string", "null"], "format": "date-time",
+                     "description": "Optional: an event without it takes the time it was received."},
+            "subject": optional(256),
+            "tenant": {"type": "string", "minLength": 1, "maxLength": 128,
+                       "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]+$",
+                       "description": "Extension attribute; may be left out with an API key bound to a tenant."},
+            "datacontenttype": {"type": ["string", "null"], "pattern": "^application/json(;.*)?$"},
+            "dimensions": {"type": ["object", "null"], "maxProperties": 16,
+                "propertyNames": {"minLength": 1, "maxLength": 64, "pattern": not_nul},
+                "additionalProperties": {"type": "string", "maxLength": 256, "pattern": not_nul}},
+            "data": {"type": "object"}
+        },
+        "not": {"required": ["data_base64"]},
+        "allOf": by_type
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `$ref` in the document points at something in the document.
+    #[test]
+    fn every_reference_resolves_from_the_root() {
+        let doc = document(Utc::now());
+        let mut refs = Vec::new();
+        fn collect(v: &Value, out: &mut Vec<String>) {
+            match v {
+                Value::Object(obj) => {
+                    for (k, v) in obj {
+                        match (k.as_str(), v.as_str()) {
+                            ("$ref", Some(r)) => out.push(r.to_owned()),
+                            _ => collect(v, out),
+                        }
+                    }
+                }
+                Value::Array(items) => items.iter().for_each(|v| collect(v, out)),
+                _ => {}
+            }
+        }
+        collect(&doc, &mut refs);
+        assert!(refs.len() > 10, "{refs:?}");
+        for r in refs {
+            let pointer = r
+                .strip_prefix('#')
+                .unwrap_or_else(|| panic!("external ref {r}"));
+            assert!(doc.pointer(pointer).is_some(), "{r} does not resolve");
+        }
+        assert!(doc.pointer("/components/schemas/Event/$defs").is_none());
+        assert!(doc.pointer("/components/schemas/Event/$id").is_none());
+    }
+
+    #[test]
+    fn tenant_is_required_and_examples_are_recent() {
+        let now = Utc::now();
+        let doc = document(now);
+        let required = doc
+            .pointer("/components/schemas/Event/required")
+            .and_then(Value::as_array)
+            .expect("required");
+        assert!(required.contains(&json!("tenant")));
+        let time = doc
+            .pointer("/paths/~1v1~1events/post/requestBody/content/application~1json/example/time")
+            .and_then(Value::as_str)
+            .expect("example time");
+        let time = DateTime::parse_from_rfc3339(time).expect("RFC 3339");
+        assert!((now - time.with_timezone(&Utc)).num_seconds().abs() < 5);
+    }
 }
