@@ -100,6 +100,16 @@ tests/clickhouse/.venv/bin/python -m pip install --quiet --disable-pip-version-c
     chdb==4.4.0 chdb-core==26.9.0
 export METERD_TEST_CHDB_PYTHON="$PWD/tests/clickhouse/.venv/bin/python"
 
+# Third-party clients the tests use as users do: the CloudEvents Python SDK, pyarrow, DuckDB,
+# pandas and polars reading the Parquet files, and schemathesis fuzzing the OpenAPI document.
+step "Python clients (tests/clients/requirements.txt)"
+if [ ! -x tests/clients/.venv/bin/python ]; then
+    python3 -m venv tests/clients/.venv
+fi
+tests/clients/.venv/bin/python -m pip install --quiet --disable-pip-version-check \
+    -r tests/clients/requirements.txt
+export METERD_TEST_PYTHON="$PWD/tests/clients/.venv/bin/python"
+
 step "cargo fmt --all --check"
 cargo fmt --all --check
 

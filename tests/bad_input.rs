@@ -149,7 +149,7 @@ async fn wrong_types_and_string_numbers() {
     .await;
     rejects(
         &server,
-        with(good("t8"), "/tenant", json!("a b")),
+        with(good("t8"), "/tenant", json!("a\nb")),
         "tenant",
         "not allowed",
     )

@@ -551,3 +551,274 @@ async fn full_log_answers_503_and_stores_nothing() {
         "the refused batch left nothing behind"
     );
 }
+
+/// The Python interpreter of tests/clients/.venv (scripts/test.sh creates it); tests that drive
+/// real third-party clients fail without it rather than skip.
+fn python() -> String {
+    std::env::var("METERD_TEST_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/.venv/bin/python"
+        );
+        assert!(
+            std::path::Path::new(venv).exists(),
+            "no Python with the test clients: run `bash scripts/test.sh` (it creates \
+             tests/clients/.venv) or set METERD_TEST_PYTHON"
+        );
+        venv.to_owned()
+    })
+}
+
+/// A SQL string literal.
+fn sql_str(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Tenant names as users have them: any UTF-8 text without control characters, stored as sent,
+/// found again by SQL; a control character is refused with the field named.
+#[tokio::test]
+async fn tenants_are_any_text_without_control_characters() {
+    let server = Server::start(&[]);
+    let tenants = [
+        "user@example.com",
+        "Acme Corp",
+        "org/42",
+        "café-ü",
+        "O'Brien \"quoted\" \\ back; DROP TABLE events; --",
+        "%_*?[]{}$`",
+        "日本語のテナント",
+        "../../etc/passwd",
+    ];
+    let events: Vec<Value> = tenants
+        .iter()
+        .enumerate()
+        .map(|(i, t)| llm_event(t, &format!("t{i}"), 100 + i as i64, 1))
+        .collect();
+    assert_eq!(
+        server.post_json(&events).await.accepted(),
+        tenants.len() as u64
+    );
+    for (i, tenant) in tenants.iter().enumerate() {
+        let rows = server
+            .rows(&format!(
+                "SELECT tenant, input_tokens FROM events WHERE tenant = {}",
+                sql_str(tenant)
+            ))
+            .await;
+        assert_eq!(rows, vec![vec![json!(tenant), json!(100 + i)]], "{tenant}");
+    }
+    for bad in ["acme\n", "a\tb", "\u{7f}x", "esc\u{1b}[31m"] {
+        let reply = server.post_json(&[llm_event(bad, "bad", 1, 1)]).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{bad:?}: {reply:?}");
+        reply.assert_field_error("tenant", "control character");
+    }
+    assert_eq!(server.count("true").await, tenants.len() as u64);
+}
+
+/// CloudEvents binary mode: the attributes in `ce-*` headers (percent-encoded), the data as the
+/// body, the tenant from `ce-tenant`; without `time`, the time received.
+#[tokio::test]
+async fn cloudevents_binary_mode() {
+    let server = Server::start(&[]);
+    let url = format!("{}/v1/events", server.url);
+    let data =
+        json!({"provider": "openai", "model": "gpt-4o", "input_tokens": 42, "output_tokens": 7});
+    let time = common::rfc3339(ago(Duration::from_secs(30)));
+    let send = |headers: Vec<(&'static str, String)>, body: Value| {
+        let mut request = server.client.post(&url).body(body.to_string());
+        for (k, v) in headers {
+            request = request.header(k, v);
+        }
+        request.send()
+    };
+    let base = |id: &str| {
+        vec![
+            ("ce-specversion", "1.0".to_owned()),
+            ("ce-id", id.to_owned()),
+            ("ce-source", "support-bot".to_owned()),
+            ("ce-type", "llm.usage".to_owned()),
+            ("ce-tenant", "caf%C3%A9%20Corp".to_owned()),
+            ("content-type", "application/json".to_owned()),
+        ]
+    };
+    let mut timed = base("bin-1");
+    timed.push(("ce-time", time.clone()));
+    timed.push(("ce-subject", "user-9".to_owned()));
+    timed.push(("ce-dimensions", r#"{"team":"support"}"#.to_owned()));
+    let r = send(timed.clone(), data.clone()).await.expect("post");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"accepted": 1, "duplicates": 0, "conflicts": []})
+    );
+    let again = send(timed, data.clone()).await.expect("post");
+    assert_eq!(
+        again.json::<Value>().await.expect("json")["duplicates"],
+        1,
+        "the same binary event again is a duplicate"
+    );
+    let before = chrono::Utc::now();
+    let r = send(base("bin-untimed"), data.clone()).await.expect("post");
+    assert_eq!(r.status(), StatusCode::OK);
+    let after = chrono::Utc::now();
+
+    let rows = server
+        .rows(
+            "SELECT id, tenant, source, subject, input_tokens, dimensions['team'], \
+             CAST(time AS VARCHAR) FROM events ORDER BY id",
+        )
+        .await;
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        rows[0][..6],
+        [
+            json!("bin-1"),
+            json!("café Corp"),
+            json!("support-bot"),
+            json!("user-9"),
+            json!(42),
+            json!("support")
+        ]
+    );
+    let received = server
+        .scalar("SELECT time FROM events WHERE id = 'bin-untimed'")
+        .await;
+    let received = chrono::DateTime::parse_from_rfc3339(received.as_str().expect("time"))
+        .expect("rfc3339")
+        .with_timezone(&chrono::Utc);
+    assert!(
+        received >= before - chrono::TimeDelta::milliseconds(1) && received <= after,
+        "{received} not between {before} and {after}"
+    );
+
+    // Data that is not JSON, and a header that is not an attribute meterd can read.
+    let mut text = base("bin-text");
+    text.retain(|(k, _)| *k != "content-type");
+    text.push(("content-type", "text/plain".to_owned()));
+    let r = send(text, json!("hello")).await.expect("post");
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let mut no_tenant = base("bin-2");
+    no_tenant.retain(|(k, _)| *k != "ce-tenant");
+    let r = send(no_tenant, data).await.expect("post");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["errors"][0]["field"], "tenant", "{body}");
+    assert_eq!(server.count("true").await, 2);
+}
+
+/// The CloudEvents Python SDK, as producers use it: binary mode by default, structured mode,
+/// a batch; the tenant extension percent-encoded by the SDK.
+#[tokio::test]
+async fn the_cloudevents_sdk_is_understood() {
+    let server = Server::start(&[]);
+    let tenant = "café \"Corp\" 日本";
+    let out = std::process::Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/cloudevents_sdk.py"
+        ))
+        .arg(&server.url)
+        .arg(tenant)
+        .output()
+        .expect("run the CloudEvents SDK");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answers: HashMap<String, Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("json line");
+            (v["mode"].as_str().expect("mode").to_owned(), v)
+        })
+        .collect();
+    assert!(
+        answers["binary"]["headers"]
+            .as_array()
+            .is_some_and(|h| h.contains(&json!("ce-tenant"))),
+        "the SDK sent binary mode: {}",
+        answers["binary"]
+    );
+    let expect = |mode: &str, accepted: u64, duplicates: u64| {
+        let a = &answers[mode];
+        assert_eq!(a["status"], 200, "{mode}: {a}");
+        assert_eq!(a["body"]["accepted"], accepted, "{mode}: {a}");
+        assert_eq!(a["body"]["duplicates"], duplicates, "{mode}: {a}");
+    };
+    expect("binary", 1, 0);
+    expect("binary-again", 0, 1);
+    expect("binary-untimed", 1, 0);
+    expect("structured", 1, 0);
+    expect("batch", 3, 0);
+    let rows = server
+        .rows(&format!(
+            "SELECT type, count(*) FROM events WHERE tenant = {} GROUP BY type ORDER BY type",
+            sql_str(tenant)
+        ))
+        .await;
+    assert_eq!(
+        rows,
+        vec![
+            vec![json!("agent.run"), json!(1)],
+            vec![json!("api.request"), json!(3)],
+            vec![json!("llm.usage"), json!(2)]
+        ]
+    );
+}
+
+/// schemathesis fuzzes every operation of `/openapi.json` with every check (responses match
+/// the document; data the document calls valid is accepted, invalid refused; nothing is a
+/// 5xx), from the document's examples too, and finds nothing. Its configuration and hooks are
+/// in tests/clients/ (why each setting is there is written next to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_failure() {
+    let mut server = Server::start(&[]);
+    let clients = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients");
+    let report = tempfile::tempdir().expect("report dir");
+    let schemathesis = std::path::Path::new(&python())
+        .with_file_name("schemathesis")
+        .to_string_lossy()
+        .into_owned();
+    let url = format!("{}/openapi.json", server.url);
+    let out = tokio::task::spawn_blocking({
+        let report = report.path().to_owned();
+        move || {
+            std::process::Command::new(&schemathesis)
+                .arg("--config-file")
+                .arg(format!("{clients}/schemathesis.toml"))
+                .args(["run", &url, "--checks", "all", "--seed", "7", "--no-color"])
+                .arg("--report")
+                .arg("json")
+                .arg("--report-dir")
+                .arg(&report)
+                .env("SCHEMATHESIS_HOOKS", "meterd_hooks")
+                .env("PYTHONPATH", clients)
+                .output()
+                .expect("run schemathesis")
+        }
+    })
+    .await
+    .expect("schemathesis task");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schemathesis found failures:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Some requests of each operation reached the business logic and succeeded.
+    let events = server.count("true").await;
+    assert!(events > 0, "no generated event was accepted:\n{stdout}");
+    assert!(server.is_running(), "meterd survived the fuzzing");
+    let log = std::fs::read_dir(report.path())
+        .expect("report dir")
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect::<String>();
+    for operation in ["POST /v1/events", "POST /v1/sql"] {
+        assert!(
+            stdout.contains(operation) || log.contains(operation),
+            "{operation} was not tested:\n{stdout}"
+        );
+    }
+}

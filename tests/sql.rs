@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use common::{Server, llm_event};
 use reqwest::StatusCode;
 use reqwest::header::CONTENT_TYPE;
+use serde_json::Value;
 use serde_json::json;
 
 /// Billions of rows, aggregated: far beyond any timeout in these tests, yet constant memory.
@@ -127,7 +128,12 @@ async fn only_reading_statements_run() {
 async fn answer_shape() {
     let server = server_with_events(&[]).await;
     let v = server.sql("SELECT tenant, count(*) AS n, sum(input_tokens) AS tokens FROM events GROUP BY tenant ORDER BY tenant").await;
-    assert_eq!(v["columns"][0], json!({"name": "tenant", "type": "Utf8"}));
+    assert_eq!(
+        v["columns"][0],
+        json!({"name": "tenant", "type": "VARCHAR"})
+    );
+    assert_eq!(v["columns"][1]["type"], "BIGINT");
+    assert_eq!(v["columns"][2]["type"], "DECIMAL(38, 0)");
     assert_eq!(v["columns"][1]["name"], "n");
     assert_eq!(v["columns"][2]["name"], "tokens");
     // 0+2+..+18 for acme, 1+3+..+19 for globex.
@@ -311,4 +317,375 @@ async fn acknowledged_events_are_queryable_at_once() {
             "event {i} is visible right after its 200"
         );
     }
+}
+
+/// The Python interpreter of tests/clients/.venv (scripts/test.sh creates it); the tests that
+/// drive real third-party clients fail without it rather than skip.
+fn python() -> String {
+    std::env::var("METERD_TEST_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/.venv/bin/python"
+        );
+        assert!(
+            std::path::Path::new(venv).exists(),
+            "no Python with the test clients: run `bash scripts/test.sh` (it creates \
+             tests/clients/.venv) or set METERD_TEST_PYTHON"
+        );
+        venv.to_owned()
+    })
+}
+
+/// Runs `tests/clients/<script>` with `args`; its stdout as JSON.
+fn client_script(script: &str, args: &[&str]) -> Value {
+    let path = format!("{}/tests/clients/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(python())
+        .arg(&path)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{script} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Sums of counts up to 2^63-1 are exact (never wrapped, never rounded), in `events` and in
+/// the embedded store's rollups; types are SQL names; every timestamp has an offset.
+#[tokio::test]
+async fn sums_are_exact_and_answers_read_as_sql() {
+    let server = Server::start(&[]);
+    let mut events: Vec<Value> = (0..3)
+        .map(|i| llm_event("big", &format!("max-{i}"), i64::MAX, i64::MAX))
+        .collect();
+    events.push(llm_event("big", "one", 1, 0));
+    events.push(llm_event("small", "two", 2, 3));
+    assert_eq!(server.post_json(&events).await.accepted(), 5);
+
+    // 3 * (2^63 - 1) + 1, which wraps to -2 in BIGINT arithmetic.
+    let exact = "27670116110564327422";
+    let v = server
+        .sql(
+            "SELECT tenant, CAST(sum(input_tokens) AS VARCHAR) AS total, sum(output_tokens) AS out \
+             FROM events GROUP BY tenant ORDER BY tenant",
+        )
+        .await;
+    assert_eq!(v["rows"][0][0], "big");
+    assert_eq!(v["rows"][0][1], exact);
+    assert_eq!(v["columns"][2]["type"], "DECIMAL(38, 0)");
+    assert_eq!(v["rows"][1], json!(["small", "2", 3]));
+    for relation in ["usage_hourly", "usage_daily"] {
+        let rows = server
+            .rows(&format!(
+                "SELECT CAST(sum(input_tokens) AS VARCHAR), sum(events) FROM {relation} \
+                 WHERE tenant = 'big'"
+            ))
+            .await;
+        assert_eq!(rows, vec![vec![json!(exact), json!(4)]], "{relation}");
+    }
+    // The same in the text formats: digits, not a float.
+    let csv = server
+        .sql_response(
+            "SELECT sum(input_tokens) AS total FROM events WHERE tenant = 'big'",
+            Some("csv"),
+        )
+        .await
+        .text()
+        .await
+        .expect("csv");
+    assert_eq!(csv, format!("total\n{exact}\n"));
+    let json_text = server
+        .sql_response(
+            "SELECT sum(input_tokens) AS total FROM events WHERE tenant = 'big'",
+            None,
+        )
+        .await
+        .text()
+        .await
+        .expect("json");
+    assert!(json_text.contains(&format!("[[{exact}]]")), "{json_text}");
+
+    // SQL type names, and an offset on every timestamp, now() included.
+    let v = server
+        .sql(
+            "SELECT tenant, input_tokens, time, dimensions, now() AS now, \
+             CAST('2026-11-29 10:00:00' AS TIMESTAMP) AS naive FROM events LIMIT 1",
+        )
+        .await;
+    let types: Vec<&str> = v["columns"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .map(|c| c["type"].as_str().expect("type"))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "VARCHAR",
+            "BIGINT",
+            "TIMESTAMP WITH TIME ZONE",
+            "MAP(VARCHAR, VARCHAR)",
+            "TIMESTAMP WITH TIME ZONE",
+            "TIMESTAMP"
+        ]
+    );
+    for i in [2, 4, 5] {
+        let text = v["rows"][0][i].as_str().expect("timestamp text");
+        chrono::DateTime::parse_from_rfc3339(text)
+            .unwrap_or_else(|e| panic!("{text:?} is not RFC 3339 with an offset: {e}"));
+        assert!(text.ends_with('Z'), "{text}");
+    }
+    assert_eq!(v["rows"][0][5], "2026-11-29T10:00:00Z");
+    for format in ["ndjson", "csv"] {
+        let text = server
+            .sql_response("SELECT now() AS now", Some(format))
+            .await
+            .text()
+            .await
+            .expect("body");
+        let stamp = text
+            .trim()
+            .rsplit(['\n', '"'])
+            .find(|part| part.len() > 20)
+            .unwrap_or_else(|| panic!("no timestamp in {text:?}"));
+        chrono::DateTime::parse_from_rfc3339(stamp)
+            .unwrap_or_else(|e| panic!("{format}: {stamp:?} has no offset: {e}"));
+    }
+}
+
+/// The embedded store serves `usage_hourly` and `usage_daily`, equal to a GROUP BY over
+/// `events` written independently of the rollup definitions, also when a query bounds `bucket`
+/// (which the rollup turns into bounds on `time`).
+#[tokio::test]
+async fn the_embedded_store_serves_the_rollups() {
+    let server = Server::start(&["--flush-interval-ms", "200"]);
+    let now = chrono::Utc::now();
+    let mut events = common::generated(
+        17,
+        4_000,
+        5,
+        std::time::Duration::from_secs(6 * 86_400),
+        0.0,
+    );
+    let edge_day = chrono::DurationRound::duration_trunc(
+        now - chrono::TimeDelta::days(2),
+        chrono::TimeDelta::days(1),
+    )
+    .expect("trunc");
+    events.extend(common::rollups::edge_events(edge_day));
+    let keys = common::distinct_keys(&events).len() as u64;
+    let mut accepted = 0;
+    for chunk in events.chunks(500) {
+        accepted += server.post_ndjson(chunk).await.accepted();
+    }
+    assert_eq!(accepted, keys);
+    // Some events in Parquet files, the latest in memory: the rollups read both.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    events.push(llm_event("late", "late-1", 7, 7));
+    server
+        .post_json(&events[events.len() - 1..])
+        .await
+        .accepted();
+
+    let measures = meterd_rollups::measures()
+        .iter()
+        .map(|m| m.name.clone())
+        .collect::<Vec<_>>();
+    let mut oracle_measures = vec![
+        "count(*)".to_owned(),
+        "sum(coalesce(input_tokens, 0))".to_owned(),
+        "sum(coalesce(output_tokens, 0))".to_owned(),
+        "sum(coalesce(cached_input_tokens, 0))".to_owned(),
+        "sum(coalesce(reasoning_tokens, 0))".to_owned(),
+        "count(*) FILTER (WHERE type = 'api.request' AND status_code >= 500 \
+         OR type = 'llm.usage' AND status = 'error' \
+         OR type = 'agent.run' AND status IN ('failed', 'timeout'))"
+            .to_owned(),
+        "count(latency_ms)".to_owned(),
+        "sum(coalesce(latency_ms, 0))".to_owned(),
+        "count(duration_ms)".to_owned(),
+        "sum(coalesce(duration_ms, 0))".to_owned(),
+    ];
+    for b in meterd_rollups::LATENCY_BOUNDS_MS {
+        oracle_measures.push(format!("count(*) FILTER (WHERE latency_ms <= {b})"));
+    }
+    assert_eq!(oracle_measures.len(), measures.len());
+    for (relation, unit) in [("usage_hourly", "hour"), ("usage_daily", "day")] {
+        let rollup = format!(
+            "SELECT to_char(bucket, '%Y-%m-%dT%H:%M:%S') AS b, tenant, type, provider, model, \
+             agent, route, status_class, {} FROM {relation}",
+            measures
+                .iter()
+                .map(|m| format!("CAST({m} AS VARCHAR)"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let oracle = format!(
+            "SELECT to_char(date_bin(INTERVAL '1 {unit}', time, TIMESTAMP '2000-01-01T00:00:00Z'), \
+             '%Y-%m-%dT%H:%M:%S') AS b, tenant, type, coalesce(provider, ''), \
+             coalesce(model, ''), coalesce(agent, ''), coalesce(route, ''), \
+             CASE WHEN type = 'api.request' THEN concat(CAST(status_code / 100 AS VARCHAR), 'xx') \
+             ELSE coalesce(status, '') END, {} FROM events GROUP BY 1, 2, 3, 4, 5, 6, 7, 8",
+            oracle_measures
+                .iter()
+                .map(|m| format!("CAST({m} AS VARCHAR)"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let sorted = |mut rows: Vec<Vec<Value>>| {
+            rows.sort_by_key(|r| r.iter().map(Value::to_string).collect::<Vec<_>>());
+            rows
+        };
+        let got = sorted(server.rows(&format!("{rollup} ORDER BY 1")).await);
+        let want = sorted(server.rows(&format!("{oracle} ORDER BY 1")).await);
+        assert!(got.len() > 10, "{relation}: {} rows", got.len());
+        assert!(
+            got == want,
+            "{relation} differs from the raw GROUP BY: first difference {:?}",
+            got.iter().zip(&want).find(|(a, b)| a != b)
+        );
+        // A bounded query gives the same rows as the whole rollup cut to those bounds.
+        let lo = got[got.len() / 3][0].as_str().expect("bucket").to_owned();
+        let hi = got[2 * got.len() / 3][0]
+            .as_str()
+            .expect("bucket")
+            .to_owned();
+        let bounded = sorted(
+            server
+                .rows(&format!(
+                    "{rollup} WHERE bucket >= TIMESTAMP '{lo}Z' AND bucket < TIMESTAMP '{hi}Z'"
+                ))
+                .await,
+        );
+        let cut: Vec<Vec<Value>> = got
+            .iter()
+            .filter(|r| {
+                let b = r[0].as_str().expect("bucket");
+                b >= lo.as_str() && b < hi.as_str()
+            })
+            .cloned()
+            .collect();
+        assert!(!cut.is_empty());
+        assert_eq!(bounded, cut, "{relation} between {lo} and {hi}");
+        let plan = server
+            .sql(&format!(
+                "EXPLAIN SELECT count(*) FROM {relation} WHERE bucket >= TIMESTAMP '{lo}Z'"
+            ))
+            .await
+            .to_string();
+        assert!(
+            plan.contains("pruning_predicate=") && plan.contains("time_max@"),
+            "the bound on bucket does not prune the Parquet files of events by time: {plan}"
+        );
+    }
+    let types = server.sql("SELECT * FROM usage_daily LIMIT 1").await["columns"].clone();
+    assert_eq!(
+        types[0],
+        json!({"name": "bucket", "type": "TIMESTAMP WITH TIME ZONE"})
+    );
+    assert_eq!(types[8], json!({"name": "events", "type": "BIGINT"}));
+    assert_eq!(
+        types[9],
+        json!({"name": "input_tokens", "type": "DECIMAL(38, 0)"})
+    );
+}
+
+/// After compactions and a graceful stop, DuckDB, pandas and polars reading the Parquet folder
+/// see every accepted event exactly once: replaced files are gone, and the folder holds exactly
+/// the files `_manifest.json` lists.
+#[tokio::test]
+async fn outside_readers_see_the_table_in_the_parquet_folder() {
+    let mut server = Server::start(&["--flush-interval-ms", "50"]);
+    let mut events = Vec::new();
+    // One small file per batch, all on one day: the compaction's candidates.
+    for batch in 0..12 {
+        let chunk: Vec<Value> = (0..50)
+            .map(|i| llm_event("acme", &format!("b{batch}-{i}"), 10 + i, 1))
+            .collect();
+        assert_eq!(server.post_json(&chunk).await.accepted(), 50);
+        events.extend(chunk);
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    }
+    // The files `_manifest.json` lists, and their rows.
+    let manifest = |server: &Server| -> (usize, u64) {
+        let text = std::fs::read_to_string(server.data_dir().join("events/_manifest.json"))
+            .unwrap_or_default();
+        let files = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|m| m["files"].as_array().cloned())
+            .unwrap_or_default();
+        let rows = files.iter().filter_map(|f| f["rows"].as_u64()).sum();
+        (files.len(), rows)
+    };
+    let events_dir = server.data_dir().join("events");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // Every event flushed (a dozen small files), then compacted into a few.
+    while manifest(&server) != (1, 600) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no compaction within 60 s: {:?} (files, rows) listed",
+            manifest(&server)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // A query right after the compaction still reads its snapshot whole.
+    assert_eq!(server.count("true").await, 600);
+    assert!(server.stop().success());
+
+    let on_disk = common::files_ending_with(&events_dir, ".parquet").len();
+    assert_eq!(on_disk, manifest(&server).0, "only the listed files remain");
+    let seen = client_script(
+        "read_parquet.py",
+        &[server.data_dir().to_str().expect("utf-8 path")],
+    );
+    let input_tokens: i64 = events
+        .iter()
+        .map(|e| e["data"]["input_tokens"].as_i64().expect("tokens"))
+        .sum();
+    for reader in ["duckdb", "pandas", "polars"] {
+        assert_eq!(
+            seen[reader],
+            json!({"rows": 600, "keys": 600, "input_tokens": input_tokens}),
+            "{reader} reading meterd-data/events: {seen}"
+        );
+    }
+    assert_eq!(seen["manifest"]["rows"], 600, "{seen}");
+    assert_eq!(seen["manifest"]["rows_listed"], 600, "{seen}");
+}
+
+/// pyarrow reads `?format=arrow` with the types the JSON answer names.
+#[tokio::test]
+async fn pyarrow_reads_the_arrow_format() {
+    let server = Server::start(&[]);
+    let events = vec![
+        llm_event("acme", "a1", i64::MAX, 1),
+        llm_event("acme", "a2", 5, 1),
+    ];
+    server.post_json(&events).await.accepted();
+    let answer = client_script(
+        "arrow_sql.py",
+        &[
+            server.url.as_str(),
+            "SELECT tenant, sum(input_tokens) AS total, max(time) AS last FROM events GROUP BY tenant",
+        ],
+    );
+    assert_eq!(
+        answer["schema"],
+        json!([
+            ["tenant", "string"],
+            ["total", "decimal128(38, 0)"],
+            ["last", "timestamp[us, tz=UTC]"]
+        ])
+    );
+    assert_eq!(answer["rows"][0][0], "acme");
+    assert_eq!(answer["rows"][0][1], "9223372036854775812");
+    let last = answer["rows"][0][2].as_str().expect("timestamp");
+    assert!(last.ends_with("+00:00"), "{last}");
 }

@@ -264,6 +264,11 @@ impl Server {
         }
     }
 
+    /// The process id of the running server.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server is running").id()
+    }
+
     /// Whether the process is still running (it has not crashed).
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {
