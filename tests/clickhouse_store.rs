@@ -560,6 +560,7 @@ async fn postgres_and_clickhouse_hold_the_same_events_and_rollups() {
         .execute("SELECT meterd.refresh_rollups()", &[])
         .await
         .expect("refresh the PostgreSQL rollups");
+    let mut rollups_of_both = Vec::new();
     for relation in ["usage_hourly", "usage_daily"] {
         let pg_rows = normalised(
             pg::rows(
@@ -591,9 +592,46 @@ async fn postgres_and_clickhouse_hold_the_same_events_and_rollups() {
             ch_rows.len(),
             pg_rows.iter().zip(&ch_rows).find(|(a, b)| a != b)
         );
+        rollups_of_both.push((relation, pg_rows));
     }
     let (status, body) = readyz(&server).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+
+    // The embedded store serves the same rollups over the same events.
+    let mut server = server;
+    server.stop();
+    server.set_args(&[
+        "--config",
+        &path(&cfg),
+        "--postgres-url",
+        &pgdb.url,
+        "--sql-source",
+        "embedded",
+    ]);
+    server.restart();
+    for (relation, pg_rows) in rollups_of_both {
+        let measures = meterd_rollups::measures()
+            .iter()
+            .map(|m| format!("CAST({} AS VARCHAR)", m.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let embedded = normalised(
+            server
+                .rows(&format!(
+                    "SELECT to_char(bucket, '%Y-%m-%d %H:%M:%S'), tenant, type, provider, model, \
+                     agent, route, status_class, {measures} FROM {relation}"
+                ))
+                .await,
+        );
+        assert!(
+            embedded == pg_rows,
+            "{relation}: the embedded store has {} rows, PostgreSQL and ClickHouse {}; \
+             first differing: {:?}",
+            embedded.len(),
+            pg_rows.len(),
+            embedded.iter().zip(&pg_rows).find(|(a, b)| a != b)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -783,4 +821,119 @@ async fn sql_is_served_from_clickhouse_with_filters_pushed_down() {
         plan.contains("time_us >= 1767225600000000"),
         "time filter not pushed down: {plan}"
     );
+}
+
+/// A ClickHouse string literal.
+fn ch_str(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// Sums past 2^63 are exact in PostgreSQL's and ClickHouse's rollups and in meterd's SQL over
+/// each store (embedded, PostgreSQL, ClickHouse), and a tenant with quotes, backslashes,
+/// `LIKE` wildcards and non-ASCII text is found by the same SQL everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_store_sums_exactly_and_finds_any_tenant() {
+    let clickhouse = PrivateClickHouse::start();
+    let url = clickhouse.url();
+    let db = ch::database("exact");
+    let pgdb = TestDb::create("exactstores").await;
+    let cfg = config(&url, &db, "");
+    let args = ["--config", &path(&cfg), "--postgres-url", &pgdb.url];
+    let mut server = Server::start(&args);
+    let tenant = "O'Brien \"Corp\" \\ café/日本 %_";
+    let at = common::rfc3339(common::ago(Duration::from_secs(3 * 3600)));
+    let mut events: Vec<Value> = (0..3)
+        .map(|i| {
+            let mut e = common::llm_event(tenant, &format!("max-{i}"), i64::MAX, 1);
+            e["time"] = Value::from(at.clone());
+            e
+        })
+        .collect();
+    let mut others = generated(83, 300, 3, Duration::from_secs(2 * 86_400), 0.0);
+    renamed(&mut others, "other");
+    events.extend(others);
+    let keys = distinct_keys(&events);
+    assert_eq!(
+        server.post_ndjson(&events).await.accepted() as usize,
+        keys.len()
+    );
+    let client = pgdb.client().await;
+    pg::wait_for(
+        &client,
+        "SELECT count(*) FROM meterd.events",
+        keys.len() as i64,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+    assert_once(&url, &db, &keys, &keys, "ClickHouse").await;
+    client
+        .execute("SELECT meterd.refresh_rollups()", &[])
+        .await
+        .expect("refresh the PostgreSQL rollups");
+
+    // 3 * (2^63 - 1): BIGINT sums wrap to -3, saturating ones stop at 2^63 - 1.
+    let exact = "27670116110564327421";
+    for relation in ["usage_hourly", "usage_daily"] {
+        let in_pg: String = client
+            .query_one(
+                &format!("SELECT sum(input_tokens)::text FROM meterd.{relation} WHERE tenant = $1"),
+                &[&tenant],
+            )
+            .await
+            .expect("PostgreSQL rollup")
+            .get(0);
+        assert_eq!(in_pg, exact, "PostgreSQL {relation}");
+        let in_ch = ch::rows(
+            &url,
+            &format!(
+                "SELECT toString(sum(input_tokens)) FROM {db}.{relation} WHERE tenant = {}",
+                ch_str(tenant)
+            ),
+        )
+        .await;
+        assert_eq!(
+            in_ch,
+            vec![vec![Value::from(exact)]],
+            "ClickHouse {relation}"
+        );
+    }
+
+    let quoted = format!("'{}'", tenant.replace('\'', "''"));
+    let queries = [
+        format!(
+            "SELECT CAST(sum(input_tokens) AS VARCHAR), count(*) FROM events WHERE tenant = {quoted}"
+        ),
+        format!(
+            "SELECT CAST(sum(input_tokens) AS VARCHAR), sum(events) FROM usage_hourly \
+             WHERE tenant = {quoted}"
+        ),
+        format!(
+            "SELECT CAST(sum(input_tokens) AS VARCHAR), sum(events) FROM usage_daily \
+             WHERE tenant IN ({quoted}, 'nobody')"
+        ),
+    ];
+    let mut answers = Vec::new();
+    for source in ["clickhouse", "postgres", "embedded"] {
+        server.stop();
+        let mut with_source = args.to_vec();
+        with_source.extend(["--sql-source", source]);
+        server.set_args(&with_source);
+        server.restart();
+        let mut rows = Vec::new();
+        for q in &queries {
+            rows.push(server.rows(q).await);
+        }
+        assert_eq!(
+            rows[0],
+            vec![vec![Value::from(exact), Value::from(3)]],
+            "{source}: events"
+        );
+        answers.push((source, rows));
+    }
+    for (source, rows) in &answers[1..] {
+        assert_eq!(
+            rows, &answers[0].1,
+            "{source} and ClickHouse answer differently"
+        );
+    }
 }

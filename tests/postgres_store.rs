@@ -432,6 +432,10 @@ async fn migrations_are_idempotent_and_safe_to_run_at_once() {
         .into_iter()
         .map(|t| t.join().expect("thread"))
         .collect();
+    let all: Vec<i32> = meterd_schemas::migrations::POSTGRES
+        .iter()
+        .map(|m| m.version)
+        .collect();
     let mut applied_all = 0;
     for out in &outputs {
         let stdout = String::from_utf8_lossy(&out.stdout);
@@ -440,7 +444,7 @@ async fn migrations_are_idempotent_and_safe_to_run_at_once() {
             "meterd migrate failed: {stdout}{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        if stdout.contains("applied now: [1, 2, 3]") {
+        if stdout.contains(&format!("applied now: {all:?}")) {
             applied_all += 1;
         } else {
             assert!(stdout.contains("applied now: []"), "{stdout}");
@@ -450,7 +454,7 @@ async fn migrations_are_idempotent_and_safe_to_run_at_once() {
     let client = db.client().await;
     assert_eq!(
         pg::int(&client, "SELECT count(*) FROM meterd.schema_migrations").await,
-        3
+        all.len() as i64
     );
 
     // Again: nothing to do.
@@ -733,4 +737,176 @@ async fn an_event_sent_to_two_nodes_is_stored_once() {
     );
     first.kill();
     second.kill();
+}
+
+/// A database left by a meterd of schema version 3 (rollup sums saturating at 2^63-1, a Grafana
+/// role granted the rollup views) upgrades to exact sums: every rollup row and grant stays, the
+/// saturated buckets are computed again exactly, and a tenant with quotes, a slash and an accent
+/// still scopes its role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_to_exact_sums_keeps_the_rollups_and_their_grants() {
+    let db = TestDb::create("exactupgrade").await;
+    let mut admin = db.client().await;
+    let mut config = meterd_ingest::postgres::PostgresConfig::new(db.url.clone());
+    config.timescaledb = meterd_ingest::postgres::TimescaleMode::Off;
+    meterd_ingest::postgres::migrate::migrate_to(&mut admin, &config, 3)
+        .await
+        .expect("the schema of version 3");
+
+    // Events as the older meterd delivered them: two of 2^63-1 tokens in one closed hour for
+    // one tenant, a few ordinary ones for another.
+    let tenant = "O'Brien & Co/é";
+    let hour = chrono::DurationRound::duration_trunc(
+        chrono::Utc::now() - chrono::TimeDelta::hours(3),
+        chrono::TimeDelta::hours(1),
+    )
+    .expect("trunc");
+    admin
+        .execute(
+            "SELECT meterd.ensure_event_partitions(ARRAY[$1::timestamptz])",
+            &[&hour],
+        )
+        .await
+        .expect("partition");
+    let insert = "INSERT INTO meterd.events_data (tenant, id, type, time, ingested_at, provider, \
+                  model, input_tokens, output_tokens) \
+                  VALUES ($1, $2, 'llm.usage', $3, $3, 'openai', 'gpt-4o', $4, 1)";
+    for (t, id, tokens) in [
+        (tenant, "max-1", i64::MAX),
+        (tenant, "max-2", i64::MAX),
+        ("acme", "a-1", 10),
+        ("acme", "a-2", 20),
+    ] {
+        let at = hour + chrono::TimeDelta::minutes(5);
+        admin
+            .execute(insert, &[&t, &id, &at, &tokens])
+            .await
+            .expect("insert an event");
+    }
+    admin
+        .execute("SELECT meterd.refresh_rollups(now())", &[])
+        .await
+        .expect("refresh");
+    let saturated: i64 = admin
+        .query_one(
+            "SELECT input_tokens FROM meterd.usage_hourly_mat WHERE tenant = $1",
+            &[&tenant],
+        )
+        .await
+        .expect("the saturated bucket")
+        .get(0);
+    assert_eq!(saturated, i64::MAX, "version 3 saturates");
+
+    let role = format!("grafana_{}", db.name);
+    admin
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role};
+             CREATE ROLE {role} LOGIN PASSWORD 'grafana-secret';
+             GRANT CONNECT ON DATABASE {db} TO {role};
+             GRANT USAGE ON SCHEMA meterd TO {role};
+             GRANT SELECT ON meterd.events, meterd.usage_hourly, meterd.usage_daily TO {role};
+             INSERT INTO meterd.tenant_roles (role_name, tenant) VALUES ('{role}', 'O''Brien & Co/é');
+             ALTER ROLE {role} SET meterd.tenant = 'O''Brien & Co/é';",
+            db = db.name
+        ))
+        .await
+        .expect("the Grafana role");
+
+    // The new meterd migrates at startup.
+    let mut server = Server::start(&["--postgres-url", &db.url]);
+    assert_eq!(
+        pg::int(
+            &admin,
+            "SELECT max(version)::bigint FROM meterd.schema_migrations"
+        )
+        .await,
+        4
+    );
+    for view in ["meterd.usage_hourly", "meterd.usage_daily"] {
+        let granted: bool = admin
+            .query_one(
+                "SELECT has_table_privilege($1, $2, 'SELECT')",
+                &[&role, &view],
+            )
+            .await
+            .expect("privilege")
+            .get(0);
+        assert!(granted, "{role} lost SELECT on {view}");
+    }
+    admin
+        .execute("SELECT meterd.refresh_rollups(now())", &[])
+        .await
+        .expect("refresh after the upgrade");
+    let exact = "18446744073709551614";
+    for relation in ["meterd.usage_hourly", "meterd.usage_daily"] {
+        let rows = admin
+            .query(
+                &format!(
+                    "SELECT tenant, input_tokens::text, events FROM {relation} ORDER BY tenant"
+                ),
+                &[],
+            )
+            .await
+            .expect("rollup rows");
+        let rows: Vec<(String, String, i64)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (tenant.to_owned(), exact.to_owned(), 2),
+                ("acme".to_owned(), "30".to_owned(), 2)
+            ],
+            "{relation}"
+        );
+    }
+
+    // The role sees its own tenant only, exactly.
+    let reader = pg::connect(&db.url.replacen(
+        "meterd:meterd@",
+        &format!("{role}:grafana-secret@"),
+        1,
+    ))
+    .await;
+    let seen: Vec<(String, String)> = reader
+        .query(
+            "SELECT tenant, input_tokens::text FROM meterd.usage_daily",
+            &[],
+        )
+        .await
+        .expect("the role reads the rollup")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(seen, [(tenant.to_owned(), exact.to_owned())]);
+    drop(reader);
+
+    // meterd's SQL reads the same from PostgreSQL, the tenant pushed down as a literal.
+    let rows = server
+        .rows(
+            "SELECT CAST(input_tokens AS VARCHAR), CAST(sum(input_tokens) OVER () AS VARCHAR) \
+             FROM usage_hourly WHERE tenant = 'O''Brien & Co/é'",
+        )
+        .await;
+    assert_eq!(rows, vec![vec![Value::from(exact), Value::from(exact)]]);
+
+    server.kill();
+    admin
+        .batch_execute(&format!(
+            "DELETE FROM meterd.tenant_roles WHERE role_name = '{role}';
+             REVOKE ALL ON meterd.events, meterd.usage_hourly, meterd.usage_daily FROM {role};
+             REVOKE ALL ON SCHEMA meterd FROM {role};
+             REVOKE ALL ON DATABASE {db} FROM {role};",
+            db = db.name
+        ))
+        .await
+        .expect("clean up grants");
+    drop(admin);
+    drop(db);
+    let cleanup = pg::connect(&pg::admin_url()).await;
+    cleanup
+        .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
+        .await
+        .expect("drop role");
 }

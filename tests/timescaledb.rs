@@ -19,11 +19,47 @@ use common::rollups::{assert_matches_raw, edge_events};
 use common::{Server, distinct_keys, generated};
 use serde_json::{Value, json};
 
-/// One rollup's rows in a canonical form both servers produce identically.
+/// The extension, the schema and the migrations up to version `last`, exactly as `meterd
+/// migrate` applies them to a TimescaleDB database, in its order.
+fn migration_steps_up_to(last: i32) -> Vec<Value> {
+    let mut steps = vec![
+        json!({"sql": "CREATE EXTENSION IF NOT EXISTS timescaledb"}),
+        json!({"sql": "CREATE SCHEMA meterd"}),
+    ];
+    for m in meterd_schemas::migrations::POSTGRES
+        .iter()
+        .filter(|m| m.version <= last)
+    {
+        steps.push(json!({ "sql": m.sql(meterd_schemas::migrations::Flavor::TimescaleDb) }));
+    }
+    steps
+}
+
+/// Runs `steps` in TimescaleDB (tests/timescaledb/run.mjs); the runner's output
+/// (`{"server_version", "timescaledb_version", "results"}`).
+fn run_in_timescaledb(steps: Vec<Value>) -> Value {
+    let input = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(input.path(), json!({ "steps": steps }).to_string()).expect("write input");
+    let runner = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/timescaledb/run.mjs");
+    let out = Command::new("node")
+        .arg(&runner)
+        .arg(input.path())
+        .output()
+        .expect("run node (Node.js 20 is needed for the TimescaleDB conformance test)");
+    assert!(
+        out.status.success(),
+        "TimescaleDB runner failed (did `npm ci --prefix tests/timescaledb` run?): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("runner output is JSON")
+}
+
+/// One rollup's rows in a canonical form both servers produce identically (measures as text:
+/// the runner gives `numeric` as text, to keep every digit, and `bigint` as a number).
 fn canonical(relation: &str) -> String {
     let measures = meterd_rollups::measures()
         .iter()
-        .map(|m| m.name.as_str())
+        .map(|m| format!("{name}::text AS {name}", name = m.name))
         .collect::<Vec<_>>()
         .join(", ");
     format!(
@@ -34,14 +70,7 @@ fn canonical(relation: &str) -> String {
 }
 
 fn migration_steps() -> Vec<Value> {
-    let mut steps = vec![
-        json!({"sql": "CREATE EXTENSION IF NOT EXISTS timescaledb"}),
-        json!({"sql": "CREATE SCHEMA meterd"}),
-    ];
-    // Exactly what `meterd migrate` applies to a TimescaleDB database, in its order.
-    for m in meterd_schemas::migrations::POSTGRES {
-        steps.push(json!({ "sql": m.sql(meterd_schemas::migrations::Flavor::TimescaleDb) }));
-    }
+    let mut steps = migration_steps_up_to(i32::MAX);
     // The policies meterd sets from its configuration, as it sets them (twice: replacing works).
     use meterd_ingest::postgres::migrate::{
         ADD_COMPRESSION_POLICY, ADD_RETENTION_POLICY, REMOVE_COMPRESSION_POLICY,
@@ -141,20 +170,7 @@ async fn timescaledb_continuous_aggregates_equal_the_plain_rollups() {
     );
     steps.push(json!({"query": canonical("meterd.usage_daily"), "name": "daily_late"}));
 
-    let input = tempfile::NamedTempFile::new().expect("temp file");
-    std::fs::write(input.path(), json!({ "steps": steps }).to_string()).expect("write input");
-    let runner = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/timescaledb/run.mjs");
-    let out = Command::new("node")
-        .arg(&runner)
-        .arg(input.path())
-        .output()
-        .expect("run node (Node.js 20 is needed for the TimescaleDB conformance test)");
-    assert!(
-        out.status.success(),
-        "TimescaleDB runner failed (did `npm ci --prefix tests/timescaledb` run?): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: Value = serde_json::from_slice(&out.stdout).expect("runner output is JSON");
+    let result = run_in_timescaledb(steps);
     let results = &result["results"];
     assert!(
         result["timescaledb_version"]
@@ -227,4 +243,112 @@ async fn timescaledb_continuous_aggregates_equal_the_plain_rollups() {
         &results["daily_late"],
         "after late events"
     );
+}
+
+/// A TimescaleDB database of schema version 3 (saturating sums) whose oldest raw events
+/// retention has already dropped upgrades to exact sums without losing a bucket: the old
+/// aggregates' buckets without raw events are kept, the rest is computed again, grants on the
+/// views stay, and the rollups equal plain PostgreSQL's over all the events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_timescaledb_to_exact_sums_keeps_every_bucket() {
+    let db = TestDb::create("tsupgrade").await;
+    let mut server = Server::start(&["--postgres-url", &db.url]);
+    let client = db.client().await;
+    let now = Utc::now();
+    let events = generated(73, 3_000, 5, Duration::from_secs(20 * 86_400), 0.0);
+    let keys = distinct_keys(&events);
+    for chunk in events.chunks(1_000) {
+        server.post_ndjson(chunk).await.accepted();
+    }
+    pg::wait_for(
+        &client,
+        "SELECT count(*) FROM meterd.events",
+        keys.len() as i64,
+        Duration::from_secs(180),
+    )
+    .await;
+    client
+        .execute("SELECT meterd.refresh_rollups($1)", &[&now])
+        .await
+        .expect("refresh");
+    server.kill();
+    let rows = pg::rows(&client, "SELECT * FROM meterd.events_data").await;
+
+    let mut steps = migration_steps_up_to(3);
+    for chunk in rows.chunks(2_000) {
+        steps.push(json!({
+            "sql": "INSERT INTO meterd.events_data \
+                    SELECT * FROM json_populate_recordset(NULL::meterd.events_data, $1::json)",
+            "params": [Value::Array(chunk.to_vec()).to_string()],
+        }));
+    }
+    for agg in ["usage_hourly_agg", "usage_daily_agg"] {
+        steps.push(json!({"sql": format!("CALL refresh_continuous_aggregate('meterd.{agg}', NULL, NULL)")}));
+    }
+    steps.push(json!({"sql": "CREATE ROLE grafana_reader; \
+        GRANT USAGE ON SCHEMA meterd TO grafana_reader; \
+        GRANT SELECT ON meterd.usage_hourly, meterd.usage_daily TO grafana_reader"}));
+    // Retention drops the raw events of the oldest days; the aggregates keep their buckets.
+    steps.push(json!({
+        "sql": "SELECT drop_chunks('meterd.events_data', older_than => now() - INTERVAL '10 days')"
+    }));
+    steps
+        .push(json!({"query": "SELECT count(*) AS n FROM meterd.events_data", "name": "raw_left"}));
+    // The upgrade.
+    let exact = meterd_schemas::migrations::POSTGRES
+        .iter()
+        .find(|m| m.version == 4)
+        .expect("migration 4");
+    steps.push(json!({"sql": exact.sql(meterd_schemas::migrations::Flavor::TimescaleDb)}));
+    steps.push(json!({"query": canonical("meterd.usage_hourly"), "name": "hourly_now"}));
+    steps.push(json!({"query": canonical("meterd.usage_daily"), "name": "daily_now"}));
+    for agg in ["usage_hourly_agg", "usage_daily_agg"] {
+        steps.push(json!({"sql": format!("CALL refresh_continuous_aggregate('meterd.{agg}', NULL, NULL)")}));
+    }
+    steps.push(json!({"query": canonical("meterd.usage_hourly"), "name": "hourly_refreshed"}));
+    steps.push(json!({"query": canonical("meterd.usage_daily"), "name": "daily_refreshed"}));
+    steps.push(json!({
+        "query": "SELECT has_table_privilege('grafana_reader', 'meterd.usage_hourly', 'SELECT') \
+                  AND has_table_privilege('grafana_reader', 'meterd.usage_daily', 'SELECT') AS ok",
+        "name": "grants",
+    }));
+    steps.push(json!({
+        "query": "SELECT (SELECT count(*) FROM meterd.usage_hourly_history) AS hourly, \
+                  (SELECT count(*) FROM meterd.usage_daily_history) AS daily",
+        "name": "history",
+    }));
+    let result = run_in_timescaledb(steps);
+    let results = &result["results"];
+
+    let raw_left = results["raw_left"][0]["n"].as_u64().expect("count");
+    assert!(
+        raw_left > 0 && raw_left < rows.len() as u64,
+        "retention dropped some raw events, not all: {raw_left} of {}",
+        rows.len()
+    );
+    assert!(
+        results["history"][0]["hourly"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "the dropped days' buckets went to the history: {}",
+        results["history"]
+    );
+    assert_eq!(results["grants"][0]["ok"], json!(true), "grants kept");
+    for (relation, names) in [
+        ("meterd.usage_hourly", ["hourly_now", "hourly_refreshed"]),
+        ("meterd.usage_daily", ["daily_now", "daily_refreshed"]),
+    ] {
+        let plain = Value::Array(pg::rows(&client, &canonical(relation)).await);
+        for name in names {
+            assert_eq!(
+                plain.as_array().map(Vec::len),
+                results[name].as_array().map(Vec::len),
+                "{relation} ({name}): row counts differ"
+            );
+            assert!(
+                plain == results[name],
+                "{relation} ({name}) differs from plain PostgreSQL after the upgrade"
+            );
+        }
+    }
 }

@@ -226,7 +226,7 @@ async fn count_sees_parquet_files_and_memory_batches() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(
         body,
-        json!({ "columns": [{ "name": "n", "type": "Int64" }], "rows": [[10]] })
+        json!({ "columns": [{ "name": "n", "type": "BIGINT" }], "rows": [[10]] })
     );
 }
 
@@ -354,11 +354,7 @@ async fn json_renders_every_events_column() {
     let schema = meterd_schemas::events_schema();
     let expected: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     assert_eq!(names, expected);
-    assert_eq!(
-        body["columns"][3]["type"],
-        DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, Some("UTC".into()))
-            .to_string()
-    );
+    assert_eq!(body["columns"][3]["type"], "TIMESTAMP WITH TIME ZONE");
 
     let row = |i: usize| -> BTreeMap<&str, Value> {
         names
