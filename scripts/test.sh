@@ -9,6 +9,16 @@ step() {
     printf '\n==> %s\n' "$*"
 }
 
+# The run's duration, printed at its end whether it passed or not.
+started=$(date +%s)
+report_duration() {
+    local status=$?
+    local secs=$(( $(date +%s) - started ))
+    printf '\n==> %s after %dm%02ds\n' "$([ "$status" -eq 0 ] && echo passed || echo FAILED)" \
+        $((secs / 60)) $((secs % 60))
+}
+trap report_duration EXIT
+
 # System packages the tests need, beyond Rust: PostgreSQL 15 for the PostgreSQL store,
 # ClickHouse (Debian's 18.16; each test starts a private server of its own) for the ClickHouse
 # store, Node.js and npm for the TimescaleDB conformance test (TimescaleDB itself comes from npm,
