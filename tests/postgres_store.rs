@@ -783,10 +783,38 @@ async fn upgrading_to_exact_sums_keeps_the_rollups_and_their_grants() {
             .await
             .expect("insert an event");
     }
+    // A saturated bucket of an old day whose raw events retention then drops: its rollup row
+    // is all that is left of them.
+    let old_day = chrono::DurationRound::duration_trunc(
+        chrono::Utc::now() - chrono::TimeDelta::days(5),
+        chrono::TimeDelta::days(1),
+    )
+    .expect("trunc");
+    admin
+        .execute(
+            "SELECT meterd.ensure_event_partitions(ARRAY[$1::timestamptz])",
+            &[&old_day],
+        )
+        .await
+        .expect("partition");
+    for id in ["old-1", "old-2"] {
+        let at = old_day + chrono::TimeDelta::hours(3);
+        admin
+            .execute(insert, &[&"old", &id, &at, &i64::MAX])
+            .await
+            .expect("insert an old event");
+    }
     admin
         .execute("SELECT meterd.refresh_rollups(now())", &[])
         .await
         .expect("refresh");
+    admin
+        .execute(
+            "SELECT meterd.drop_event_partitions($1)",
+            &[&(old_day + chrono::TimeDelta::days(1))],
+        )
+        .await
+        .expect("retention drops the old day");
     let saturated: i64 = admin
         .query_one(
             "SELECT input_tokens FROM meterd.usage_hourly_mat WHERE tenant = $1",
@@ -811,6 +839,35 @@ async fn upgrading_to_exact_sums_keeps_the_rollups_and_their_grants() {
         ))
         .await
         .expect("the Grafana role");
+
+    // A view of the user's own on a rollup view stops the upgrade, naming it, rather than
+    // being dropped with it.
+    admin
+        .batch_execute(
+            "CREATE VIEW public.my_tokens AS SELECT tenant, input_tokens FROM meterd.usage_hourly",
+        )
+        .await
+        .expect("a user's view");
+    let refused = meterd_migrate(&db.url);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("drop the views built on them first: my_tokens"),
+        "{stderr}"
+    );
+    assert_eq!(
+        pg::int(
+            &admin,
+            "SELECT max(version)::bigint FROM meterd.schema_migrations"
+        )
+        .await,
+        3,
+        "nothing of migration 4 stayed"
+    );
+    admin
+        .batch_execute("DROP VIEW public.my_tokens")
+        .await
+        .expect("drop the user's view");
 
     // The new meterd migrates at startup.
     let mut server = Server::start(&["--postgres-url", &db.url]);
@@ -842,7 +899,7 @@ async fn upgrading_to_exact_sums_keeps_the_rollups_and_their_grants() {
         let rows = admin
             .query(
                 &format!(
-                    "SELECT tenant, input_tokens::text, events FROM {relation} ORDER BY tenant"
+                    "SELECT tenant, input_tokens::text, events FROM {relation} ORDER BY tenant COLLATE \"C\""
                 ),
                 &[],
             )
@@ -856,7 +913,9 @@ async fn upgrading_to_exact_sums_keeps_the_rollups_and_their_grants() {
             rows,
             [
                 (tenant.to_owned(), exact.to_owned(), 2),
-                ("acme".to_owned(), "30".to_owned(), 2)
+                ("acme".to_owned(), "30".to_owned(), 2),
+                // Kept as it was: its raw events are gone, so it cannot be computed again.
+                ("old".to_owned(), i64::MAX.to_string(), 2),
             ],
             "{relation}"
         );

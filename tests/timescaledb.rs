@@ -31,6 +31,9 @@ fn migration_steps_up_to(last: i32) -> Vec<Value> {
         .filter(|m| m.version <= last)
     {
         steps.push(json!({ "sql": m.sql(meterd_schemas::migrations::Flavor::TimescaleDb) }));
+        for after in m.timescaledb_after {
+            steps.push(json!({ "sql": after }));
+        }
     }
     steps
 }
@@ -251,6 +254,7 @@ async fn timescaledb_continuous_aggregates_equal_the_plain_rollups() {
 /// views stay, and the rollups equal plain PostgreSQL's over all the events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrading_timescaledb_to_exact_sums_keeps_every_bucket() {
+    use meterd_ingest::postgres::migrate;
     let db = TestDb::create("tsupgrade").await;
     let mut server = Server::start(&["--postgres-url", &db.url]);
     let client = db.client().await;
@@ -289,6 +293,7 @@ async fn upgrading_timescaledb_to_exact_sums_keeps_every_bucket() {
         GRANT USAGE ON SCHEMA meterd TO grafana_reader; \
         GRANT SELECT ON meterd.usage_hourly, meterd.usage_daily TO grafana_reader"}));
     // Retention drops the raw events of the oldest days; the aggregates keep their buckets.
+    steps.push(json!({"sql": migrate::ADD_RETENTION_POLICY, "params": ["10 days"]}));
     steps.push(json!({
         "sql": "SELECT drop_chunks('meterd.events_data', older_than => now() - INTERVAL '10 days')"
     }));
@@ -302,8 +307,15 @@ async fn upgrading_timescaledb_to_exact_sums_keeps_every_bucket() {
     steps.push(json!({"sql": exact.sql(meterd_schemas::migrations::Flavor::TimescaleDb)}));
     steps.push(json!({"query": canonical("meterd.usage_hourly"), "name": "hourly_now"}));
     steps.push(json!({"query": canonical("meterd.usage_daily"), "name": "daily_now"}));
-    for agg in ["usage_hourly_agg", "usage_daily_agg"] {
-        steps.push(json!({"sql": format!("CALL refresh_continuous_aggregate('meterd.{agg}', NULL, NULL)")}));
+    steps.push(json!({
+        "query": "SELECT count(*) AS n FROM timescaledb_information.jobs \
+                  WHERE proc_name = 'policy_retention'",
+        "name": "retention_jobs",
+    }));
+    // What meterd runs right after the migration, before it sets its policies again.
+    assert!(!exact.timescaledb_after.is_empty());
+    for after in exact.timescaledb_after {
+        steps.push(json!({ "sql": after }));
     }
     steps.push(json!({"query": canonical("meterd.usage_hourly"), "name": "hourly_refreshed"}));
     steps.push(json!({"query": canonical("meterd.usage_daily"), "name": "daily_refreshed"}));
@@ -334,6 +346,11 @@ async fn upgrading_timescaledb_to_exact_sums_keeps_every_bucket() {
         results["history"]
     );
     assert_eq!(results["grants"][0]["ok"], json!(true), "grants kept");
+    assert_eq!(
+        results["retention_jobs"][0]["n"],
+        json!(0),
+        "no chunk is dropped before the aggregates are refreshed"
+    );
     for (relation, names) in [
         ("meterd.usage_hourly", ["hourly_now", "hourly_refreshed"]),
         ("meterd.usage_daily", ["daily_now", "daily_refreshed"]),

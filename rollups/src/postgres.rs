@@ -71,7 +71,8 @@ pub fn bucket_expr(flavor: Flavor, rollup: &Rollup, column: &str) -> String {
     }
 }
 
-fn predicate_sql(p: &Predicate) -> String {
+/// A predicate in SQL both PostgreSQL and DataFusion read.
+pub(crate) fn predicate_sql(p: &Predicate) -> String {
     match p {
         Predicate::IsError => "(type = 'api.request' AND status_code >= 500) \
              OR (type = 'llm.usage' AND status = 'error') \
@@ -82,7 +83,8 @@ fn predicate_sql(p: &Predicate) -> String {
     }
 }
 
-fn dimension_sql(expr: &DimensionExpr) -> String {
+/// A dimension in SQL both PostgreSQL and DataFusion read.
+pub(crate) fn dimension_sql(expr: &DimensionExpr) -> String {
     match expr {
         DimensionExpr::Column(c) => (*c).to_owned(),
         DimensionExpr::OrEmpty(c) => format!("coalesce({c}, '')"),
@@ -204,6 +206,15 @@ pub fn migration(flavor: Flavor) -> String {
 /// in `meterd.<rollup>_history`, which the view adds back.
 pub fn exact_sums_migration(flavor: Flavor) -> String {
     let mut sql = String::from(GENERATED);
+    sql.push_str(REFUSE_DEPENDENT_VIEWS);
+    if flavor == Flavor::TimescaleDb {
+        // No chunk may be dropped between keeping the buckets without raw events and the
+        // new aggregates' first refresh, which meterd runs right after this migration
+        // (`Migration::timescaledb_after`) before it sets the retention policy again.
+        sql.push_str(
+            "SELECT remove_retention_policy('meterd.events_data', if_exists => true);\n\n",
+        );
+    }
     sql.push_str(SAVE_GRANTS);
     for r in ROLLUPS.iter().rev() {
         let _ = writeln!(sql, "DROP VIEW meterd.{};", r.name);
@@ -263,20 +274,25 @@ pub fn exact_sums_migration(flavor: Flavor) -> String {
                 );
             }
             // Buckets materialised with a saturated sum are computed again, exactly, by the
-            // next refresh (the daily ones from the hourly table).
+            // next refresh (the daily ones from the hourly table); but only while their raw
+            // events are still there: past retention the saturated row is all there is.
             for r in ROLLUPS {
                 let saturated: Vec<String> = measures()
                     .iter()
                     .filter(|m| matches!(m.aggregate, Aggregate::Sum(_)))
-                    .map(|m| format!("{} = {SUM_MAX}", m.name))
+                    .map(|m| format!("m.{} = {SUM_MAX}", m.name))
                     .collect();
                 let _ = write!(
                     sql,
                     "INSERT INTO meterd.rollup_invalidations (rollup, bucket)\n\
-                     SELECT DISTINCT '{name}', bucket FROM meterd.{name}_mat\n\
-                     WHERE {saturated};\n\n",
+                     SELECT DISTINCT '{name}', m.bucket FROM meterd.{name}_mat m\n\
+                     WHERE ({saturated})\n  \
+                     AND EXISTS (SELECT 1 FROM meterd.events_data e\n              \
+                     WHERE e.tenant = m.tenant AND e.time >= m.bucket\n                \
+                     AND e.time < m.bucket + INTERVAL '{width}');\n\n",
                     name = r.name,
                     saturated = saturated.join(" OR "),
+                    width = r.width.interval(),
                 );
             }
             for r in ROLLUPS {
@@ -289,6 +305,25 @@ pub fn exact_sums_migration(flavor: Flavor) -> String {
     sql.push_str(RESTORE_GRANTS);
     sql
 }
+
+/// Stops the migration, naming them, when views of the database's users are built on the rollup
+/// views: those would have to be dropped with them.
+const REFUSE_DEPENDENT_VIEWS: &str = "DO $$\n\
+     DECLARE\n    \
+     v_dependents text;\n\
+     BEGIN\n    \
+     SELECT string_agg(DISTINCT v.oid::regclass::text, ', ') INTO v_dependents\n    \
+     FROM pg_catalog.pg_depend d\n    \
+     JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid\n    \
+     JOIN pg_catalog.pg_class v ON v.oid = r.ev_class\n    \
+     WHERE d.classid = 'pg_catalog.pg_rewrite'::regclass\n      \
+     AND d.refobjid IN ('meterd.usage_hourly'::regclass, 'meterd.usage_daily'::regclass)\n      \
+     AND v.oid NOT IN ('meterd.usage_hourly'::regclass, 'meterd.usage_daily'::regclass);\n    \
+     IF v_dependents IS NOT NULL THEN\n        \
+     RAISE EXCEPTION 'meterd''s migration 4 (exact sums) re-creates meterd.usage_hourly and meterd.usage_daily; drop the views built on them first: %', v_dependents;\n    \
+     END IF;\n\
+     END\n\
+     $$;\n\n";
 
 /// Keeps the privileges granted on the rollup views (to Grafana or BI roles) across their
 /// re-creation, in a temporary table of the migration's transaction.

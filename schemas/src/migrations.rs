@@ -38,6 +38,9 @@ pub struct Migration {
     pub name: &'static str,
     postgres: &'static str,
     timescaledb: &'static str,
+    /// Statements run once, right after this migration committed, on TimescaleDB only and
+    /// outside a transaction (refreshing a continuous aggregate cannot run in one).
+    pub timescaledb_after: &'static [&'static str],
 }
 
 impl Migration {
@@ -63,24 +66,33 @@ pub const POSTGRES: &[Migration] = &[
         name: "base",
         postgres: file!("0001_base.sql"),
         timescaledb: file!("0001_base.sql"),
+        timescaledb_after: &[],
     },
     Migration {
         version: 2,
         name: "events",
         postgres: file!("0002_events.postgres.sql"),
         timescaledb: file!("0002_events.timescaledb.sql"),
+        timescaledb_after: &[],
     },
     Migration {
         version: 3,
         name: "rollups",
         postgres: file!("0003_rollups.postgres.sql"),
         timescaledb: file!("0003_rollups.timescaledb.sql"),
+        timescaledb_after: &[],
     },
     Migration {
         version: 4,
         name: "exact_sums",
         postgres: file!("0004_exact_sums.postgres.sql"),
         timescaledb: file!("0004_exact_sums.timescaledb.sql"),
+        // The aggregates created again, materialised up to their last closed bucket (as their
+        // refresh policies leave them) before retention may drop another chunk.
+        timescaledb_after: &[
+            "CALL refresh_continuous_aggregate('meterd.usage_hourly_agg', NULL, date_trunc('hour', now()))",
+            "CALL refresh_continuous_aggregate('meterd.usage_daily_agg', NULL, date_trunc('day', now()))",
+        ],
     },
 ];
 

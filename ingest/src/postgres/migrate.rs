@@ -148,6 +148,18 @@ async fn migrate_locked(
         );
         applied.push(m.version);
         version = m.version;
+        if flavor == Flavor::TimescaleDb {
+            for statement in m.timescaledb_after {
+                client
+                    .batch_execute(statement)
+                    .await
+                    .map_err(|source| PgError::Migration {
+                        version: m.version,
+                        name: m.name,
+                        source,
+                    })?;
+            }
+        }
     }
 
     if flavor == Flavor::TimescaleDb {

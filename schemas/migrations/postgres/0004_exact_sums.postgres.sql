@@ -1,6 +1,23 @@
 -- Rollups: generated from the definitions in the rollups crate. Do not edit by hand;
 -- run `METERD_BLESS=1 cargo test --workspace --lib -- migrations_match` to regenerate.
 
+DO $$
+DECLARE
+    v_dependents text;
+BEGIN
+    SELECT string_agg(DISTINCT v.oid::regclass::text, ', ') INTO v_dependents
+    FROM pg_catalog.pg_depend d
+    JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+    JOIN pg_catalog.pg_class v ON v.oid = r.ev_class
+    WHERE d.classid = 'pg_catalog.pg_rewrite'::regclass
+      AND d.refobjid IN ('meterd.usage_hourly'::regclass, 'meterd.usage_daily'::regclass)
+      AND v.oid NOT IN ('meterd.usage_hourly'::regclass, 'meterd.usage_daily'::regclass);
+    IF v_dependents IS NOT NULL THEN
+        RAISE EXCEPTION 'meterd''s migration 4 (exact sums) re-creates meterd.usage_hourly and meterd.usage_daily; drop the views built on them first: %', v_dependents;
+    END IF;
+END
+$$;
+
 CREATE TEMPORARY TABLE meterd_rollup_grants ON COMMIT DROP AS
 SELECT c.relname AS relation, a.grantee, a.privilege_type, a.is_grantable
 FROM pg_catalog.pg_class c
@@ -29,12 +46,18 @@ ALTER TABLE meterd.usage_daily_mat
     ALTER COLUMN duration_ms_sum TYPE numeric(38, 0);
 
 INSERT INTO meterd.rollup_invalidations (rollup, bucket)
-SELECT DISTINCT 'usage_hourly', bucket FROM meterd.usage_hourly_mat
-WHERE input_tokens = 9223372036854775807 OR output_tokens = 9223372036854775807 OR cached_input_tokens = 9223372036854775807 OR reasoning_tokens = 9223372036854775807 OR latency_ms_sum = 9223372036854775807 OR duration_ms_sum = 9223372036854775807;
+SELECT DISTINCT 'usage_hourly', m.bucket FROM meterd.usage_hourly_mat m
+WHERE (m.input_tokens = 9223372036854775807 OR m.output_tokens = 9223372036854775807 OR m.cached_input_tokens = 9223372036854775807 OR m.reasoning_tokens = 9223372036854775807 OR m.latency_ms_sum = 9223372036854775807 OR m.duration_ms_sum = 9223372036854775807)
+  AND EXISTS (SELECT 1 FROM meterd.events_data e
+              WHERE e.tenant = m.tenant AND e.time >= m.bucket
+                AND e.time < m.bucket + INTERVAL '1 hour');
 
 INSERT INTO meterd.rollup_invalidations (rollup, bucket)
-SELECT DISTINCT 'usage_daily', bucket FROM meterd.usage_daily_mat
-WHERE input_tokens = 9223372036854775807 OR output_tokens = 9223372036854775807 OR cached_input_tokens = 9223372036854775807 OR reasoning_tokens = 9223372036854775807 OR latency_ms_sum = 9223372036854775807 OR duration_ms_sum = 9223372036854775807;
+SELECT DISTINCT 'usage_daily', m.bucket FROM meterd.usage_daily_mat m
+WHERE (m.input_tokens = 9223372036854775807 OR m.output_tokens = 9223372036854775807 OR m.cached_input_tokens = 9223372036854775807 OR m.reasoning_tokens = 9223372036854775807 OR m.latency_ms_sum = 9223372036854775807 OR m.duration_ms_sum = 9223372036854775807)
+  AND EXISTS (SELECT 1 FROM meterd.events_data e
+              WHERE e.tenant = m.tenant AND e.time >= m.bucket
+                AND e.time < m.bucket + INTERVAL '1 day');
 
 CREATE VIEW meterd.usage_hourly WITH (security_barrier) AS
 SELECT bucket, tenant, type, provider, model, agent, route, status_class, events, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, errors, latency_count, latency_ms_sum, duration_count, duration_ms_sum, latency_le_5, latency_le_10, latency_le_25, latency_le_50, latency_le_100, latency_le_250, latency_le_500, latency_le_1000, latency_le_2500, latency_le_5000, latency_le_10000, latency_le_30000, latency_le_60000

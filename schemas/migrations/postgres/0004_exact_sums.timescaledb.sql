@@ -1,6 +1,25 @@
 -- Rollups: generated from the definitions in the rollups crate. Do not edit by hand;
 -- run `METERD_BLESS=1 cargo test --workspace --lib -- migrations_match` to regenerate.
 
+DO $$
+DECLARE
+    v_dependents text;
+BEGIN
+    SELECT string_agg(DISTINCT v.oid::regclass::text, ', ') INTO v_dependents
+    FROM pg_catalog.pg_depend d
+    JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+    JOIN pg_catalog.pg_class v ON v.oid = r.ev_class
+    WHERE d.classid = 'pg_catalog.pg_rewrite'::regclass
+      AND d.refobjid IN ('meterd.usage_hourly'::regclass, 'meterd.usage_daily'::regclass)
+      AND v.oid NOT IN ('meterd.usage_hourly'::regclass, 'meterd.usage_daily'::regclass);
+    IF v_dependents IS NOT NULL THEN
+        RAISE EXCEPTION 'meterd''s migration 4 (exact sums) re-creates meterd.usage_hourly and meterd.usage_daily; drop the views built on them first: %', v_dependents;
+    END IF;
+END
+$$;
+
+SELECT remove_retention_policy('meterd.events_data', if_exists => true);
+
 CREATE TEMPORARY TABLE meterd_rollup_grants ON COMMIT DROP AS
 SELECT c.relname AS relation, a.grantee, a.privilege_type, a.is_grantable
 FROM pg_catalog.pg_class c
