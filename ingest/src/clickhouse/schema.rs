@@ -227,7 +227,34 @@ pub async fn ensure(
             .await
             .map_err(query_err("creating meterd's tables"))?;
     }
+    warn_of_wrapping_rollup_sums(client, &config.database).await?;
     Ok(version)
+}
+
+/// Tables are only created when missing, so a database from before exact sums keeps rollup sum
+/// states of `UInt64`, which wrap past 2^64. Say so until ClickHouse has versioned migrations.
+async fn warn_of_wrapping_rollup_sums(
+    client: &clickhouse::Client,
+    database: &str,
+) -> Result<(), ChError> {
+    let types: Vec<String> = client
+        .query(
+            "SELECT type FROM system.columns \
+             WHERE database = ? AND table = 'usage_hourly_state' AND name = 'input_tokens'",
+        )
+        .bind(database)
+        .fetch_all()
+        .await
+        .map_err(query_err("reading the rollup state types"))?;
+    if types.iter().any(|t| t.contains("UInt64")) {
+        tracing::warn!(
+            database,
+            "this ClickHouse database was created before exact rollup sums: its usage_hourly and \
+             usage_daily token and time sums stop at 2^63-1 and wrap past 2^64 (events and SQL \
+             sums over them are exact)"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
