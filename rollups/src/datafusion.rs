@@ -5,11 +5,13 @@
 //! Every rollup is computed from the events directly, the coarser ones included: every measure
 //! is a sum, so `usage_daily` from the events equals `usage_daily` from `usage_hourly`, and a
 //! count stays a count (`BIGINT`) instead of becoming a sum of counts. Token and time sums are
-//! exact `DECIMAL(38, 0)` (meterd's `sum` never wraps), as PostgreSQL's `numeric`.
+//! exact `DECIMAL(38, 0)` (meterd's `sum` never wraps), as PostgreSQL's `numeric`. The
+//! dimensions and the error rule are PostgreSQL's SQL, which DataFusion reads as it is.
 
 use std::fmt::Write as _;
 
-use crate::{Aggregate, DIMENSIONS, DimensionExpr, Predicate, Rollup, Width, measures};
+use crate::postgres::{dimension_sql, predicate_sql};
+use crate::{Aggregate, DIMENSIONS, Rollup, Width, measures};
 
 /// The SQL type of a summed measure.
 pub const SUM_TYPE: &str = "DECIMAL(38, 0)";
@@ -19,27 +21,6 @@ fn bucket_expr(width: Width) -> &'static str {
     match width {
         Width::Hour => "date_trunc('hour', time)",
         Width::Day => "date_trunc('day', time)",
-    }
-}
-
-fn predicate_sql(p: &Predicate) -> String {
-    match p {
-        Predicate::IsError => "(type = 'api.request' AND status_code >= 500) \
-             OR (type = 'llm.usage' AND status = 'error') \
-             OR (type = 'agent.run' AND status IN ('failed', 'timeout'))"
-            .to_owned(),
-        Predicate::NotNull(c) => format!("{c} IS NOT NULL"),
-        Predicate::AtMost(c, bound) => format!("{c} <= {bound}"),
-    }
-}
-
-fn dimension_sql(expr: &DimensionExpr) -> String {
-    match expr {
-        DimensionExpr::Column(c) => (*c).to_owned(),
-        DimensionExpr::OrEmpty(c) => format!("coalesce({c}, '')"),
-        DimensionExpr::StatusClass => "CASE WHEN type = 'api.request' \
-             THEN CAST(status_code / 100 AS VARCHAR) || 'xx' ELSE coalesce(status, '') END"
-            .to_owned(),
     }
 }
 

@@ -10,7 +10,8 @@
 //! The definitions here are data ([`ROLLUPS`], [`DIMENSIONS`], [`measures`]); [`postgres`]
 //! renders them as a TimescaleDB continuous aggregate or as plain PostgreSQL tables kept by an
 //! incremental refresher, [`clickhouse`] as materialized views into `AggregatingMergeTree`
-//! tables, [`datafusion`] as queries over the embedded store's `events`. Buckets are UTC: a bucket's value is its start as a UTC timestamp.
+//! tables, [`datafusion`] as queries over the embedded store's `events`. Buckets are UTC: a
+//! bucket's value is its start as a UTC timestamp.
 
 pub mod clickhouse;
 pub mod datafusion;
