@@ -898,7 +898,7 @@ async fn every_store_sums_exactly_and_finds_any_tenant() {
         );
     }
 
-    let quoted = format!("'{}'", tenant.replace('\'', "''"));
+    let quoted = common::sql_str(tenant);
     let queries = [
         format!(
             "SELECT CAST(sum(input_tokens) AS VARCHAR), count(*) FROM events WHERE tenant = {quoted}"

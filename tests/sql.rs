@@ -319,27 +319,10 @@ async fn acknowledged_events_are_queryable_at_once() {
     }
 }
 
-/// The Python interpreter of tests/clients/.venv (scripts/test.sh creates it); the tests that
-/// drive real third-party clients fail without it rather than skip.
-fn python() -> String {
-    std::env::var("METERD_TEST_PYTHON").unwrap_or_else(|_| {
-        let venv = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/clients/.venv/bin/python"
-        );
-        assert!(
-            std::path::Path::new(venv).exists(),
-            "no Python with the test clients: run `bash scripts/test.sh` (it creates \
-             tests/clients/.venv) or set METERD_TEST_PYTHON"
-        );
-        venv.to_owned()
-    })
-}
-
 /// Runs `tests/clients/<script>` with `args`; its stdout as JSON.
 fn client_script(script: &str, args: &[&str]) -> Value {
     let path = format!("{}/tests/clients/{script}", env!("CARGO_MANIFEST_DIR"));
-    let out = std::process::Command::new(python())
+    let out = std::process::Command::new(common::clients_python())
         .arg(&path)
         .args(args)
         .output()

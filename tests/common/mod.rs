@@ -583,3 +583,26 @@ pub fn files_ending_with(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     }
     out
 }
+
+/// The Python interpreter of tests/clients/.venv, where scripts/test.sh installs the third-party
+/// clients (CloudEvents SDK, DuckDB, pandas, polars, pyarrow, schemathesis). A test that drives
+/// them fails without it rather than skip.
+pub fn clients_python() -> String {
+    std::env::var("METERD_TEST_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/clients/.venv/bin/python"
+        );
+        assert!(
+            Path::new(venv).exists(),
+            "no Python with the test clients: run `bash scripts/test.sh` (it creates \
+             tests/clients/.venv) or set METERD_TEST_PYTHON"
+        );
+        venv.to_owned()
+    })
+}
+
+/// A SQL string literal (PostgreSQL's and DataFusion's quoting).
+pub fn sql_str(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
