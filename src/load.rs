@@ -68,12 +68,8 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     };
     let max_bytes = usize::try_from(args.batch_bytes).context("--batch-bytes is too large")?;
     let (source, total) = FileSource::open(&args.input, options.batch, max_bytes)?;
-    let unit = if total.is_some() {
-        Unit::Bytes
-    } else {
-        Unit::Events
-    };
-    let totals = send::post_all("meterd load", source, options, total, unit).await?;
+    // Progress is input bytes read, out of the file's size when it has one.
+    let totals = send::post_all("meterd load", source, options, total, Unit::Bytes).await?;
     if totals.events == 0 {
         bail!("{} holds no events", display(&args.input));
     }
@@ -97,7 +93,7 @@ struct FileSource {
 
 impl FileSource {
     /// Starts reading `input`; also returns its size in bytes when it is a file (the progress
-    /// bar then counts bytes, and the total is known).
+    /// bar's total).
     fn open(
         input: &Path,
         max_events: usize,

@@ -117,10 +117,10 @@ fn progress_bar(total: Option<u64>, unit: Unit) -> anyhow::Result<ProgressBar> {
             "{spinner} [{elapsed_precise}] {wide_bar} {human_pos}/{human_len} events ({per_sec}, eta {eta})"
         }
         (Some(_), Unit::Bytes) => {
-            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta}) {msg}"
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})"
         }
         (None, Unit::Events) => "{spinner} [{elapsed_precise}] {human_pos} events ({per_sec})",
-        (None, Unit::Bytes) => "{spinner} [{elapsed_precise}] {bytes} ({bytes_per_sec}) {msg}",
+        (None, Unit::Bytes) => "{spinner} [{elapsed_precise}] {bytes} ({bytes_per_sec})",
     };
     let bar = ProgressBar::with_draw_target(total, ProgressDrawTarget::stderr());
     bar.set_style(ProgressStyle::with_template(template).context("progress bar template")?);

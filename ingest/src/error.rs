@@ -56,7 +56,11 @@ pub enum Error {
     },
     #[error("the log writer has stopped")]
     WriterStopped,
-    #[error("the data directory {path} is in use by another meterd ({}); stop it or give this one another --data-dir", match pid { Some(pid) => format!("pid {pid}"), None => "process unknown".to_owned() })]
+    #[error(
+        "the data directory {path} is in use by another meterd ({}); stop it or give this one \
+         another --data-dir",
+        holder(.pid)
+    )]
     DataDirInUse { path: PathBuf, pid: Option<u32> },
     #[error("data directory lock {path}")]
     DataDir {
@@ -64,6 +68,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The process holding a data directory, as its lock file names it.
+fn holder(pid: &Option<u32>) -> String {
+    match pid {
+        Some(pid) => format!("pid {pid}"),
+        None => "process unknown".to_owned(),
+    }
 }
 
 /// Result with [`Error`] as the default error.

@@ -22,7 +22,7 @@ impl DataDirLock {
     /// Takes the lock on `dir` (created if missing) and writes this process's id into the lock
     /// file, or fails with [`Error::DataDirInUse`] naming the process that holds it.
     pub fn acquire(dir: &Path) -> Result<Self> {
-        let path = dir.join(LOCK_FILE);
+        let path = lock_path(dir);
         let io = |source| Error::DataDir {
             path: path.clone(),
             source,

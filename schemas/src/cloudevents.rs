@@ -3,8 +3,9 @@
 //! `id`, `type`, `time`, `subject`, `source` and `data` map directly; the tenant comes from the
 //! extension attribute `tenant` or from the API key; an optional `dimensions` attribute holds an
 //! object of strings. `time` is optional in CloudEvents: an event without it takes the time it
-//! was received (so a retry of it, received later, is a conflict rather than a duplicate). Other extension attributes (`traceparent`, ...) are allowed and ignored, as
-//! the CloudEvents spec asks of consumers that do not understand them.
+//! was received (so a retry of it, received later, is a conflict rather than a duplicate).
+//! Other extension attributes (`traceparent`, ...) are allowed and ignored, as the CloudEvents
+//! spec asks of consumers that do not understand them.
 
 use serde_json::Value;
 
