@@ -484,6 +484,28 @@ async fn migrations_are_idempotent_and_safe_to_run_at_once() {
     assert_eq!(none.status.code(), Some(2));
 }
 
+/// Revokes what a test granted `role` in `db`, drops the database, then the role (roles are
+/// shared by every database of the server).
+async fn drop_tenant_role(admin: tokio_postgres::Client, db: TestDb, role: &str) {
+    admin
+        .batch_execute(&format!(
+            "DELETE FROM meterd.tenant_roles WHERE role_name = '{role}';
+             REVOKE ALL ON meterd.events, meterd.usage_hourly, meterd.usage_daily FROM {role};
+             REVOKE ALL ON SCHEMA meterd FROM {role};
+             REVOKE ALL ON DATABASE {db} FROM {role};",
+            db = db.name
+        ))
+        .await
+        .expect("clean up grants");
+    drop(admin);
+    drop(db);
+    let cleanup = pg::connect(&pg::admin_url()).await;
+    cleanup
+        .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
+        .await
+        .expect("drop role");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_scoped_role_sees_only_its_tenant() {
     let db = TestDb::create("rls").await;
@@ -595,24 +617,8 @@ async fn a_tenant_scoped_role_sees_only_its_tenant() {
         1
     );
     drop(reader);
-    admin
-        .batch_execute(&format!(
-            "DELETE FROM meterd.tenant_roles WHERE role_name = '{role}';
-             REVOKE ALL ON meterd.events, meterd.usage_hourly, meterd.usage_daily FROM {role};
-             REVOKE ALL ON SCHEMA meterd FROM {role};
-             REVOKE ALL ON DATABASE {db} FROM {role};",
-            db = db.name
-        ))
-        .await
-        .expect("clean up grants");
     server.kill();
-    drop(admin);
-    drop(db);
-    let cleanup = pg::connect(&pg::admin_url()).await;
-    cleanup
-        .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
-        .await
-        .expect("drop role");
+    drop_tenant_role(admin, db, &role).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -951,21 +957,5 @@ async fn upgrading_to_exact_sums_keeps_the_rollups_and_their_grants() {
     assert_eq!(rows, vec![vec![Value::from(exact), Value::from(exact)]]);
 
     server.kill();
-    admin
-        .batch_execute(&format!(
-            "DELETE FROM meterd.tenant_roles WHERE role_name = '{role}';
-             REVOKE ALL ON meterd.events, meterd.usage_hourly, meterd.usage_daily FROM {role};
-             REVOKE ALL ON SCHEMA meterd FROM {role};
-             REVOKE ALL ON DATABASE {db} FROM {role};",
-            db = db.name
-        ))
-        .await
-        .expect("clean up grants");
-    drop(admin);
-    drop(db);
-    let cleanup = pg::connect(&pg::admin_url()).await;
-    cleanup
-        .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
-        .await
-        .expect("drop role");
+    drop_tenant_role(admin, db, &role).await;
 }

@@ -38,6 +38,19 @@ fn migration_steps_up_to(last: i32) -> Vec<Value> {
     steps
 }
 
+/// Steps inserting `rows` (JSON objects of `meterd.events_data`'s columns) into TimescaleDB.
+fn insert_steps(rows: &[Value]) -> Vec<Value> {
+    rows.chunks(2_000)
+        .map(|chunk| {
+            json!({
+                "sql": "INSERT INTO meterd.events_data \
+                        SELECT * FROM json_populate_recordset(NULL::meterd.events_data, $1::json)",
+                "params": [Value::Array(chunk.to_vec()).to_string()],
+            })
+        })
+        .collect()
+}
+
 /// Runs `steps` in TimescaleDB (tests/timescaledb/run.mjs); the runner's output
 /// (`{"server_version", "timescaledb_version", "results"}`).
 fn run_in_timescaledb(steps: Vec<Value>) -> Value {
@@ -121,13 +134,7 @@ async fn timescaledb_continuous_aggregates_equal_the_plain_rollups() {
     // The same rows into TimescaleDB, through its hypertable; then its own refreshes.
     let rows = pg::rows(&client, "SELECT * FROM meterd.events_data").await;
     let mut steps = migration_steps();
-    for chunk in rows.chunks(2_000) {
-        steps.push(json!({
-            "sql": "INSERT INTO meterd.events_data \
-                    SELECT * FROM json_populate_recordset(NULL::meterd.events_data, $1::json)",
-            "params": [Value::Array(chunk.to_vec()).to_string()],
-        }));
-    }
+    steps.extend(insert_steps(&rows));
     steps.push(
         json!({"sql": "CALL refresh_continuous_aggregate('meterd.usage_hourly_agg', NULL, NULL)"}),
     );
@@ -279,13 +286,7 @@ async fn upgrading_timescaledb_to_exact_sums_keeps_every_bucket() {
     let rows = pg::rows(&client, "SELECT * FROM meterd.events_data").await;
 
     let mut steps = migration_steps_up_to(3);
-    for chunk in rows.chunks(2_000) {
-        steps.push(json!({
-            "sql": "INSERT INTO meterd.events_data \
-                    SELECT * FROM json_populate_recordset(NULL::meterd.events_data, $1::json)",
-            "params": [Value::Array(chunk.to_vec()).to_string()],
-        }));
-    }
+    steps.extend(insert_steps(&rows));
     for agg in ["usage_hourly_agg", "usage_daily_agg"] {
         steps.push(json!({"sql": format!("CALL refresh_continuous_aggregate('meterd.{agg}', NULL, NULL)")}));
     }

@@ -63,13 +63,7 @@ pub fn framing(content_type: Option<&str>) -> Result<Framing, DecodeError> {
     let Some(ct) = content_type else {
         return Ok(Framing::Json);
     };
-    let essence = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    match essence.as_str() {
+    match essence(ct).as_str() {
         "application/json" => Ok(Framing::Json),
         "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Ok(Framing::Ndjson),
         "application/cloudevents+json" => Ok(Framing::CloudEvent),
@@ -127,12 +121,7 @@ pub fn binary_cloudevent<'a>(
         }
     }
     if let Some(ct) = content_type {
-        let essence = ct
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
+        let essence = essence(ct);
         match essence.as_str() {
             "application/json" => {
                 event.insert("datacontenttype".into(), Value::String(essence));
@@ -149,13 +138,20 @@ pub fn binary_cloudevent<'a>(
     Ok(Value::Object(event))
 }
 
+/// A media type without its parameters, lower case (`application/json; charset=utf-8` is
+/// `application/json`).
+fn essence(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
 /// At most `max` bytes of `s` (on a character boundary), for echoing a sender's value back.
 fn truncate(s: &str, max: usize) -> String {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
+    s[..s.floor_char_boundary(max)].to_owned()
 }
 
 /// Inflates a gzip body if `Content-Encoding` says so, never past `limit` bytes.

@@ -119,17 +119,16 @@ async fn migrate_locked(
         .filter(|m| m.version > recorded && m.version <= last)
     {
         let sql = m.sql(flavor);
+        let failed = |source| PgError::Migration {
+            version: m.version,
+            name: m.name,
+            source,
+        };
         let tx = client
             .transaction()
             .await
             .map_err(sql_err("starting a migration"))?;
-        tx.batch_execute(sql)
-            .await
-            .map_err(|source| PgError::Migration {
-                version: m.version,
-                name: m.name,
-                source,
-            })?;
+        tx.batch_execute(sql).await.map_err(failed)?;
         tx.execute(
             "INSERT INTO meterd.schema_migrations (version, name, flavor, checksum)
              VALUES ($1, $2, $3, $4)",
@@ -150,14 +149,7 @@ async fn migrate_locked(
         version = m.version;
         if flavor == Flavor::TimescaleDb {
             for statement in m.timescaledb_after {
-                client
-                    .batch_execute(statement)
-                    .await
-                    .map_err(|source| PgError::Migration {
-                        version: m.version,
-                        name: m.name,
-                        source,
-                    })?;
+                client.batch_execute(statement).await.map_err(failed)?;
             }
         }
     }
