@@ -155,17 +155,14 @@ async fn main() -> Result<()> {
     );
     plain.register_table(
         "events",
-        Arc::new(MemTable::try_new(meterd_schemas::events_schema(), vec![batches])?),
+        Arc::new(MemTable::try_new(
+            meterd_schemas::events_schema(),
+            vec![batches],
+        )?),
     )?;
 
-    let meterd_exact = time(runs, || async {
-        Ok(count(service.query(&exact).await?))
-    })
-    .await?;
-    let meterd_float = time(runs, || async {
-        Ok(count(service.query(&float).await?))
-    })
-    .await?;
+    let meterd_exact = time(runs, || async { Ok(count(service.query(&exact).await?)) }).await?;
+    let meterd_float = time(runs, || async { Ok(count(service.query(&float).await?)) }).await?;
     let datafusion_wrapping = time(runs, || async {
         let batches = plain.sql(&exact).await?.collect().await?;
         Ok(batches.iter().map(RecordBatch::num_rows).sum())
