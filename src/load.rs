@@ -42,19 +42,12 @@ pub struct LoadArgs {
     pub concurrency: u64,
 
     /// Events per second to send at most; 0 sends as fast as the server takes them.
-    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    #[arg(long, default_value_t = 0.0, value_parser = send::parse_rate)]
     pub rate: f64,
 
     /// API key, sent as `Authorization: Bearer <KEY>`.
     #[arg(long, env = "METERD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-}
-
-fn parse_rate(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
-        _ => Err("expected events per second, >= 0 (0 = unlimited)".to_owned()),
-    }
 }
 
 /// Runs `meterd load`.

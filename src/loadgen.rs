@@ -85,7 +85,7 @@ pub struct GenArgs {
     pub batch: u64,
 
     /// Events per second to send at most; 0 sends as fast as the server takes them.
-    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    #[arg(long, default_value_t = 0.0, value_parser = send::parse_rate)]
     pub rate: f64,
 
     /// POST requests in flight at once.
@@ -146,13 +146,6 @@ fn parse_fraction(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
         _ => Err("expected a fraction between 0 and 1, e.g. 0.02".to_owned()),
-    }
-}
-
-fn parse_rate(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
-        _ => Err("expected events per second, >= 0 (0 = unlimited)".to_owned()),
     }
 }
 

@@ -33,6 +33,14 @@ const PROGRESS_LINE_EVERY: Duration = Duration::from_secs(5);
 /// Rejected events named in an error, at most.
 const MAX_NAMED_REJECTIONS: usize = 20;
 
+/// Parses `--rate` (of `meterd gen --url` and `meterd load`): events per second, 0 unlimited.
+pub(crate) fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
+        _ => Err("expected events per second, >= 0 (0 = unlimited)".to_owned()),
+    }
+}
+
 /// How to POST events.
 #[derive(Debug, Clone)]
 pub(crate) struct SendOptions {

@@ -4,9 +4,9 @@
 //!
 //! `events` is read fresh at every query from an [`EventsSource`] (the embedded store's Parquet
 //! files plus its not-yet-flushed batches), and the rollups (`usage_hourly`, `usage_daily`) are
-//! computed from it. Queries run on their own tokio runtime with a
-//! timeout, a memory pool and a row cap, so an expensive question gets a clear 4xx/5xx instead
-//! of starving ingest or the process.
+//! computed from it. Queries run on their own tokio runtime with a timeout, a memory pool and a
+//! row cap, so an expensive question gets a clear 4xx/5xx instead of starving ingest or the
+//! process.
 //!
 //! With PostgreSQL or ClickHouse configured, [`QueryService::with_postgres`] and
 //! [`QueryService::with_clickhouse`] serve `events` and the rollup tables from that store
