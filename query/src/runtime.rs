@@ -10,6 +10,13 @@ use tokio::task::{JoinError, JoinHandle};
 
 use crate::error::{Error, Result};
 
+/// The stack of each query thread. Parsing, planning and optimizing recurse over the statement;
+/// DataFusion's own recursion grows its stack on demand (`recursive_protection`), the rest
+/// (walking, formatting and dropping syntax trees) runs on this stack, sized for the deepest
+/// statement [`crate::bounds`] lets through with a wide margin. Only the pages a query touches
+/// are ever committed.
+const QUERY_STACK_BYTES: usize = 64 * 1024 * 1024;
+
 /// A dedicated multi-thread runtime that shuts down without blocking when dropped, so the
 /// service may be dropped from inside another runtime (a plain `Runtime` drop panics there).
 #[derive(Debug)]
@@ -22,6 +29,7 @@ impl QueryRuntime {
     pub(crate) fn new(threads: usize) -> Result<Self> {
         let runtime = Builder::new_multi_thread()
             .worker_threads(threads.max(1))
+            .thread_stack_size(QUERY_STACK_BYTES)
             .thread_name("meterd-query")
             .enable_all()
             .build()

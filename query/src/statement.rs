@@ -10,8 +10,10 @@ use datafusion::sql::sqlparser::dialect::GenericDialect;
 
 use crate::error::{Error, Result};
 
-/// Parses `sql` and returns its single statement if it only reads.
+/// Parses `sql` and returns its single statement if it only reads and stays within the
+/// limits of [`crate::bounds`].
 pub(crate) fn parse_read_only(sql: &str, recursion_limit: usize) -> Result<DFStatement> {
+    crate::bounds::check_text(sql)?;
     let mut statements = DFParserBuilder::new(sql)
         .with_dialect(&GenericDialect {})
         .with_recursion_limit(recursion_limit)
@@ -22,8 +24,21 @@ pub(crate) fn parse_read_only(sql: &str, recursion_limit: usize) -> Result<DFSta
     let (Some(statement), 1) = (statements.pop_front(), count) else {
         return Err(Error::StatementCount { count });
     };
+    // Bounds first: refusing a statement formats it, which recurses over its whole tree.
+    check_bounds(&statement)?;
     check(&statement)?;
     Ok(statement)
+}
+
+fn check_bounds(statement: &DFStatement) -> Result<()> {
+    match statement {
+        DFStatement::Statement(s) => crate::bounds::check_tree(s),
+        DFStatement::Explain(explain) => check_bounds(&explain.statement),
+        // Refused by `check` before this is reached.
+        DFStatement::CreateExternalTable(_) | DFStatement::CopyTo(_) | DFStatement::Reset(_) => {
+            Ok(())
+        }
+    }
 }
 
 fn refuse(kind: impl Into<String>) -> Error {

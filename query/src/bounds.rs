@@ -1,0 +1,211 @@
+//! Limits on the shape of a statement, checked before it is planned.
+//!
+//! DataFusion plans and optimizes by recursion over the statement's tree, and the time it takes
+//! grows faster than linearly with the width of a projection. A 2 KB chain of `1+1+...+1` or a
+//! 1 MB list of select items is enough to exhaust a thread's stack or keep the query thread busy
+//! for minutes. These checks bound the size (bytes and tokens, counted without recursion) and
+//! then the depth (nesting of expressions and subqueries, the number of set operations and joins)
+//! and the width (items of one `SELECT` or `VALUES` row), each with an error that names the
+//! limit. The numbers follow ClickHouse's own defaults (`max_query_size`, `max_ast_depth`,
+//! `max_ast_elements`), which analysts already meet in practice.
+
+use std::ops::ControlFlow;
+
+use datafusion::error::DataFusionError;
+use datafusion::sql::sqlparser::ast::{Expr, Query, Select, SetExpr, Statement, Visit, Visitor};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::keywords::Keyword;
+use datafusion::sql::sqlparser::parser::ParserError;
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
+
+use crate::error::{Error, Result};
+
+/// The most bytes a statement may have (ClickHouse's `max_query_size`).
+pub(crate) const MAX_STATEMENT_BYTES: usize = 256 * 1024;
+/// The most tokens (words, literals, operators, punctuation) a statement may have.
+pub(crate) const MAX_STATEMENT_TOKENS: usize = 50_000;
+/// The deepest nesting of expressions and subqueries (ClickHouse's `max_ast_depth`). A chain
+/// `a OR b OR c` nests one level per operator.
+pub(crate) const MAX_NESTING_DEPTH: usize = 1_000;
+/// The most `UNION`, `INTERSECT` and `EXCEPT` operators in a statement.
+pub(crate) const MAX_SET_OPERATIONS: usize = 256;
+/// The most `JOIN`s in a statement.
+pub(crate) const MAX_JOINS: usize = 256;
+/// The most items in one `SELECT` list or `VALUES` row.
+pub(crate) const MAX_COLUMNS: usize = 1_000;
+
+/// Checks the size of `sql` before it is parsed: bytes, then tokens and the operators that
+/// nest without parentheses. Linear and without recursion, so it is safe on any input.
+pub(crate) fn check_text(sql: &str) -> Result<()> {
+    if sql.len() > MAX_STATEMENT_BYTES {
+        return Err(too_large("bytes", sql.len(), MAX_STATEMENT_BYTES));
+    }
+    let tokens = Tokenizer::new(&GenericDialect {}, sql)
+        .tokenize()
+        .map_err(|e| {
+            Error::Parse(DataFusionError::SQL(
+                Box::new(ParserError::TokenizerError(e.to_string())),
+                None,
+            ))
+        })?;
+    let mut count = 0usize;
+    let mut set_operations = 0usize;
+    let mut joins = 0usize;
+    for token in &tokens {
+        match token {
+            Token::Whitespace(_) => continue,
+            Token::Word(word) => match word.keyword {
+                Keyword::UNION | Keyword::INTERSECT | Keyword::EXCEPT => set_operations += 1,
+                Keyword::JOIN => joins += 1,
+                _ => {}
+            },
+            _ => {}
+        }
+        count += 1;
+    }
+    if count > MAX_STATEMENT_TOKENS {
+        return Err(too_large("tokens", count, MAX_STATEMENT_TOKENS));
+    }
+    if set_operations > MAX_SET_OPERATIONS {
+        return Err(too_large(
+            "UNION, INTERSECT and EXCEPT operators",
+            set_operations,
+            MAX_SET_OPERATIONS,
+        ));
+    }
+    if joins > MAX_JOINS {
+        return Err(too_large("joins", joins, MAX_JOINS));
+    }
+    Ok(())
+}
+
+/// Checks the parsed statement's nesting depth and widths. The walk stops as soon as a limit is
+/// passed, so its own recursion never goes deeper than [`MAX_NESTING_DEPTH`].
+pub(crate) fn check_tree(statement: &Statement) -> Result<()> {
+    let mut shape = Shape::default();
+    match statement.visit(&mut shape) {
+        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Break(e) => Err(e),
+    }
+}
+
+fn too_large(what: &'static str, found: usize, limit: usize) -> Error {
+    Error::TooComplex { what, found, limit }
+}
+
+#[derive(Debug, Default)]
+struct Shape {
+    depth: usize,
+}
+
+impl Shape {
+    fn enter(&mut self) -> ControlFlow<Error> {
+        self.depth += 1;
+        if self.depth > MAX_NESTING_DEPTH {
+            return ControlFlow::Break(Error::TooDeep {
+                limit: MAX_NESTING_DEPTH,
+            });
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn leave(&mut self) -> ControlFlow<Error> {
+        self.depth = self.depth.saturating_sub(1);
+        ControlFlow::Continue(())
+    }
+}
+
+impl Visitor for Shape {
+    type Break = Error;
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<Error> {
+        if let SetExpr::Values(values) = query.body.as_ref()
+            && let Some(row) = values.rows.iter().find(|row| row.len() > MAX_COLUMNS)
+        {
+            return ControlFlow::Break(too_large("items in a VALUES row", row.len(), MAX_COLUMNS));
+        }
+        self.enter()
+    }
+
+    fn post_visit_query(&mut self, _query: &Query) -> ControlFlow<Error> {
+        self.leave()
+    }
+
+    fn pre_visit_select(&mut self, select: &Select) -> ControlFlow<Error> {
+        let items = select.projection.len();
+        if items > MAX_COLUMNS {
+            return ControlFlow::Break(too_large("items in a SELECT list", items, MAX_COLUMNS));
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, _expr: &Expr) -> ControlFlow<Error> {
+        self.enter()
+    }
+
+    fn post_visit_expr(&mut self, _expr: &Expr) -> ControlFlow<Error> {
+        self.leave()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(sql: &str) -> Statement {
+        let mut statements =
+            datafusion::sql::sqlparser::parser::Parser::parse_sql(&GenericDialect {}, sql)
+                .expect("parses");
+        statements.remove(0)
+    }
+
+    fn chain(op: &str, terms: usize) -> String {
+        format!("SELECT {}", vec!["1"; terms].join(op))
+    }
+
+    #[test]
+    fn ordinary_statements_pass() {
+        for sql in [
+            "SELECT tenant, sum(input_tokens) FROM events WHERE time > now() - INTERVAL '1 day' GROUP BY 1",
+            &chain(" + ", 900),
+            &chain(" OR ", 900),
+        ] {
+            check_text(sql).unwrap_or_else(|e| panic!("{e}"));
+            check_tree(&parse(sql)).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    #[test]
+    fn limits_name_themselves() {
+        let long = format!("SELECT '{}'", "x".repeat(MAX_STATEMENT_BYTES));
+        assert!(
+            check_text(&long)
+                .unwrap_err()
+                .to_string()
+                .contains("bytes, more than the limit of 262144")
+        );
+        let many = vec!["1"; MAX_STATEMENT_TOKENS].join(",");
+        let message = check_text(&format!("SELECT {many}"))
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("tokens"), "{message}");
+        let unions = vec!["SELECT 1"; MAX_SET_OPERATIONS + 2].join(" UNION ALL ");
+        let message = check_text(&unions).unwrap_err().to_string();
+        assert!(message.contains("UNION"), "{message}");
+
+        let deep = chain(" + ", MAX_NESTING_DEPTH + 5);
+        check_text(&deep).expect("small enough as text");
+        let message = check_tree(&parse(&deep)).unwrap_err().to_string();
+        assert!(message.contains("nested deeper than 1000"), "{message}");
+
+        let wide = format!(
+            "SELECT {}",
+            (0..=MAX_COLUMNS)
+                .map(|i| format!("{i} AS c{i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let message = check_tree(&parse(&wide)).unwrap_err().to_string();
+        assert!(message.contains("items in a SELECT list"), "{message}");
+    }
+}
