@@ -40,6 +40,27 @@ pub enum Error {
     #[error("{0}")]
     Parse(#[source] DataFusionError),
 
+    /// The statement is larger than a limit of [`crate::bounds`] allows.
+    #[error("the statement has {found} {what}, more than the limit of {limit}")]
+    TooComplex {
+        /// What was counted, e.g. `tokens`.
+        what: &'static str,
+        /// How many the statement has.
+        found: usize,
+        /// The limit.
+        limit: usize,
+    },
+
+    /// The statement nests deeper than [`crate::bounds::MAX_NESTING_DEPTH`].
+    #[error(
+        "the statement is nested deeper than {limit} levels (expressions, operators and \
+         subqueries); use an IN list instead of a chain of OR, or split the statement"
+    )]
+    TooDeep {
+        /// The limit.
+        limit: usize,
+    },
+
     /// The request held zero or several statements.
     #[error("only one SELECT, WITH, EXPLAIN or SHOW statement per request; got {count} statements")]
     StatementCount {
@@ -85,6 +106,16 @@ pub enum Error {
     TooManyRows {
         /// The configured cap.
         max_rows: usize,
+    },
+
+    /// The encoded answer would pass the response cap.
+    #[error(
+        "the response would be larger than {} (the response cap); select fewer columns, add a LIMIT or aggregate further",
+        display_bytes(*.max_bytes)
+    )]
+    ResponseTooLarge {
+        /// The configured cap.
+        max_bytes: usize,
     },
 
     /// Planning, executing and encoding together took longer than the timeout.
@@ -141,9 +172,13 @@ impl Error {
             | Error::UnknownFormat(_)
             | Error::Parse(_)
             | Error::StatementCount { .. }
+            | Error::TooComplex { .. }
+            | Error::TooDeep { .. }
             | Error::NotAllowed { .. } => StatusCode::BAD_REQUEST,
             Error::Plan(e) | Error::Execute(e) => datafusion_error_status_code(e),
-            Error::MemoryLimit { .. } | Error::TooManyRows { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::MemoryLimit { .. }
+            | Error::TooManyRows { .. }
+            | Error::ResponseTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Error::Encode { .. }
             | Error::StartRuntime(_)

@@ -22,6 +22,7 @@ use arrow::json::writer::{
 };
 use chrono::SecondsFormat;
 
+use crate::budget::Output;
 use crate::error::{Error, Result};
 
 /// An output format of `POST /v1/sql`.
@@ -69,21 +70,50 @@ impl Format {
         }
     }
 
-    /// Writes the whole result. `schema` is the result's schema, so an empty result still
-    /// describes its columns.
-    pub fn encode(self, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
+    /// Writes the whole result into `out`. `schema` is the result's schema, so an empty result
+    /// still describes its columns. Batches are written in slices of [`SLICE_ROWS`] rows, so
+    /// the response cap and the memory pool stop an oversized answer within a slice.
+    pub(crate) fn encode_into(
+        self,
+        schema: &SchemaRef,
+        batches: &[RecordBatch],
+        out: &mut Output,
+    ) -> Result<()> {
+        let slices = batches.iter().flat_map(|batch| {
+            (0..batch.num_rows())
+                .step_by(SLICE_ROWS)
+                .map(|offset| batch.slice(offset, SLICE_ROWS.min(batch.num_rows() - offset)))
+        });
         let encoded = match self {
-            Format::Json => encode_json(schema, batches),
-            Format::Ndjson => encode_ndjson(batches),
-            Format::Csv => encode_csv(schema, batches),
-            Format::Arrow => encode_arrow(schema, batches),
+            Format::Json => encode_json(schema, slices, out),
+            Format::Ndjson => encode_ndjson(slices, out),
+            Format::Csv => encode_csv(schema, slices, out),
+            Format::Arrow => encode_arrow(schema, slices, out),
         };
-        encoded.map_err(|source| Error::Encode {
-            format: self.name(),
-            source,
+        encoded.map_err(|source| match out.take_refusal() {
+            Some(refusal) => refusal,
+            None => Error::Encode {
+                format: self.name(),
+                source,
+            },
         })
     }
 }
+
+#[cfg(test)]
+impl Format {
+    /// The whole answer, without limits.
+    fn encode(self, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>> {
+        let pool: Arc<dyn datafusion::execution::memory_pool::MemoryPool> =
+            Arc::new(datafusion::execution::memory_pool::UnboundedMemoryPool::default());
+        let mut out = Output::new(&pool, usize::MAX, usize::MAX);
+        self.encode_into(schema, batches, &mut out)?;
+        Ok(out.buf)
+    }
+}
+
+/// Rows encoded between two checks of the response's size.
+const SLICE_ROWS: usize = 256;
 
 fn encoder_options() -> EncoderOptions {
     EncoderOptions::default()
@@ -91,7 +121,16 @@ fn encoder_options() -> EncoderOptions {
         .with_encoder_factory(Arc::new(Rfc3339Timestamps))
 }
 
-fn encode_json(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
+/// A refusal by the budget, as the encoders' error type; [`Format::encode`] recovers the cause.
+fn refused(e: Error) -> ArrowError {
+    ArrowError::ExternalError(Box::new(e))
+}
+
+fn encode_json(
+    schema: &SchemaRef,
+    batches: impl Iterator<Item = RecordBatch>,
+    out: &mut Output,
+) -> Result<(), ArrowError> {
     #[derive(serde::Serialize)]
     struct Column<'a> {
         name: &'a str,
@@ -107,10 +146,10 @@ fn encode_json(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, A
         })
         .collect();
 
-    let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(b"{\"columns\":");
-    serde_json::to_writer(&mut out, &columns).map_err(|e| ArrowError::JsonError(e.to_string()))?;
-    out.extend_from_slice(b",\"rows\":[");
+    out.buf.extend_from_slice(b"{\"columns\":");
+    serde_json::to_writer(&mut out.buf, &columns)
+        .map_err(|e| ArrowError::JsonError(e.to_string()))?;
+    out.buf.extend_from_slice(b",\"rows\":[");
     let options = encoder_options();
     let mut first_row = true;
     for batch in batches {
@@ -123,60 +162,72 @@ fn encode_json(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, A
             .collect::<Result<Vec<_>, _>>()?;
         for row in 0..batch.num_rows() {
             if !first_row {
-                out.push(b',');
+                out.buf.push(b',');
             }
             first_row = false;
-            out.push(b'[');
+            out.buf.push(b'[');
             for (i, encoder) in encoders.iter_mut().enumerate() {
                 if i > 0 {
-                    out.push(b',');
+                    out.buf.push(b',');
                 }
                 if encoder.is_null(row) {
-                    out.extend_from_slice(b"null");
+                    out.buf.extend_from_slice(b"null");
                 } else {
-                    encoder.encode(row, &mut out);
+                    encoder.encode(row, &mut out.buf);
                 }
             }
-            out.push(b']');
+            out.buf.push(b']');
         }
+        out.charge().map_err(refused)?;
     }
-    out.extend_from_slice(b"]}");
-    Ok(out)
+    out.buf.extend_from_slice(b"]}");
+    out.charge().map_err(refused)
 }
 
-fn encode_ndjson(batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
+fn encode_ndjson(
+    batches: impl Iterator<Item = RecordBatch>,
+    out: &mut Output,
+) -> Result<(), ArrowError> {
     let mut writer = JsonWriterBuilder::new()
         .with_explicit_nulls(true)
         .with_encoder_factory(Arc::new(Rfc3339Timestamps))
-        .build::<_, LineDelimited>(Vec::new());
+        .build::<_, LineDelimited>(out);
     for batch in batches {
-        writer.write(batch)?;
+        writer.write(&batch)?;
     }
-    writer.finish()?;
-    Ok(writer.into_inner())
+    writer.finish()
 }
 
-fn encode_csv(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
-    let mut writer = CsvWriterBuilder::new().with_header(true).build(Vec::new());
-    if batches.is_empty() {
+fn encode_csv(
+    schema: &SchemaRef,
+    batches: impl Iterator<Item = RecordBatch>,
+    out: &mut Output,
+) -> Result<(), ArrowError> {
+    let mut writer = CsvWriterBuilder::new().with_header(true).build(out);
+    let mut empty = true;
+    for batch in batches {
+        empty = false;
+        writer.write(&csv_compatible(&batch)?)?;
+    }
+    if empty {
         // The header comes from the first batch written; an empty one still gets it out.
         writer.write(&csv_compatible(&RecordBatch::new_empty(Arc::clone(
             schema,
         )))?)?;
     }
-    for batch in batches {
-        writer.write(&csv_compatible(batch)?)?;
-    }
-    Ok(writer.into_inner())
+    Ok(())
 }
 
-fn encode_arrow(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<Vec<u8>, ArrowError> {
-    let mut writer = StreamWriter::try_new(Vec::new(), schema)?;
+fn encode_arrow(
+    schema: &SchemaRef,
+    batches: impl Iterator<Item = RecordBatch>,
+    out: &mut Output,
+) -> Result<(), ArrowError> {
+    let mut writer = StreamWriter::try_new(out, schema)?;
     for batch in batches {
-        writer.write(batch)?;
+        writer.write(&batch)?;
     }
-    writer.finish()?;
-    writer.into_inner()
+    writer.finish()
 }
 
 /// The SQL name of a column's type, as DataFusion's SQL spells it in `CAST(... AS <type>)`, for

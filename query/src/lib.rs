@@ -12,6 +12,9 @@
 //! [`QueryService::with_clickhouse`] serve `events` and the rollup tables from that store
 //! instead, pushing projections, filters and limits into the SQL they send.
 
+mod bounded_fns;
+mod bounds;
+mod budget;
 mod clickhouse;
 mod coop;
 mod error;
@@ -33,16 +36,19 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
-use datafusion::dataframe::DataFrame;
+use bytes::Bytes;
 use datafusion::error::DataFusionError;
+use datafusion::execution::TaskContext;
 use datafusion::execution::memory_pool::{FairSpillPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::physical_plan::execute_stream;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use futures::StreamExt;
 
 pub use error::{Error, Result};
 
+use budget::ResultBudget;
 use format::Format;
 use runtime::QueryRuntime;
 
@@ -64,8 +70,11 @@ pub struct QueryConfig {
     pub timeout: Duration,
     /// The most rows a result may have; larger results are refused with a 413.
     pub max_rows: usize,
-    /// The memory pool shared by all running queries.
+    /// The memory pool shared by all running queries; collected results and encoded
+    /// responses count against it too.
     pub memory_limit_bytes: usize,
+    /// The largest encoded response; larger answers are refused with a 413.
+    pub max_response_bytes: usize,
     /// Worker threads of the dedicated query runtime (and DataFusion's target partitions).
     pub threads: usize,
 }
@@ -76,6 +85,7 @@ impl Default for QueryConfig {
             timeout: Duration::from_secs(30),
             max_rows: 100_000,
             memory_limit_bytes: 512 * 1024 * 1024,
+            max_response_bytes: 256 * 1024 * 1024,
             threads: 1,
         }
     }
@@ -179,8 +189,10 @@ impl QueryService {
         let engine = Arc::new(Engine {
             ctx,
             pinned,
+            timeout: config.timeout,
             max_rows: config.max_rows,
             memory_limit_bytes: config.memory_limit_bytes,
+            max_response_bytes: config.max_response_bytes,
         });
         Ok(Arc::new(Self {
             engine,
@@ -200,15 +212,27 @@ impl QueryService {
     /// enabled (the timeout is measured there, not on the possibly busy query runtime).
     pub async fn query(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
         let sql = sql.to_owned();
-        self.on_query_runtime(move |engine| async move { engine.collect(&sql).await })
-            .await
+        self.on_query_runtime(move |engine| async move {
+            let (schema, batches, _budget) = engine.collect(&sql).await?;
+            Ok((schema, batches))
+        })
+        .await
     }
 
-    /// Runs one statement and encodes its result in `format`, both on the query runtime.
-    pub(crate) async fn query_encoded(&self, sql: String, format: Format) -> Result<Vec<u8>> {
+    /// Runs one statement and encodes its result in `format`, both on the query runtime. The
+    /// body holds its share of the memory pool until it is dropped.
+    pub(crate) async fn query_encoded(&self, sql: String, format: Format) -> Result<Bytes> {
         self.on_query_runtime(move |engine| async move {
-            let (schema, batches) = engine.collect(&sql).await?;
-            format.encode(&schema, &batches)
+            let (schema, batches, budget) = engine.collect(&sql).await?;
+            let mut out = budget::Output::new(
+                &engine.ctx.runtime_env().memory_pool,
+                engine.memory_limit_bytes,
+                engine.max_response_bytes,
+            );
+            format.encode_into(&schema, &batches, &mut out)?;
+            // The rows are in the body now.
+            drop((batches, budget));
+            Ok(out.into_body())
         })
         .await
     }
@@ -265,7 +289,37 @@ fn session_context(config: &QueryConfig) -> Result<SessionContext> {
     let ctx = SessionContext::new_with_state(state);
     // Replaces DataFusion's wrapping `sum` (see exact_sum).
     ctx.register_udaf(exact_sum::exact_sum());
+    bounded_fns::register(&ctx).map_err(Error::Setup)?;
+    // It answers the absolute path of the Parquet file a row came from, which tells a reader
+    // of the SQL API where the data directory is and nothing about usage.
+    ctx.deregister_udf("input_file_name");
     Ok(ctx)
+}
+
+/// When a query must have finished, checked between the steps that cannot be interrupted.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    /// `None`: the timeout is too long to be represented, so never.
+    at: Option<Instant>,
+    timeout: Duration,
+}
+
+impl Deadline {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            at: Instant::now().checked_add(timeout),
+            timeout,
+        }
+    }
+
+    fn check(self) -> Result<()> {
+        if self.at.is_some_and(|at| Instant::now() >= at) {
+            return Err(Error::Timeout {
+                timeout: self.timeout,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// What the query task needs; shared with it so the task never owns the runtime it runs on.
@@ -273,8 +327,10 @@ struct Engine {
     ctx: SessionContext,
     /// The embedded store, if the tables read it: every query pins its files.
     pinned: Option<Arc<dyn EventsSource>>,
+    timeout: Duration,
     max_rows: usize,
     memory_limit_bytes: usize,
+    max_response_bytes: usize,
 }
 
 impl fmt::Debug for Engine {
@@ -289,14 +345,22 @@ impl fmt::Debug for Engine {
 
 impl Engine {
     /// Parses, guards, plans, executes and collects one statement, stopping as soon as the
-    /// result passes the row cap.
-    async fn collect(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
+    /// result passes the row cap or its memory passes the pool. The deadline is checked between
+    /// the steps of planning, so a query that times out while planning does not go on to run.
+    async fn collect(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>, ResultBudget)> {
+        let deadline = Deadline::new(self.timeout);
         // Held until the last batch is read (or the query is dropped on timeout): a compaction
         // meanwhile must not delete a file this query's scans were planned on.
         let _pin = self.pinned.as_ref().map(|source| source.pin());
-        let state = self.ctx.state();
+        let mut state = self.ctx.state();
+        state
+            .config_mut()
+            .options_mut()
+            .extensions
+            .insert(bounded_fns::ConstantAllowance::new(self.memory_limit_bytes));
         let recursion_limit = state.config().options().sql_parser.recursion_limit.get();
         let statement = statement::parse_read_only(sql, recursion_limit)?;
+        deadline.check()?;
         let plan = state
             .statement_to_plan(statement)
             .await
@@ -309,12 +373,18 @@ impl Engine {
             .with_allow_statements(false)
             .verify_plan(&plan)
             .map_err(Error::Plan)?;
-
-        let mut stream = DataFrame::new(state, plan)
-            .execute_stream()
+        deadline.check()?;
+        let physical = state
+            .create_physical_plan(&plan)
             .await
             .map_err(|e| self.execution_error(e))?;
+        deadline.check()?;
+
+        let mut stream = execute_stream(physical, Arc::new(TaskContext::from(&state)))
+            .map_err(|e| self.execution_error(e))?;
         let schema = stream.schema();
+        let budget =
+            ResultBudget::new(&self.ctx.runtime_env().memory_pool, self.memory_limit_bytes);
         let mut batches = Vec::new();
         let mut rows = 0usize;
         while let Some(batch) = stream.next().await {
@@ -329,10 +399,11 @@ impl Engine {
                 });
             }
             if batch.num_rows() > 0 {
+                budget.hold(&batch)?;
                 batches.push(batch);
             }
         }
-        Ok((schema, batches))
+        Ok((schema, batches, budget))
     }
 
     fn execution_error(&self, e: DataFusionError) -> Error {
