@@ -148,9 +148,17 @@ impl ChColumn {
         }
     }
 
-    fn select_item(&self) -> String {
-        format!("{} AS {}", self.value_sql(), quote_ident(&self.name))
+    /// The column as the `i`th item of the select list. The alias is positional, never the
+    /// column's name: ClickHouse resolves a name in `WHERE` to a select-list alias first, so
+    /// `time_us AS time` would turn the bound on `time` into a bound on microseconds.
+    fn select_item(&self, i: usize) -> String {
+        format!("{} AS {}", self.value_sql(), wire_name(i))
     }
+}
+
+/// The alias of the `i`th selected column, as the decoder reads it.
+fn wire_name(i: usize) -> String {
+    format!("_meterd_c{i}")
 }
 
 /// A ClickHouse identifier in backquotes.
@@ -318,7 +326,8 @@ impl TableProvider for ClickHouseTable {
         } else {
             columns
                 .iter()
-                .map(ChColumn::select_item)
+                .enumerate()
+                .map(|(i, c)| c.select_item(i))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
@@ -380,12 +389,16 @@ impl Translator<'_> {
                     .iter()
                     .map(|v| literal(column.kind, v).map(|(sql, exact)| exact.then_some(sql)))
                     .collect::<Option<Option<Vec<String>>>>()??;
-                let word = if *negated { "NOT IN" } else { "IN" };
-                Some(format!(
-                    "{} {word} ({})",
-                    column.value_sql(),
-                    values.join(", ")
-                ))
+                let value = column.value_sql();
+                let values = values.join(", ");
+                Some(match (negated, column.nullable) {
+                    (false, _) => format!("{value} IN ({values})"),
+                    (true, false) => format!("{value} NOT IN ({values})"),
+                    // ClickHouse 18.16 answers true for NULL NOT IN a list of four or more
+                    // (it turns shorter lists into comparisons, which answer NULL); in SQL a
+                    // NULL is in no list and out of none.
+                    (true, true) => format!("(isNotNull({value}) AND {value} NOT IN ({values}))"),
+                })
             }
             Expr::IsNull(inner) => Some(format!("isNull({})", self.column(inner)?.value_sql())),
             Expr::IsNotNull(inner) => {
@@ -629,7 +642,8 @@ async fn fetch(
     request: &ScanRequest,
     tx: &tokio::sync::mpsc::Sender<Result<RecordBatch>>,
 ) -> Result<()> {
-    // A scan without columns reads a constant per row; the decoder wants a field for it.
+    // The decoder reads the positional aliases of the select list; a scan without columns
+    // reads a constant per row, and the decoder wants a field for it.
     let decode_schema = if request.schema.fields().is_empty() {
         Arc::new(Schema::new(vec![Field::new(
             "_row",
@@ -637,7 +651,15 @@ async fn fetch(
             false,
         )]))
     } else {
-        Arc::clone(&request.schema)
+        Arc::new(Schema::new(
+            request
+                .schema
+                .fields()
+                .iter()
+                .enumerate()
+                .map(|(i, f)| f.as_ref().clone().with_name(wire_name(i)))
+                .collect::<Vec<_>>(),
+        ))
     };
     let mut decoder = ReaderBuilder::new(Arc::clone(&decode_schema))
         .with_batch_size(request.batch_size.max(1))
@@ -651,25 +673,22 @@ async fn fetch(
         .with_setting("output_format_json_quote_64bit_integers", "0")
         .with_setting("max_execution_time", timeout)
         .fetch_bytes("JSONEachRow")
-        .map_err(|e| external(e, format!("ClickHouse refused `{}`", request.sql)))?;
-    let send = |batch: RecordBatch| async {
-        let batch = if request.schema.fields().is_empty() {
-            RecordBatch::try_new_with_options(
-                Arc::clone(&request.schema),
-                vec![],
-                &arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
-            )
-            .map_err(|e| external(e, "building a batch"))?
-        } else {
-            batch
-        };
+        .map_err(|e| refused(e, &request.sql))?;
+    let send = |batch: RecordBatch| async move {
+        let batch = RecordBatch::try_new_with_options(
+            Arc::clone(&request.schema),
+            if request.schema.fields().is_empty() {
+                vec![]
+            } else {
+                batch.columns().to_vec()
+            },
+            &arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+        )
+        .map_err(|e| external(e, "building a batch"))?;
         Ok::<bool, DataFusionError>(tx.send(Ok(batch)).await.is_ok())
     };
     loop {
-        let chunk = cursor
-            .next()
-            .await
-            .map_err(|e| external(e, format!("reading the result of `{}`", request.sql)))?;
+        let chunk = cursor.next().await.map_err(|e| refused(e, &request.sql))?;
         let Some(chunk) = chunk else { break };
         let mut rest: &[u8] = &chunk;
         while !rest.is_empty() {
@@ -696,6 +715,47 @@ async fn fetch(
         send(batch).await?;
     }
     Ok(())
+}
+
+/// How much of a statement an error message carries: enough to recognise it, never a
+/// megabyte of literal in a log line.
+const SQL_EXCERPT_CHARS: usize = 300;
+
+/// The start of `sql`, marked as cut when it is longer than [`SQL_EXCERPT_CHARS`].
+fn excerpt(sql: &str) -> String {
+    match sql.char_indices().nth(SQL_EXCERPT_CHARS) {
+        Some((end, _)) => format!("{}... ({} bytes in all)", &sql[..end], sql.len()),
+        None => sql.to_owned(),
+    }
+}
+
+/// ClickHouse's error codes for statements that are too large or deep for it to parse:
+/// `SYNTAX_ERROR` (62, raised for "Max query size exceeded"), `TOO_DEEP_AST` (167),
+/// `TOO_BIG_AST` (168), `TOO_DEEP_SUBQUERIES` (166), `TOO_DEEP_RECURSION` (306).
+const STATEMENT_TOO_LARGE: &[&str] = &[
+    "Max query size exceeded",
+    "Code: 166,",
+    "Code: 167,",
+    "Code: 168,",
+    "Code: 306,",
+];
+
+/// An error of ClickHouse running `sql`. A statement that is too large or deep for ClickHouse
+/// is the client's doing (a plan error, so a 400 with a short reason); anything else keeps its
+/// cause. Either way the message carries only an excerpt of the statement.
+fn refused(e: ::clickhouse::error::Error, sql: &str) -> DataFusionError {
+    let message = e.to_string();
+    if STATEMENT_TOO_LARGE.iter().any(|m| message.contains(m)) {
+        let reason = message
+            .split_once("DB::Exception: ")
+            .map_or(message.as_str(), |(_, rest)| rest);
+        let reason: String = reason.chars().take(SQL_EXCERPT_CHARS).collect();
+        return DataFusionError::Plan(format!(
+            "the statement is too large or too deep for ClickHouse: {reason}; use fewer \
+             values in IN lists and shorter literals"
+        ));
+    }
+    external(e, format!("ClickHouse refused `{}`", excerpt(sql)))
 }
 
 /// A ClickHouse or decoding error as a DataFusion error, with what we were doing.
