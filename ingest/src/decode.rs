@@ -111,7 +111,7 @@ pub fn binary_cloudevent<'a>(
         let text = String::from_utf8(decoded)
             .unwrap_or_else(|e| e.as_bytes().iter().map(|&b| char::from(b)).collect());
         let value = if attribute == "dimensions" {
-            serde_json::from_str(&text)
+            crate::strict_json::from_str(&text)
                 .map_err(|e| bad(format!("must hold a JSON object of strings ({e})")))?
         } else {
             Value::String(text)
@@ -132,8 +132,8 @@ pub fn binary_cloudevent<'a>(
             _ => return Err(DecodeError::UnsupportedDataContentType(truncate(ct, 100))),
         }
     }
-    let data: Value =
-        serde_json::from_slice(body).map_err(|e| DecodeError::MalformedJson(e.to_string()))?;
+    let data: Value = crate::strict_json::from_slice(body)
+        .map_err(|e| DecodeError::MalformedJson(e.to_string()))?;
     event.insert("data".into(), data);
     Ok(Value::Object(event))
 }
@@ -186,7 +186,7 @@ pub fn inflate(
 pub fn items(body: &[u8], framing: Framing) -> Result<Vec<Value>, DecodeError> {
     let items = match framing {
         Framing::Json | Framing::CloudEvent | Framing::CloudEventsBatch => {
-            let v: Value = serde_json::from_slice(body)
+            let v: Value = crate::strict_json::from_slice(body)
                 .map_err(|e| DecodeError::MalformedJson(e.to_string()))?;
             match (framing, v) {
                 (Framing::Json, Value::Array(items))
@@ -217,10 +217,12 @@ pub fn items(body: &[u8], framing: Framing) -> Result<Vec<Value>, DecodeError> {
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                let v = serde_json::from_slice(line).map_err(|e| DecodeError::MalformedLine {
-                    index: out.len(),
-                    line: line_no + 1,
-                    reason: e.to_string(),
+                let v = crate::strict_json::from_slice(line).map_err(|e| {
+                    DecodeError::MalformedLine {
+                        index: out.len(),
+                        line: line_no + 1,
+                        reason: e.to_string(),
+                    }
                 })?;
                 out.push(v);
             }

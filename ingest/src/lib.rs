@@ -17,6 +17,7 @@ pub mod log;
 mod payload;
 pub mod postgres;
 pub mod sink;
+mod strict_json;
 mod writer;
 
 use std::path::PathBuf;

@@ -10,7 +10,7 @@
 use serde_json::Value;
 
 use crate::event::Event;
-use crate::validate::{EnvelopeFields, FieldError, ValidationContext, Validator, kind};
+use crate::validate::{EnvelopeFields, FieldError, ValidationContext, Validator, kind, truncate};
 
 /// Validates one CloudEvent (structured JSON mode) and maps it to an [`Event`].
 pub fn validate_cloudevent(
@@ -28,7 +28,7 @@ pub fn validate_cloudevent(
         Some(Value::String(s)) if s == "1.0" => {}
         Some(Value::String(s)) => v.err(
             "specversion",
-            format!("{s:?} is not supported; expected \"1.0\""),
+            format!("{:?} is not supported; expected \"1.0\"", truncate(s)),
         ),
         Some(other) => v.err(
             "specversion",
@@ -40,9 +40,16 @@ pub fn validate_cloudevent(
         None | Some(Value::Null) => {}
         Some(Value::String(s)) if s == "application/json" || s.starts_with("application/json;") => {
         }
+        Some(Value::String(s)) => v.err(
+            "datacontenttype",
+            format!(
+                "{:?} is not supported; data must be application/json",
+                truncate(s)
+            ),
+        ),
         Some(other) => v.err(
             "datacontenttype",
-            format!("{other} is not supported; data must be application/json"),
+            format!("expected a string, got {}", kind(other)),
         ),
     }
     if obj.contains_key("data_base64") {
@@ -131,6 +138,23 @@ mod tests {
             validate_cloudevent(&v, &ctx).expect_err("bad time")[0].field,
             "time"
         );
+    }
+
+    #[test]
+    fn long_values_are_not_echoed_in_full() {
+        let mut v = ce();
+        v["datacontenttype"] = json!(format!("text/{}", "x".repeat(1_000_000)));
+        v["specversion"] = json!("9".repeat(1_000_000));
+        let errors = validate_cloudevent(&v, &ctx(None)).expect_err("refused");
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        for e in errors {
+            assert!(
+                e.reason.len() < 200,
+                "{}: {} bytes",
+                e.field,
+                e.reason.len()
+            );
+        }
     }
 
     #[test]

@@ -610,7 +610,7 @@ pub(crate) fn kind(v: &Value) -> &'static str {
 }
 
 /// Echoing a producer's 1 MiB string back in an error helps nobody.
-fn truncate(s: &str) -> &str {
+pub(crate) fn truncate(s: &str) -> &str {
     const MAX: usize = 64;
     if s.len() <= MAX {
         return s;
