@@ -6,8 +6,13 @@
 //! baselines measured in the same run on the same events: parsing them with serde_json on one
 //! core, and appending their bytes to a file with one fdatasync per round of batches.
 //!
+//! With `--prefill-keys N`, the same events are then sent to a second fresh server whose dedup
+//! index was first filled with N other keys (written directly, not over HTTP; same tenants, ids
+//! interleaved with the sent ones), so the bench shows how ingest holds up as history grows,
+//! beside the empty-index run as its baseline.
+//!
 //! ```text
-//! cargo bench --bench ingest_throughput -- [--events N] [--batch N] [--concurrency N]
+//! cargo bench --bench ingest_throughput -- [--events N] [--batch N] [--concurrency N] [--prefill-keys N]
 //! ```
 
 use std::io::{BufRead, BufReader, Write};
@@ -21,6 +26,7 @@ struct Options {
     events: usize,
     batch: usize,
     concurrency: usize,
+    prefill_keys: usize,
 }
 
 fn options() -> Result<Options> {
@@ -28,6 +34,7 @@ fn options() -> Result<Options> {
         events: 1_000_000,
         batch: 1_000,
         concurrency: 8,
+        prefill_keys: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -41,6 +48,7 @@ fn options() -> Result<Options> {
             "--events" => o.events = value("--events")?,
             "--batch" => o.batch = value("--batch")?,
             "--concurrency" => o.concurrency = value("--concurrency")?,
+            "--prefill-keys" => o.prefill_keys = value("--prefill-keys")?,
             // cargo bench passes --bench to harness-less benches.
             "--bench" => {}
             other => bail!("unknown argument {other}"),
@@ -99,6 +107,135 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     }
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
+}
+
+/// One timed run against a server on `data_dir`.
+struct Run {
+    rate: f64,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+    rss: u64,
+}
+
+impl Run {
+    fn print(&self, label: &str, total_bytes: usize) {
+        println!(
+            "  {label:<20} {:>12.0} events/s  {:>8.1} MB/s  p50 {:>7.1} ms  p99 {:>7.1} ms  peak RSS {:.0} MiB",
+            self.rate,
+            total_bytes as f64 / self.elapsed.as_secs_f64() / 1e6,
+            percentile(&self.latencies, 0.50).as_secs_f64() * 1e3,
+            percentile(&self.latencies, 0.99).as_secs_f64() * 1e3,
+            self.rss as f64 / (1024.0 * 1024.0)
+        );
+    }
+}
+
+fn measure(
+    data_dir: &std::path::Path,
+    batches: &[bytes::Bytes],
+    events: usize,
+    o: &Options,
+) -> Result<Run> {
+    let server = start_server(data_dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(o.concurrency)
+        .build()?;
+    let url = format!("{}/v1/events", server.url);
+    let queue = Arc::new(std::sync::Mutex::new(
+        batches.iter().cloned().enumerate().collect::<Vec<_>>(),
+    ));
+    let t = Instant::now();
+    let (latencies, accepted) = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..o.concurrency {
+            let (client, url, queue) = (client.clone(), url.clone(), Arc::clone(&queue));
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut accepted = 0u64;
+                loop {
+                    let next = queue.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.pop();
+                    let Some((_, body)) = next else { break };
+                    let sent = Instant::now();
+                    let resp = client
+                        .post(&url)
+                        .header("content-type", "application/x-ndjson")
+                        .body(body)
+                        .send()
+                        .await?;
+                    let status = resp.status();
+                    let answer: serde_json::Value = resp.json().await?;
+                    if !status.is_success() {
+                        bail!("ingest answered {status}: {answer}");
+                    }
+                    lat.push(sent.elapsed());
+                    accepted += answer["accepted"].as_u64().unwrap_or(0);
+                }
+                Ok::<_, anyhow::Error>((lat, accepted))
+            }));
+        }
+        let mut all = Vec::new();
+        let mut accepted = 0;
+        for task in tasks {
+            let (lat, acc) = task.await??;
+            all.extend(lat);
+            accepted += acc;
+        }
+        Ok::<_, anyhow::Error>((all, accepted))
+    })?;
+    let elapsed = t.elapsed();
+    let rss = peak_rss_bytes(server.child.id())?;
+    drop(server);
+    let mut latencies = latencies;
+    latencies.sort_unstable();
+    if accepted != events as u64 {
+        bail!("meterd accepted {accepted} of {events} events");
+    }
+
+    Ok(Run {
+        rate: events as f64 / elapsed.as_secs_f64(),
+        elapsed,
+        latencies,
+        rss,
+    })
+}
+
+/// Fills the dedup index of a new data directory with `n` keys of the generator's tenants,
+/// their ids interleaved with the generated ones, as if that many events had been accepted.
+fn prefill(data_dir: &std::path::Path, n: usize) -> Result<()> {
+    use meterd_ingest::dedup::{DedupIndex, Seen, index_key};
+    let index = DedupIndex::open(&data_dir.join("dedup"))?;
+    let now_us = chrono::Utc::now().timestamp_micros();
+    let mut keys = Vec::with_capacity(100_000);
+    for start in (0..n).step_by(100_000) {
+        keys.clear();
+        for i in start..n.min(start + 100_000) {
+            let tenant = format!("tenant-{:02}", i % 50);
+            // Ids of another seed: the same shape as `meterd gen`'s, between them in key order.
+            let id = format!(
+                "evt-8-{:08x}-{i}",
+                (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32
+            );
+            keys.push(index_key(&tenant, &id));
+        }
+        index.insert_batch(
+            keys.iter().enumerate().map(|(j, k)| {
+                (
+                    k.as_slice(),
+                    Seen {
+                        hash: (start + j) as u128,
+                        time_us: now_us,
+                    },
+                )
+            }),
+            0,
+        )?;
+    }
+    index.persist()?;
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -162,83 +299,33 @@ fn main() -> Result<()> {
     let fsync_rate = events as f64 / t.elapsed().as_secs_f64();
 
     // The measurement: meterd serve over loopback.
-    let server = start_server(&dir.path().join("data"))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(o.concurrency)
-        .build()?;
-    let url = format!("{}/v1/events", server.url);
-    let queue = Arc::new(std::sync::Mutex::new(
-        batches.into_iter().enumerate().collect::<Vec<_>>(),
-    ));
-    let t = Instant::now();
-    let (latencies, accepted) = rt.block_on(async {
-        let mut tasks = Vec::new();
-        for _ in 0..o.concurrency {
-            let (client, url, queue) = (client.clone(), url.clone(), Arc::clone(&queue));
-            tasks.push(tokio::spawn(async move {
-                let mut lat = Vec::new();
-                let mut accepted = 0u64;
-                loop {
-                    let next = queue.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.pop();
-                    let Some((_, body)) = next else { break };
-                    let sent = Instant::now();
-                    let resp = client
-                        .post(&url)
-                        .header("content-type", "application/x-ndjson")
-                        .body(body)
-                        .send()
-                        .await?;
-                    let status = resp.status();
-                    let answer: serde_json::Value = resp.json().await?;
-                    if !status.is_success() {
-                        bail!("ingest answered {status}: {answer}");
-                    }
-                    lat.push(sent.elapsed());
-                    accepted += answer["accepted"].as_u64().unwrap_or(0);
-                }
-                Ok::<_, anyhow::Error>((lat, accepted))
-            }));
-        }
-        let mut all = Vec::new();
-        let mut accepted = 0;
-        for task in tasks {
-            let (lat, acc) = task.await??;
-            all.extend(lat);
-            accepted += acc;
-        }
-        Ok::<_, anyhow::Error>((all, accepted))
-    })?;
-    let elapsed = t.elapsed();
-    let rss = peak_rss_bytes(server.child.id())?;
-    drop(server);
-    let mut latencies = latencies;
-    latencies.sort_unstable();
-    if accepted != events as u64 {
-        bail!("meterd accepted {accepted} of {events} events");
-    }
-
-    let rate = events as f64 / elapsed.as_secs_f64();
+    let empty = measure(&dir.path().join("data"), &batches, events, &o)?;
     println!(
         "ingest_throughput: {events} events in batches of {}, {} connections, fsync on",
         o.batch, o.concurrency
     );
-    println!(
-        "  meterd serve:        {:>12.0} events/s  {:>8.1} MB/s  p50 {:>7.1} ms  p99 {:>7.1} ms  peak RSS {:.0} MiB",
-        rate,
-        total_bytes as f64 / elapsed.as_secs_f64() / 1e6,
-        percentile(&latencies, 0.50).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
-        rss as f64 / (1024.0 * 1024.0)
-    );
+    empty.print("meterd serve", total_bytes);
+    if o.prefill_keys > 0 {
+        let data = dir.path().join("data-prefilled");
+        let t = Instant::now();
+        prefill(&data, o.prefill_keys)?;
+        println!(
+            "  prefilled the dedup index with {} keys in {:.1} s",
+            o.prefill_keys,
+            t.elapsed().as_secs_f64()
+        );
+        let full = measure(&data, &batches, events, &o)?;
+        full.print("  with prefilled index", total_bytes);
+        println!(
+            "  prefilled / empty index: {:.2}x the rate",
+            full.rate / empty.rate
+        );
+    }
     println!("  baseline serde_json: {parse_rate:>12.0} events/s  (parse into Value, 1 core)");
     println!(
         "  baseline fdatasync:  {fsync_rate:>12.0} events/s  (append same bytes, 1 sync per {} batches)",
         o.concurrency
     );
-    println!("  meterd / parse baseline: {:.2}", rate / parse_rate);
+    println!("  meterd / parse baseline: {:.2}", empty.rate / parse_rate);
     Ok(())
 }
