@@ -52,6 +52,9 @@ pub struct ServeArgs {
     /// Memory a SQL query may use, in bytes [default: 512 MiB].
     #[arg(long, env = "METERD_QUERY_MEMORY_BYTES")]
     pub query_memory_bytes: Option<usize>,
+    /// Largest SQL response, in bytes [default: 256 MiB].
+    #[arg(long, env = "METERD_QUERY_MAX_RESPONSE_BYTES")]
+    pub query_max_response_bytes: Option<usize>,
     /// Threads of the dedicated SQL runtime [default: 1].
     #[arg(long, env = "METERD_QUERY_THREADS")]
     pub query_threads: Option<usize>,
@@ -65,6 +68,18 @@ pub struct ServeArgs {
     /// Deadline for a graceful shutdown, in seconds [default: 30].
     #[arg(long, env = "METERD_SHUTDOWN_TIMEOUT_SECS")]
     pub shutdown_timeout_secs: Option<u64>,
+    /// Most HTTP connections open at once; lowered to fit the process's file descriptor
+    /// limit [default: 1024].
+    #[arg(long, env = "METERD_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Seconds a client may take to send a request's headers; also how long an idle
+    /// keep-alive connection stays open [default: 10].
+    #[arg(long, env = "METERD_HEADER_TIMEOUT_SECS")]
+    pub header_timeout_secs: Option<u64>,
+    /// Seconds a request body may go without sending more, and a response without being
+    /// read, before the connection is closed [default: 30].
+    #[arg(long, env = "METERD_BODY_TIMEOUT_SECS")]
+    pub body_timeout_secs: Option<u64>,
     /// PostgreSQL/TimescaleDB to fill, `postgres://user:password@host:port/database`; further
     /// settings under `[postgres]` in the config file.
     #[arg(long, env = "METERD_POSTGRES_URL")]
@@ -140,10 +155,14 @@ pub struct FileConfig {
     pub query_timeout_secs: Option<f64>,
     pub query_max_rows: Option<usize>,
     pub query_memory_bytes: Option<usize>,
+    pub query_max_response_bytes: Option<usize>,
     pub query_threads: Option<usize>,
     pub log_format: Option<LogFormat>,
     pub sql_source: Option<SqlSource>,
     pub shutdown_timeout_secs: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub header_timeout_secs: Option<u64>,
+    pub body_timeout_secs: Option<u64>,
     #[serde(default)]
     pub api_keys: Vec<ApiKeyConfig>,
     pub postgres: Option<PostgresFileConfig>,
@@ -272,6 +291,12 @@ pub struct Settings {
     pub api_keys: Vec<ApiKey>,
     pub log_format: LogFormat,
     pub shutdown_timeout: Duration,
+    /// The most HTTP connections open at once, before the descriptor limit lowers it.
+    pub max_connections: usize,
+    /// Time to send request headers, and idle time of a keep-alive connection.
+    pub header_timeout: Duration,
+    /// Time a request body may stall, and a response write may wait for the client.
+    pub body_timeout: Duration,
     /// Where `POST /v1/sql` reads, resolved: never `Auto`, and only a configured store.
     pub sql_source: SqlSource,
     /// The PostgreSQL store, when configured.
@@ -345,6 +370,9 @@ impl Settings {
         if let Some(v) = pick!(query_memory_bytes) {
             query.memory_limit_bytes = positive(v, "query_memory_bytes")?;
         }
+        if let Some(v) = pick!(query_max_response_bytes) {
+            query.max_response_bytes = positive(v, "query_max_response_bytes")?;
+        }
         if let Some(v) = pick!(query_threads) {
             query.threads = positive(v, "query_threads")?;
         }
@@ -400,6 +428,15 @@ impl Settings {
             sql_source,
             log_format: pick!(log_format).unwrap_or_default(),
             shutdown_timeout: Duration::from_secs(pick!(shutdown_timeout_secs).unwrap_or(30)),
+            max_connections: positive(pick!(max_connections).unwrap_or(1024), "max_connections")?,
+            header_timeout: Duration::from_secs(positive(
+                pick!(header_timeout_secs).unwrap_or(10),
+                "header_timeout_secs",
+            )?),
+            body_timeout: Duration::from_secs(positive(
+                pick!(body_timeout_secs).unwrap_or(30),
+                "body_timeout_secs",
+            )?),
         })
     }
 }

@@ -5,6 +5,7 @@
 //! load`, which sends a file of events. `main.rs` only calls [`run`].
 
 pub mod config;
+pub mod listener;
 pub mod load;
 pub mod loadgen;
 pub mod openapi;

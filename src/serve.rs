@@ -21,6 +21,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{CLICKHOUSE_SINK, POSTGRES_SINK, Scope, Settings, SqlSource};
+use crate::listener::{self, ConnectionLimits, connection_cap};
 use crate::openapi;
 
 /// The embedded store seen through the query crate's interface.
@@ -41,6 +42,19 @@ impl EventsSource for EmbeddedSource {
 #[derive(Debug, Default)]
 struct Keys(HashMap<String, (Principal, Vec<Scope>)>);
 
+impl Keys {
+    /// The key sent as `Authorization: Bearer <key>`, if it is one of ours. The scheme is
+    /// case-insensitive (RFC 9110 section 11.1), so `bearer` and `BEARER` work too.
+    fn presented(&self, headers: &header::HeaderMap) -> Option<&(Principal, Vec<Scope>)> {
+        let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+        let (scheme, key) = value.trim().split_once([' ', '\t'])?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        self.0.get(key.trim())
+    }
+}
+
 #[derive(Debug, Clone)]
 struct AuthState {
     keys: Arc<Keys>,
@@ -52,13 +66,7 @@ async fn authenticate(State(auth): State<AuthState>, mut request: Request, next:
         // No keys configured: meterd only listens on loopback (checked at startup).
         return next.run(request).await;
     }
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some((principal, scopes)) = presented.and_then(|k| auth.keys.0.get(k)) else {
+    let Some((principal, scopes)) = auth.keys.presented(request.headers()) else {
         let mut r = (
             StatusCode::UNAUTHORIZED,
             axum::Json(
@@ -93,6 +101,7 @@ async fn healthz() -> impl IntoResponse {
 struct Readiness {
     ingest: Arc<Ingest>,
     stores: Stores,
+    keys: Arc<Keys>,
 }
 
 /// The status of each external store that is configured.
@@ -102,7 +111,9 @@ pub struct Stores {
     pub clickhouse: Option<Arc<SinkStatus>>,
 }
 
-async fn readyz(State(state): State<Readiness>) -> Response {
+/// The status code is public, for load balancers and orchestrators; the detail (log sizes,
+/// store errors) only for a valid API key when keys are configured.
+async fn readyz(State(state): State<Readiness>, headers: header::HeaderMap) -> Response {
     let r = state.ingest.readiness();
     let mut ready = r.ready;
     let mut body = json!({ "ingest": r });
@@ -129,6 +140,9 @@ async fn readyz(State(state): State<Readiness>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    if !state.keys.0.is_empty() && state.keys.presented(&headers).is_none() {
+        body = json!({ "ready": ready });
+    }
     (status, axum::Json(body)).into_response()
 }
 
@@ -166,13 +180,19 @@ pub fn router(
             authenticate,
         )
     };
+    // `route_layer`, not `layer`: a path that matches no route is a 404 for everyone, not a
+    // 401 that tells a prober nothing and a client with a typo the wrong thing.
     Router::new()
-        .merge(meterd_ingest::http::router(Arc::clone(&ingest)).layer(guard(Scope::Ingest)))
-        .merge(query.router().layer(guard(Scope::Query)))
+        .merge(meterd_ingest::http::router(Arc::clone(&ingest)).route_layer(guard(Scope::Ingest)))
+        .merge(query.router().route_layer(guard(Scope::Query)))
         .route("/healthz", get(healthz))
         .route(
             "/readyz",
-            get(readyz).with_state(Readiness { ingest, stores }),
+            get(readyz).with_state(Readiness {
+                ingest,
+                stores,
+                keys: Arc::clone(&keys),
+            }),
         )
         .route("/openapi.json", get(openapi_json))
 }
@@ -358,20 +378,22 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
-    let server =
-        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let limits = ConnectionLimits {
+        header_timeout: settings.header_timeout,
+        body_timeout: settings.body_timeout,
+        write_timeout: settings.body_timeout,
+        max_connections: connection_cap(settings.max_connections),
+    };
+    let serving = tokio::spawn(listener::serve(listener, app, limits, shutdown.clone()));
     let deadline = settings.shutdown_timeout;
-    let serving = tokio::spawn(async move { server.await });
     shutdown.cancelled().await;
     tracing::info!(
         deadline_secs = deadline.as_secs(),
         "shutting down: finishing in-flight requests"
     );
     let drained = tokio::time::timeout(deadline, async {
-        match serving.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "http server failed"),
-            Err(e) => tracing::error!(error = %e, "http server task failed"),
+        if let Err(e) = serving.await {
+            tracing::error!(error = %e, "http server task failed");
         }
         let flushed = tokio::task::spawn_blocking(move || ingest.shutdown()).await;
         stores_stop.cancel();
