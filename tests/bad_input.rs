@@ -560,3 +560,68 @@ async fn unsupported_content_type_is_415() {
     reply.assert_field_error("specversion", "required");
     assert_nothing_stored(&server).await;
 }
+
+/// A key given twice in an event is refused, whichever copy a reader would believe, at any
+/// depth and in every framing.
+#[tokio::test]
+async fn duplicate_keys_are_refused() {
+    let server = server_with_baseline(&[]).await;
+    let event = serde_json::to_string(&good("dup")).expect("json");
+    let twice = event.replacen('{', "{\"tenant\": \"evil\", ", 1);
+    let reply = server
+        .post_events(format!("[{twice}]").into_bytes(), JSON, false)
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{reply:?}");
+    assert!(
+        reply.error().contains("duplicate key \"tenant\""),
+        "{reply:?}"
+    );
+    let nested = event.replacen("\"data\":{", "\"data\":{\"model\":\"x\",", 1);
+    assert_ne!(nested, event, "the event has a data object");
+    let reply = server
+        .post_events(format!("{nested}\n").into_bytes(), NDJSON, false)
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{reply:?}");
+    assert!(
+        reply.error().contains("duplicate key \"model\""),
+        "{reply:?}"
+    );
+    assert_nothing_stored(&server).await;
+}
+
+/// A 400 names the offending value without echoing a megabyte of it back.
+#[tokio::test]
+async fn long_values_are_not_echoed() {
+    let server = server_with_baseline(&[]).await;
+    let huge = "x".repeat(1_000_000);
+    let event = json!({
+        "specversion": "1.0", "id": "ce-long", "source": "test", "type": "llm.usage",
+        "tenant": "acme", "datacontenttype": format!("text/{huge}"),
+        "data": {"provider": "openai", "model": "m", "input_tokens": 1, "output_tokens": 1},
+    });
+    let reply = server
+        .post_events(serde_json::to_vec(&event).expect("json"), CLOUDEVENT, false)
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        reply.text.len()
+    );
+    reply.assert_field_error("datacontenttype", "is not supported");
+    assert!(
+        reply.text.len() < 4_096,
+        "{} bytes echoed",
+        reply.text.len()
+    );
+    let mut event = good("long-type");
+    event["type"] = json!(huge);
+    let reply = server.post_json(&[event]).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert!(
+        reply.text.len() < 4_096,
+        "{} bytes echoed",
+        reply.text.len()
+    );
+    assert_nothing_stored(&server).await;
+}

@@ -937,3 +937,247 @@ async fn every_store_sums_exactly_and_finds_any_tenant() {
         );
     }
 }
+
+/// A column of `events` the differential queries filter on, with values seen in the data.
+struct DiffColumn {
+    name: String,
+    kind: DiffKind,
+    /// SQL literals of values the column holds, and one it does not.
+    values: Vec<String>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum DiffKind {
+    Text,
+    Int,
+    Time,
+}
+
+/// A random predicate on `column`: every comparison operator, IN and NOT IN lists of one to
+/// six items (ClickHouse turns short lists into comparisons and long ones into sets), BETWEEN,
+/// NULL tests, negations.
+fn predicate(rng: &mut rand::rngs::StdRng, column: &DiffColumn) -> String {
+    use rand::Rng;
+    use rand::seq::IndexedRandom;
+    let c = &column.name;
+    let value =
+        |rng: &mut rand::rngs::StdRng| column.values.choose(rng).cloned().unwrap_or_default();
+    let list = |rng: &mut rand::rngs::StdRng| {
+        let n = rng.random_range(1..=6);
+        (0..n).map(|_| value(rng)).collect::<Vec<_>>().join(", ")
+    };
+    match rng.random_range(0..14) {
+        0 => format!("{c} = {}", value(rng)),
+        1 => format!("{c} <> {}", value(rng)),
+        2 => format!("{c} < {}", value(rng)),
+        3 => format!("{c} <= {}", value(rng)),
+        4 => format!("{c} > {}", value(rng)),
+        5 => format!("{c} >= {}", value(rng)),
+        6 => format!("{c} IN ({})", list(rng)),
+        7 => format!("{c} NOT IN ({})", list(rng)),
+        8 => format!("NOT ({c} IN ({}))", list(rng)),
+        9 => {
+            let (a, b) = (value(rng), value(rng));
+            format!("{c} BETWEEN {a} AND {b}")
+        }
+        10 => format!("{c} IS NULL"),
+        11 => format!("{c} IS NOT NULL"),
+        12 => format!("NOT ({c} = {})", value(rng)),
+        _ => format!("({c} = {} OR {c} IS NULL)", value(rng)),
+    }
+}
+
+/// The same events in the embedded store, PostgreSQL and ClickHouse, and a few hundred
+/// generated queries (filters of every operator on every text, integer and time column, NULLs,
+/// time bounds with and without the column selected, projections, limits, aggregates) whose
+/// answers must be identical from all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_sql_gives_the_same_answer_on_every_store() {
+    use rand::seq::IndexedRandom;
+    use rand::{Rng, SeedableRng};
+
+    let clickhouse = PrivateClickHouse::start();
+    let url = clickhouse.url();
+    let db = ch::database("differential");
+    let pgdb = TestDb::create("differential").await;
+    let cfg = config(&url, &db, "");
+    let writer = Server::start(&[
+        "--config",
+        &path(&cfg),
+        "--postgres-url",
+        &pgdb.url,
+        "--sql-source",
+        "embedded",
+    ]);
+    let mut events = generated(4242, 3_000, 5, Duration::from_secs(10 * 86_400), 0.0);
+    renamed(&mut events, "diff");
+    let accepted = writer.post_ndjson(&events).await.accepted();
+    assert_eq!(accepted, 3_000);
+    let client = pgdb.client().await;
+    pg::wait_for(
+        &client,
+        "SELECT count(*) FROM meterd.events",
+        accepted as i64,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+    ch::wait_for(
+        &url,
+        &format!("SELECT count() FROM {db}.events"),
+        accepted as i64,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+    let from_postgres = Server::start(&["--postgres-url", &pgdb.url, "--sql-source", "postgres"]);
+    let ch_only = config(&url, &db, "");
+    let from_clickhouse =
+        Server::start(&["--config", &path(&ch_only), "--sql-source", "clickhouse"]);
+    let stores = [
+        ("embedded", &writer),
+        ("PostgreSQL", &from_postgres),
+        ("ClickHouse", &from_clickhouse),
+    ];
+
+    // The columns to filter on, and literals of values each holds (plus one it does not).
+    let mut columns = Vec::new();
+    for row in writer
+        .rows(
+            "SELECT column_name, data_type FROM information_schema.columns \
+             WHERE table_name = 'events' ORDER BY ordinal_position",
+        )
+        .await
+    {
+        let (Some(name), Some(ty)) = (row[0].as_str(), row[1].as_str()) else {
+            panic!("unexpected information_schema row {row:?}");
+        };
+        let kind = match ty {
+            t if t.contains("Utf8") => DiffKind::Text,
+            t if t.starts_with("Int") || t.starts_with("UInt") => DiffKind::Int,
+            t if t.starts_with("Timestamp") => DiffKind::Time,
+            _ => continue,
+        };
+        let seen = writer
+            .rows(&format!(
+                "SELECT DISTINCT CAST({name} AS VARCHAR) FROM events \
+                 WHERE {name} IS NOT NULL ORDER BY 1 LIMIT 6"
+            ))
+            .await;
+        let mut values: Vec<String> = seen
+            .iter()
+            .filter_map(|r| r[0].as_str())
+            .map(|v| match kind {
+                DiffKind::Text => format!("'{}'", v.replace('\'', "''")),
+                DiffKind::Int => v.to_owned(),
+                DiffKind::Time => format!("TIMESTAMP '{v}'"),
+            })
+            .collect();
+        values.push(match kind {
+            DiffKind::Text => "'no-such-value'".to_owned(),
+            DiffKind::Int => "-1".to_owned(),
+            DiffKind::Time => "TIMESTAMP '2001-02-03T04:05:06.789012Z'".to_owned(),
+        });
+        columns.push(DiffColumn {
+            name: name.to_owned(),
+            kind,
+            values,
+        });
+    }
+    assert!(
+        columns.iter().any(|c| c.kind == DiffKind::Time)
+            && columns.iter().filter(|c| c.kind == DiffKind::Int).count() >= 5
+            && columns.iter().filter(|c| c.kind == DiffKind::Text).count() >= 5,
+        "too few columns to filter on"
+    );
+    let ints: Vec<&DiffColumn> = columns.iter().filter(|c| c.kind == DiffKind::Int).collect();
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut queries = vec![
+        // Bounds on a time column that is also selected (ClickHouse once read them as
+        // bounds on the microseconds it selects under the column's name).
+        "SELECT id, time FROM events WHERE time < now()".to_owned(),
+        "SELECT id, time FROM events WHERE time BETWEEN now() - INTERVAL '3 days' AND now()"
+            .to_owned(),
+        "SELECT id, ingested_at FROM events WHERE ingested_at < now()".to_owned(),
+        "SELECT count(*) FROM events WHERE source NOT IN ('a', 'b', 'c', 'd')".to_owned(),
+        "SELECT count(*) FROM events WHERE steps NOT IN (7, 8, 9, 10)".to_owned(),
+        "SELECT count(*) FROM events WHERE NOT (model IN ('a', 'b', 'c', 'd'))".to_owned(),
+    ];
+    while queries.len() < 300 {
+        let column = columns.choose(&mut rng).expect("columns");
+        let mut filter = predicate(&mut rng, column);
+        if rng.random_bool(0.3) {
+            let other = columns.choose(&mut rng).expect("columns");
+            let joiner = if rng.random_bool(0.5) { "AND" } else { "OR" };
+            filter = format!("({filter}) {joiner} ({})", predicate(&mut rng, other));
+        }
+        let measure = ints.choose(&mut rng).expect("integer columns");
+        let name = &column.name;
+        queries.push(match rng.random_range(0..5) {
+            0 => format!("SELECT count(*) FROM events WHERE {filter}"),
+            1 => format!("SELECT tenant, id, {name} FROM events WHERE {filter}"),
+            2 => format!(
+                "SELECT {name}, count(*), sum({m}), min({m}), max({m}) FROM events \
+                 WHERE {filter} GROUP BY {name}",
+                m = measure.name
+            ),
+            3 => format!(
+                "SELECT tenant, id FROM events WHERE {filter} ORDER BY tenant, id LIMIT {}",
+                rng.random_range(1..50)
+            ),
+            _ => format!(
+                "SELECT count(*), sum({m}), count({m}) FROM events WHERE {filter}",
+                m = measure.name
+            ),
+        });
+    }
+
+    let mut differing = Vec::new();
+    let mut informative = 0;
+    for sql in &queries {
+        let mut answers = Vec::new();
+        for (store, server) in stores {
+            let reply = server.sql_reply(sql).await;
+            assert_eq!(
+                reply.status,
+                StatusCode::OK,
+                "{store}: {sql}: {}",
+                reply.text
+            );
+            let rows: Vec<Vec<Value>> =
+                serde_json::from_value(reply.json["rows"].clone()).expect("rows");
+            answers.push((store, normalised(rows)));
+        }
+        let (_, first) = &answers[0];
+        if !first.is_empty()
+            && first
+                .iter()
+                .any(|row| row.iter().any(|v| v != "0" && v != "null"))
+        {
+            informative += 1;
+        }
+        for (store, answer) in &answers[1..] {
+            if answer != first {
+                differing.push(format!(
+                    "{store}: {sql}\n  embedded: {} rows {:?}\n  {store}: {} rows {:?}",
+                    first.len(),
+                    first.iter().take(3).collect::<Vec<_>>(),
+                    answer.len(),
+                    answer.iter().take(3).collect::<Vec<_>>()
+                ));
+            }
+        }
+    }
+    assert!(
+        differing.is_empty(),
+        "{} of {} answers differ:\n{}",
+        differing.len(),
+        queries.len() * 2,
+        differing.join("\n")
+    );
+    // Most queries found something: an answer of nothing everywhere tells no store apart.
+    assert!(
+        informative * 2 > queries.len(),
+        "only {informative} of {} queries found rows",
+        queries.len()
+    );
+}

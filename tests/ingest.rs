@@ -830,3 +830,198 @@ async fn schemathesis_finds_no_failure() {
     }
     assert!(server.count("true").await > 0);
 }
+
+/// API keys as a client sends them: the scheme in any case, scopes enforced, unknown paths a
+/// 404 for everyone, and `/readyz` public in its status but detailed only for a key holder.
+#[tokio::test]
+async fn api_keys_guard_the_api_and_leave_probes_public() {
+    let config = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(
+        config.path(),
+        "[[api_keys]]\nname = \"ingester\"\nkey = \"ik-secret\"\nscopes = [\"ingest\"]\n\
+         [[api_keys]]\nname = \"analyst\"\nkey = \"qk-secret\"\nscopes = [\"query\"]\n",
+    )
+    .expect("write config");
+    let server = Server::start(&["--config", &config.path().to_string_lossy()]);
+    let client = &server.client;
+    let post_event = |auth: Option<&'static str>, id: &'static str| {
+        let mut request = client
+            .post(format!("{}/v1/events", server.url))
+            .json(&llm_event("acme", id, 1, 1));
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        request.send()
+    };
+    for (auth, id) in [
+        ("Bearer ik-secret", "k1"),
+        ("bearer ik-secret", "k2"),
+        ("BEARER   ik-secret", "k3"),
+    ] {
+        let response = post_event(Some(auth), id).await.expect("POST");
+        assert_eq!(response.status(), StatusCode::OK, "{auth:?}");
+    }
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("Basic ik-secret"),
+        Some("ik-secret"),
+    ] {
+        let response = post_event(auth, "k4").await.expect("POST");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{auth:?}");
+    }
+    let sql = |auth: &'static str| {
+        client
+            .post(format!("{}/v1/sql", server.url))
+            .header("authorization", auth)
+            .json(&json!({"sql": "SELECT count(*) AS n FROM events"}))
+            .send()
+    };
+    assert_eq!(
+        sql("bearer ik-secret").await.expect("POST").status(),
+        StatusCode::FORBIDDEN
+    );
+    let answer: Value = sql("bearer qk-secret")
+        .await
+        .expect("POST")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(answer["rows"], json!([[3]]));
+
+    // Unknown paths are unknown to everyone.
+    for path in ["/nope", "/v1/nope", "/v1/events/x"] {
+        assert_eq!(
+            server.get_status(path).await,
+            StatusCode::NOT_FOUND,
+            "{path}"
+        );
+    }
+    // Probes need no key; the detail of readiness does.
+    assert_eq!(server.get_status("/healthz").await, StatusCode::OK);
+    let public = client
+        .get(format!("{}/readyz", server.url))
+        .send()
+        .await
+        .expect("GET /readyz");
+    assert_eq!(public.status(), StatusCode::OK);
+    assert_eq!(
+        public.json::<Value>().await.expect("json"),
+        json!({"ready": true})
+    );
+    let detailed: Value = client
+        .get(format!("{}/readyz", server.url))
+        .header("authorization", "Bearer qk-secret")
+        .send()
+        .await
+        .expect("GET /readyz")
+        .json()
+        .await
+        .expect("json");
+    assert!(detailed["ingest"].is_object(), "{detailed}");
+}
+
+/// Reads from `stream` until the server closes it (or it errors), or `within` passes; whether
+/// it was closed.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_elapsed) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Slow and idle clients cannot hold the server: unfinished headers, a stalled body and an
+/// idle keep-alive connection are each closed after their timeout, and hundreds of slow
+/// connections against a process limited to 256 file descriptors leave it alive and
+/// answering `/healthz` once they time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_connections_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+
+    let server = Server::start(&["--header-timeout-secs", "2", "--body-timeout-secs", "2"]);
+    let address = server.url.trim_start_matches("http://").to_owned();
+    let limited = std::process::Command::new("prlimit")
+        .args(["--pid", &server.pid().to_string(), "--nofile=256:256"])
+        .status()
+        .expect("run prlimit (util-linux)");
+    assert!(limited.success(), "prlimit failed: {limited}");
+
+    // Unfinished headers.
+    let mut slow = TcpStream::connect(&address).await.expect("connect");
+    slow.write_all(b"POST /v1/events HTTP/1.1\r\nHost: meterd\r\n")
+        .await
+        .expect("write");
+    assert!(
+        closed_within(&mut slow, Duration::from_secs(20)).await,
+        "a connection with unfinished headers stayed open"
+    );
+    // A body that stops coming.
+    let mut stalled = TcpStream::connect(&address).await.expect("connect");
+    stalled
+        .write_all(
+            b"POST /v1/events HTTP/1.1\r\nHost: meterd\r\nContent-Type: application/json\r\n\
+              Content-Length: 1000\r\n\r\n[{\"tenant\":",
+        )
+        .await
+        .expect("write");
+    assert!(
+        closed_within(&mut stalled, Duration::from_secs(20)).await,
+        "a connection with a stalled body stayed open"
+    );
+    // An idle keep-alive connection after a complete request.
+    let mut idle = TcpStream::connect(&address).await.expect("connect");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: meterd\r\n\r\n")
+        .await
+        .expect("write");
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(20)).await,
+        "an idle keep-alive connection stayed open"
+    );
+
+    // More unfinished requests than the process has descriptors.
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        match TcpStream::connect(&address).await {
+            Ok(mut stream) => {
+                let _ = stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: me").await;
+                held.push(stream);
+            }
+            Err(_) => break,
+        }
+    }
+    assert!(held.len() >= 256, "only {} connections opened", held.len());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let probe = server
+            .client
+            .get(format!("{}/healthz", server.url))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        if probe.is_ok_and(|r| r.status() == StatusCode::OK) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/healthz did not answer within 60 s of 300 slow connections"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(held);
+    let mut server = server;
+    assert!(server.is_running(), "meterd exited under slow connections");
+    assert_eq!(
+        server
+            .post_json(&[llm_event("acme", "after", 1, 1)])
+            .await
+            .accepted(),
+        1
+    );
+}

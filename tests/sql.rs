@@ -672,3 +672,301 @@ async fn pyarrow_reads_the_arrow_format() {
     let last = answer["rows"][0][2].as_str().expect("timestamp");
     assert!(last.ends_with("+00:00"), "{last}");
 }
+
+/// The server's peak resident memory so far (`VmHWM`), in bytes.
+fn peak_rss_bytes(server: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid()))
+        .expect("read /proc/<pid>/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status");
+    kib * 1024
+}
+
+/// `SELECT 1<op>1<op>...` with `terms` ones.
+fn chain(op: &str, terms: usize) -> String {
+    format!("SELECT {}", vec!["1"; terms].join(op))
+}
+
+/// A bounded adversarial suite: every statement shape that once aborted the process (stack
+/// overflow) or held the query thread, at the sizes that did and far past them, hostile
+/// literals and memory-heavy functions. Each gets an answer of one of the expected statuses,
+/// and after each the process is alive and `/healthz` answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_statements_leave_the_process_answering() {
+    let server = server_with_events(&[
+        "--query-timeout-secs",
+        "5",
+        "--query-memory-bytes",
+        "536870912",
+    ])
+    .await;
+    let ok: &[u16] = &[200];
+    let refused: &[u16] = &[400];
+    let too_big: &[u16] = &[400, 413];
+    let stopped: &[u16] = &[400, 413, 504];
+    let ors = |op: &str, n: usize| {
+        format!(
+            "SELECT count(*) FROM events WHERE {}",
+            (0..n)
+                .map(|i| format!("tenant = 't{i}'"))
+                .collect::<Vec<_>>()
+                .join(op)
+        )
+    };
+    let unions = |n: usize| vec!["SELECT 1 AS x"; n].join(" UNION ALL ");
+    let joins = |n: usize| {
+        let mut sql = "SELECT count(*) FROM (SELECT 1 AS x) t0".to_owned();
+        for i in 1..=n {
+            sql.push_str(&format!(
+                " JOIN (SELECT 1 AS x) t{i} ON t{i}.x = t{}.x",
+                i - 1
+            ));
+        }
+        sql
+    };
+    let columns = |n: usize| {
+        format!(
+            "SELECT {}",
+            (0..n)
+                .map(|i| format!("{i} AS c{i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let cases: Vec<(&str, String, &[u16], &str)> = vec![
+        // Sizes that overflowed a 2 MiB stack now plan and answer.
+        ("937 + terms", chain(" + ", 937), ok, ""),
+        ("990 + terms", chain(" + ", 990), ok, ""),
+        ("937 || terms", chain(" || ", 937), ok, ""),
+        ("718 OR terms", ors(" OR ", 718), ok, ""),
+        ("718 AND terms", ors(" AND ", 718), ok, ""),
+        (
+            "EXPLAIN of 990 terms",
+            format!("EXPLAIN {}", chain(" + ", 990)),
+            ok,
+            "",
+        ),
+        ("200 UNION ALL", unions(200), ok, ""),
+        ("60 joins", joins(60), ok, ""),
+        (
+            "parenthesised 20 deep",
+            format!("SELECT {}1{}", "(".repeat(20), ")".repeat(20)),
+            ok,
+            "",
+        ),
+        // Past the limits: a 400 that names the limit.
+        (
+            "5,000 + terms",
+            chain(" + ", 5_000),
+            refused,
+            "nested deeper than 1000",
+        ),
+        (
+            "2,000 OR terms",
+            ors(" OR ", 2_000),
+            refused,
+            "nested deeper than 1000",
+        ),
+        (
+            "425 UNION ALL",
+            unions(425),
+            refused,
+            "UNION, INTERSECT and EXCEPT",
+        ),
+        ("350 joins", joins(350), refused, "joins"),
+        (
+            "a refused INSERT of 5,468 terms",
+            format!(
+                "INSERT INTO events VALUES ({})",
+                vec!["1"; 5_468].join(" + ")
+            ),
+            refused,
+            "",
+        ),
+        (
+            "32,500 terms that do not parse",
+            format!("{} +", chain(" + ", 32_500)),
+            refused,
+            "tokens",
+        ),
+        (
+            "1,001 columns",
+            columns(1_001),
+            refused,
+            "items in a SELECT list",
+        ),
+        ("100,000 columns", columns(100_000), refused, "bytes"),
+        (
+            "a 300 KB literal",
+            format!("SELECT length('{}')", "x".repeat(300_000)),
+            refused,
+            "bytes, more than the limit of 262144",
+        ),
+        (
+            "deep parentheses",
+            format!("SELECT {}1{}", "(".repeat(3_000), ")".repeat(3_000)),
+            refused,
+            "",
+        ),
+        // Functions that allocate far more than their arguments.
+        (
+            "repeat to a gigabyte",
+            "SELECT length(repeat('a', 1000000000))".to_owned(),
+            refused,
+            "repeat would produce",
+        ),
+        (
+            "lpad to two gigabytes",
+            "SELECT length(lpad('a', 2000000000))".to_owned(),
+            refused,
+            "lpad would produce",
+        ),
+        (
+            "range of a billion",
+            "SELECT cardinality(range(1, 1000000000))".to_owned(),
+            refused,
+            "range would produce",
+        ),
+        (
+            "constants that add up",
+            format!(
+                "SELECT {}",
+                vec!["length(repeat('a', 16000000))"; 64].join(" + ")
+            ),
+            refused,
+            "constant values of this query",
+        ),
+        (
+            "a gigabyte of repeated rows",
+            "SELECT repeat('x', 10000) FROM generate_series(1, 100000)".to_owned(),
+            too_big,
+            "",
+        ),
+        (
+            "a window over 200 million random rows",
+            "SELECT max(r) FROM (SELECT row_number() OVER (ORDER BY random()) AS r \
+             FROM generate_series(1, 200000000))"
+                .to_owned(),
+            stopped,
+            "",
+        ),
+        (
+            "input_file_name",
+            "SELECT input_file_name() FROM events".to_owned(),
+            refused,
+            "input_file_name",
+        ),
+    ];
+    for (name, sql, statuses, message) in &cases {
+        let reply = server.sql_reply(sql).await;
+        assert!(
+            statuses.contains(&reply.status.as_u16()),
+            "{name}: answered {} ({}), expected one of {statuses:?}",
+            reply.status,
+            reply.text.chars().take(500).collect::<String>()
+        );
+        assert!(
+            reply.text.contains(message),
+            "{name}: {message:?} not in {}",
+            reply.text.chars().take(500).collect::<String>()
+        );
+        assert!(
+            reply.text.len() < 4_096,
+            "{name}: the answer echoes the statement ({} bytes)",
+            reply.text.len()
+        );
+        assert_eq!(
+            server.get_status("/healthz").await,
+            StatusCode::OK,
+            "/healthz after {name}"
+        );
+    }
+    assert_eq!(server.scalar(&chain(" + ", 937)).await, json!(937));
+    // The 512 MiB pool held: what the queries built stayed within it, with room for the
+    // process itself (ingest, caches, the runtime).
+    let peak = peak_rss_bytes(&server);
+    assert!(
+        peak < 1536 * 1024 * 1024,
+        "peak RSS {} MiB with a 512 MiB query pool",
+        peak / (1024 * 1024)
+    );
+    assert_eq!(server.count("true").await, 20);
+}
+
+/// Collected rows and the encoded answer count against the memory pool and the response cap.
+#[tokio::test]
+async fn results_and_responses_are_bounded() {
+    let server = server_with_events(&[
+        "--query-memory-bytes",
+        "8000000",
+        "--query-max-rows",
+        "10000000",
+        "--query-max-response-bytes",
+        "3000000",
+    ])
+    .await;
+    // 2 million rows of two BIGINTs: 32 MB of result, far past the 8 MB pool, though no
+    // operator buffers anything.
+    let reply = server
+        .sql_reply("SELECT value, value * 2 FROM generate_series(1, 2000000)")
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        reply.text
+    );
+    assert!(
+        reply.error().contains("query memory limit"),
+        "{}",
+        reply.text
+    );
+    // 100,000 rows fit the pool, their JSON does not fit the 3 MB response cap.
+    let reply = server
+        .sql_reply("SELECT value * 1000000000 AS big FROM generate_series(1, 300000)")
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        reply.text
+    );
+    assert!(reply.error().contains("response cap"), "{}", reply.text);
+    for format in ["csv", "ndjson", "arrow"] {
+        let response = server
+            .sql_response(
+                "SELECT value * 1000000000 AS big FROM generate_series(1, 300000)",
+                Some(format),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE, "{format}");
+    }
+    // What fits is answered, and the pool is free again afterwards.
+    for _ in 0..3 {
+        let rows = server
+            .rows("SELECT value FROM generate_series(1, 100000) WHERE value % 1000 = 0")
+            .await;
+        assert_eq!(rows.len(), 100);
+    }
+}
+
+/// A query that times out gives the thread back: the next query on the single query thread is
+/// answered, not timed out behind it.
+#[tokio::test]
+async fn a_timed_out_query_frees_the_query_thread() {
+    let server = server_with_events(&["--query-timeout-secs", "1"]).await;
+    for _ in 0..3 {
+        let reply = server.sql_reply(HEAVY).await;
+        assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{}", reply.text);
+        let reply = server.sql_reply("SELECT count(*) FROM events").await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "after a timeout: {}",
+            reply.text
+        );
+    }
+}
