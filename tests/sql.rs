@@ -740,7 +740,12 @@ async fn hostile_statements_leave_the_process_answering() {
         // Sizes that overflowed a 2 MiB stack now plan and answer.
         ("937 + terms", chain(" + ", 937), ok, ""),
         ("990 + terms", chain(" + ", 990), ok, ""),
-        ("937 || terms", chain(" || ", 937), ok, ""),
+        (
+            "937 || terms",
+            format!("SELECT {}", vec!["'a'"; 937].join(" || ")),
+            ok,
+            "",
+        ),
         ("718 OR terms", ors(" OR ", 718), ok, ""),
         ("718 AND terms", ors(" AND ", 718), ok, ""),
         (
@@ -874,8 +879,8 @@ async fn hostile_statements_leave_the_process_answering() {
             reply.text.chars().take(500).collect::<String>()
         );
         assert!(
-            reply.text.len() < 4_096,
-            "{name}: the answer echoes the statement ({} bytes)",
+            reply.status == StatusCode::OK || reply.text.len() < 4_096,
+            "{name}: the error echoes the statement ({} bytes)",
             reply.text.len()
         );
         assert_eq!(
@@ -924,9 +929,9 @@ async fn results_and_responses_are_bounded() {
         "{}",
         reply.text
     );
-    // 100,000 rows fit the pool, their JSON does not fit the 3 MB response cap.
+    // 500,000 rows fit the pool (4 MB), their encodings do not fit the 3 MB response cap.
     let reply = server
-        .sql_reply("SELECT value * 1000000000 AS big FROM generate_series(1, 300000)")
+        .sql_reply("SELECT value * 1000000000 AS big FROM generate_series(1, 500000)")
         .await;
     assert_eq!(
         reply.status,
@@ -938,7 +943,7 @@ async fn results_and_responses_are_bounded() {
     for format in ["csv", "ndjson", "arrow"] {
         let response = server
             .sql_response(
-                "SELECT value * 1000000000 AS big FROM generate_series(1, 300000)",
+                "SELECT value * 1000000000 AS big FROM generate_series(1, 500000)",
                 Some(format),
             )
             .await;

@@ -9,16 +9,15 @@
 //! limit. The wrapped function does the work unchanged. Written here because which functions
 //! grow and by how much is a property of DataFusion's function library that no crate tracks.
 
-use std::any::Any;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arrow::array::{Array, ArrayRef, AsArray};
 use arrow::datatypes::{DataType, FieldRef, IntervalUnit, TimeUnit};
-use datafusion::common::config::{ConfigEntry, ConfigExtension, ExtensionOptions};
-use datafusion::common::{ScalarValue, exec_err, plan_err};
+use datafusion::common::{ScalarValue, exec_err};
 use datafusion::error::Result;
 use datafusion::execution::FunctionRegistry;
+use datafusion::execution::session_state::SessionState;
 use datafusion::logical_expr::{
     ColumnarValue, Documentation, Expr, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF,
     ScalarUDFImpl, Signature,
@@ -68,25 +67,51 @@ const BOUNDED: &[(&str, Growth)] = &[
     ("array_resize", Growth::ArrayResize),
 ];
 
-/// Replaces each function that can grow its input in `ctx` by its bounded wrapper.
-pub(crate) fn register(ctx: &SessionContext) -> Result<()> {
+/// The functions this module bounds, as DataFusion defines them.
+#[derive(Debug)]
+pub(crate) struct BoundedFunctions(Vec<(Arc<ScalarUDF>, Growth)>);
+
+/// Replaces each function that can grow its input in `ctx` by its bounded wrapper, and returns
+/// the originals so each query can install wrappers that share its [`ConstantAllowance`].
+pub(crate) fn register(ctx: &SessionContext) -> Result<BoundedFunctions> {
+    let mut originals = Vec::with_capacity(BOUNDED.len());
     for &(name, growth) in BOUNDED {
         let inner = ctx.udf(name)?;
-        ctx.register_udf(ScalarUDF::new_from_impl(Bounded { inner, growth }));
+        ctx.register_udf(ScalarUDF::new_from_impl(Bounded {
+            inner: Arc::clone(&inner),
+            growth,
+            allowance: None,
+        }));
+        originals.push((inner, growth));
     }
-    Ok(())
+    Ok(BoundedFunctions(originals))
 }
 
-/// What one query's constant expressions may produce in all, shared by every call in the
-/// query through its session options. Constants are folded into the plan and live as long as
-/// the query, so unlike per-batch values they add up.
+impl BoundedFunctions {
+    /// Installs, in one query's `state`, wrappers whose constant values together may take at
+    /// most `bytes`.
+    pub(crate) fn install(&self, state: &mut SessionState, bytes: usize) -> Result<()> {
+        let allowance = ConstantAllowance::new(bytes);
+        for (inner, growth) in &self.0 {
+            state.register_udf(Arc::new(ScalarUDF::new_from_impl(Bounded {
+                inner: Arc::clone(inner),
+                growth: *growth,
+                allowance: Some(allowance.clone()),
+            })))?;
+        }
+        Ok(())
+    }
+}
+
+/// What one query's constant expressions may produce in all. Constants are folded into the
+/// plan and live as long as the query, so unlike per-batch values they add up.
 #[derive(Debug, Clone)]
-pub(crate) struct ConstantAllowance {
+struct ConstantAllowance {
     remaining: Arc<AtomicUsize>,
 }
 
 impl ConstantAllowance {
-    pub(crate) fn new(bytes: usize) -> Self {
+    fn new(bytes: usize) -> Self {
         Self {
             remaining: Arc::new(AtomicUsize::new(bytes)),
         }
@@ -107,36 +132,28 @@ impl ConstantAllowance {
     }
 }
 
-impl ExtensionOptions for ConstantAllowance {
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
-
-    fn cloned(&self) -> Box<dyn ExtensionOptions> {
-        Box::new(self.clone())
-    }
-
-    fn set(&mut self, key: &str, _value: &str) -> Result<()> {
-        plan_err!("{key} cannot be set")
-    }
-
-    fn entries(&self) -> Vec<ConfigEntry> {
-        Vec::new()
-    }
-}
-
-impl ConfigExtension for ConstantAllowance {
-    const PREFIX: &'static str = "meterd_constant_allowance";
-}
-
-#[derive(Debug, PartialEq, Eq, Hash)]
+/// A bounded function. Equal to another wrapper of the same function whatever the allowance:
+/// the allowance is the query's, not part of what the expression means.
+#[derive(Debug)]
 struct Bounded {
     inner: Arc<ScalarUDF>,
     growth: Growth,
+    allowance: Option<ConstantAllowance>,
+}
+
+impl PartialEq for Bounded {
+    fn eq(&self, other: &Self) -> bool {
+        self.inner == other.inner && self.growth == other.growth
+    }
+}
+
+impl Eq for Bounded {}
+
+impl std::hash::Hash for Bounded {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.inner.hash(state);
+        self.growth.hash(state);
+    }
 }
 
 impl ScalarUDFImpl for Bounded {
@@ -209,7 +226,7 @@ impl ScalarUDFImpl for Bounded {
         }
         if row_count == 1
             && inputs.iter().all(Input::is_constant)
-            && let Some(allowance) = args.config_options.extensions.get::<ConstantAllowance>()
+            && let Some(allowance) = &self.allowance
         {
             allowance.take(name, total)?;
         }
@@ -522,5 +539,38 @@ mod tests {
             0,
         );
         assert_eq!(days, 11 * 8);
+    }
+}
+
+#[cfg(test)]
+mod session_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_constants_of_one_query_share_one_allowance() {
+        let ctx = SessionContext::new();
+        let functions = register(&ctx).expect("register");
+        let run = |sql: &'static str| {
+            let mut state = ctx.state();
+            functions.install(&mut state, 1_000).expect("install");
+            async move {
+                let plan = state.create_logical_plan(sql).await?;
+                let physical = state.create_physical_plan(&plan).await?;
+                let task = Arc::new(datafusion::execution::TaskContext::from(&state));
+                datafusion::physical_plan::collect(physical, task).await
+            }
+        };
+        run("SELECT length(repeat('a', 600))").await.expect("fits");
+        run("SELECT length(repeat('a', 600))")
+            .await
+            .expect("a new query, a new allowance");
+        let message = run("SELECT length(repeat('a', 600)) + length(repeat('b', 600))")
+            .await
+            .expect_err("past the allowance")
+            .to_string();
+        assert!(
+            message.contains("constant values of this query"),
+            "{message}"
+        );
     }
 }

@@ -90,12 +90,23 @@ impl Format {
             Format::Csv => encode_csv(schema, slices, out),
             Format::Arrow => encode_arrow(schema, slices, out),
         };
-        encoded.map_err(|source| match out.take_refusal() {
-            Some(refusal) => refusal,
-            None => Error::Encode {
-                format: self.name(),
-                source,
-            },
+        encoded.map_err(|source| {
+            if let Some(refusal) = out.take_refusal() {
+                return refusal;
+            }
+            match source {
+                ArrowError::ExternalError(e) => match e.downcast::<Error>() {
+                    Ok(refusal) => *refusal,
+                    Err(e) => Error::Encode {
+                        format: self.name(),
+                        source: ArrowError::ExternalError(e),
+                    },
+                },
+                source => Error::Encode {
+                    format: self.name(),
+                    source,
+                },
+            }
         })
     }
 }

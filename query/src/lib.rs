@@ -25,6 +25,7 @@ mod postgres;
 mod pushdown;
 mod rollup_table;
 mod runtime;
+mod sort_keys;
 mod statement;
 mod table;
 
@@ -75,7 +76,8 @@ pub struct QueryConfig {
     pub memory_limit_bytes: usize,
     /// The largest encoded response; larger answers are refused with a 413.
     pub max_response_bytes: usize,
-    /// Worker threads of the dedicated query runtime (and DataFusion's target partitions).
+    /// DataFusion's target partitions, and the worker threads of the dedicated query runtime
+    /// (which has one more, see `runtime`).
     pub threads: usize,
 }
 
@@ -103,9 +105,9 @@ pub struct QueryService {
 impl QueryService {
     /// Builds the session (memory pool, `information_schema`, the `events` table and the
     /// rollups computed from it) and starts the query runtime with `config.threads` worker
-    /// threads.
+    /// threads and a spare.
     pub async fn new(source: Arc<dyn EventsSource>, config: QueryConfig) -> Result<Arc<Self>> {
-        let ctx = session_context(&config)?;
+        let (ctx, bounded_functions) = session_context(&config)?;
         ctx.register_table(
             "events",
             Arc::new(table::EventsTable::new(Arc::clone(&source))),
@@ -118,7 +120,7 @@ impl QueryService {
             ctx.register_table(rollup.name, Arc::new(table))
                 .map_err(Error::Setup)?;
         }
-        Self::start(ctx, Some(source), &config)
+        Self::start(ctx, bounded_functions, Some(source), &config)
     }
 
     /// Like [`QueryService::new`], but each of `tables` is the PostgreSQL table or view
@@ -132,7 +134,7 @@ impl QueryService {
         tables: &[&str],
         config: QueryConfig,
     ) -> Result<Arc<Self>> {
-        let ctx = session_context(&config)?;
+        let (ctx, bounded_functions) = session_context(&config)?;
         for &table in tables {
             let registration_error = |source| Error::Table {
                 table: format!("{schema}.{table}"),
@@ -145,7 +147,7 @@ impl QueryService {
             ctx.register_table(table, Arc::new(provider))
                 .map_err(registration_error)?;
         }
-        Self::start(ctx, None, &config)
+        Self::start(ctx, bounded_functions, None, &config)
     }
 
     /// Like [`QueryService::with_postgres`], from ClickHouse: each of `tables` is
@@ -159,7 +161,7 @@ impl QueryService {
         tables: &[&str],
         config: QueryConfig,
     ) -> Result<Arc<Self>> {
-        let ctx = session_context(&config)?;
+        let (ctx, bounded_functions) = session_context(&config)?;
         for &table in tables {
             let registration_error = |source| Error::Table {
                 table: format!("{database}.{table}"),
@@ -176,18 +178,20 @@ impl QueryService {
             ctx.register_table(table, Arc::new(provider))
                 .map_err(registration_error)?;
         }
-        Self::start(ctx, None, &config)
+        Self::start(ctx, bounded_functions, None, &config)
     }
 
     /// Starts the query runtime for a session whose tables are registered; `pinned` is the
     /// embedded store whose files each query pins.
     fn start(
         ctx: SessionContext,
+        bounded_functions: bounded_fns::BoundedFunctions,
         pinned: Option<Arc<dyn EventsSource>>,
         config: &QueryConfig,
     ) -> Result<Arc<Self>> {
         let engine = Arc::new(Engine {
             ctx,
+            bounded_functions,
             pinned,
             timeout: config.timeout,
             max_rows: config.max_rows,
@@ -265,7 +269,9 @@ impl QueryService {
 
 /// A session without tables: memory pool, `information_schema`, `config.threads` partitions and
 /// the rule that keeps row-multiplying operators cancellable.
-fn session_context(config: &QueryConfig) -> Result<SessionContext> {
+fn session_context(
+    config: &QueryConfig,
+) -> Result<(SessionContext, bounded_fns::BoundedFunctions)> {
     let threads = config.threads.max(1);
     // How many memory consumers a ResourcesExhausted error names.
     let top_consumers = NonZeroUsize::MIN.saturating_add(4);
@@ -284,16 +290,17 @@ fn session_context(config: &QueryConfig) -> Result<SessionContext> {
         .with_config(session)
         .with_runtime_env(runtime_env)
         .with_default_features()
+        .with_physical_optimizer_rule(Arc::new(sort_keys::MaterializeSortKeys))
         .with_physical_optimizer_rule(Arc::new(coop::CooperativeMultipliers))
         .build();
     let ctx = SessionContext::new_with_state(state);
     // Replaces DataFusion's wrapping `sum` (see exact_sum).
     ctx.register_udaf(exact_sum::exact_sum());
-    bounded_fns::register(&ctx).map_err(Error::Setup)?;
+    let bounded_functions = bounded_fns::register(&ctx).map_err(Error::Setup)?;
     // It answers the absolute path of the Parquet file a row came from, which tells a reader
     // of the SQL API where the data directory is and nothing about usage.
     ctx.deregister_udf("input_file_name");
-    Ok(ctx)
+    Ok((ctx, bounded_functions))
 }
 
 /// When a query must have finished, checked between the steps that cannot be interrupted.
@@ -325,6 +332,8 @@ impl Deadline {
 /// What the query task needs; shared with it so the task never owns the runtime it runs on.
 struct Engine {
     ctx: SessionContext,
+    /// Installed in each query's state with the query's own allowance for constants.
+    bounded_functions: bounded_fns::BoundedFunctions,
     /// The embedded store, if the tables read it: every query pins its files.
     pinned: Option<Arc<dyn EventsSource>>,
     timeout: Duration,
@@ -353,11 +362,9 @@ impl Engine {
         // meanwhile must not delete a file this query's scans were planned on.
         let _pin = self.pinned.as_ref().map(|source| source.pin());
         let mut state = self.ctx.state();
-        state
-            .config_mut()
-            .options_mut()
-            .extensions
-            .insert(bounded_fns::ConstantAllowance::new(self.memory_limit_bytes));
+        self.bounded_functions
+            .install(&mut state, self.memory_limit_bytes)
+            .map_err(Error::Setup)?;
         let recursion_limit = state.config().options().sql_parser.recursion_limit.get();
         let statement = statement::parse_read_only(sql, recursion_limit)?;
         deadline.check()?;

@@ -26,9 +26,13 @@ pub(crate) struct QueryRuntime {
 }
 
 impl QueryRuntime {
+    /// A runtime for `threads` busy queries, with one worker more. A query is aborted at its
+    /// deadline, but only at its next yield point, and some operators run for seconds without
+    /// one (a sort spilling half a gigabyte, a large hash build). The spare worker keeps the
+    /// other queries answering meanwhile, instead of queueing behind a query already refused.
     pub(crate) fn new(threads: usize) -> Result<Self> {
         let runtime = Builder::new_multi_thread()
-            .worker_threads(threads.max(1))
+            .worker_threads(threads.max(1) + 1)
             .thread_stack_size(QUERY_STACK_BYTES)
             .thread_name("meterd-query")
             .enable_all()
