@@ -838,8 +838,8 @@ async fn api_keys_guard_the_api_and_leave_probes_public() {
     let config = tempfile::NamedTempFile::new().expect("config file");
     std::fs::write(
         config.path(),
-        "[[api_keys]]\nname = \"ingester\"\nkey = \"ik-secret\"\nscopes = [\"ingest\"]\n\
-         [[api_keys]]\nname = \"analyst\"\nkey = \"qk-secret\"\nscopes = [\"query\"]\n",
+        "[[api_keys]]\nname = \"ingester\"\nkey = \"ik-secret-0123456789\"\nscopes = [\"ingest\"]\n\
+         [[api_keys]]\nname = \"analyst\"\nkey = \"qk-secret-0123456789\"\nscopes = [\"query\"]\n",
     )
     .expect("write config");
     let server = Server::start(&["--config", &config.path().to_string_lossy()]);
@@ -854,9 +854,9 @@ async fn api_keys_guard_the_api_and_leave_probes_public() {
         request.send()
     };
     for (auth, id) in [
-        ("Bearer ik-secret", "k1"),
-        ("bearer ik-secret", "k2"),
-        ("BEARER   ik-secret", "k3"),
+        ("Bearer ik-secret-0123456789", "k1"),
+        ("bearer ik-secret-0123456789", "k2"),
+        ("BEARER   ik-secret-0123456789", "k3"),
     ] {
         let response = post_event(Some(auth), id).await.expect("POST");
         assert_eq!(response.status(), StatusCode::OK, "{auth:?}");
@@ -864,8 +864,8 @@ async fn api_keys_guard_the_api_and_leave_probes_public() {
     for auth in [
         None,
         Some("Bearer wrong"),
-        Some("Basic ik-secret"),
-        Some("ik-secret"),
+        Some("Basic ik-secret-0123456789"),
+        Some("ik-secret-0123456789"),
     ] {
         let response = post_event(auth, "k4").await.expect("POST");
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{auth:?}");
@@ -878,10 +878,10 @@ async fn api_keys_guard_the_api_and_leave_probes_public() {
             .send()
     };
     assert_eq!(
-        sql("bearer ik-secret").await.expect("POST").status(),
+        sql("bearer ik-secret-0123456789").await.expect("POST").status(),
         StatusCode::FORBIDDEN
     );
-    let answer: Value = sql("bearer qk-secret")
+    let answer: Value = sql("bearer qk-secret-0123456789")
         .await
         .expect("POST")
         .json()
@@ -911,7 +911,7 @@ async fn api_keys_guard_the_api_and_leave_probes_public() {
     );
     let detailed: Value = client
         .get(format!("{}/readyz", server.url))
-        .header("authorization", "Bearer qk-secret")
+        .header("authorization", "Bearer qk-secret-0123456789")
         .send()
         .await
         .expect("GET /readyz")
