@@ -235,6 +235,9 @@ fn prefill(data_dir: &std::path::Path, n: usize) -> Result<()> {
         )?;
     }
     index.persist()?;
+    // A bulk load leaves compaction debt that gradual growth would have paid long ago.
+    index.compact()?;
+    index.persist()?;
     Ok(())
 }
 

@@ -29,8 +29,8 @@ const APPLIED_KEY: &[u8] = b"applied_lsn";
 /// checksummed a filter block from disk, and ingest slowed tenfold as history grew. Keyspaces
 /// created by this version pin every filter and index block in memory (about 80 MB for 50
 /// million keys); an index created before keeps fjall's defaults, stored with it, and relies
-/// on this cache, which holds the filters of well over 100 million keys.
-const CACHE_BYTES: u64 = 256 * 1024 * 1024;
+/// on this cache, which holds the filters of about 80 million keys.
+const CACHE_BYTES: u64 = 128 * 1024 * 1024;
 
 /// What the index says about a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +134,14 @@ impl DedupIndex {
         let applied = self.applied()?;
         self.db.persist(PersistMode::SyncAll)?;
         Ok(applied)
+    }
+
+    /// Rewrites the whole index into its last level, as years of gradual growth would leave it.
+    /// For tools and benchmarks that load many keys at once; meterd itself leaves compaction to
+    /// fjall's background workers.
+    pub fn compact(&self) -> Result<()> {
+        self.keys.major_compact()?;
+        Ok(())
     }
 
     /// Drops entries whose event time is before `cutoff_us`. Returns how many.

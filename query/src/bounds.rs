@@ -180,22 +180,22 @@ mod tests {
         let long = format!("SELECT '{}'", "x".repeat(MAX_STATEMENT_BYTES));
         assert!(
             check_text(&long)
-                .unwrap_err()
+                .expect_err("refused")
                 .to_string()
                 .contains("bytes, more than the limit of 262144")
         );
         let many = vec!["1"; MAX_STATEMENT_TOKENS].join(",");
         let message = check_text(&format!("SELECT {many}"))
-            .unwrap_err()
+            .expect_err("refused")
             .to_string();
         assert!(message.contains("tokens"), "{message}");
         let unions = vec!["SELECT 1"; MAX_SET_OPERATIONS + 2].join(" UNION ALL ");
-        let message = check_text(&unions).unwrap_err().to_string();
+        let message = check_text(&unions).expect_err("refused").to_string();
         assert!(message.contains("UNION"), "{message}");
 
         let deep = chain(" + ", MAX_NESTING_DEPTH + 5);
         check_text(&deep).expect("small enough as text");
-        let message = check_tree(&parse(&deep)).unwrap_err().to_string();
+        let message = check_tree(&parse(&deep)).expect_err("refused").to_string();
         assert!(message.contains("nested deeper than 1000"), "{message}");
 
         let wide = format!(
@@ -205,7 +205,7 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let message = check_tree(&parse(&wide)).unwrap_err().to_string();
+        let message = check_tree(&parse(&wide)).expect_err("refused").to_string();
         assert!(message.contains("items in a SELECT list"), "{message}");
     }
 }

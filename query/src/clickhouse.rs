@@ -58,8 +58,9 @@ enum Kind {
     DateTime,
     /// `DateTime64(p)`: `Timestamp(Microsecond, "UTC")`. Pushed down.
     DateTime64,
-    /// `events.time`, read from `time_us` (exact microseconds). Pushed down on `time_us`, with
-    /// the implied condition on `time` so ClickHouse can use its key and partitions.
+    /// A time with its exact microseconds beside it (`events.time` read from `time_us`,
+    /// `ingested_at` from `ingested_at_us`). Pushed down on the microseconds, with the implied
+    /// condition on the time column so ClickHouse can use its key and partitions.
     EventTime,
     /// Anything else: `Utf8` holding `toString(value)`. Only `IS [NOT] NULL` pushed down.
     AsText,
@@ -143,7 +144,7 @@ impl ChColumn {
             Kind::UInt => format!("toUInt64({c})"),
             Kind::DateTime => format!("toInt64(toUInt32({c})) * 1000000"),
             Kind::DateTime64 => format!("toUnixTimestamp64Micro({c})"),
-            Kind::EventTime => "time_us".to_owned(),
+            Kind::EventTime => quote_ident(&format!("{}_us", self.name)),
             Kind::AsText => format!("toString({c})"),
         }
     }
@@ -221,14 +222,25 @@ impl ClickHouseTable {
             .fetch_all()
             .await
             .map_err(|e| external(e, format!("reading the columns of {qualified}")))?;
-        let event_time =
-            raw.iter().any(|(n, _)| n == "time_us") && raw.iter().any(|(n, _)| n == "time");
+        // A time column with a `<name>_us` beside it (`time`, and `ingested_at` in databases
+        // created since it has one) is read exactly from the microseconds; those columns are
+        // not relations' columns of their own.
+        let exact = |name: &str| {
+            raw.iter().any(|(n, ty)| n == name && ty.contains("DateTime"))
+                && raw.iter().any(|(n, _)| *n == format!("{name}_us"))
+        };
+        let exact_times: Vec<String> = raw
+            .iter()
+            .map(|(n, _)| n.clone())
+            .filter(|n| exact(n))
+            .collect();
         let mut columns = Vec::with_capacity(raw.len());
         for (column, ty) in raw {
-            if column == "_delivery" || (event_time && column == "time_us") {
+            let micros_of = column.strip_suffix("_us");
+            if column == "_delivery" || micros_of.is_some_and(|t| exact_times.iter().any(|e| e == t)) {
                 continue;
             }
-            let kind = if event_time && column == "time" {
+            let kind = if exact_times.contains(&column) {
                 Kind::EventTime
             } else {
                 Kind::from_type(&ty)
@@ -453,10 +465,17 @@ impl Translator<'_> {
                 let implied = match op {
                     _ if !in_range => None,
                     Operator::Eq | Operator::Gt | Operator::GtEq => {
-                        Some(format!("`time` >= toDateTime({second}, 'UTC')"))
+                        Some(format!(
+                            "{} >= toDateTime({second}, 'UTC')",
+                            quote_ident(&column.name)
+                        ))
                     }
                     Operator::Lt | Operator::LtEq => {
-                        Some(format!("`time` < toDateTime({}, 'UTC')", second + 1))
+                        Some(format!(
+                            "{} < toDateTime({}, 'UTC')",
+                            quote_ident(&column.name),
+                            second + 1
+                        ))
                     }
                     _ => None,
                 };

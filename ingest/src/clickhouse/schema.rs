@@ -107,6 +107,8 @@ fn event_columns(dialect: &Dialect) -> Vec<(&'static str, String)> {
         ("time", time.clone()),
         ("time_us", "Int64".to_owned()),
         ("ingested_at", time),
+        // Exact, as `time_us`: the SQL API reads `ingested_at` from it.
+        ("ingested_at_us", "Int64".to_owned()),
     ];
     for &(name, ty) in INPUT_COLUMNS {
         match name {
@@ -287,7 +289,7 @@ mod tests {
         // `events` has every input column but the marker, and the derived times.
         let events = events_table("meterd", &Dialect::LEGACY, None);
         for (name, _) in INPUT_COLUMNS {
-            let wanted = !matches!(*name, "_marker" | "ingested_at_us");
+            let wanted = *name != "_marker";
             assert_eq!(events.contains(&format!("    {name} ")), wanted, "{name}");
         }
     }
