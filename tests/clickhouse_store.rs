@@ -1195,10 +1195,21 @@ async fn the_same_sql_gives_the_same_answer_on_every_store() {
         match reply.status {
             StatusCode::OK => assert_eq!(reply.json["rows"], json!([[0]]), "{what}"),
             StatusCode::BAD_REQUEST => {
-                assert!(reply.text.len() < 1_000, "{what}: {} bytes", reply.text.len());
-                assert!(reply.error().contains("ClickHouse"), "{what}: {}", reply.text);
+                assert!(
+                    reply.text.len() < 1_000,
+                    "{what}: {} bytes",
+                    reply.text.len()
+                );
+                assert!(
+                    reply.error().contains("ClickHouse"),
+                    "{what}: {}",
+                    reply.text
+                );
             }
-            other => panic!("{what}: {other}: {}", reply.text.chars().take(300).collect::<String>()),
+            other => panic!(
+                "{what}: {other}: {}",
+                reply.text.chars().take(300).collect::<String>()
+            ),
         }
     }
     let log = from_clickhouse.stderr();

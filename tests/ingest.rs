@@ -878,7 +878,10 @@ async fn api_keys_guard_the_api_and_leave_probes_public() {
             .send()
     };
     assert_eq!(
-        sql("bearer ik-secret-0123456789").await.expect("POST").status(),
+        sql("bearer ik-secret-0123456789")
+            .await
+            .expect("POST")
+            .status(),
         StatusCode::FORBIDDEN
     );
     let answer: Value = sql("bearer qk-secret-0123456789")

@@ -226,7 +226,8 @@ impl ClickHouseTable {
         // created since it has one) is read exactly from the microseconds; those columns are
         // not relations' columns of their own.
         let exact = |name: &str| {
-            raw.iter().any(|(n, ty)| n == name && ty.contains("DateTime"))
+            raw.iter()
+                .any(|(n, ty)| n == name && ty.contains("DateTime"))
                 && raw.iter().any(|(n, _)| *n == format!("{name}_us"))
         };
         let exact_times: Vec<String> = raw
@@ -237,7 +238,9 @@ impl ClickHouseTable {
         let mut columns = Vec::with_capacity(raw.len());
         for (column, ty) in raw {
             let micros_of = column.strip_suffix("_us");
-            if column == "_delivery" || micros_of.is_some_and(|t| exact_times.iter().any(|e| e == t)) {
+            if column == "_delivery"
+                || micros_of.is_some_and(|t| exact_times.iter().any(|e| e == t))
+            {
                 continue;
             }
             let kind = if exact_times.contains(&column) {
@@ -464,19 +467,15 @@ impl Translator<'_> {
                 let in_range = (0..i64::from(u32::MAX)).contains(&second);
                 let implied = match op {
                     _ if !in_range => None,
-                    Operator::Eq | Operator::Gt | Operator::GtEq => {
-                        Some(format!(
-                            "{} >= toDateTime({second}, 'UTC')",
-                            quote_ident(&column.name)
-                        ))
-                    }
-                    Operator::Lt | Operator::LtEq => {
-                        Some(format!(
-                            "{} < toDateTime({}, 'UTC')",
-                            quote_ident(&column.name),
-                            second + 1
-                        ))
-                    }
+                    Operator::Eq | Operator::Gt | Operator::GtEq => Some(format!(
+                        "{} >= toDateTime({second}, 'UTC')",
+                        quote_ident(&column.name)
+                    )),
+                    Operator::Lt | Operator::LtEq => Some(format!(
+                        "{} < toDateTime({}, 'UTC')",
+                        quote_ident(&column.name),
+                        second + 1
+                    )),
                     _ => None,
                 };
                 Some(match implied {
