@@ -1106,8 +1106,12 @@ async fn the_same_sql_gives_the_same_answer_on_every_store() {
         // Bounds on a time column that is also selected (ClickHouse once read them as
         // bounds on the microseconds it selects under the column's name).
         "SELECT id, time FROM events WHERE time < now()".to_owned(),
-        "SELECT id, time FROM events WHERE time BETWEEN now() - INTERVAL '3 days' AND now()"
-            .to_owned(),
+        // Fixed bounds: `now()` would be a different moment on each store.
+        format!(
+            "SELECT id, time FROM events WHERE time BETWEEN TIMESTAMP '{}' AND TIMESTAMP '{}'",
+            (chrono::Utc::now() - chrono::Duration::days(3)).to_rfc3339(),
+            chrono::Utc::now().to_rfc3339()
+        ),
         "SELECT id, ingested_at FROM events WHERE ingested_at < now()".to_owned(),
         "SELECT count(*) FROM events WHERE source NOT IN ('a', 'b', 'c', 'd')".to_owned(),
         "SELECT count(*) FROM events WHERE steps NOT IN (7, 8, 9, 10)".to_owned(),
@@ -1204,7 +1208,10 @@ async fn the_same_sql_gives_the_same_answer_on_every_store() {
     for (what, sql) in [("a long IN list", long_in), ("a deep OR", deep_or)] {
         let reply = from_clickhouse.sql_reply(&sql).await;
         match reply.status {
-            StatusCode::OK => assert_eq!(reply.json["rows"], json!([[0]]), "{what}"),
+            // The OR of equalities becomes an IN list ClickHouse takes; the long list must not.
+            StatusCode::OK if what == "a deep OR" => {
+                assert_eq!(reply.json["rows"], json!([[0]]), "{what}");
+            }
             StatusCode::BAD_REQUEST => {
                 assert!(
                     reply.text.len() < 1_000,

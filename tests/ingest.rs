@@ -948,7 +948,14 @@ async fn slow_and_idle_connections_are_closed() {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpStream;
 
-    let server = Server::start(&["--header-timeout-secs", "2", "--body-timeout-secs", "2"]);
+    let server = Server::start(&[
+        "--header-timeout-secs",
+        "2",
+        "--body-timeout-secs",
+        "2",
+        "--max-connections",
+        "50",
+    ]);
     let address = server.url.trim_start_matches("http://").to_owned();
     let limited = std::process::Command::new("prlimit")
         .args(["--pid", &server.pid().to_string(), "--nofile=256:256"])
@@ -988,7 +995,8 @@ async fn slow_and_idle_connections_are_closed() {
         "an idle keep-alive connection stayed open"
     );
 
-    // More unfinished requests than the process has descriptors.
+    // More unfinished requests than the connection cap (past it, new connections are closed at
+    // once) and than the process has descriptors.
     let mut held = Vec::new();
     for _ in 0..300 {
         match TcpStream::connect(&address).await {

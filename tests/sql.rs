@@ -842,7 +842,34 @@ async fn hostile_statements_leave_the_process_answering() {
                 vec!["length(repeat('a', 16000000))"; 64].join(" + ")
             ),
             refused,
-            "constant values of this query",
+            "repeat would produce",
+        ),
+        (
+            "a large constant copied into every row",
+            "SELECT repeat('x', 16000000) FROM generate_series(1, 134)".to_owned(),
+            refused,
+            "copied into each",
+        ),
+        (
+            "WITH queries that double at every step",
+            {
+                let mut sql = "WITH t0 AS (SELECT 1 AS x)".to_owned();
+                for i in 1..=40 {
+                    sql.push_str(&format!(
+                        ", t{i} AS (SELECT a.x FROM t{p} a, t{p} b)",
+                        p = i - 1
+                    ));
+                }
+                sql + " SELECT count(*) FROM t40"
+            },
+            refused,
+            "table references",
+        ),
+        (
+            "a deeply nested array type",
+            format!("SELECT CAST(NULL AS INT{})", "[]".repeat(20_000)),
+            refused,
+            "brackets",
         ),
         (
             "a gigabyte of repeated rows",
@@ -950,7 +977,7 @@ async fn results_and_responses_are_bounded() {
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE, "{format}");
     }
     // What fits is answered, and the pool is free again afterwards.
-    for _ in 0..3 {
+    for _ in 0..20 {
         let rows = server
             .rows("SELECT value FROM generate_series(1, 100000) WHERE value % 1000 = 0")
             .await;
@@ -958,19 +985,22 @@ async fn results_and_responses_are_bounded() {
     }
 }
 
-/// A query that times out gives the thread back: the next query on the single query thread is
-/// answered, not timed out behind it.
-#[tokio::test]
+/// Queries that time out give their threads back: after more timed-out queries at once than
+/// the query runtime has threads (one and a spare), the next query is answered, not timed out
+/// behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_query_frees_the_query_thread() {
     let server = server_with_events(&["--query-timeout-secs", "1"]).await;
     for _ in 0..3 {
-        let reply = server.sql_reply(HEAVY).await;
-        assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{}", reply.text);
+        let heavy = (0..4).map(|_| server.sql_reply(HEAVY));
+        for reply in futures::future::join_all(heavy).await {
+            assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{}", reply.text);
+        }
         let reply = server.sql_reply("SELECT count(*) FROM events").await;
         assert_eq!(
             reply.status,
             StatusCode::OK,
-            "after a timeout: {}",
+            "after timeouts: {}",
             reply.text
         );
     }

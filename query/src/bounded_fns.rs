@@ -204,13 +204,9 @@ impl ScalarUDFImpl for Bounded {
             .iter()
             .map(|a| Input::of(a, rows))
             .collect::<Result<_>>()?;
-        let row_count = if inputs.iter().all(Input::is_constant) {
-            1
-        } else {
-            rows
-        };
+        let constant = inputs.iter().all(Input::is_constant);
         let mut total: u64 = 0;
-        for row in 0..row_count {
+        for row in 0..if constant { 1 } else { rows } {
             let bytes = bound(self.growth, &inputs, row);
             if bytes > MAX_VALUE_BYTES {
                 return exec_err!(
@@ -224,11 +220,19 @@ impl ScalarUDFImpl for Bounded {
                 );
             }
         }
-        if row_count == 1
-            && inputs.iter().all(Input::is_constant)
-            && let Some(allowance) = &self.allowance
-        {
-            allowance.take(name, total)?;
+        if constant {
+            // A constant is folded into the plan once, then copied into every row of each
+            // batch that selects it: it counts once per row of a batch, and against what the
+            // query's constants may take in all.
+            let batch_rows = args.config_options.execution.batch_size.get().max(rows) as u64;
+            if total.saturating_mul(batch_rows) > MAX_CALL_BYTES {
+                return exec_err!(
+                    "{name} would produce a constant of {total} bytes, copied into each of up to {batch_rows} rows of a batch; the limit is {MAX_CALL_BYTES} bytes per batch"
+                );
+            }
+            if let Some(allowance) = &self.allowance {
+                allowance.take(name, total)?;
+            }
         }
         self.inner.invoke_with_args(args)
     }

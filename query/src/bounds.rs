@@ -9,10 +9,13 @@
 //! limit. The numbers follow ClickHouse's own defaults (`max_query_size`, `max_ast_depth`,
 //! `max_ast_elements`), which analysts already meet in practice.
 
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 use datafusion::error::DataFusionError;
-use datafusion::sql::sqlparser::ast::{Expr, Query, Select, SetExpr, Statement, Visit, Visitor};
+use datafusion::sql::sqlparser::ast::{
+    Expr, ObjectName, Query, Select, SetExpr, Statement, Visit, Visitor,
+};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::parser::ParserError;
@@ -33,6 +36,13 @@ pub(crate) const MAX_SET_OPERATIONS: usize = 256;
 pub(crate) const MAX_JOINS: usize = 256;
 /// The most items in one `SELECT` list or `VALUES` row.
 pub(crate) const MAX_COLUMNS: usize = 1_000;
+/// The most table references, each use of a `WITH` query counted as the references it holds
+/// (DataFusion plans a copy of it for each use, so `t1 AS (SELECT ... FROM t0 a, t0 b)`
+/// doubles the plan at every step).
+pub(crate) const MAX_RELATIONS: u64 = 1_000;
+/// The most `[` and the most `<` tokens: array types and literals nest without limit in the
+/// parser and in the type conversions after it.
+pub(crate) const MAX_BRACKETS: usize = 1_000;
 
 /// Checks the size of `sql` before it is parsed: bytes, then tokens and the operators that
 /// nest without parentheses. Linear and without recursion, so it is safe on any input.
@@ -51,9 +61,13 @@ pub(crate) fn check_text(sql: &str) -> Result<()> {
     let mut count = 0usize;
     let mut set_operations = 0usize;
     let mut joins = 0usize;
+    let mut brackets = 0usize;
+    let mut angles = 0usize;
     for token in &tokens {
         match token {
             Token::Whitespace(_) => continue,
+            Token::LBracket => brackets += 1,
+            Token::Lt => angles += 1,
             Token::Word(word) => match word.keyword {
                 Keyword::UNION | Keyword::INTERSECT | Keyword::EXCEPT => set_operations += 1,
                 Keyword::JOIN => joins += 1,
@@ -76,6 +90,12 @@ pub(crate) fn check_text(sql: &str) -> Result<()> {
     if joins > MAX_JOINS {
         return Err(too_large("joins", joins, MAX_JOINS));
     }
+    if brackets > MAX_BRACKETS {
+        return Err(too_large("[ brackets", brackets, MAX_BRACKETS));
+    }
+    if angles > MAX_BRACKETS {
+        return Err(too_large("< signs", angles, MAX_BRACKETS));
+    }
     Ok(())
 }
 
@@ -83,9 +103,74 @@ pub(crate) fn check_text(sql: &str) -> Result<()> {
 /// passed, so its own recursion never goes deeper than [`MAX_NESTING_DEPTH`].
 pub(crate) fn check_tree(statement: &Statement) -> Result<()> {
     let mut shape = Shape::default();
-    match statement.visit(&mut shape) {
-        ControlFlow::Continue(()) => Ok(()),
-        ControlFlow::Break(e) => Err(e),
+    if let ControlFlow::Break(e) = statement.visit(&mut shape) {
+        return Err(e);
+    }
+    // Depth is bounded now, so these walks are too.
+    let mut weights = CteWeights::default();
+    let _ = statement.visit(&mut weights);
+    let mut count = Relations {
+        weights: &weights.0,
+        total: 0,
+    };
+    let _ = statement.visit(&mut count);
+    if count.total > MAX_RELATIONS {
+        return Err(Error::TooComplex {
+            what: "table references (each use of a WITH query counts the references in it)",
+            found: usize::try_from(count.total).unwrap_or(usize::MAX),
+            limit: MAX_RELATIONS as usize,
+        });
+    }
+    Ok(())
+}
+
+/// How a table reference reads in a `WITH` definition and where it is used.
+fn relation_key(name: &str) -> String {
+    name.trim_matches(['"', '`']).to_lowercase()
+}
+
+/// The weight of each `WITH` query: the table references in it, each use of an earlier `WITH`
+/// query counted at that query's weight.
+#[derive(Debug, Default)]
+struct CteWeights(HashMap<String, u64>);
+
+impl Visitor for CteWeights {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        if let Some(with) = &query.with {
+            for cte in &with.cte_tables {
+                let mut count = Relations {
+                    weights: &self.0,
+                    total: 0,
+                };
+                let _ = cte.query.visit(&mut count);
+                let weight = count.total.max(1);
+                self.0.insert(relation_key(&cte.alias.name.value), weight);
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Counts table references, a `WITH` query's name at its weight.
+#[derive(Debug)]
+struct Relations<'a> {
+    weights: &'a HashMap<String, u64>,
+    total: u64,
+}
+
+impl Visitor for Relations<'_> {
+    type Break = ();
+
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
+        let weight = self
+            .weights
+            .get(&relation_key(&relation.to_string()))
+            .copied()
+            .unwrap_or(1);
+        self.total = self.total.saturating_add(weight);
+        ControlFlow::Continue(())
     }
 }
 
@@ -207,5 +292,26 @@ mod tests {
         );
         let message = check_tree(&parse(&wide)).expect_err("refused").to_string();
         assert!(message.contains("items in a SELECT list"), "{message}");
+
+        // Each WITH query used twice by the next: 2^40 copies in the plan, in 1 KB of text.
+        let mut doubling = "WITH t0 AS (SELECT 1 AS x)".to_owned();
+        for i in 1..=40 {
+            doubling.push_str(&format!(
+                ", t{i} AS (SELECT a.x FROM t{p} a, t{p} b)",
+                p = i - 1
+            ));
+        }
+        doubling.push_str(" SELECT count(*) FROM t40");
+        check_text(&doubling).expect("small as text");
+        let message = check_tree(&parse(&doubling))
+            .expect_err("refused")
+            .to_string();
+        assert!(message.contains("table references"), "{message}");
+        let reuse = "WITH t AS (SELECT 1 AS x) SELECT * FROM t a JOIN t b ON a.x = b.x";
+        check_tree(&parse(reuse)).expect("a WITH query used twice");
+
+        let nested_type = format!("SELECT CAST(NULL AS INT{})", "[]".repeat(2_000));
+        let message = check_text(&nested_type).expect_err("refused").to_string();
+        assert!(message.contains("brackets"), "{message}");
     }
 }

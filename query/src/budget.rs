@@ -16,7 +16,7 @@ use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReser
 use crate::error::{Error, Result};
 
 /// The reservation is grown in steps of this size, so charging per row stays cheap.
-const STEP_BYTES: usize = 1024 * 1024;
+const STEP_BYTES: usize = 64 * 1024;
 
 /// Holds the memory of the batches a query has collected so far.
 #[derive(Debug)]
@@ -71,7 +71,8 @@ impl Output {
         }
     }
 
-    /// Checks that `buf` may grow by `more` bytes, reserving memory for it.
+    /// Checks that `buf` may grow by `more` bytes and makes room for them, holding memory for
+    /// all the buffer has allocated (its capacity, which grows by doubling, not its length).
     fn admit(&mut self, more: usize) -> Result<()> {
         let wanted = self.buf.len().saturating_add(more);
         if wanted > self.max_bytes {
@@ -79,10 +80,10 @@ impl Output {
                 max_bytes: self.max_bytes,
             });
         }
-        if wanted > self.reservation.size() {
-            let step = wanted
-                .saturating_sub(self.reservation.size())
-                .max(STEP_BYTES);
+        self.buf.reserve(more);
+        let held = self.buf.capacity();
+        if held > self.reservation.size() {
+            let step = (held - self.reservation.size()).next_multiple_of(STEP_BYTES);
             self.reservation
                 .try_grow(step)
                 .map_err(|source| Error::MemoryLimit {

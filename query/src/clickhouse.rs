@@ -747,15 +747,20 @@ fn excerpt(sql: &str) -> String {
     }
 }
 
-/// ClickHouse's error codes for statements that are too large or deep for it to parse:
-/// `SYNTAX_ERROR` (62, raised for "Max query size exceeded"), `TOO_DEEP_AST` (167),
-/// `TOO_BIG_AST` (168), `TOO_DEEP_SUBQUERIES` (166), `TOO_DEEP_RECURSION` (306).
+/// How ClickHouse reports a statement too large or deep for it to parse: "Max query size
+/// exceeded" (a `SYNTAX_ERROR`), `TOO_DEEP_SUBQUERIES` (166), `TOO_DEEP_AST` (167),
+/// `TOO_BIG_AST` (168), `TOO_DEEP_RECURSION` (306). 18.16 writes `Code: 167, e.displayText()`,
+/// servers since 21.8 `Code: 167. DB::Exception: ... (TOO_DEEP_AST)`.
 const STATEMENT_TOO_LARGE: &[&str] = &[
     "Max query size exceeded",
     "Code: 166,",
     "Code: 167,",
     "Code: 168,",
     "Code: 306,",
+    "Code: 166.",
+    "Code: 167.",
+    "Code: 168.",
+    "Code: 306.",
 ];
 
 /// An error of ClickHouse running `sql`. A statement that is too large or deep for ClickHouse

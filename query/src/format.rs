@@ -188,8 +188,9 @@ fn encode_json(
                 }
             }
             out.buf.push(b']');
+            // Per row: 256 rows of large values would be gigabytes between two checks.
+            out.charge().map_err(refused)?;
         }
-        out.charge().map_err(refused)?;
     }
     out.buf.extend_from_slice(b"]}");
     out.charge().map_err(refused)

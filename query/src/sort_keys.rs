@@ -1,14 +1,19 @@
-//! Sort keys that are expressions are computed before the sort, so its memory is accounted.
+//! A sort over batches without columns sorts computed keys, so its memory is accounted.
 //!
 //! DataFusion's `SortExec` reserves memory for the batches it buffers, then evaluates its sort
-//! expressions when it sorts them, outside the reservation. A sort by an expression over few or
-//! no columns therefore buffers almost nothing that counts and then builds its keys all at
-//! once: `row_number() OVER (ORDER BY random())` over 200 million rows buffered batches of no
-//! columns (zero bytes by the pool's count) and reached 3 GB with a 512 MiB pool. This rule
-//! rewrites such a sort to sort on columns computed by a projection below it and dropped by one
-//! above it, so the keys are in the buffered batches: the pool sees them, and the sort spills
-//! or refuses within the limit. A sort with a `fetch` (top-k) keeps only k rows and is left as
-//! it is.
+//! expressions when it sorts them, outside the reservation. Over batches that have rows but no
+//! columns (`row_number() OVER (ORDER BY random())` reads no column) it buffers nothing that
+//! counts and then builds all its keys at once: over 200 million rows that reached 3 GB with a
+//! 512 MiB pool. This rule rewrites such a sort to sort on columns computed by a projection
+//! below it and dropped by one above it, so the keys are in the buffered batches: the pool sees
+//! them, and the sort spills or refuses within the limit.
+//!
+//! Only sorts over no columns are rewritten. Above the rewritten sort the plan no longer knows
+//! its output is ordered by the expressions (only by the dropped key columns), and a window
+//! partitioned by an expression needs to know that; over no columns such a window partitions by
+//! a constant or a volatile value. Where the input has columns, the unaccounted keys are at most
+//! a fixed size per row beside the accounted ones. A sort with a `fetch` (top-k) keeps only k
+//! rows and is left as it is.
 
 use std::sync::Arc;
 
@@ -36,7 +41,10 @@ impl PhysicalOptimizerRule for MaterializeSortKeys {
             let Some(sort) = node.downcast_ref::<SortExec>() else {
                 return Ok(Transformed::no(node));
             };
-            if sort.fetch().is_some() || sort.expr().iter().all(|e| is_column(&e.expr)) {
+            if sort.fetch().is_some()
+                || !sort.input().schema().fields().is_empty()
+                || sort.expr().iter().all(|e| is_column(&e.expr))
+            {
                 return Ok(Transformed::no(node));
             }
             Ok(Transformed::yes(rewrite(sort)?))
@@ -102,14 +110,17 @@ fn rewrite(sort: &SortExec) -> Result<Arc<dyn ExecutionPlan>> {
 #[cfg(test)]
 mod tests {
     use arrow::array::AsArray;
-    use arrow::datatypes::Int64Type;
+    use arrow::datatypes::{Int64Type, UInt64Type};
     use datafusion::physical_plan::displayable;
 
     #[tokio::test]
-    async fn sorts_by_expressions_sort_computed_columns() {
+    async fn sorts_over_no_columns_sort_computed_keys() {
         let (ctx, _) = crate::session_context(&crate::QueryConfig::default()).expect("session");
         let df = ctx
-            .sql("SELECT value FROM generate_series(1, 5) ORDER BY -value, value")
+            .sql(
+                "SELECT max(r) FROM (SELECT row_number() OVER (ORDER BY random()) AS r \
+                 FROM generate_series(1, 5))",
+            )
             .await
             .expect("plans");
         let plan = df
@@ -120,15 +131,33 @@ mod tests {
         let shown = displayable(plan.as_ref()).indent(true).to_string();
         assert!(shown.contains("__meterd_sort_key_0"), "{shown}");
         let batches = df.collect().await.expect("runs");
-        let values: Vec<i64> = batches
-            .iter()
-            .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
-            .collect();
-        assert_eq!(values, [5, 4, 3, 2, 1]);
         assert_eq!(
-            batches[0].schema().fields().len(),
-            1,
-            "the key column is dropped"
+            batches[0].column(0).as_primitive::<UInt64Type>().value(0),
+            5
         );
+    }
+
+    #[tokio::test]
+    async fn windows_partitioned_by_expressions_still_run() {
+        for threads in [1, 2] {
+            let config = crate::QueryConfig {
+                threads,
+                ..crate::QueryConfig::default()
+            };
+            let (ctx, _) = crate::session_context(&config).expect("session");
+            let batches = ctx
+                .sql(
+                    "SELECT CAST(sum(v) AS BIGINT) FROM (SELECT sum(value) OVER \
+                     (PARTITION BY value % 3 ORDER BY -value) AS v FROM generate_series(1, 6))",
+                )
+                .await
+                .expect("plans")
+                .collect()
+                .await
+                .expect("runs");
+            // Running sums per class, largest value first: {6, 9} {5, 7} {4, 5}.
+            let total = batches[0].column(0).as_primitive::<Int64Type>().value(0);
+            assert_eq!(total, 36, "{threads} threads");
+        }
     }
 }

@@ -34,7 +34,7 @@ fn check_bounds(statement: &DFStatement) -> Result<()> {
     match statement {
         DFStatement::Statement(s) => crate::bounds::check_tree(s),
         DFStatement::Explain(explain) => check_bounds(&explain.statement),
-        // Refused by `check` before this is reached.
+        // Refused by `check`, which formats none of them.
         DFStatement::CreateExternalTable(_) | DFStatement::CopyTo(_) | DFStatement::Reset(_) => {
             Ok(())
         }
