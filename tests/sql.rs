@@ -933,14 +933,14 @@ async fn hostile_statements_leave_the_process_answering() {
 async fn results_and_responses_are_bounded() {
     let server = server_with_events(&[
         "--query-memory-bytes",
-        "8000000",
+        "16000000",
         "--query-max-rows",
         "10000000",
         "--query-max-response-bytes",
         "3000000",
     ])
     .await;
-    // 2 million rows of two BIGINTs: 32 MB of result, far past the 8 MB pool, though no
+    // 2 million rows of two BIGINTs: 32 MB of result, far past the 16 MB pool, though no
     // operator buffers anything.
     let reply = server
         .sql_reply("SELECT value, value * 2 FROM generate_series(1, 2000000)")
