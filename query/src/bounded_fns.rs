@@ -325,11 +325,20 @@ fn array_len(a: &ArrayRef, i: usize) -> Option<u64> {
         DataType::Utf8View => a.as_string_view().value(i).len(),
         DataType::Binary => a.as_binary::<i32>().value(i).len(),
         DataType::LargeBinary => a.as_binary::<i64>().value(i).len(),
-        DataType::List(_) => a.as_list::<i32>().value(i).get_array_memory_size(),
-        DataType::LargeList(_) => a.as_list::<i64>().value(i).get_array_memory_size(),
+        // The row's own slice, not the whole child buffer it shares with the other rows.
+        DataType::List(_) => slice_bytes(&a.as_list::<i32>().value(i)),
+        DataType::LargeList(_) => slice_bytes(&a.as_list::<i64>().value(i)),
         other => other.primitive_width().unwrap_or(16),
     };
     Some(len as u64)
+}
+
+/// The bytes of the values in `array` (a slice of a larger one), or a rough 16 bytes a value.
+fn slice_bytes(array: &ArrayRef) -> usize {
+    array
+        .to_data()
+        .get_slice_memory_size()
+        .unwrap_or_else(|_| array.len().saturating_mul(16))
 }
 
 /// An integer, or a point in time in nanoseconds, or a step of time in nanoseconds (months
