@@ -85,6 +85,10 @@ impl DedupIndex {
         let db = Database::builder(dir).cache_size(CACHE_BYTES).open()?;
         let keys = db.keyspace("keys", || {
             KeyspaceCreateOptions::default()
+                // Whole filters and indexes, pinned: a partitioned one loads its partitions
+                // through the cache, one disk read and checksum at a time.
+                .filter_block_partitioning_policy(PinningPolicy::all(false))
+                .index_block_partitioning_policy(PinningPolicy::all(false))
                 .filter_block_pinning_policy(PinningPolicy::all(true))
                 .index_block_pinning_policy(PinningPolicy::all(true))
         })?;
