@@ -94,9 +94,16 @@ impl Output {
         Ok(())
     }
 
-    /// Accounts for what was appended to `buf` directly.
-    pub(crate) fn charge(&mut self) -> Result<()> {
-        self.admit(0)
+    /// Accounts for what was appended to `buf` directly. A refusal is kept for
+    /// [`Output::take_refusal`], as for a refused write.
+    pub(crate) fn charge(&mut self) -> io::Result<()> {
+        self.admit(0).map_err(|e| self.refuse(e))
+    }
+
+    fn refuse(&mut self, e: Error) -> io::Error {
+        let error = io::Error::other(e.to_string());
+        self.refused = Some(e);
+        error
     }
 
     /// The error that made a write fail, if the budget refused it.
@@ -115,11 +122,7 @@ impl Output {
 
 impl io::Write for Output {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if let Err(e) = self.admit(data.len()) {
-            let message = e.to_string();
-            self.refused = Some(e);
-            return Err(io::Error::other(message));
-        }
+        self.admit(data.len()).map_err(|e| self.refuse(e))?;
         self.buf.extend_from_slice(data);
         Ok(data.len())
     }

@@ -90,23 +90,12 @@ impl Format {
             Format::Csv => encode_csv(schema, slices, out),
             Format::Arrow => encode_arrow(schema, slices, out),
         };
-        encoded.map_err(|source| {
-            if let Some(refusal) = out.take_refusal() {
-                return refusal;
-            }
-            match source {
-                ArrowError::ExternalError(e) => match e.downcast::<Error>() {
-                    Ok(refusal) => *refusal,
-                    Err(e) => Error::Encode {
-                        format: self.name(),
-                        source: ArrowError::ExternalError(e),
-                    },
-                },
-                source => Error::Encode {
-                    format: self.name(),
-                    source,
-                },
-            }
+        encoded.map_err(|source| match out.take_refusal() {
+            Some(refusal) => refusal,
+            None => Error::Encode {
+                format: self.name(),
+                source,
+            },
         })
     }
 }
@@ -130,11 +119,6 @@ fn encoder_options() -> EncoderOptions {
     EncoderOptions::default()
         .with_explicit_nulls(true)
         .with_encoder_factory(Arc::new(Rfc3339Timestamps))
-}
-
-/// A refusal by the budget, as the encoders' error type; [`Format::encode`] recovers the cause.
-fn refused(e: Error) -> ArrowError {
-    ArrowError::ExternalError(Box::new(e))
 }
 
 fn encode_json(
@@ -189,11 +173,12 @@ fn encode_json(
             }
             out.buf.push(b']');
             // Per row: 256 rows of large values would be gigabytes between two checks.
-            out.charge().map_err(refused)?;
+            out.charge()?;
         }
     }
     out.buf.extend_from_slice(b"]}");
-    out.charge().map_err(refused)
+    out.charge()?;
+    Ok(())
 }
 
 fn encode_ndjson(
