@@ -707,6 +707,14 @@ async fn hostile_statements_leave_the_process_answering() {
     let refused: &[u16] = &[400];
     let too_big: &[u16] = &[400, 413];
     let stopped: &[u16] = &[400, 413, 504];
+    // Forty WITH steps, each computing `step` over the previous step's `s`.
+    let doubling = |first: &str, step: &str| {
+        let mut sql = format!("WITH t0 AS (SELECT {first} AS s FROM generate_series(1, 1000))");
+        for i in 1..=40 {
+            sql.push_str(&format!(", t{i} AS (SELECT {step} AS s FROM t{})", i - 1));
+        }
+        sql + " SELECT max(length(CAST(s AS VARCHAR))) FROM t40"
+    };
     let ors = |op: &str, n: usize| {
         format!(
             "SELECT count(*) FROM events WHERE {}",
@@ -842,13 +850,53 @@ async fn hostile_statements_leave_the_process_answering() {
                 vec!["length(repeat('a', 16000000))"; 64].join(" + ")
             ),
             refused,
-            "repeat would produce",
+            "constant values of this query would pass its memory limit",
         ),
+        // A constant is copied into every row of a batch that selects it: large constants
+        // make small batches, and the result is what the pool refuses.
         (
             "a large constant copied into every row",
             "SELECT repeat('x', 16000000) FROM generate_series(1, 134)".to_owned(),
+            too_big,
+            "",
+        ),
+        (
+            "a 200 KB literal in a million rows",
+            format!(
+                "SELECT '{}' AS s FROM generate_series(1, 1000000)",
+                "x".repeat(200_000)
+            ),
+            too_big,
+            "",
+        ),
+        // Operators and casts grow their input by a small factor, which chained steps
+        // multiply: each step is measured, and the first one past the limit stops the query.
+        (
+            "|| that doubles at every step",
+            doubling("repeat('x', 100000) || CAST(value AS VARCHAR)", "s || s"),
             refused,
-            "copied into each",
+            "bytes per batch",
+        ),
+        (
+            "|| that doubles a constant at every step",
+            doubling("repeat('x', 1000000)", "s || s"),
+            refused,
+            "bytes per",
+        ),
+        (
+            "arrays that double at every step",
+            doubling("range(value, value + 1000)", "s || s"),
+            refused,
+            "bytes per batch",
+        ),
+        (
+            "casts of lists that triple at every step",
+            doubling(
+                "CAST(value AS VARCHAR) || repeat('ab', 1000)",
+                "CAST(string_to_array(s, NULL) AS VARCHAR)",
+            ),
+            refused,
+            "bytes per batch",
         ),
         (
             "WITH queries that double at every step",

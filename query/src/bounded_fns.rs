@@ -92,6 +92,9 @@ impl BoundedFunctions {
     /// most `bytes`.
     pub(crate) fn install(&self, state: &mut SessionState, bytes: usize) -> Result<()> {
         let allowance = ConstantAllowance::new(bytes);
+        state.add_analyzer_rule(Arc::new(crate::checked::CheckValues::new(
+            allowance.clone(),
+        )));
         for (inner, growth) in &self.0 {
             state.register_udf(Arc::new(ScalarUDF::new_from_impl(Bounded {
                 inner: Arc::clone(inner),
@@ -106,7 +109,7 @@ impl BoundedFunctions {
 /// What one query's constant expressions may produce in all. Constants are folded into the
 /// plan and live as long as the query, so unlike per-batch values they add up.
 #[derive(Debug, Clone)]
-struct ConstantAllowance {
+pub(crate) struct ConstantAllowance {
     remaining: Arc<AtomicUsize>,
 }
 
@@ -117,7 +120,7 @@ impl ConstantAllowance {
         }
     }
 
-    fn take(&self, name: &str, bytes: u64) -> Result<()> {
+    pub(crate) fn take(&self, name: &str, bytes: u64) -> Result<()> {
         let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
         match self
             .remaining
@@ -135,7 +138,7 @@ impl ConstantAllowance {
 /// A bounded function. Equal to another wrapper of the same function whatever the allowance:
 /// the allowance is the query's, not part of what the expression means.
 #[derive(Debug)]
-struct Bounded {
+pub(crate) struct Bounded {
     inner: Arc<ScalarUDF>,
     growth: Growth,
     allowance: Option<ConstantAllowance>,
@@ -221,15 +224,9 @@ impl ScalarUDFImpl for Bounded {
             }
         }
         if constant {
-            // A constant is folded into the plan once, then copied into every row of each
-            // batch that selects it: it counts once per row of a batch, and against what the
-            // query's constants may take in all.
-            let batch_rows = args.config_options.execution.batch_size.get().max(rows) as u64;
-            if total.saturating_mul(batch_rows) > MAX_CALL_BYTES {
-                return exec_err!(
-                    "{name} would produce a constant of {total} bytes, copied into each of up to {batch_rows} rows of a batch; the limit is {MAX_CALL_BYTES} bytes per batch"
-                );
-            }
+            // A constant is folded into the plan and lives as long as the query: the
+            // constants of a query add up. Copies of it in each batch are bounded by the
+            // batch size (see checked::batch_size_for).
             if let Some(allowance) = &self.allowance {
                 allowance.take(name, total)?;
             }
@@ -299,7 +296,7 @@ impl Input {
 }
 
 /// Bytes of a string or binary value; an estimate from Arrow's size for anything else.
-fn scalar_len(s: &ScalarValue) -> Option<u64> {
+pub(crate) fn scalar_len(s: &ScalarValue) -> Option<u64> {
     if s.is_null() {
         return None;
     }
@@ -326,19 +323,42 @@ fn array_len(a: &ArrayRef, i: usize) -> Option<u64> {
         DataType::Binary => a.as_binary::<i32>().value(i).len(),
         DataType::LargeBinary => a.as_binary::<i64>().value(i).len(),
         // The row's own slice, not the whole child buffer it shares with the other rows.
-        DataType::List(_) => slice_bytes(&a.as_list::<i32>().value(i)),
-        DataType::LargeList(_) => slice_bytes(&a.as_list::<i64>().value(i)),
+        DataType::List(_) => return Some(array_bytes(&a.as_list::<i32>().value(i))),
+        DataType::LargeList(_) => return Some(array_bytes(&a.as_list::<i64>().value(i))),
         other => other.primitive_width().unwrap_or(16),
     };
     Some(len as u64)
 }
 
-/// The bytes of the values in `array` (a slice of a larger one), or a rough 16 bytes a value.
-fn slice_bytes(array: &ArrayRef) -> usize {
-    array
-        .to_data()
-        .get_slice_memory_size()
-        .unwrap_or_else(|_| array.len().saturating_mul(16))
+/// The bytes of the values in `array`, which may be a slice of a larger one. View arrays keep
+/// their values in shared buffers that a slice's size does not count: for them (and for any
+/// type whose slice cannot be measured) every buffer the array holds counts, which may count
+/// more than the slice but never less.
+pub(crate) fn array_bytes(array: &ArrayRef) -> u64 {
+    let data = array.to_data();
+    let measured = if holds_views(array.data_type()) {
+        None
+    } else {
+        data.get_slice_memory_size().ok()
+    };
+    measured.unwrap_or_else(|| array.get_array_memory_size()) as u64
+}
+
+fn holds_views(t: &DataType) -> bool {
+    match t {
+        DataType::Utf8View | DataType::BinaryView => true,
+        DataType::List(f)
+        | DataType::LargeList(f)
+        | DataType::ListView(f)
+        | DataType::LargeListView(f)
+        | DataType::FixedSizeList(f, _)
+        | DataType::Map(f, _) => holds_views(f.data_type()),
+        DataType::Struct(fields) => fields.iter().any(|f| holds_views(f.data_type())),
+        DataType::Dictionary(_, values) => holds_views(values),
+        DataType::RunEndEncoded(_, values) => holds_views(values.data_type()),
+        DataType::Union(fields, _) => fields.iter().any(|(_, f)| holds_views(f.data_type())),
+        _ => false,
+    }
 }
 
 /// An integer, or a point in time in nanoseconds, or a step of time in nanoseconds (months

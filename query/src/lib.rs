@@ -15,6 +15,7 @@
 mod bounded_fns;
 mod bounds;
 mod budget;
+mod checked;
 mod clickhouse;
 mod coop;
 mod error;
@@ -381,8 +382,15 @@ impl Engine {
             .verify_plan(&plan)
             .map_err(Error::Plan)?;
         deadline.check()?;
-        let physical = state
-            .create_physical_plan(&plan)
+        let plan = state.optimize(&plan).map_err(|e| self.execution_error(e))?;
+        deadline.check()?;
+        // Constants are copied into every row of a batch that selects them.
+        let batch_size = checked::batch_size_for(&plan, state.config().batch_size());
+        state.config_mut().options_mut().execution.batch_size =
+            datafusion::config::ConfigNonZeroUsize::try_new(batch_size).map_err(Error::Setup)?;
+        let planner = Arc::clone(state.query_planner());
+        let physical = planner
+            .create_physical_plan(&plan, &state)
             .await
             .map_err(|e| self.execution_error(e))?;
         deadline.check()?;
