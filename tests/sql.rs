@@ -219,7 +219,14 @@ async fn formats_have_their_content_types() {
     let r = server.sql_response(query, Some("ndjson")).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()[CONTENT_TYPE], "application/x-ndjson");
+    // Sent in pieces, with its length known from the start.
+    let length: usize = r.headers()[reqwest::header::CONTENT_LENGTH]
+        .to_str()
+        .ok()
+        .and_then(|l| l.parse().ok())
+        .expect("a Content-Length");
     let text = r.text().await.expect("body");
+    assert_eq!(text.len(), length);
     let lines: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).expect("each line is JSON"))
