@@ -36,6 +36,10 @@ impl EventsSource for EmbeddedSource {
     fn pin(&self) -> SnapshotPin {
         self.0.store().pin()
     }
+
+    fn parquet_root(&self) -> Option<std::path::PathBuf> {
+        Some(self.0.store().dir().to_owned())
+    }
 }
 
 /// API keys by secret.

@@ -627,6 +627,17 @@ async fn outside_readers_see_the_table_in_the_parquet_folder() {
     }
     // A query right after the compaction still reads its snapshot whole.
     assert_eq!(server.count("true").await, 600);
+    // A plan names the files it reads below the store's directory, not where that is.
+    let plan = server
+        .sql_reply("EXPLAIN SELECT count(*) FROM events WHERE tenant = 'acme'")
+        .await;
+    assert_eq!(plan.status, StatusCode::OK, "{}", plan.text);
+    assert!(plan.text.contains(".parquet"), "{}", plan.text);
+    let data_dir = std::fs::canonicalize(server.data_dir()).expect("data dir");
+    for dir in [server.data_dir(), data_dir] {
+        let dir = dir.to_string_lossy().into_owned();
+        assert!(!plan.text.contains(&dir), "{dir} in {}", plan.text);
+    }
     assert!(server.stop().success());
 
     let on_disk = common::files_ending_with(&events_dir, ".parquet").len();

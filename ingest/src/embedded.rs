@@ -210,6 +210,11 @@ impl EmbeddedStore {
         self.lock().tail_rows
     }
 
+    /// The directory the files of [`EmbeddedStore::snapshot`] lie under.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The files and tail batches that together hold every accepted event once.
     pub fn snapshot(&self) -> EventsSnapshot {
         let st = self.lock();

@@ -63,6 +63,13 @@ pub trait EventsSource: Send + Sync + fmt::Debug + 'static {
     /// Keeps the files of every snapshot taken from now on readable until dropped. A query
     /// holds one from before it plans until its last batch is read.
     fn pin(&self) -> meterd_schemas::SnapshotPin;
+
+    /// The directory every Parquet file of every snapshot lies under, if there is one. Plans
+    /// (`EXPLAIN`) then name files by their paths below it: the SQL API does not tell where the
+    /// data directory is.
+    fn parquet_root(&self) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 /// Limits and resources of the SQL API.
@@ -111,7 +118,7 @@ impl QueryService {
         let (ctx, bounded_functions) = session_context(&config)?;
         ctx.register_table(
             "events",
-            Arc::new(table::EventsTable::new(Arc::clone(&source))),
+            Arc::new(table::EventsTable::new(Arc::clone(&source), &ctx).map_err(Error::Setup)?),
         )
         .map_err(Error::Setup)?;
         for rollup in meterd_rollups::ROLLUPS {

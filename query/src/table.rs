@@ -1,6 +1,7 @@
 //! The `events` table: a fresh snapshot of the embedded store at every scan, read as the union
 //! of its Parquet files and its not-yet-flushed in-memory batches.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
@@ -16,9 +17,11 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::object_store::ObjectStoreExt;
+use datafusion::object_store::local::LocalFileSystem;
 use datafusion::object_store::path::Path as ObjectPath;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::union::UnionExec;
+use datafusion::prelude::SessionContext;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::EventsSource;
@@ -31,14 +34,54 @@ const CONCURRENT_FILE_LOOKUPS: usize = 16;
 pub(crate) struct EventsTable {
     source: Arc<dyn EventsSource>,
     schema: SchemaRef,
+    /// Where the files are read from: the source's root directory under its own URL, so a plan
+    /// names a file by its path below the root, or the local file system.
+    files: Option<(ObjectStoreUrl, PathBuf)>,
 }
 
+/// The URL the embedded store's root directory is registered under.
+const ROOT_URL: &str = "meterd://events/";
+
 impl EventsTable {
-    pub(crate) fn new(source: Arc<dyn EventsSource>) -> Self {
-        Self {
+    /// The table over `source`; registers the source's root directory, if it has one, with
+    /// `ctx`'s object stores.
+    pub(crate) fn new(source: Arc<dyn EventsSource>, ctx: &SessionContext) -> Result<Self> {
+        let files = match source.parquet_root() {
+            Some(root) => {
+                let url = ObjectStoreUrl::parse(ROOT_URL)?;
+                let store = LocalFileSystem::new_with_prefix(&root).map_err(|e| {
+                    DataFusionError::External(Box::new(e))
+                        .context(format!("the events directory {}", root.display()))
+                })?;
+                ctx.register_object_store(url.as_ref(), Arc::new(store));
+                Some((url, root))
+            }
+            None => None,
+        };
+        Ok(Self {
             source,
             schema: meterd_schemas::events_schema(),
-        }
+            files,
+        })
+    }
+
+    /// Where `path` is read from: below the root if there is one, else the file system's root.
+    fn location(&self, path: &std::path::Path) -> Result<ObjectPath> {
+        let located = match &self.files {
+            Some((_, root)) => path
+                .strip_prefix(root)
+                .map_err(|e| DataFusionError::External(Box::new(e)))
+                .map(|relative| {
+                    ObjectPath::from_iter(
+                        relative
+                            .iter()
+                            .map(|part| part.to_string_lossy().into_owned()),
+                    )
+                }),
+            None => ObjectPath::from_absolute_path(path)
+                .map_err(|e| DataFusionError::External(Box::new(e))),
+        };
+        located.map_err(|e| e.context(format!("events file {}", path.display())))
     }
 
     /// DataFusion's own Parquet scan over the snapshot's files. Filters are not applied here:
@@ -52,7 +95,10 @@ impl EventsTable {
         projection: Option<&Vec<usize>>,
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let url = ObjectStoreUrl::local_filesystem();
+        let url = match &self.files {
+            Some((url, _)) => url.clone(),
+            None => ObjectStoreUrl::local_filesystem(),
+        };
         let store = state.runtime_env().object_store(&url)?;
         // The real size and modification time matter: the reader finds the footer from the
         // size, and the footer cache is keyed on both, so a rewritten file is never read with
@@ -60,11 +106,9 @@ impl EventsTable {
         let partitioned: Vec<PartitionedFile> = futures::stream::iter(files.to_vec())
             .map(|path| {
                 let store = Arc::clone(&store);
+                let location = self.location(&path);
                 async move {
-                    let location = ObjectPath::from_absolute_path(&path).map_err(|e| {
-                        DataFusionError::External(Box::new(e))
-                            .context(format!("events file {}", path.display()))
-                    })?;
+                    let location = location?;
                     let meta = store.head(&location).await?;
                     Ok::<_, DataFusionError>(PartitionedFile::new_from_meta(meta))
                 }
