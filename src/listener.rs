@@ -5,21 +5,29 @@
 //! and a few hundred of them exhaust the process. Here every connection has
 //! - a header-read timeout, which also closes idle keep-alive connections (hyper starts it
 //!   whenever it waits for the next request's head);
-//! - a body-read timeout between two chunks of a request body;
+//! - a body-read timeout between two chunks of a request body, and a slowest pace for the whole
+//!   body: after that timeout, at least [`MIN_BODY_BYTES_PER_SEC`] on average (as Apache's
+//!   `mod_reqtimeout` `MinRate`), so a body trickling a byte at a time cannot hold a connection
+//!   for hours;
 //! - a write timeout for each write of the response;
 //!
 //! and at most `max_connections` are open at once: past that, new connections are closed as
 //! soon as they are accepted, so the process keeps descriptors for its own files.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::{Instant, Sleep};
 use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
 use tower_http::timeout::RequestBodyTimeoutLayer;
@@ -75,8 +83,12 @@ pub async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
+    let body_timeout = limits.body_timeout;
     let service = tower::ServiceBuilder::new()
-        .layer(RequestBodyTimeoutLayer::new(limits.body_timeout))
+        .map_request(move |request: hyper::Request<hyper::body::Incoming>| {
+            request.map(|body| PacedBody::new(body, body_timeout, MIN_BODY_BYTES_PER_SEC))
+        })
+        .layer(RequestBodyTimeoutLayer::new(body_timeout))
         .service(app);
     let mut refused: u64 = 0;
     loop {
@@ -124,4 +136,149 @@ pub async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// The slowest average pace of a request body once its first `body_timeout` has passed.
+pub const MIN_BODY_BYTES_PER_SEC: u64 = 1024;
+
+/// A request body that fails once it has taken longer than `grace` plus the time its bytes so
+/// far take at `min_bytes_per_sec`. Hand-written because tower-http's body timeout is reset by
+/// every chunk, and no crate offers a minimum rate.
+struct PacedBody<B> {
+    inner: B,
+    start: Instant,
+    grace: Duration,
+    min_bytes_per_sec: u64,
+    received: u64,
+    /// Wakes the reader at the current deadline, so a body that sends nothing fails too.
+    alarm: Pin<Box<Sleep>>,
+}
+
+impl<B> PacedBody<B> {
+    fn new(inner: B, grace: Duration, min_bytes_per_sec: u64) -> Self {
+        let start = Instant::now();
+        Self {
+            inner,
+            start,
+            grace,
+            min_bytes_per_sec: min_bytes_per_sec.max(1),
+            received: 0,
+            alarm: Box::pin(tokio::time::sleep_until(start + grace)),
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        let earned = Duration::from_secs_f64(self.received as f64 / self.min_bytes_per_sec as f64);
+        self.start + self.grace.saturating_add(earned)
+    }
+}
+
+/// The error a [`PacedBody`] ends with.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the request body came slower than {min_bytes_per_sec} bytes per second after the first {grace:?}"
+)]
+struct TooSlow {
+    min_bytes_per_sec: u64,
+    grace: Duration,
+}
+
+impl<B> Body for PacedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.received = this.received.saturating_add(data.len() as u64);
+                    let deadline = this.deadline();
+                    this.alarm.as_mut().reset(deadline);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.alarm.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(TooSlow {
+                    min_bytes_per_sec: this.min_bytes_per_sec,
+                    grace: this.grace,
+                })))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use http_body_util::BodyExt;
+
+    /// A body of `chunks` one-byte frames, one every `every`.
+    fn trickle(
+        chunks: usize,
+        every: Duration,
+    ) -> http_body_util::StreamBody<
+        impl futures::Stream<Item = Result<Frame<Bytes>, std::convert::Infallible>> + Unpin,
+    > {
+        let stream = futures::stream::iter(0..chunks).then(move |_| async move {
+            tokio::time::sleep(every).await;
+            Ok(Frame::data(Bytes::from_static(b"x")))
+        });
+        http_body_util::StreamBody::new(Box::pin(stream))
+    }
+
+    #[tokio::test]
+    async fn a_trickling_body_fails_at_its_pace() {
+        // A byte every 20 ms, allowed 200 ms plus 50 ms a byte: it keeps pace.
+        let kept = PacedBody::new(
+            trickle(30, Duration::from_millis(20)),
+            Duration::from_millis(200),
+            20,
+        );
+        let bytes = kept.collect().await.expect("in pace").to_bytes();
+        assert_eq!(bytes.len(), 30);
+        // A byte every 100 ms, never stalling past a chunk timeout, fails soon after the
+        // 500 ms grace at 1 KiB/s.
+        let started = Instant::now();
+        let slow = PacedBody::new(
+            trickle(100, Duration::from_millis(100)),
+            Duration::from_millis(500),
+            1024,
+        );
+        let error = slow.collect().await.expect_err("too slow");
+        assert!(
+            error
+                .to_string()
+                .contains("slower than 1024 bytes per second"),
+            "{error}"
+        );
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        // A body that sends nothing fails at the grace.
+        let silent = PacedBody::new(
+            trickle(1, Duration::from_secs(3600)),
+            Duration::from_millis(100),
+            1024,
+        );
+        assert!(silent.collect().await.is_err());
+    }
 }

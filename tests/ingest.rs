@@ -985,6 +985,39 @@ async fn slow_and_idle_connections_are_closed() {
         closed_within(&mut stalled, Duration::from_secs(20)).await,
         "a connection with a stalled body stayed open"
     );
+    // A body that trickles a byte every half second never stalls past the body timeout, but
+    // is far slower than the slowest pace allowed after it.
+    let trickling = TcpStream::connect(&address).await.expect("connect");
+    let (mut reader, mut writer) = trickling.into_split();
+    writer
+        .write_all(
+            b"POST /v1/events HTTP/1.1\r\nHost: meterd\r\nContent-Type: application/json\r\n\
+              Content-Length: 1000\r\n\r\n[",
+        )
+        .await
+        .expect("write");
+    let trickle = tokio::spawn(async move {
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if writer.write_all(b" ").await.is_err() {
+                break;
+            }
+        }
+    });
+    let closed = {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            match tokio::time::timeout_at(deadline, reader.read(&mut buf)).await {
+                Err(_elapsed) => break false,
+                Ok(Ok(0) | Err(_)) => break true,
+                Ok(Ok(_)) => {}
+            }
+        }
+    };
+    assert!(closed, "a connection with a trickling body stayed open");
+    trickle.abort();
     // An idle keep-alive connection after a complete request.
     let mut idle = TcpStream::connect(&address).await.expect("connect");
     idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: meterd\r\n\r\n")
