@@ -938,6 +938,16 @@ async fn hostile_statements_leave_the_process_answering() {
             "brackets",
         ),
         (
+            "a deeply nested ARRAY< type",
+            format!(
+                "SELECT CAST(NULL AS {}INT{})",
+                "ARRAY<".repeat(5_000),
+                ">".repeat(5_000)
+            ),
+            refused,
+            "nested types",
+        ),
+        (
             "a gigabyte of repeated rows",
             "SELECT repeat('x', 10000) FROM generate_series(1, 100000)".to_owned(),
             too_big,

@@ -40,8 +40,9 @@ pub(crate) const MAX_COLUMNS: usize = 1_000;
 /// (DataFusion plans a copy of it for each use, so `t1 AS (SELECT ... FROM t0 a, t0 b)`
 /// doubles the plan at every step).
 pub(crate) const MAX_RELATIONS: u64 = 1_000;
-/// The most `[` and the most `<` tokens: array types and literals nest without limit in the
-/// parser and in the type conversions after it.
+/// The most `[` tokens, and the most `<` that open a type (`ARRAY<`, `STRUCT<`, `MAP<`): array
+/// types and literals nest without limit in the parser and in the type conversions after it.
+/// A `<` that compares is not counted.
 pub(crate) const MAX_BRACKETS: usize = 1_000;
 
 /// Checks the size of `sql` before it is parsed: bytes, then tokens and the operators that
@@ -63,11 +64,12 @@ pub(crate) fn check_text(sql: &str) -> Result<()> {
     let mut joins = 0usize;
     let mut brackets = 0usize;
     let mut angles = 0usize;
+    let mut previous: Option<&Token> = None;
     for token in &tokens {
         match token {
             Token::Whitespace(_) => continue,
             Token::LBracket => brackets += 1,
-            Token::Lt => angles += 1,
+            Token::Lt if previous.is_some_and(opens_type) => angles += 1,
             Token::Word(word) => match word.keyword {
                 Keyword::UNION | Keyword::INTERSECT | Keyword::EXCEPT => set_operations += 1,
                 Keyword::JOIN => joins += 1,
@@ -75,6 +77,7 @@ pub(crate) fn check_text(sql: &str) -> Result<()> {
             },
             _ => {}
         }
+        previous = Some(token);
         count += 1;
     }
     if count > MAX_STATEMENT_TOKENS {
@@ -94,9 +97,23 @@ pub(crate) fn check_text(sql: &str) -> Result<()> {
         return Err(too_large("[ brackets", brackets, MAX_BRACKETS));
     }
     if angles > MAX_BRACKETS {
-        return Err(too_large("< signs", angles, MAX_BRACKETS));
+        return Err(too_large(
+            "nested types (ARRAY<, STRUCT<, MAP<)",
+            angles,
+            MAX_BRACKETS,
+        ));
     }
     Ok(())
+}
+
+/// Whether a `<` after `token` opens the parameters of a type.
+fn opens_type(token: &Token) -> bool {
+    matches!(
+        token,
+        Token::Word(word) if word.quote_style.is_none()
+            && matches!(word.keyword, Keyword::ARRAY | Keyword::STRUCT | Keyword::MAP
+                | Keyword::NULLABLE | Keyword::LOWCARDINALITY | Keyword::TUPLE)
+    )
 }
 
 /// Checks the parsed statement's nesting depth and widths. The walk stops as soon as a limit is
@@ -313,5 +330,21 @@ mod tests {
         let nested_type = format!("SELECT CAST(NULL AS INT{})", "[]".repeat(2_000));
         let message = check_text(&nested_type).expect_err("refused").to_string();
         assert!(message.contains("brackets"), "{message}");
+        let nested_type = format!(
+            "SELECT CAST(NULL AS {}INT{})",
+            "ARRAY<".repeat(2_000),
+            ">".repeat(2_000)
+        );
+        let message = check_text(&nested_type).expect_err("refused").to_string();
+        assert!(message.contains("nested types"), "{message}");
+        // Comparisons are not types: a generated filter of 2,000 of them is fine as text.
+        let comparisons = format!(
+            "SELECT count(*) FROM events WHERE {}",
+            (0..2_000)
+                .map(|i| format!("(input_tokens < {i} AND output_tokens > {i})"))
+                .collect::<Vec<_>>()
+                .join(" OR ")
+        );
+        check_text(&comparisons).expect("comparisons are not nested types");
     }
 }
