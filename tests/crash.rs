@@ -360,3 +360,59 @@ async fn kill_9_while_the_store_flushes() {
     )
     .await;
 }
+
+/// A data directory written before the formats on disk carried versions (see
+/// `tests/fixtures/make-data-v1.sh`: 58 events flushed to Parquet, 40 more only in the log
+/// when the process was killed) opens with this build: the log replays, SQL serves every
+/// event once, and a re-send of each event is a duplicate, not a conflict or a new event.
+#[tokio::test]
+async fn a_data_directory_of_the_first_format_opens_and_deduplicates() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let sent: Vec<Value> = ["data-v1.flushed.ndjson", "data-v1.logged.ndjson"]
+        .iter()
+        .flat_map(|name| {
+            let text = std::fs::read_to_string(fixtures.join(name)).expect("fixture events");
+            text.lines()
+                .map(|l| serde_json::from_str::<Value>(l).expect("a JSON event"))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut first: HashMap<(String, String), Value> = HashMap::new();
+    for event in &sent {
+        let key = (
+            event["tenant"].as_str().expect("tenant").to_owned(),
+            event["id"].as_str().expect("id").to_owned(),
+        );
+        first.entry(key).or_insert_with(|| event.clone());
+    }
+    assert_eq!(first.len(), 98, "the fixture's distinct events");
+    let input_tokens: i64 = first
+        .values()
+        .filter_map(|e| e["data"]["input_tokens"].as_i64())
+        .sum();
+
+    // Old enough to be past the default horizons one day: keep them acceptable.
+    let args = [
+        "--max-event-age-days",
+        "36500",
+        "--dedup-horizon-days",
+        "36500",
+    ];
+    let mut server = Server::start_from(&fixtures.join("data-v1"), &args);
+    for round in ["opened", "restarted"] {
+        assert_eq!(server.count("true").await, 98, "{round}");
+        assert_eq!(
+            server
+                .scalar("SELECT sum(input_tokens) FROM events")
+                .await,
+            serde_json::json!(input_tokens),
+            "{round}"
+        );
+        let reply = server.post_json(&sent).await;
+        assert_eq!(reply.accepted(), 0, "{round}: {reply:?}");
+        assert_eq!(reply.duplicates(), sent.len() as u64, "{round}: {reply:?}");
+        assert!(reply.conflicts().is_empty(), "{round}: {reply:?}");
+        assert!(server.stop().success());
+        server.restart();
+    }
+}

@@ -118,11 +118,24 @@ impl Server {
 
     /// Like [`Server::start`], with `METERD_*` variables set for the process.
     pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Server {
+        Server::start_in(None, args, envs)
+    }
+
+    /// Like [`Server::start`], on a copy of the data directory `data` (a fixture: the copy is
+    /// what the server changes).
+    pub fn start_from(data: &Path, args: &[&str]) -> Server {
+        Server::start_in(Some(data), args, &[])
+    }
+
+    fn start_in(from: Option<&Path>, args: &[&str], envs: &[(&str, &str)]) -> Server {
         let root = tempfile::Builder::new()
             .prefix("meterd-test-")
             .tempdir()
             .expect("temp dir");
-        std::fs::create_dir(root.path().join("data")).expect("data dir");
+        match from {
+            Some(data) => copy_dir(data, &root.path().join("data")),
+            None => std::fs::create_dir(root.path().join("data")).expect("data dir"),
+        }
         let client = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .build()
@@ -605,4 +618,19 @@ pub fn clients_python() -> String {
 /// A SQL string literal (PostgreSQL's and DataFusion's quoting).
 pub fn sql_str(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Copies the directory `from` to `to`, which must not exist, with everything below it.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir(to).unwrap_or_else(|e| panic!("create {}: {e}", to.display()));
+    for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("read {}: {e}", from.display())) {
+        let entry = entry.expect("directory entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target)
+                .unwrap_or_else(|e| panic!("copy {}: {e}", entry.path().display()));
+        }
+    }
 }
