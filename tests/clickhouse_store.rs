@@ -299,9 +299,11 @@ async fn kill_9_between_insert_and_checkpoint_inserts_nothing_twice() {
     server.kill();
     let record = std::fs::read_to_string(server.data_dir().join("sinks/clickhouse.delivery"))
         .expect("delivery record");
-    let bounds: Vec<u64> = record
-        .split_whitespace()
-        .map(|n| n.parse().expect("lsn"))
+    let record_json: serde_json::Value =
+        serde_json::from_str(&record).expect("a delivery record is JSON");
+    let bounds: Vec<u64> = ["checkpoint", "in_flight_end"]
+        .iter()
+        .map(|field| record_json[field].as_u64().expect("lsn"))
         .collect();
     assert!(
         bounds[1] > bounds[0],

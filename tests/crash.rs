@@ -402,9 +402,7 @@ async fn a_data_directory_of_the_first_format_opens_and_deduplicates() {
     for round in ["opened", "restarted"] {
         assert_eq!(server.count("true").await, 98, "{round}");
         assert_eq!(
-            server
-                .scalar("SELECT sum(input_tokens) FROM events")
-                .await,
+            server.scalar("SELECT sum(input_tokens) FROM events").await,
             serde_json::json!(input_tokens),
             "{round}"
         );

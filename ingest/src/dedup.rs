@@ -20,6 +20,14 @@ use crate::error::{Error, Result};
 use crate::log::Lsn;
 
 const APPLIED_KEY: &[u8] = b"applied_lsn";
+/// Where the format version of the entries is kept.
+const FORMAT_KEY: &[u8] = b"format_version";
+/// The entries' format: a key is `tenant NUL id`, a value the content hash (16 bytes, big
+/// endian) then the event time (8 bytes, big endian), the hash as [`Event::content_hash`]
+/// defines it.
+///
+/// [`Event::content_hash`]: meterd_schemas::Event::content_hash
+const FORMAT_VERSION: u32 = 1;
 
 /// The block cache of the index.
 ///
@@ -93,6 +101,25 @@ impl DedupIndex {
                 .index_block_pinning_policy(PinningPolicy::all(true))
         })?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+        // An index from before the format was recorded is of version 1: the same entries.
+        let version = match meta.get(FORMAT_KEY)? {
+            Some(v) => {
+                u32::from_be_bytes(v.as_ref().try_into().map_err(|_| Error::IndexEntry {
+                    key: "format_version".into(),
+                })?)
+            }
+            None => {
+                meta.insert(FORMAT_KEY, FORMAT_VERSION.to_be_bytes())?;
+                FORMAT_VERSION
+            }
+        };
+        if version > FORMAT_VERSION {
+            return Err(Error::StateVersion {
+                path: dir.to_owned(),
+                version,
+                supported: FORMAT_VERSION,
+            });
+        }
         Ok(Self { db, keys, meta })
     }
 
@@ -186,6 +213,24 @@ impl DedupIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_index_of_a_newer_format_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let idx = DedupIndex::open(dir.path()).expect("open");
+            assert_eq!(
+                idx.meta.get(FORMAT_KEY).expect("get").as_deref(),
+                Some(&FORMAT_VERSION.to_be_bytes()[..])
+            );
+            idx.meta
+                .insert(FORMAT_KEY, (FORMAT_VERSION + 1).to_be_bytes())
+                .expect("insert");
+            idx.db.persist(PersistMode::SyncAll).expect("persist");
+        }
+        let message = DedupIndex::open(dir.path()).expect_err("newer").to_string();
+        assert!(message.contains("version 2"), "{message}");
+    }
 
     #[test]
     fn keys_survive_reopen_with_their_position() {

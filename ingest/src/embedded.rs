@@ -70,6 +70,10 @@ pub struct FileEntry {
     pub bytes: u64,
 }
 
+/// The manifest's format version. Version 1 is the only one so far; a newer manifest is an
+/// error, never read as this one.
+const MANIFEST_VERSION: u32 = 1;
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Manifest {
@@ -167,11 +171,18 @@ impl EmbeddedStore {
                 source: e,
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Manifest {
-                version: 1,
+                version: MANIFEST_VERSION,
                 ..Manifest::default()
             },
             Err(e) => return Err(store_io(&path, e)),
         };
+        if manifest.version > MANIFEST_VERSION {
+            return Err(Error::StateVersion {
+                path,
+                version: manifest.version,
+                supported: MANIFEST_VERSION,
+            });
+        }
         remove_orphans(dir, &manifest)?;
         let consumer = log.register("embedded", manifest.flushed_lsn);
         Ok(Self {
@@ -382,19 +393,12 @@ impl EmbeddedStore {
 
     fn publish(&self, manifest: &Manifest) -> Result<()> {
         let path = self.dir.join(MANIFEST);
-        let tmp = self.dir.join(format!("{MANIFEST}.tmp"));
         let bytes = serde_json::to_vec(manifest).map_err(|e| Error::Manifest {
             path: path.clone(),
             source: e,
         })?;
-        let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            std::io::Write::write_all(&mut f, &bytes)?;
-            f.sync_all()
-        };
-        write().map_err(|e| store_io(&tmp, e))?;
-        fs::rename(&tmp, &path).map_err(|e| store_io(&path, e))?;
-        sync_dir(&self.dir)
+        crate::state_file::replace(&path, &bytes, crate::state_file::Durability::Synced)
+            .map_err(|e| store_io(&path, e))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -28,6 +28,22 @@ pub enum Error {
         #[source]
         source: postcard::Error,
     },
+    #[error(
+        "the log record at {lsn} is of format version {version}; this build reads up to version {supported}: it was written by a newer meterd"
+    )]
+    RecordVersion {
+        lsn: Lsn,
+        version: u8,
+        supported: u8,
+    },
+    #[error(
+        "{path} is of format version {version}; this build reads up to version {supported}: it was written by a newer meterd"
+    )]
+    StateVersion {
+        path: PathBuf,
+        version: u32,
+        supported: u32,
+    },
     #[error("dedup index")]
     Index(#[from] fjall::Error),
     #[error("dedup index entry for {key:?} is malformed")]

@@ -16,7 +16,9 @@ pub mod lock;
 pub mod log;
 mod payload;
 pub mod postgres;
+pub mod record;
 pub mod sink;
+mod state_file;
 mod strict_json;
 mod writer;
 

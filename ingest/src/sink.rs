@@ -17,10 +17,12 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::log::Lsn;
+use crate::state_file::{self, Durability};
 
 fn state_err(path: &Path, source: std::io::Error) -> Error {
     Error::SinkState {
@@ -33,26 +35,50 @@ fn checkpoint_path(data_dir: &Path, sink: &str) -> PathBuf {
     data_dir.join("sinks").join(format!("{sink}.lsn"))
 }
 
+/// The checkpoint copy as written: `{"version": 1, "lsn": N}`; before versions, the bare number.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointFile {
+    version: u32,
+    lsn: Lsn,
+}
+
+const CHECKPOINT_VERSION: u32 = 1;
+
 /// The saved checkpoint of `sink`, if any. An unreadable or garbled file (a crash mid-write)
-/// counts as none: the log then keeps everything it has, which is always safe.
+/// counts as none: the log then keeps everything it has, which is always safe. A file of a
+/// newer format is an error.
 pub fn load_checkpoint(data_dir: &Path, sink: &str) -> Result<Option<Lsn>> {
     let path = checkpoint_path(data_dir, sink);
-    match fs::read_to_string(&path) {
-        Ok(text) => Ok(text.trim().parse().ok()),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(state_err(&path, e)),
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(state_err(&path, e)),
+    };
+    if let Ok(lsn) = text.trim().parse() {
+        return Ok(Some(lsn));
+    }
+    match serde_json::from_str::<CheckpointFile>(&text) {
+        Ok(file) if file.version > CHECKPOINT_VERSION => Err(Error::StateVersion {
+            path,
+            version: file.version,
+            supported: CHECKPOINT_VERSION,
+        }),
+        Ok(file) => Ok(Some(file.lsn)),
+        Err(_) => Ok(None),
     }
 }
 
-/// Saves `lsn` as the checkpoint of `sink` (write to a temporary file, then rename).
+/// Saves `lsn` as the checkpoint of `sink`. Not synced: a lost update only makes the log keep
+/// more.
 pub fn save_checkpoint(data_dir: &Path, sink: &str, lsn: Lsn) -> Result<()> {
     let path = checkpoint_path(data_dir, sink);
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
-    }
-    let tmp = path.with_extension("lsn.tmp");
-    fs::write(&tmp, lsn.to_string()).map_err(|e| state_err(&tmp, e))?;
-    fs::rename(&tmp, &path).map_err(|e| state_err(&path, e))
+    let file = CheckpointFile {
+        version: CHECKPOINT_VERSION,
+        lsn,
+    };
+    let bytes = serde_json::to_vec(&file).map_err(|e| state_err(&path, e.into()))?;
+    state_file::replace(&path, &bytes, Durability::Unsynced).map_err(|e| state_err(&path, e))
 }
 
 /// A sink's durable record of its delivery: everything up to `checkpoint` is in the store, and
@@ -64,6 +90,18 @@ pub struct DeliveryRecord {
     pub checkpoint: Lsn,
     pub in_flight_end: Lsn,
 }
+
+/// The delivery record as written: `{"version": 1, "checkpoint": A, "in_flight_end": B}`;
+/// before versions, the two numbers.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeliveryFile {
+    version: u32,
+    checkpoint: Lsn,
+    in_flight_end: Lsn,
+}
+
+const DELIVERY_VERSION: u32 = 1;
 
 fn delivery_path(data_dir: &Path, sink: &str) -> PathBuf {
     data_dir.join("sinks").join(format!("{sink}.delivery"))
@@ -78,41 +116,65 @@ pub fn load_delivery(data_dir: &Path, sink: &str) -> Result<Option<DeliveryRecor
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(state_err(&path, e)),
     };
-    let mut parts = text.split_whitespace().map(str::parse::<Lsn>);
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(Ok(checkpoint)), Some(Ok(in_flight_end)), None) if in_flight_end >= checkpoint => {
-            Ok(Some(DeliveryRecord {
-                checkpoint,
-                in_flight_end,
-            }))
-        }
-        _ => Err(state_err(
-            &path,
+    let garbled = |path: &Path| {
+        state_err(
+            path,
             std::io::Error::new(
                 ErrorKind::InvalidData,
                 format!("not a delivery record: {text:?}"),
             ),
-        )),
+        )
+    };
+    let record = match serde_json::from_str::<DeliveryFile>(&text) {
+        Ok(file) if file.version > DELIVERY_VERSION => {
+            return Err(Error::StateVersion {
+                path,
+                version: file.version,
+                supported: DELIVERY_VERSION,
+            });
+        }
+        Ok(file) => DeliveryRecord {
+            checkpoint: file.checkpoint,
+            in_flight_end: file.in_flight_end,
+        },
+        Err(_) => {
+            let mut parts = text.split_whitespace().map(str::parse::<Lsn>);
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(Ok(checkpoint)), Some(Ok(in_flight_end)), None) => DeliveryRecord {
+                    checkpoint,
+                    in_flight_end,
+                },
+                _ => return Err(garbled(&path)),
+            }
+        }
+    };
+    if record.in_flight_end < record.checkpoint {
+        return Err(garbled(&path));
     }
+    Ok(Some(record))
 }
 
-/// Writes the delivery record of `sink` durably: a synced temporary file renamed over the old
-/// record, then the directory synced.
+/// Writes the delivery record of `sink` durably.
 pub fn save_delivery(data_dir: &Path, sink: &str, record: DeliveryRecord) -> Result<()> {
     let path = delivery_path(data_dir, sink);
-    let dir = path.parent().unwrap_or(data_dir);
-    fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
-    let tmp = path.with_extension("delivery.tmp");
-    let text = format!("{} {}\n", record.checkpoint, record.in_flight_end);
-    fs::write(&tmp, text).map_err(|e| state_err(&tmp, e))?;
-    fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| state_err(&tmp, e))?;
-    fs::rename(&tmp, &path).map_err(|e| state_err(&path, e))?;
-    fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| state_err(dir, e))
+    let file = DeliveryFile {
+        version: DELIVERY_VERSION,
+        checkpoint: record.checkpoint,
+        in_flight_end: record.in_flight_end,
+    };
+    let bytes = serde_json::to_vec(&file).map_err(|e| state_err(&path, e.into()))?;
+    state_file::replace(&path, &bytes, Durability::Synced).map_err(|e| state_err(&path, e))
 }
+
+/// The node id as written: `{"version": 1, "node_id": "<uuid>"}`; before versions, the bare id.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeIdFile {
+    version: u32,
+    node_id: String,
+}
+
+const NODE_ID_VERSION: u32 = 1;
 
 /// This node's identity, created (a random UUID) with the data directory and kept in
 /// `node_id`. A node's delivery checkpoints are only meaningful for its own log, so a new data
@@ -120,19 +182,29 @@ pub fn save_delivery(data_dir: &Path, sink: &str, record: DeliveryRecord) -> Res
 pub fn node_id(data_dir: &Path) -> Result<String> {
     let path = data_dir.join("node_id");
     match fs::read_to_string(&path) {
-        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_owned()),
+        Ok(text) if !text.trim().is_empty() => {
+            return match serde_json::from_str::<NodeIdFile>(&text) {
+                Ok(file) if file.version > NODE_ID_VERSION => Err(Error::StateVersion {
+                    path,
+                    version: file.version,
+                    supported: NODE_ID_VERSION,
+                }),
+                Ok(file) => Ok(file.node_id),
+                // Written before versions: the id alone.
+                Err(_) => Ok(text.trim().to_owned()),
+            };
+        }
         Ok(_) => {}
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(state_err(&path, e)),
     }
-    let id = uuid::Uuid::new_v4().to_string();
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, &id).map_err(|e| state_err(&tmp, e))?;
-    fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| state_err(&tmp, e))?;
-    fs::rename(&tmp, &path).map_err(|e| state_err(&path, e))?;
-    Ok(id)
+    let file = NodeIdFile {
+        version: NODE_ID_VERSION,
+        node_id: uuid::Uuid::new_v4().to_string(),
+    };
+    let bytes = serde_json::to_vec(&file).map_err(|e| state_err(&path, e.into()))?;
+    state_file::replace(&path, &bytes, Durability::Synced).map_err(|e| state_err(&path, e))?;
+    Ok(file.node_id)
 }
 
 /// What the sink reports about itself, for `/readyz` and the logs.
@@ -276,6 +348,19 @@ mod tests {
         );
         fs::write(checkpoint_path(dir.path(), "postgres"), "").expect("write");
         assert_eq!(load_checkpoint(dir.path(), "postgres").expect("load"), None);
+        // Written before versions: the bare number.
+        fs::write(checkpoint_path(dir.path(), "postgres"), "77\n").expect("write");
+        assert_eq!(
+            load_checkpoint(dir.path(), "postgres").expect("load"),
+            Some(77)
+        );
+        fs::write(
+            checkpoint_path(dir.path(), "postgres"),
+            r#"{"version": 2, "lsn": 5}"#,
+        )
+        .expect("write");
+        let newer = load_checkpoint(dir.path(), "postgres").expect_err("newer");
+        assert!(newer.to_string().contains("version 2"), "{newer}");
     }
 
     #[test]
@@ -291,7 +376,27 @@ mod tests {
             load_delivery(dir.path(), "clickhouse").expect("load"),
             Some(record)
         );
-        for garbage in ["", "10", "400 10", "10 400 7", "ten 400"] {
+        // Written before versions: the two numbers.
+        fs::write(delivery_path(dir.path(), "clickhouse"), "10 400\n").expect("write");
+        assert_eq!(
+            load_delivery(dir.path(), "clickhouse").expect("load"),
+            Some(record)
+        );
+        fs::write(
+            delivery_path(dir.path(), "clickhouse"),
+            r#"{"version": 9, "checkpoint": 1, "in_flight_end": 2}"#,
+        )
+        .expect("write");
+        let newer = load_delivery(dir.path(), "clickhouse").expect_err("newer");
+        assert!(newer.to_string().contains("version 9"), "{newer}");
+        for garbage in [
+            "",
+            "10",
+            "400 10",
+            "10 400 7",
+            "ten 400",
+            r#"{"version": 1, "checkpoint": 400, "in_flight_end": 10}"#,
+        ] {
             fs::write(delivery_path(dir.path(), "clickhouse"), garbage).expect("write");
             assert!(
                 load_delivery(dir.path(), "clickhouse").is_err(),
@@ -306,5 +411,8 @@ mod tests {
         let a = node_id(dir.path()).expect("create");
         assert_eq!(node_id(dir.path()).expect("read"), a);
         assert_eq!(a.len(), 36);
+        // Written before versions: the id alone.
+        fs::write(dir.path().join("node_id"), "an-old-id\n").expect("write");
+        assert_eq!(node_id(dir.path()).expect("read"), "an-old-id");
     }
 }

@@ -127,7 +127,7 @@ impl Writer {
         if stored.is_empty() {
             return Ok(outcomes);
         }
-        let payload = postcard::to_allocvec(&stored).map_err(Error::Encode)?;
+        let payload = crate::record::encode(&stored)?;
         self.log.append(&payload)?;
         let end = self.log.sync()?;
         push_to_store(&self.store, &stored, end)?;
@@ -164,7 +164,8 @@ pub(crate) fn index_replayed(index: &DedupIndex, events: &[StoredEvent], end: Ls
     index.insert_batch(keys.iter().map(|(k, s)| (k.as_slice(), *s)), end)
 }
 
-/// Decodes one log record (the record at `lsn`): the events of one accepted group.
+/// Decodes one log record (the record at `lsn`): the events of one accepted group, in any
+/// format version this build reads.
 pub fn decode_record(lsn: Lsn, payload: &[u8]) -> Result<Vec<StoredEvent>> {
-    postcard::from_bytes(payload).map_err(|source| Error::Decode { lsn, source })
+    crate::record::decode(lsn, payload)
 }

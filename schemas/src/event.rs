@@ -130,12 +130,18 @@ impl Event {
         self.data.event_type()
     }
 
-    /// A 128-bit hash of the event's full content, stable across processes and versions of
-    /// meterd that keep this struct's layout. Equal content gives an equal hash.
+    /// A 128-bit hash of the event's full content, the same in every version of meterd: the
+    /// dedup index keeps it to tell a re-sent duplicate from a conflict, across upgrades.
+    /// Equal content gives an equal hash.
+    ///
+    /// It is computed over a canonical encoding that does not follow this struct's layout:
+    /// the fields of the first layout, encoded as postcard encoded them
+    /// ([`crate::frozen::v1`]), then each field added since, only when present, as its tag
+    /// and its value. An event without the added fields hashes as it always did.
     pub fn content_hash(&self) -> u128 {
-        // postcard over a struct with only ordered collections is canonical. Encoding into a
-        // Vec cannot fail for these types: every field is a plain value or an ordered map.
-        let bytes = postcard::to_allocvec(self).expect("events always encode");
+        // Encoding cannot fail: every field is a plain value or an ordered map.
+        let bytes =
+            postcard::to_allocvec(&crate::frozen::HashV1::of(self)).expect("events always encode");
         xxhash_rust::xxh3::xxh3_128(&bytes)
     }
 }
@@ -178,6 +184,102 @@ mod tests {
         assert_eq!(a.content_hash(), b.content_hash());
         b.source = Some("other".into());
         assert_ne!(a.content_hash(), b.content_hash());
+    }
+
+    /// Pins the canonical encoding: a hash computed by the first version of meterd. If this
+    /// fails, every event stored before the change would be a conflict when re-sent.
+    #[test]
+    fn content_hash_is_the_first_versions() {
+        assert_eq!(
+            sample().content_hash(),
+            0x80e2_7b24_4dc7_e2be_864f_67ad_c2d2_921f,
+            "{:#x}",
+            sample().content_hash()
+        );
+    }
+
+    /// The borrowed view the hash is computed over encodes exactly as the frozen owned layout,
+    /// for an event of each type and with every optional field both set and unset.
+    #[test]
+    fn the_hash_view_encodes_as_the_frozen_layout() {
+        let mut events = vec![sample()];
+        let mut full = sample();
+        full.subject = Some("user".into());
+        full.data = EventData::LlmUsage(LlmUsage {
+            provider: "openai".into(),
+            model: "gpt-4o".into(),
+            input_tokens: 10,
+            output_tokens: 20,
+            cached_input_tokens: Some(3),
+            reasoning_tokens: Some(1),
+            latency_ms: Some(99),
+            status: Some("ok".into()),
+            run_id: Some("r".into()),
+        });
+        events.push(full.clone());
+        full.data = EventData::AgentRun(AgentRun {
+            agent: Some("a".into()),
+            run_id: "r".into(),
+            parent_run_id: None,
+            status: Some("failed".into()),
+            duration_ms: 5,
+            steps: None,
+            tool_calls: Some(2),
+        });
+        events.push(full);
+        for event in events {
+            let view = postcard::to_allocvec(&crate::frozen::HashV1::of(&event)).expect("view");
+            let frozen = crate::frozen::v1::Event {
+                tenant: event.tenant.clone(),
+                id: event.id.clone(),
+                time_us: event.time_us,
+                subject: event.subject.clone(),
+                source: event.source.clone(),
+                dimensions: event.dimensions.clone(),
+                data: match event.data.clone() {
+                    EventData::LlmUsage(d) => {
+                        crate::frozen::v1::EventData::LlmUsage(crate::frozen::v1::LlmUsage {
+                            provider: d.provider,
+                            model: d.model,
+                            input_tokens: d.input_tokens,
+                            output_tokens: d.output_tokens,
+                            cached_input_tokens: d.cached_input_tokens,
+                            reasoning_tokens: d.reasoning_tokens,
+                            latency_ms: d.latency_ms,
+                            status: d.status,
+                            run_id: d.run_id,
+                        })
+                    }
+                    EventData::ApiRequest(d) => {
+                        crate::frozen::v1::EventData::ApiRequest(crate::frozen::v1::ApiRequest {
+                            route: d.route,
+                            method: d.method,
+                            status_code: d.status_code,
+                            latency_ms: d.latency_ms,
+                            request_bytes: d.request_bytes,
+                            response_bytes: d.response_bytes,
+                        })
+                    }
+                    EventData::AgentRun(d) => {
+                        crate::frozen::v1::EventData::AgentRun(crate::frozen::v1::AgentRun {
+                            agent: d.agent,
+                            run_id: d.run_id,
+                            parent_run_id: d.parent_run_id,
+                            status: d.status,
+                            duration_ms: d.duration_ms,
+                            steps: d.steps,
+                            tool_calls: d.tool_calls,
+                        })
+                    }
+                },
+            };
+            let owned = postcard::to_allocvec(&frozen).expect("frozen");
+            assert_eq!(view, owned);
+            let back: Event = postcard::from_bytes::<crate::frozen::v1::Event>(&owned)
+                .expect("decodes")
+                .into();
+            assert_eq!(back, event);
+        }
     }
 
     #[test]

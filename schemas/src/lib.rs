@@ -9,6 +9,7 @@ pub mod arrow_schema;
 pub mod auth;
 pub mod cloudevents;
 pub mod event;
+pub mod frozen;
 pub mod json_schema;
 pub mod migrations;
 pub mod validate;

@@ -623,7 +623,8 @@ pub fn sql_str(s: &str) -> String {
 /// Copies the directory `from` to `to`, which must not exist, with everything below it.
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir(to).unwrap_or_else(|e| panic!("create {}: {e}", to.display()));
-    for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("read {}: {e}", from.display())) {
+    for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("read {}: {e}", from.display()))
+    {
         let entry = entry.expect("directory entry");
         let target = to.join(entry.file_name());
         if entry.file_type().expect("file type").is_dir() {
