@@ -101,7 +101,7 @@ step "npm ci (TimescaleDB for the conformance test)"
 npm ci --prefix tests/timescaledb --no-audit --no-fund
 
 # chDB (ClickHouse 26.9 embedded in Python) for the conformance test of the DDL meterd uses on
-# current ClickHouse releases; see tests/clickhouse_modern.rs. Only its engine is needed, not
+# current ClickHouse releases; see tests/it/clickhouse_modern.rs. Only its engine is needed, not
 # its pandas and pyarrow extras.
 step "chDB (current ClickHouse for the conformance test)"
 if [ ! -x tests/clickhouse/.venv/bin/python ]; then

@@ -4,7 +4,7 @@
 //! Rollup correctness is in `tests/rollups.rs`, TimescaleDB conformance in
 //! `tests/timescaledb.rs`.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::process::Command;

@@ -5,7 +5,7 @@
 //! The kill points come from a seeded generator (override with `METERD_CRASH_SEED`), so a
 //! failure names the seed that reproduces it.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

@@ -108,17 +108,6 @@ impl Drop for TestDb {
     }
 }
 
-/// The value of a one-row, one-column query, as JSON.
-pub async fn json(client: &Client, sql: &str) -> Value {
-    let wrapped =
-        format!("SELECT coalesce(to_jsonb(x.*) -> 'v', 'null'::jsonb) FROM ({sql}) AS x(v)");
-    client
-        .query_one(&wrapped, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
-        .get(0)
-}
-
 /// Every row of `sql` as a JSON array of objects (column order kept by name).
 pub async fn rows(client: &Client, sql: &str) -> Vec<Value> {
     let wrapped =

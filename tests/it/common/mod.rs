@@ -3,9 +3,6 @@
 //!
 //! Every test starts its own server, so tests run in parallel and never share state.
 
-// Each test binary uses a different subset of these helpers.
-#![allow(dead_code)]
-
 pub mod ch;
 pub mod pg;
 pub mod rollups;

@@ -1,7 +1,7 @@
 //! The command line: bad configuration exits with code 2 before anything starts, configuration
 //! precedence, and `meterd gen` output.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Output};
 
@@ -312,7 +312,7 @@ async fn gen_posts_to_a_running_server() {
 
 /// The quickstart section of the README: its `sh` code blocks, in order.
 fn readme_quickstart_blocks() -> Vec<String> {
-    let readme = include_str!("../README.md");
+    let readme = include_str!("../../README.md");
     let start = readme
         .find("## Quickstart")
         .expect("README has a Quickstart section");

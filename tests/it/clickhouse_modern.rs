@@ -10,7 +10,7 @@
 //! and of the rollup views, and that `usage_hourly` and `usage_daily` equal a raw GROUP BY
 //! over `events`, bucket by bucket and column by column.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;

@@ -1,7 +1,7 @@
 //! `POST /v1/sql` against the real binary: only reading statements run, a heavy query times out
 //! without starving ingest or health checks, the output formats, and the row cap.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -203,11 +203,6 @@ pub async fn exec(url: &str, sql: &str) {
     }
 }
 
-/// Runs a statement and returns its error, if any.
-pub async fn try_exec(url: &str, sql: &str) -> Result<(), String> {
-    post(url, sql).await.map(|_| ())
-}
-
 /// The rows of a query, as JSON values (64-bit integers as numbers).
 pub async fn rows(url: &str, sql: &str) -> Vec<Vec<Value>> {
     try_rows(url, sql)

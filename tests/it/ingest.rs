@@ -2,7 +2,7 @@
 //! within a batch, across batches and across a restart), the four framings, gzip, and where
 //! each field lands in SQL.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

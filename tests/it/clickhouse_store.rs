@@ -3,7 +3,7 @@
 //! restarts, `kill -9` of meterd between an insert and its checkpoint, ClickHouse killed
 //! mid-ingest, a view that fails after another has written, and with PostgreSQL alongside.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::sync::Arc;

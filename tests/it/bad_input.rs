@@ -1,7 +1,7 @@
 //! Bad input to `POST /v1/events`: every case is a 4xx whose message names what is wrong, and
 //! nothing of the request is stored.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::time::Duration;

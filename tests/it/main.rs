@@ -1,0 +1,18 @@
+//! meterd's integration tests, one module per area, in one binary: each test binary links
+//! DataFusion, and linking it once instead of ten times is most of CI's build time.
+//!
+//! Every test starts the real `meterd` binary (and the real databases it talks to) on its own
+//! port, data directory and database, so the tests run in parallel.
+
+mod common;
+
+mod bad_input;
+mod cli;
+mod clickhouse_modern;
+mod clickhouse_store;
+mod crash;
+mod ingest;
+mod postgres_store;
+mod rollups;
+mod sql;
+mod timescaledb;
