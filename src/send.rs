@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use backon::{BackoffBuilder, ExponentialBuilder};
 use indicatif::{HumanBytes, HumanCount, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rand::Rng as _;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER};
 use serde::Deserialize;
@@ -274,6 +274,13 @@ async fn post_batch(
     batch: &Batch,
 ) -> anyhow::Result<(IngestAnswer, u32)> {
     let mut retries = 0;
+    // Exponential with jitter, so senders that failed together do not retry together.
+    let mut delays = ExponentialBuilder::default()
+        .with_min_delay(FIRST_BACKOFF)
+        .with_max_delay(MAX_BACKOFF)
+        .with_jitter()
+        .without_max_times()
+        .build();
     loop {
         let (after, reason) = match attempt(client, url, api_key, batch).await? {
             Attempt::Done(answer) => return Ok((answer, retries)),
@@ -282,7 +289,8 @@ async fn post_batch(
         if retries >= MAX_RETRIES {
             bail!("POST {url}: giving up after {MAX_RETRIES} retries; last: {reason}");
         }
-        let delay = after.unwrap_or_else(|| backoff(retries));
+        let backoff = delays.next().unwrap_or(MAX_BACKOFF);
+        let delay = after.unwrap_or(backoff);
         tracing::warn!(%url, %reason, delay_ms = delay.as_millis() as u64, retry = retries + 1, "retrying batch");
         tokio::time::sleep(delay).await;
         retries += 1;
@@ -352,14 +360,6 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .parse()
         .ok()?;
     Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
-}
-
-/// Exponential backoff with jitter, so senders that failed together do not retry together.
-fn backoff(retries: u32) -> Duration {
-    let base = FIRST_BACKOFF
-        .saturating_mul(1 << retries.min(16))
-        .min(MAX_BACKOFF);
-    base.mul_f64(rand::rng().random_range(0.5..1.0))
 }
 
 /// The server's error answer, with each rejected event named by its input line (or its

@@ -13,6 +13,7 @@ use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use backon::Retryable;
 use meterd_ingest::Ingest;
 use meterd_ingest::sink::SinkStatus;
 use meterd_query::{EventsSource, QueryService};
@@ -244,17 +245,14 @@ async fn clickhouse_query(
     let client = meterd_ingest::clickhouse::client(ch);
     // The sink creates the same tables at the same time; a statement that loses that race
     // fails, and the next attempt finds the table there.
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match meterd_ingest::clickhouse::schema::ensure(&client, ch).await {
-            Ok(_) => break,
-            Err(_) if attempt < 3 => {
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            }
-            Err(e) => return Err(e).context("creating meterd's ClickHouse tables"),
-        }
-    }
+    (|| meterd_ingest::clickhouse::schema::ensure(&client, ch))
+        .retry(
+            backon::ConstantBuilder::default()
+                .with_delay(std::time::Duration::from_millis(500))
+                .with_max_times(2),
+        )
+        .await
+        .context("creating meterd's ClickHouse tables")?;
     QueryService::with_clickhouse(client, &ch.database, STORE_TABLES, settings.query.clone())
         .await
         .context("reading the ClickHouse tables")

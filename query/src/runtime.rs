@@ -2,11 +2,9 @@
 //! heavy query cannot starve them.
 
 use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use tokio::runtime::{Builder, Handle, Runtime};
-use tokio::task::{JoinError, JoinHandle};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::error::{Error, Result};
 
@@ -45,13 +43,15 @@ impl QueryRuntime {
         })
     }
 
-    /// Runs `future` on the query runtime. Dropping the returned handle cancels it.
-    pub(crate) fn spawn<F>(&self, future: F) -> AbortOnDrop<F::Output>
+    /// Runs `future` on the query runtime. Dropping the returned handle aborts it: a query
+    /// whose caller went away (timeout, client disconnect) stops at its next yield point
+    /// instead of running to completion.
+    pub(crate) fn spawn<F>(&self, future: F) -> AbortOnDropHandle<F::Output>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        AbortOnDrop(self.handle.spawn(future))
+        AbortOnDropHandle::new(self.handle.spawn(future))
     }
 }
 
@@ -60,24 +60,5 @@ impl Drop for QueryRuntime {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
-    }
-}
-
-/// A task handle that aborts the task when dropped: a query whose caller went away (timeout,
-/// client disconnect) stops at its next yield point instead of running to completion.
-#[derive(Debug)]
-pub(crate) struct AbortOnDrop<T>(JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl<T> Future for AbortOnDrop<T> {
-    type Output = Result<T, JoinError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx)
     }
 }
