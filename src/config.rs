@@ -77,8 +77,8 @@ pub struct ServeArgs {
     #[arg(long, env = "METERD_HEADER_TIMEOUT_SECS")]
     pub header_timeout_secs: Option<u64>,
     /// Seconds a request body may go without sending more, and a response without being
-    /// read, before the connection is closed; past them a body must average 1 KiB/s
-    /// [default: 30].
+    /// read, before the connection is closed; past them a body must bring 1 KiB/s in every
+    /// such span [default: 30].
     #[arg(long, env = "METERD_BODY_TIMEOUT_SECS")]
     pub body_timeout_secs: Option<u64>,
     /// PostgreSQL/TimescaleDB to fill, `postgres://user:password@host:port/database`; further

@@ -82,6 +82,10 @@ pub async fn serve(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
+        // Copy each piece of a response into hyper's own buffer rather than queue it: a queued
+        // piece keeps the whole answer it was cut from (and its share of the query memory
+        // pool) alive until the client has read that far.
+        .writev(false)
         .keep_alive(true);
     let body_timeout = limits.body_timeout;
     let service = tower::ServiceBuilder::new()
@@ -138,49 +142,76 @@ pub async fn serve(
     graceful.shutdown().await;
 }
 
-/// The slowest average pace of a request body once its first `body_timeout` has passed.
+/// The slowest pace of a request body: after its first `body_timeout`, at least this many bytes
+/// a second in every following span of `body_timeout` (as Apache's `mod_reqtimeout`
+/// `MinRate`, without letting a fast start pay for a slow end).
 pub const MIN_BODY_BYTES_PER_SEC: u64 = 1024;
 
-/// A request body that fails once it has taken longer than `grace` plus the time its bytes so
-/// far take at `min_bytes_per_sec`. Hand-written because tower-http's body timeout is reset by
-/// every chunk, and no crate offers a minimum rate.
+/// A request body that fails when, after `window` of grace, a span of `window` passes in which
+/// fewer than `window × min_bytes_per_sec` bytes arrived. Hand-written because tower-http's body
+/// timeout is reset by every chunk, and no crate offers a minimum rate.
 struct PacedBody<B> {
     inner: B,
-    start: Instant,
-    grace: Duration,
+    window: Duration,
+    /// Bytes each window after the first must bring.
+    needed: u64,
     min_bytes_per_sec: u64,
-    received: u64,
-    /// Wakes the reader at the current deadline, so a body that sends nothing fails too.
+    /// The window now running, and the bytes it brought so far.
+    window_end: Instant,
+    in_window: u64,
+    /// The grace: the first window needs nothing.
+    first: bool,
+    /// Wakes the reader at the end of the window, so a body that sends nothing fails too.
     alarm: Pin<Box<Sleep>>,
 }
 
+/// A point `after` from `start`, or far in the future if that cannot be represented.
+fn later(start: Instant, after: Duration) -> Instant {
+    start
+        .checked_add(after)
+        .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 86_400))
+}
+
 impl<B> PacedBody<B> {
-    fn new(inner: B, grace: Duration, min_bytes_per_sec: u64) -> Self {
-        let start = Instant::now();
+    fn new(inner: B, window: Duration, min_bytes_per_sec: u64) -> Self {
+        let window_end = later(Instant::now(), window);
+        let min_bytes_per_sec = min_bytes_per_sec.max(1);
         Self {
             inner,
-            start,
-            grace,
-            min_bytes_per_sec: min_bytes_per_sec.max(1),
-            received: 0,
-            alarm: Box::pin(tokio::time::sleep_until(start + grace)),
+            window,
+            needed: (window.as_secs_f64() * min_bytes_per_sec as f64) as u64,
+            min_bytes_per_sec,
+            window_end,
+            in_window: 0,
+            first: true,
+            alarm: Box::pin(tokio::time::sleep_until(window_end)),
         }
     }
 
-    fn deadline(&self) -> Instant {
-        let earned = Duration::from_secs_f64(self.received as f64 / self.min_bytes_per_sec as f64);
-        self.start + self.grace.saturating_add(earned)
+    /// Closes every window that has ended by now; an error if one of them (after the first)
+    /// brought too little.
+    fn settle(&mut self, now: Instant) -> Result<(), TooSlow> {
+        while now >= self.window_end {
+            if !self.first && self.in_window < self.needed {
+                return Err(TooSlow {
+                    min_bytes_per_sec: self.min_bytes_per_sec,
+                    window: self.window,
+                });
+            }
+            self.first = false;
+            self.in_window = 0;
+            self.window_end = later(self.window_end, self.window.max(Duration::from_millis(1)));
+        }
+        Ok(())
     }
 }
 
 /// The error a [`PacedBody`] ends with.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "the request body came slower than {min_bytes_per_sec} bytes per second after the first {grace:?}"
-)]
+#[error("the request body came slower than {min_bytes_per_sec} bytes per second over {window:?}")]
 struct TooSlow {
     min_bytes_per_sec: u64,
-    grace: Duration,
+    window: Duration,
 }
 
 impl<B> Body for PacedBody<B>
@@ -196,24 +227,39 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        // Bytes that arrived count toward the window they arrived in, which is still the
+        // current one if the reader is polled promptly.
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            this.in_window = this.in_window.saturating_add(data.len() as u64);
+        }
+        match polled {
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    this.received = this.received.saturating_add(data.len() as u64);
-                    let deadline = this.deadline();
-                    this.alarm.as_mut().reset(deadline);
+                if let Err(slow) = this.settle(Instant::now()) {
+                    return Poll::Ready(Some(Err(Box::new(slow))));
                 }
-                Poll::Ready(Some(Ok(frame)))
+                return Poll::Ready(Some(Ok(frame)));
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.alarm.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(TooSlow {
-                    min_bytes_per_sec: this.min_bytes_per_sec,
-                    grace: this.grace,
-                })))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {}
+        }
+        if let Err(slow) = this.settle(Instant::now()) {
+            return Poll::Ready(Some(Err(Box::new(slow))));
+        }
+        let window_end = this.window_end;
+        if this.alarm.deadline() != window_end {
+            this.alarm.as_mut().reset(window_end);
+        }
+        match this.alarm.as_mut().poll(cx) {
+            // The window just ended: settle it at the next poll, which this wakes.
+            Poll::Ready(()) => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -232,35 +278,38 @@ mod tests {
     use futures::StreamExt;
     use http_body_util::BodyExt;
 
-    /// A body of `chunks` one-byte frames, one every `every`.
-    fn trickle(
-        chunks: usize,
-        every: Duration,
+    /// A body of `frames`: each waits its delay, then sends its number of bytes.
+    fn body(
+        frames: Vec<(Duration, usize)>,
     ) -> http_body_util::StreamBody<
         impl futures::Stream<Item = Result<Frame<Bytes>, std::convert::Infallible>> + Unpin,
     > {
-        let stream = futures::stream::iter(0..chunks).then(move |_| async move {
-            tokio::time::sleep(every).await;
-            Ok(Frame::data(Bytes::from_static(b"x")))
+        let stream = futures::stream::iter(frames).then(|(delay, bytes)| async move {
+            tokio::time::sleep(delay).await;
+            Ok(Frame::data(Bytes::from(vec![b'x'; bytes])))
         });
         http_body_util::StreamBody::new(Box::pin(stream))
     }
 
+    fn trickle(chunks: usize, every: Duration) -> Vec<(Duration, usize)> {
+        vec![(every, 1); chunks]
+    }
+
     #[tokio::test]
-    async fn a_trickling_body_fails_at_its_pace() {
-        // A byte every 20 ms, allowed 200 ms plus 50 ms a byte: it keeps pace.
+    async fn a_body_must_keep_its_pace_in_every_window() {
+        // A byte every 20 ms against 4 bytes per 200 ms: it keeps pace.
         let kept = PacedBody::new(
-            trickle(30, Duration::from_millis(20)),
+            body(trickle(30, Duration::from_millis(20))),
             Duration::from_millis(200),
             20,
         );
         let bytes = kept.collect().await.expect("in pace").to_bytes();
         assert_eq!(bytes.len(), 30);
-        // A byte every 100 ms, never stalling past a chunk timeout, fails soon after the
-        // 500 ms grace at 1 KiB/s.
+        // A byte every 100 ms, never stalling long, is cut off at the end of the first window
+        // after the grace.
         let started = Instant::now();
         let slow = PacedBody::new(
-            trickle(100, Duration::from_millis(100)),
+            body(trickle(100, Duration::from_millis(100))),
             Duration::from_millis(500),
             1024,
         );
@@ -271,14 +320,24 @@ mod tests {
                 .contains("slower than 1024 bytes per second"),
             "{error}"
         );
-        let took = started.elapsed();
-        assert!(took < Duration::from_secs(5), "{took:?}");
-        // A body that sends nothing fails at the grace.
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // A fast start does not pay for a slow end.
+        let mut frames = vec![(Duration::ZERO, 100_000)];
+        frames.extend(trickle(100, Duration::from_millis(100)));
+        let banked = PacedBody::new(body(frames), Duration::from_millis(300), 1024);
+        assert!(banked.collect().await.is_err());
+        // A body that sends nothing fails after its second window.
         let silent = PacedBody::new(
-            trickle(1, Duration::from_secs(3600)),
+            body(vec![(Duration::from_secs(3600), 1)]),
             Duration::from_millis(100),
             1024,
         );
         assert!(silent.collect().await.is_err());
+        // A timeout too long to represent is as good as none.
+        let endless = PacedBody::new(body(trickle(3, Duration::ZERO)), Duration::MAX, 1024);
+        assert_eq!(
+            endless.collect().await.expect("no limit").to_bytes().len(),
+            3
+        );
     }
 }

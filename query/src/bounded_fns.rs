@@ -330,11 +330,27 @@ fn array_len(a: &ArrayRef, i: usize) -> Option<u64> {
     Some(len as u64)
 }
 
-/// The bytes of the values in `array`, which may be a slice of a larger one. View arrays keep
-/// their values in shared buffers that a slice's size does not count: for them (and for any
-/// type whose slice cannot be measured) every buffer the array holds counts, which may count
-/// more than the slice but never less.
+/// The bytes of the values in `array`, which may be a slice of a larger one. A string or binary
+/// view array counts its views and the values they point to; a nested type holding views keeps
+/// its values in shared buffers that a slice's size does not count, so for it (and for any type
+/// whose slice cannot be measured) every buffer the array holds counts, which may count more
+/// than the slice but never less.
 pub(crate) fn array_bytes(array: &ArrayRef) -> u64 {
+    let views = match array.data_type() {
+        DataType::Utf8View => Some(array.as_string_view().views()),
+        DataType::BinaryView => Some(array.as_binary_view().views()),
+        _ => None,
+    };
+    if let Some(views) = views {
+        // Each value: its 16-byte view, plus its bytes when they are too long to be inline.
+        return views
+            .iter()
+            .map(|view| {
+                let len = u64::from(*view as u32);
+                16 + if len > 12 { len } else { 0 }
+            })
+            .sum();
+    }
     let data = array.to_data();
     let measured = if holds_views(array.data_type()) {
         None

@@ -18,18 +18,20 @@
 //!
 //! Written here because what an expression may allocate is meterd's limit, not DataFusion's.
 
+use std::collections::HashSet;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, FieldRef};
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
-use datafusion::common::{DFSchema, DFSchemaRef, ScalarValue, exec_err};
+use datafusion::common::{DFSchema, DFSchemaRef, ScalarValue, exec_err, plan_err};
 use datafusion::config::ConfigOptions;
 use datafusion::error::Result;
-use datafusion::logical_expr::expr::ScalarFunction;
+use datafusion::logical_expr::expr::{Cast, ScalarFunction, TryCast};
 use datafusion::logical_expr::sort_properties::{ExprProperties, SortProperties};
 use datafusion::logical_expr::{
     ColumnarValue, Expr, ExprSchemable, LogicalPlan, ReturnFieldArgs, ScalarFunctionArgs,
-    ScalarUDF, ScalarUDFImpl, Signature, Volatility,
+    ScalarUDF, ScalarUDFImpl, Signature, Volatility, WindowFunctionDefinition,
 };
 use datafusion::optimizer::AnalyzerRule;
 
@@ -57,7 +59,17 @@ impl CheckValues {
                 f.func.inner().downcast_ref::<Bounded>().is_none()
                     && f.func.inner().downcast_ref::<Checked>().is_none()
             }
-            Expr::BinaryExpr(_) | Expr::Cast(_) | Expr::TryCast(_) => true,
+            Expr::BinaryExpr(_) => true,
+            // A column or constant cast between string and binary types changes each value
+            // by its offsets at most, and the optimizer and the stores' pushdown look through
+            // exactly such casts (`name = 'x'::text`): leave them bare.
+            Expr::Cast(Cast { expr: inner, field })
+            | Expr::TryCast(TryCast { expr: inner, field }) => {
+                let plain = matches!(inner.as_ref(), Expr::Column(_) | Expr::Literal(..))
+                    && textual(field.data_type())
+                    && inner.get_type(schema).is_ok_and(|t| textual(&t));
+                !plain
+            }
             _ => false,
         };
         // An expression whose type cannot be known here is left to DataFusion to refuse.
@@ -75,8 +87,34 @@ impl CheckValues {
     }
 }
 
+/// Aggregates whose result holds every value of their frame: as window functions, each row's
+/// result grows with its frame, and a partition of n rows builds n^2/2 values.
+const GROWING_AGGREGATES: &[&str] = &["array_agg", "string_agg"];
+
+/// Refuses a window function whose result grows with its frame.
+fn refuse_growing_windows(plan: &LogicalPlan) -> Result<()> {
+    plan.apply_with_subqueries(|node| {
+        node.apply_expressions(|expr| {
+            expr.apply(|e| {
+                if let Expr::WindowFunction(window) = e
+                    && let WindowFunctionDefinition::AggregateUDF(udaf) = &window.fun
+                    && GROWING_AGGREGATES.contains(&udaf.name())
+                {
+                    return plan_err!(
+                        "{} is not available as a window function: its result grows with the frame; aggregate with GROUP BY instead",
+                        udaf.name()
+                    );
+                }
+                Ok(TreeNodeRecursion::Continue)
+            })
+        })
+    })
+    .map(|_| ())
+}
+
 impl AnalyzerRule for CheckValues {
     fn analyze(&self, plan: LogicalPlan, _config: &ConfigOptions) -> Result<LogicalPlan> {
+        refuse_growing_windows(&plan)?;
         plan.transform_up_with_subqueries(|node| {
             let schema = expression_schema(&node);
             node.map_expressions(|expr| expr.transform_up(|e| self.wrap(e, &schema)))
@@ -102,6 +140,19 @@ fn expression_schema(node: &LogicalPlan) -> DFSchemaRef {
             })
             .map_or_else(|_| Arc::clone(node.schema()), Arc::new),
     }
+}
+
+/// String and binary types, whatever their layout.
+fn textual(t: &DataType) -> bool {
+    matches!(
+        t,
+        DataType::Utf8
+            | DataType::LargeUtf8
+            | DataType::Utf8View
+            | DataType::Binary
+            | DataType::LargeBinary
+            | DataType::BinaryView
+    )
 }
 
 /// Types whose values have no fixed size.
@@ -181,10 +232,10 @@ impl ScalarUDFImpl for Checked {
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let rows = args.number_rows;
+        // The expression as the statement wrote it, not DataFusion's physical form of it.
         let what = || {
-            let name = args.arg_fields.first().map_or("", |f| f.name().as_str());
-            let mut short: String = name.chars().take(100).collect();
-            if short.len() < name.len() {
+            let mut short: String = self.name.chars().take(100).collect();
+            if short.len() < self.name.len() {
                 short.push_str("...");
             }
             short
@@ -218,21 +269,38 @@ impl ScalarUDFImpl for Checked {
 }
 
 /// The rows a batch may hold so that the constants of `plan`, copied into every row of a
-/// batch, take at most [`MAX_CALL_BYTES`]; never more than `default`.
+/// batch, take at most half of [`MAX_CALL_BYTES`]; never more than `default`. Counts each distinct
+/// constant once, and only those a batch may be given copies of: not those of filters (a
+/// comparison with a constant compares with the one value), nor `IN` lists and `LIKE`
+/// patterns anywhere.
 pub(crate) fn batch_size_for(plan: &LogicalPlan, default: usize) -> usize {
-    let mut constants: u64 = 0;
-    // Visiting cannot fail: the closures only add.
+    // Each constant by its hash: a collision could only count two constants as one.
+    let hasher = std::hash::RandomState::new();
+    let mut seen: HashSet<u64> = HashSet::new();
+    let mut bytes: u64 = 0;
+    // Visiting cannot fail: the closures only collect.
     let _ = plan.apply_with_subqueries(|node| {
+        if matches!(node, LogicalPlan::Filter(_) | LogicalPlan::TableScan(_)) {
+            return Ok(TreeNodeRecursion::Continue);
+        }
         node.apply_expressions(|expr| {
             expr.apply(|e| {
-                if let Expr::Literal(value, _) = e {
-                    constants = constants.saturating_add(literal_bytes(value));
-                }
-                Ok(TreeNodeRecursion::Continue)
+                Ok(match e {
+                    Expr::InList(_) | Expr::Like(_) | Expr::SimilarTo(_) => TreeNodeRecursion::Jump,
+                    Expr::Literal(value, _) => {
+                        let len = literal_bytes(value);
+                        if len > 0 && seen.insert(hasher.hash_one(value)) {
+                            bytes = bytes.saturating_add(len);
+                        }
+                        TreeNodeRecursion::Continue
+                    }
+                    _ => TreeNodeRecursion::Continue,
+                })
             })
         })
     });
-    let rows = MAX_CALL_BYTES / constants.max(1);
+    // Half the batch for the copies, half for the values of the rows themselves.
+    let rows = MAX_CALL_BYTES / 2 / bytes.max(1);
     usize::try_from(rows)
         .unwrap_or(usize::MAX)
         .clamp(1, default.max(1))
@@ -307,7 +375,17 @@ mod tests {
             futures::executor::block_on(ctx.state().create_logical_plan(&sql)).expect("plan")
         };
         assert_eq!(batch_size_for(&plan(10), 8192), 8192);
-        assert_eq!(batch_size_for(&plan(256 * 1024), 8192), 256);
+        // Filters, IN lists and repeats of one constant do not shrink batches.
+        let ctx = SessionContext::new();
+        let long = "x".repeat(256 * 1024);
+        let sql = format!(
+            "SELECT '{long}' AS a, '{long}' AS b FROM (VALUES ('')) AS t(c) \
+             WHERE c <> '{long}' AND c IN ('{long}', 'z') AND c LIKE '{long}%'"
+        );
+        let filtered =
+            futures::executor::block_on(ctx.state().create_logical_plan(&sql)).expect("plan");
+        assert_eq!(batch_size_for(&filtered, 8192), 128);
+        assert_eq!(batch_size_for(&plan(256 * 1024), 8192), 128);
         assert_eq!(batch_size_for(&plan(128 * 1024 * 1024), 8192), 1);
     }
 }

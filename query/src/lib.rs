@@ -24,6 +24,7 @@ mod format;
 mod http;
 mod postgres;
 mod pushdown;
+mod rebatch;
 mod rollup_table;
 mod runtime;
 mod sort_keys;
@@ -300,6 +301,7 @@ fn session_context(
         .with_default_features()
         .with_physical_optimizer_rule(Arc::new(sort_keys::MaterializeSortKeys))
         .with_physical_optimizer_rule(Arc::new(coop::CooperativeMultipliers))
+        .with_physical_optimizer_rule(Arc::new(rebatch::SliceLeafBatches))
         .build();
     let ctx = SessionContext::new_with_state(state);
     // Replaces DataFusion's wrapping `sum` (see exact_sum).
