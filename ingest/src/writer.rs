@@ -40,6 +40,19 @@ pub(crate) struct Submission {
 /// Most events one group commit takes before it fsyncs.
 const GROUP_MAX_EVENTS: usize = 64 * 1024;
 
+/// Marks ingest failed if the writer thread unwinds from a panic, so `/readyz` reports it and
+/// submissions are refused instead of waiting on a thread that is gone.
+struct FailOnPanic(Arc<AtomicBool>);
+
+impl Drop for FailOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Release);
+            tracing::error!("the log writer panicked; refusing further ingest");
+        }
+    }
+}
+
 pub(crate) struct Writer {
     pub log: LogWriter,
     pub index: Arc<DedupIndex>,
@@ -51,6 +64,7 @@ pub(crate) struct Writer {
 impl Writer {
     /// Runs until every sender is gone, then returns.
     pub fn run(mut self, mut rx: mpsc::Receiver<Submission>) {
+        let _marks_failure = FailOnPanic(Arc::clone(&self.failed));
         let mut group = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             let mut events = first.events.len();
@@ -168,4 +182,53 @@ pub(crate) fn index_replayed(index: &DedupIndex, events: &[StoredEvent], end: Ls
 /// format version this build reads.
 pub fn decode_record(lsn: Lsn, payload: &[u8]) -> Result<Vec<StoredEvent>> {
     crate::record::decode(lsn, payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::embedded::EmbeddedOptions;
+    use crate::log::LogOptions;
+
+    fn panicking_clock() -> i64 {
+        panic!("a bug in the writer");
+    }
+
+    #[test]
+    fn a_panic_of_the_writer_marks_ingest_failed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (log, shared, _) =
+            LogWriter::open(&dir.path().join("log"), LogOptions::default()).expect("log");
+        let index = Arc::new(DedupIndex::open(&dir.path().join("dedup")).expect("index"));
+        let store = Arc::new(
+            EmbeddedStore::open(
+                &dir.path().join("events"),
+                &shared,
+                EmbeddedOptions::default(),
+            )
+            .expect("store"),
+        );
+        let failed = Arc::new(AtomicBool::new(false));
+        let writer = Writer {
+            log,
+            index,
+            store,
+            failed: Arc::clone(&failed),
+            clock: panicking_clock,
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let thread = std::thread::spawn(move || writer.run(rx));
+        let (reply, answer) = oneshot::channel();
+        tx.blocking_send(Submission {
+            events: Vec::new(),
+            reply,
+        })
+        .expect("send");
+        assert!(thread.join().is_err(), "the writer panicked");
+        assert!(
+            answer.blocking_recv().is_err(),
+            "no answer from a dead writer"
+        );
+        assert!(failed.load(Ordering::Acquire));
+    }
 }
