@@ -186,6 +186,42 @@ async fn every_acknowledged_event_reaches_postgres_once() {
     assert_eq!(ready.status(), StatusCode::OK);
     let body: Value = ready.json().await.expect("json");
     assert_eq!(body["postgres"]["connected"], true, "{body}");
+
+    // A checkpoint no meterd writes (a log position is never negative) is an error the sink
+    // reports, not a reason to deliver everything again from position 0.
+    assert!(server.stop().success());
+    client
+        .batch_execute(
+            "ALTER TABLE meterd.sink_checkpoints DROP CONSTRAINT sink_checkpoints_lsn_check; \
+             UPDATE meterd.sink_checkpoints SET lsn = -5",
+        )
+        .await
+        .expect("damage the checkpoint past its constraint");
+    server.restart();
+    let deadline = std::time::Instant::now() + DELIVERY_TIMEOUT;
+    loop {
+        let body: Value = server
+            .client
+            .get(format!("{}/readyz", server.url))
+            .send()
+            .await
+            .expect("readyz")
+            .json()
+            .await
+            .expect("json");
+        if body["postgres"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("never negative"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the negative checkpoint was not reported: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_exactly(&client, &all, "a damaged checkpoint delivers nothing twice").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -73,10 +73,14 @@ impl std::fmt::Debug for MonthBlock {
     }
 }
 
-/// `YYYYMM` of a time in microseconds (UTC).
-pub fn month_of(time_us: i64) -> u32 {
-    let t = DateTime::from_timestamp_micros(time_us).unwrap_or(DateTime::UNIX_EPOCH);
-    t.year().unsigned_abs() * 100 + t.month()
+/// `YYYYMM` of a time in microseconds (UTC); `None` outside the years 1970 to 2105, which
+/// ClickHouse's `DateTime` cannot hold.
+pub fn month_of(time_us: i64) -> Option<u32> {
+    let t = DateTime::from_timestamp_micros(time_us)?;
+    let year = u32::try_from(t.year())
+        .ok()
+        .filter(|y| (1970..=2105).contains(y))?;
+    Some(year * 100 + t.month())
 }
 
 /// The id of the delivery of `node`'s batch starting at `batch_start`, for its events of
@@ -95,7 +99,11 @@ pub fn month_blocks(
 ) -> Result<Vec<MonthBlock>, ChError> {
     let mut months: BTreeMap<u32, Vec<&StoredEvent>> = BTreeMap::new();
     for e in events {
-        months.entry(month_of(e.event.time_us)).or_default().push(e);
+        let month = month_of(e.event.time_us).ok_or(ChError::TimeOutOfRange {
+            id: e.event.id.clone(),
+            time_us: e.event.time_us,
+        })?;
+        months.entry(month).or_default().push(e);
     }
     months
         .into_iter()
@@ -205,8 +213,10 @@ mod tests {
     fn months_are_utc() {
         // 2026-01-31T23:59:59.999999Z and one microsecond later.
         let end_of_january = 1_769_903_999_999_999;
-        assert_eq!(month_of(end_of_january), 202_601);
-        assert_eq!(month_of(end_of_january + 1), 202_602);
+        assert_eq!(month_of(end_of_january), Some(202_601));
+        assert_eq!(month_of(end_of_january + 1), Some(202_602));
+        assert_eq!(month_of(-1), None);
+        assert_eq!(month_of(i64::MAX), None);
     }
 
     #[test]

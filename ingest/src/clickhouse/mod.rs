@@ -91,6 +91,10 @@ pub enum ChError {
     Version(String),
     #[error("{0:?} is not a usable ClickHouse database name (letters, digits and _)")]
     DatabaseName(String),
+    #[error(
+        "event {id:?} has a time ({time_us} µs since 1970) that ClickHouse's DateTime cannot hold; the log record is damaged"
+    )]
+    TimeOutOfRange { id: String, time_us: i64 },
     #[error("building an insert block: {0}")]
     Block(String),
     #[error(

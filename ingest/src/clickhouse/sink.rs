@@ -411,7 +411,8 @@ impl Sink {
     /// without TTL). The rollups keep those months.
     async fn drop_expired_months(&self, client: &Client, days: u32) -> Result<(), ChError> {
         let cutoff_us = chrono::Utc::now().timestamp_micros() - i64::from(days) * 86_400_000_000;
-        let cutoff_month = month_of(cutoff_us);
+        // Before 1970 nothing can be expired; past 2105 everything the table can hold has.
+        let cutoff_month = month_of(cutoff_us).unwrap_or(if cutoff_us < 0 { 0 } else { u32::MAX });
         let partitions: Vec<String> = client
             .query(
                 "SELECT DISTINCT partition FROM system.parts \

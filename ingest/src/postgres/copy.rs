@@ -9,6 +9,7 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, ToSql, Type};
 
 use crate::payload::payload;
+use crate::postgres::PgError;
 
 /// The columns in the order of [`TYPES`] and [`write_event`].
 pub const COLUMNS: &str = "tenant, id, type, time, ingested_at, subject, source, dimensions, \
@@ -52,21 +53,26 @@ pub const TYPES: [Type; 27] = [
     Type::INT8,
 ];
 
-fn timestamp(us: i64) -> DateTime<Utc> {
-    // Validation bounds event times to a few hundred days around now, far inside chrono's range;
-    // the fallback only guards a corrupt record from panicking the sink.
-    DateTime::from_timestamp_micros(us).unwrap_or(DateTime::UNIX_EPOCH)
+/// A time for PostgreSQL. Validation bounds event times to a few hundred days around now, far
+/// inside chrono's range: a time outside it is a damaged record, and an error rather than a
+/// plausible wrong date.
+fn timestamp(id: &str, field: &'static str, us: i64) -> Result<DateTime<Utc>, PgError> {
+    DateTime::from_timestamp_micros(us).ok_or_else(|| PgError::TimeOutOfRange {
+        id: id.to_owned(),
+        field,
+        us,
+    })
 }
 
 /// Writes one event as one row.
 pub async fn write_event(
     writer: Pin<&mut BinaryCopyInWriter>,
     stored: &StoredEvent,
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<(), PgError> {
     let e = &stored.event;
     let p = payload(&e.data);
-    let time = timestamp(e.time_us);
-    let ingested_at = timestamp(stored.ingested_at_us);
+    let time = timestamp(&e.id, "time", e.time_us)?;
+    let ingested_at = timestamp(&e.id, "ingested_at", stored.ingested_at_us)?;
     let dimensions = Json(&e.dimensions);
     let row: [&(dyn ToSql + Sync); 27] = [
         &e.tenant.as_str(),
@@ -97,5 +103,25 @@ pub async fn write_event(
         &p.steps,
         &p.tool_calls,
     ];
-    writer.write(&row).await
+    writer.write(&row).await.map_err(|source| PgError::Sql {
+        step: "COPY into meterd.events_data",
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_no_timestamp_holds_are_errors() {
+        assert_eq!(
+            timestamp("e", "time", 0).expect("the epoch"),
+            DateTime::UNIX_EPOCH
+        );
+        let message = timestamp("e1", "time", i64::MAX)
+            .expect_err("out of range")
+            .to_string();
+        assert!(message.contains("\"e1\" has a value of time"), "{message}");
+    }
 }

@@ -105,6 +105,18 @@ pub enum PgError {
         "the database's meterd schema is at version {database}; this meterd knows up to {known}"
     )]
     NewerSchema { database: i32, known: i32 },
+    #[error(
+        "event {id:?} has a value of {field} ({us} µs since 1970) that no timestamp can hold; the log record is damaged"
+    )]
+    TimeOutOfRange {
+        id: String,
+        field: &'static str,
+        us: i64,
+    },
+    #[error(
+        "PostgreSQL's checkpoint for this node is {0}, and a log position is never negative; was meterd.sink_checkpoints edited by hand?"
+    )]
+    NegativeCheckpoint(i64),
     #[error("the database records an unknown schema flavor {0:?}")]
     UnknownFlavor(String),
     #[error("TimescaleDB is required but cannot be used: {0}")]

@@ -203,7 +203,8 @@ impl Sink {
             .map_err(sql_err("reading this node's checkpoint"))?
             .try_get(0)
             .map_err(sql_err("reading a result column"))?;
-        let committed = u64::try_from(committed).unwrap_or(0);
+        let committed =
+            u64::try_from(committed).map_err(|_| PgError::NegativeCheckpoint(committed))?;
         let (start, end) = (self.log.start(), self.log.durable_end());
         if committed > end {
             return Err(PgError::CheckpointAhead {
@@ -313,9 +314,7 @@ impl Sink {
         let writer = BinaryCopyInWriter::new(sink, &copy::TYPES);
         tokio::pin!(writer);
         for event in &batch.events {
-            copy::write_event(writer.as_mut(), event)
-                .await
-                .map_err(sql_err("COPY into meterd.events_data"))?;
+            copy::write_event(writer.as_mut(), event).await?;
         }
         writer
             .finish()
