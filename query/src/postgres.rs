@@ -14,7 +14,10 @@ use arrow::array::{
     ArrayRef, BooleanBuilder, Decimal128Builder, Float64Builder, Int64Builder, RecordBatch,
     RecordBatchOptions, StringBuilder, TimestampMicrosecondBuilder,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::compute::kernels::cast_utils::parse_decimal;
+use arrow::datatypes::{
+    DECIMAL128_MAX_PRECISION, DataType, Decimal128Type, Field, Schema, SchemaRef, TimeUnit,
+};
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use datafusion::catalog::{Session, TableProvider};
@@ -912,18 +915,22 @@ fn read_column(rows: &[Row], i: usize, kind: ColumnKind) -> Result<ArrayRef> {
         ColumnKind::Decimal { scale } => {
             let mut builder =
                 Decimal128Builder::with_capacity(rows.len()).with_precision_and_scale(38, scale)?;
-            let digits = u32::try_from(scale).unwrap_or(0);
             for row in rows {
                 let text = row.try_get::<_, Option<&str>>(i).map_err(read_error)?;
                 let value = match text {
-                    Some(text) => Some(parse_decimal(text, digits).ok_or_else(|| {
-                        DataFusionError::External(
-                            format!(
-                                "PostgreSQL numeric {text} does not fit Decimal128(38, {scale})"
-                            )
-                            .into(),
-                        )
-                    })?),
+                    // PostgreSQL's text form of a `numeric(p, s)` (`-12.50`); `NaN` and values
+                    // past 38 digits are errors.
+                    Some(text) => Some(
+                        parse_decimal::<Decimal128Type>(text, DECIMAL128_MAX_PRECISION, scale)
+                            .map_err(|e| {
+                                DataFusionError::External(
+                                    format!(
+                                        "PostgreSQL numeric {text} does not fit Decimal128(38, {scale}): {e}"
+                                    )
+                                    .into(),
+                                )
+                            })?,
+                    ),
                     None => None,
                 };
                 builder.append_option(value);
@@ -958,32 +965,6 @@ impl<'a> FromSql<'a> for UnixMicros {
     fn accepts(ty: &Type) -> bool {
         matches!(*ty, Type::TIMESTAMP | Type::TIMESTAMPTZ)
     }
-}
-
-/// The unscaled value of PostgreSQL's text form of a `numeric(p, s)` (`-12.50` with scale 3 is
-/// -12500); `None` for `NaN` or anything that does not fit.
-fn parse_decimal(text: &str, scale: u32) -> Option<i128> {
-    let (negative, digits) = match text.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, text),
-    };
-    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
-    let padding = usize::try_from(scale).ok()?.checked_sub(fraction.len())?;
-    if whole.is_empty() && fraction.is_empty() {
-        return None;
-    }
-    let mut value: i128 = 0;
-    for c in whole
-        .bytes()
-        .chain(fraction.bytes())
-        .chain(std::iter::repeat_n(b'0', padding))
-    {
-        if !c.is_ascii_digit() {
-            return None;
-        }
-        value = value.checked_mul(10)?.checked_add(i128::from(c - b'0'))?;
-    }
-    Some(if negative { -value } else { value })
 }
 
 /// A PostgreSQL or pool error as a DataFusion error, with what we were doing.
