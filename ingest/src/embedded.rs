@@ -150,8 +150,13 @@ pub struct EmbeddedStore {
     dir: PathBuf,
     options: EmbeddedOptions,
     state: Mutex<State>,
-    /// Serialises flushes and compactions, the two writers of the manifest.
-    maintenance: Mutex<()>,
+    /// Held by a flush from start to end.
+    flushing: Mutex<()>,
+    /// Held by a compaction from start to end.
+    compacting: Mutex<()>,
+    /// Held while the manifest is changed and published, so a flush and a compaction never
+    /// publish over each other.
+    publishing: Mutex<()>,
     consumer: Consumer,
 }
 
@@ -192,7 +197,9 @@ impl EmbeddedStore {
                 manifest,
                 ..State::default()
             }),
-            maintenance: Mutex::new(()),
+            flushing: Mutex::new(()),
+            compacting: Mutex::new(()),
+            publishing: Mutex::new(()),
             consumer,
         })
     }
@@ -264,10 +271,8 @@ impl EmbeddedStore {
 
     /// Writes the whole tail to Parquet and publishes it. Returns the rows written.
     pub fn flush(&self) -> Result<usize> {
-        let _guard = self
-            .maintenance
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        // One flush at a time; a compaction meanwhile only waits for the short publish below.
+        let _flushing = self.flushing.lock().unwrap_or_else(PoisonError::into_inner);
         let (batches, upto) = {
             let st = self.lock();
             let Some(last) = st.tail.last() else {
@@ -284,6 +289,10 @@ impl EmbeddedStore {
             new_files.push(self.write_file(day, &rows)?);
         }
         let rows = all.num_rows();
+        let _publishing = self
+            .publishing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let manifest = {
             let st = self.lock();
             let mut m = st.manifest.clone();
@@ -304,8 +313,10 @@ impl EmbeddedStore {
 
     /// Merges the small files of each day into one. Returns the number of files replaced.
     pub fn compact(&self) -> Result<usize> {
-        let _guard = self
-            .maintenance
+        // One compaction at a time. It reads, merges and writes without holding up flushes,
+        // and publishes under the short publishing lock.
+        let _compacting = self
+            .compacting
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let files = self.lock().manifest.files.clone();
@@ -334,8 +345,14 @@ impl EmbeddedStore {
             }
             let merged = sort_rows(&concat_batches(&events_schema(), &batches)?)?;
             let out = self.write_file(day, &merged)?;
+            let _publishing = self
+                .publishing
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             let manifest = {
                 let st = self.lock();
+                // Only compactions remove files, and they run one at a time: the inputs are
+                // still listed.
                 let mut m = st.manifest.clone();
                 m.files.retain(|f| !inputs.contains(f));
                 m.files.push(out);
@@ -632,6 +649,34 @@ mod tests {
             out.push(c);
         }
         out
+    }
+
+    /// A compaction holds the store only while it publishes: a flush during the reading,
+    /// merging and writing of a compaction goes ahead.
+    #[test]
+    fn a_running_compaction_does_not_hold_up_a_flush() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_w, log, _) =
+            LogWriter::open(&dir.path().join("log"), LogOptions::default()).expect("log");
+        let store = Arc::new(
+            EmbeddedStore::open(&dir.path().join("events"), &log, EmbeddedOptions::default())
+                .expect("open"),
+        );
+        store.push(10, batch(0..100, 20_000));
+        // A compaction in the middle of its work.
+        let compacting = store.compacting.lock().expect("compaction lock");
+        let flusher = {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || store.flush())
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !flusher.is_finished() {
+            assert!(Instant::now() < deadline, "the flush waited for the compaction");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        drop(compacting);
+        assert_eq!(flusher.join().expect("flush thread").expect("flush"), 100);
+        assert_eq!(store.flushed_lsn(), 10);
     }
 
     #[test]

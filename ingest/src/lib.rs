@@ -123,6 +123,7 @@ pub struct Ingest {
     stopping: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     maintenance_error: Mutex<Option<String>>,
+    flush_error: Mutex<Option<String>>,
 }
 
 fn now_us() -> i64 {
@@ -220,6 +221,7 @@ impl Ingest {
             stopping: Arc::new(AtomicBool::new(false)),
             threads: Mutex::new(vec![writer_thread]),
             maintenance_error: Mutex::new(None),
+            flush_error: Mutex::new(None),
         });
         let weak = Arc::downgrade(&ingest);
         let stopping = Arc::clone(&ingest.stopping);
@@ -230,11 +232,20 @@ impl Ingest {
                 path: ingest.config.data_dir.clone(),
                 source: e,
             })?;
+        let weak = Arc::downgrade(&ingest);
+        let stopping = Arc::clone(&ingest.stopping);
+        let flusher = std::thread::Builder::new()
+            .name("meterd-flush".into())
+            .spawn(move || flush_loop(weak, stopping))
+            .map_err(|e| Error::LogIo {
+                path: ingest.config.data_dir.clone(),
+                source: e,
+            })?;
         ingest
             .threads
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(maintenance);
+            .extend([maintenance, flusher]);
         Ok(ingest)
     }
 
@@ -319,11 +330,9 @@ impl Ingest {
             log_full,
             writer_failed,
             unflushed_rows,
-            last_maintenance_error: self
-                .maintenance_error
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
+            last_maintenance_error: [&self.flush_error, &self.maintenance_error]
+                .iter()
+                .find_map(|slot| slot.lock().unwrap_or_else(PoisonError::into_inner).clone()),
         }
     }
 
@@ -359,12 +368,9 @@ impl Ingest {
         Ok(())
     }
 
-    /// One round of background upkeep: flush if due, compact, checkpoint the index, trim the log.
+    /// One round of the slow upkeep: compact, checkpoint the index, trim the log, expire dedup
+    /// keys.
     fn maintain(&self, last_slow: &mut Instant, last_expiry: &mut Option<Instant>) -> Result<()> {
-        if self.store.flush_due() {
-            let rows = self.store.flush()?;
-            tracing::debug!(rows, "flushed embedded store");
-        }
         if last_slow.elapsed() >= Duration::from_secs(5) {
             *last_slow = Instant::now();
             self.store.compact()?;
@@ -387,23 +393,51 @@ impl Ingest {
     }
 }
 
+/// Background upkeep on its own thread, so a long compaction or dedup expiry never holds up a
+/// flush: the slow work (compaction, checkpoints, log trimming, dedup expiry).
 fn maintenance_loop(ingest: std::sync::Weak<Ingest>, stopping: Arc<AtomicBool>) {
     let mut last_slow = Instant::now();
     let mut last_expiry = None;
+    upkeep_loop(&ingest, &stopping, |ingest| {
+        (
+            &ingest.maintenance_error,
+            ingest.maintain(&mut last_slow, &mut last_expiry),
+        )
+    });
+}
+
+/// Flushes the embedded store's tail to Parquet when due.
+fn flush_loop(ingest: std::sync::Weak<Ingest>, stopping: Arc<AtomicBool>) {
+    upkeep_loop(&ingest, &stopping, |ingest| {
+        let result = if ingest.store.flush_due() {
+            ingest.store.flush().map(|rows| {
+                tracing::debug!(rows, "flushed embedded store");
+            })
+        } else {
+            Ok(())
+        };
+        (&ingest.flush_error, result)
+    });
+}
+
+/// Runs `round` every 100 ms until ingest stops, keeping the last error of each round in the
+/// slot it names (for `/readyz`).
+fn upkeep_loop(
+    ingest: &std::sync::Weak<Ingest>,
+    stopping: &AtomicBool,
+    mut round: impl FnMut(&Ingest) -> (&Mutex<Option<String>>, Result<()>),
+) {
     while !stopping.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(100));
         let Some(ingest) = ingest.upgrade() else {
             return;
         };
-        let result = ingest.maintain(&mut last_slow, &mut last_expiry);
-        let mut slot = ingest
-            .maintenance_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let (slot, result) = round(&ingest);
+        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
         match result {
             Ok(()) => *slot = None,
             Err(e) => {
-                tracing::error!(error = %e, source = ?std::error::Error::source(&e), "ingest maintenance failed; will retry");
+                tracing::error!(error = %e, source = ?std::error::Error::source(&e), "ingest upkeep failed; will retry");
                 *slot = Some(e.to_string());
             }
         }
