@@ -101,7 +101,7 @@ async fn plain_copy(client: &mut Client, table: &str, rows: &[StoredEvent]) -> R
     for chunk in rows.chunks(BATCH) {
         let tx = client.transaction().await?;
         let sink = tx.copy_in(&copy::copy_statement(table)).await?;
-        let writer = BinaryCopyInWriter::new(sink, &copy::TYPES);
+        let writer = BinaryCopyInWriter::new(sink, &copy::types());
         tokio::pin!(writer);
         for e in chunk {
             copy::write_event(writer.as_mut(), e).await?;

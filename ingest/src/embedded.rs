@@ -671,7 +671,10 @@ mod tests {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !flusher.is_finished() {
-            assert!(Instant::now() < deadline, "the flush waited for the compaction");
+            assert!(
+                Instant::now() < deadline,
+                "the flush waited for the compaction"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         drop(compacting);

@@ -14,7 +14,6 @@ pub mod error;
 pub mod http;
 pub mod lock;
 pub mod log;
-mod payload;
 pub mod postgres;
 pub mod record;
 pub mod sink;

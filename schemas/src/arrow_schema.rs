@@ -8,10 +8,11 @@ use arrow::array::{
     ArrayRef, Int64Builder, MapBuilder, MapFieldNames, RecordBatch, StringBuilder,
     TimestampMicrosecondBuilder,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::error::ArrowError;
 
-use crate::event::{EventData, StoredEvent};
+use crate::columns::{COLUMNS, Kind, Value};
+use crate::event::StoredEvent;
 
 /// Column names of `events`, in schema order.
 pub mod columns {
@@ -22,10 +23,6 @@ pub mod columns {
     pub const INGESTED_AT: &str = "ingested_at";
 }
 
-fn timestamp() -> DataType {
-    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
-}
-
 fn map_fields() -> MapFieldNames {
     MapFieldNames {
         entry: "entries".into(),
@@ -34,7 +31,8 @@ fn map_fields() -> MapFieldNames {
     }
 }
 
-fn dimensions_type() -> DataType {
+/// The Arrow type of `dimensions`: a map of string keys to string values.
+pub(crate) fn dimensions_type() -> DataType {
     let names = map_fields();
     DataType::Map(
         Arc::new(Field::new(
@@ -52,76 +50,91 @@ fn dimensions_type() -> DataType {
     )
 }
 
-/// The Arrow schema of the `events` table.
+/// The Arrow schema of the `events` table, from [`COLUMNS`].
 pub fn events_schema() -> SchemaRef {
     static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
     SCHEMA
         .get_or_init(|| {
-            let s = |name: &str, nullable: bool| Field::new(name, DataType::Utf8, nullable);
-            let i = |name: &str| Field::new(name, DataType::Int64, true);
-            Arc::new(Schema::new(vec![
-                s("tenant", false),
-                s("id", false),
-                s("type", false),
-                Field::new("time", timestamp(), false),
-                Field::new("ingested_at", timestamp(), false),
-                s("subject", true),
-                s("source", true),
-                Field::new("dimensions", dimensions_type(), false),
-                s("provider", true),
-                s("model", true),
-                i("input_tokens"),
-                i("output_tokens"),
-                i("cached_input_tokens"),
-                i("reasoning_tokens"),
-                s("route", true),
-                s("method", true),
-                i("status_code"),
-                i("request_bytes"),
-                i("response_bytes"),
-                s("agent", true),
-                s("run_id", true),
-                s("parent_run_id", true),
-                s("status", true),
-                i("latency_ms"),
-                i("duration_ms"),
-                i("steps"),
-                i("tool_calls"),
-            ]))
+            Arc::new(Schema::new(
+                COLUMNS
+                    .iter()
+                    .map(|c| Field::new(c.name, c.arrow_type(), c.nullable))
+                    .collect::<Vec<_>>(),
+            ))
         })
         .clone()
+}
+
+/// The builder of one column.
+#[derive(Debug)]
+enum ColumnBuilder {
+    Text(StringBuilder),
+    Int(Int64Builder),
+    Time(TimestampMicrosecondBuilder),
+    /// Boxed: one per builder, and far larger than the others.
+    Dimensions(Box<MapBuilder<StringBuilder, StringBuilder>>),
+}
+
+impl ColumnBuilder {
+    fn new(kind: Kind) -> Self {
+        match kind {
+            Kind::Text => ColumnBuilder::Text(StringBuilder::new()),
+            Kind::Int => ColumnBuilder::Int(Int64Builder::new()),
+            Kind::Time => {
+                ColumnBuilder::Time(TimestampMicrosecondBuilder::new().with_timezone("UTC"))
+            }
+            Kind::Dimensions => {
+                let map = MapBuilder::new(
+                    Some(map_fields()),
+                    StringBuilder::new(),
+                    StringBuilder::new(),
+                )
+                .with_values_field(Arc::new(Field::new(
+                    "value",
+                    DataType::Utf8,
+                    true,
+                )));
+                ColumnBuilder::Dimensions(Box::new(map))
+            }
+        }
+    }
+
+    fn append(&mut self, value: Value<'_>) -> Result<(), ArrowError> {
+        match (self, value) {
+            (ColumnBuilder::Text(b), Value::Text(v)) => b.append_option(v),
+            (ColumnBuilder::Int(b), Value::Int(v)) => b.append_option(v),
+            (ColumnBuilder::Time(b), Value::Time(v)) => b.append_value(v),
+            (ColumnBuilder::Dimensions(b), Value::Dimensions(map)) => {
+                for (k, v) in map {
+                    b.keys().append_value(k);
+                    b.values().append_value(v);
+                }
+                b.append(true)?;
+            }
+            (builder, value) => {
+                return Err(ArrowError::InvalidArgumentError(format!(
+                    "a {value:?} does not go into {builder:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> ArrayRef {
+        match self {
+            ColumnBuilder::Text(b) => Arc::new(b.finish()),
+            ColumnBuilder::Int(b) => Arc::new(b.finish()),
+            ColumnBuilder::Time(b) => Arc::new(b.finish()),
+            ColumnBuilder::Dimensions(b) => Arc::new(b.finish()),
+        }
+    }
 }
 
 /// Accumulates events column by column and emits `events` record batches.
 #[derive(Debug)]
 pub struct EventsBatchBuilder {
-    tenant: StringBuilder,
-    id: StringBuilder,
-    event_type: StringBuilder,
-    time: TimestampMicrosecondBuilder,
-    ingested_at: TimestampMicrosecondBuilder,
-    subject: StringBuilder,
-    source: StringBuilder,
-    dimensions: MapBuilder<StringBuilder, StringBuilder>,
-    provider: StringBuilder,
-    model: StringBuilder,
-    input_tokens: Int64Builder,
-    output_tokens: Int64Builder,
-    cached_input_tokens: Int64Builder,
-    reasoning_tokens: Int64Builder,
-    route: StringBuilder,
-    method: StringBuilder,
-    status_code: Int64Builder,
-    request_bytes: Int64Builder,
-    response_bytes: Int64Builder,
-    agent: StringBuilder,
-    run_id: StringBuilder,
-    parent_run_id: StringBuilder,
-    status: StringBuilder,
-    latency_ms: Int64Builder,
-    duration_ms: Int64Builder,
-    steps: Int64Builder,
-    tool_calls: Int64Builder,
+    /// One builder per entry of [`COLUMNS`], in order.
+    columns: Vec<ColumnBuilder>,
     rows: usize,
 }
 
@@ -134,40 +147,8 @@ impl Default for EventsBatchBuilder {
 impl EventsBatchBuilder {
     /// An empty builder.
     pub fn new() -> Self {
-        let ts = || TimestampMicrosecondBuilder::new().with_timezone("UTC");
         Self {
-            tenant: StringBuilder::new(),
-            id: StringBuilder::new(),
-            event_type: StringBuilder::new(),
-            time: ts(),
-            ingested_at: ts(),
-            subject: StringBuilder::new(),
-            source: StringBuilder::new(),
-            dimensions: MapBuilder::new(
-                Some(map_fields()),
-                StringBuilder::new(),
-                StringBuilder::new(),
-            )
-            .with_values_field(Arc::new(Field::new("value", DataType::Utf8, true))),
-            provider: StringBuilder::new(),
-            model: StringBuilder::new(),
-            input_tokens: Int64Builder::new(),
-            output_tokens: Int64Builder::new(),
-            cached_input_tokens: Int64Builder::new(),
-            reasoning_tokens: Int64Builder::new(),
-            route: StringBuilder::new(),
-            method: StringBuilder::new(),
-            status_code: Int64Builder::new(),
-            request_bytes: Int64Builder::new(),
-            response_bytes: Int64Builder::new(),
-            agent: StringBuilder::new(),
-            run_id: StringBuilder::new(),
-            parent_run_id: StringBuilder::new(),
-            status: StringBuilder::new(),
-            latency_ms: Int64Builder::new(),
-            duration_ms: Int64Builder::new(),
-            steps: Int64Builder::new(),
-            tool_calls: Int64Builder::new(),
+            columns: COLUMNS.iter().map(|c| ColumnBuilder::new(c.kind)).collect(),
             rows: 0,
         }
     }
@@ -184,75 +165,9 @@ impl EventsBatchBuilder {
 
     /// Appends one accepted event as a row.
     pub fn append(&mut self, stored: &StoredEvent) -> Result<(), ArrowError> {
-        let e = &stored.event;
-        self.tenant.append_value(&e.tenant);
-        self.id.append_value(&e.id);
-        self.event_type.append_value(e.event_type().as_str());
-        self.time.append_value(e.time_us);
-        self.ingested_at.append_value(stored.ingested_at_us);
-        self.subject.append_option(e.subject.as_deref());
-        self.source.append_option(e.source.as_deref());
-        for (k, v) in &e.dimensions {
-            self.dimensions.keys().append_value(k);
-            self.dimensions.values().append_value(v);
+        for (builder, column) in self.columns.iter_mut().zip(COLUMNS) {
+            builder.append((column.read)(stored))?;
         }
-        self.dimensions.append(true)?;
-
-        let (mut provider, mut model, mut input, mut output, mut cached, mut reasoning) =
-            (None, None, None, None, None, None);
-        let (mut route, mut method, mut code, mut req_b, mut resp_b) =
-            (None, None, None, None, None);
-        let (mut agent, mut run_id, mut parent, mut status) = (None, None, None, None);
-        let (mut latency, mut duration, mut steps, mut tools) = (None, None, None, None);
-        match &e.data {
-            EventData::LlmUsage(d) => {
-                provider = Some(d.provider.as_str());
-                model = Some(d.model.as_str());
-                input = Some(d.input_tokens);
-                output = Some(d.output_tokens);
-                cached = d.cached_input_tokens;
-                reasoning = d.reasoning_tokens;
-                latency = d.latency_ms;
-                status = d.status.as_deref();
-                run_id = d.run_id.as_deref();
-            }
-            EventData::ApiRequest(d) => {
-                route = d.route.as_deref();
-                method = d.method.as_deref();
-                code = Some(d.status_code);
-                latency = Some(d.latency_ms);
-                req_b = d.request_bytes;
-                resp_b = d.response_bytes;
-            }
-            EventData::AgentRun(d) => {
-                agent = d.agent.as_deref();
-                run_id = Some(d.run_id.as_str());
-                parent = d.parent_run_id.as_deref();
-                status = d.status.as_deref();
-                duration = Some(d.duration_ms);
-                steps = d.steps;
-                tools = d.tool_calls;
-            }
-        }
-        self.provider.append_option(provider);
-        self.model.append_option(model);
-        self.input_tokens.append_option(input);
-        self.output_tokens.append_option(output);
-        self.cached_input_tokens.append_option(cached);
-        self.reasoning_tokens.append_option(reasoning);
-        self.route.append_option(route);
-        self.method.append_option(method);
-        self.status_code.append_option(code);
-        self.request_bytes.append_option(req_b);
-        self.response_bytes.append_option(resp_b);
-        self.agent.append_option(agent);
-        self.run_id.append_option(run_id);
-        self.parent_run_id.append_option(parent);
-        self.status.append_option(status);
-        self.latency_ms.append_option(latency);
-        self.duration_ms.append_option(duration);
-        self.steps.append_option(steps);
-        self.tool_calls.append_option(tools);
         self.rows += 1;
         Ok(())
     }
@@ -260,35 +175,7 @@ impl EventsBatchBuilder {
     /// Emits the rows appended so far as one batch and resets the builder.
     pub fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
         self.rows = 0;
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(self.tenant.finish()),
-            Arc::new(self.id.finish()),
-            Arc::new(self.event_type.finish()),
-            Arc::new(self.time.finish()),
-            Arc::new(self.ingested_at.finish()),
-            Arc::new(self.subject.finish()),
-            Arc::new(self.source.finish()),
-            Arc::new(self.dimensions.finish()),
-            Arc::new(self.provider.finish()),
-            Arc::new(self.model.finish()),
-            Arc::new(self.input_tokens.finish()),
-            Arc::new(self.output_tokens.finish()),
-            Arc::new(self.cached_input_tokens.finish()),
-            Arc::new(self.reasoning_tokens.finish()),
-            Arc::new(self.route.finish()),
-            Arc::new(self.method.finish()),
-            Arc::new(self.status_code.finish()),
-            Arc::new(self.request_bytes.finish()),
-            Arc::new(self.response_bytes.finish()),
-            Arc::new(self.agent.finish()),
-            Arc::new(self.run_id.finish()),
-            Arc::new(self.parent_run_id.finish()),
-            Arc::new(self.status.finish()),
-            Arc::new(self.latency_ms.finish()),
-            Arc::new(self.duration_ms.finish()),
-            Arc::new(self.steps.finish()),
-            Arc::new(self.tool_calls.finish()),
-        ];
+        let columns: Vec<ArrayRef> = self.columns.iter_mut().map(ColumnBuilder::finish).collect();
         RecordBatch::try_new(events_schema(), columns)
     }
 }
@@ -313,7 +200,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::event::{AgentRun, Event};
+    use crate::event::{AgentRun, Event, EventData};
 
     #[test]
     fn builds_batches_matching_the_schema() {

@@ -8,6 +8,7 @@
 pub mod arrow_schema;
 pub mod auth;
 pub mod cloudevents;
+pub mod columns;
 pub mod event;
 pub mod frozen;
 pub mod json_schema;

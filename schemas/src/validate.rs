@@ -5,6 +5,7 @@
 //! collects all problems of an event rather than stopping at the first.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -341,35 +342,13 @@ impl Validator {
     }
 
     fn data(&mut self, t: EventType, data: &Map<String, Value>) -> Option<EventData> {
+        // The `data` keys each type carries, from the column table.
+        static ALLOWED: LazyLock<[Vec<&'static str>; 3]> =
+            LazyLock::new(|| EventType::ALL.map(|t| crate::columns::data_keys(t).collect()));
         let allowed: &[&str] = match t {
-            EventType::LlmUsage => &[
-                "provider",
-                "model",
-                "input_tokens",
-                "output_tokens",
-                "cached_input_tokens",
-                "reasoning_tokens",
-                "latency_ms",
-                "status",
-                "run_id",
-            ],
-            EventType::ApiRequest => &[
-                "route",
-                "method",
-                "status_code",
-                "latency_ms",
-                "request_bytes",
-                "response_bytes",
-            ],
-            EventType::AgentRun => &[
-                "agent",
-                "run_id",
-                "parent_run_id",
-                "status",
-                "duration_ms",
-                "steps",
-                "tool_calls",
-            ],
+            EventType::LlmUsage => &ALLOWED[0],
+            EventType::ApiRequest => &ALLOWED[1],
+            EventType::AgentRun => &ALLOWED[2],
         };
         for key in data.keys() {
             if !allowed.contains(&key.as_str()) {

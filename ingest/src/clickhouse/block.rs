@@ -2,6 +2,7 @@
 //! each closed by its delivery's marker row.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Datelike};
 use clickhouse::native::Block;
@@ -9,43 +10,28 @@ use clickhouse::native::builder::BlockBuilder;
 use clickhouse::native::encode::Encode;
 use meterd_schemas::StoredEvent;
 
+use meterd_schemas::columns::{COLUMNS, Kind, Value};
+
 use super::ChError;
 use crate::log::Lsn;
-use crate::payload::{Payload, payload};
 
-/// The columns of `events_in` and of the `repair_*` tables, in order, with their types. They
-/// do not depend on the server version; the materialized views convert to each table's types.
-pub const INPUT_COLUMNS: &[(&str, &str)] = &[
-    ("tenant", "String"),
-    ("id", "String"),
-    ("type", "String"),
-    ("time_us", "Int64"),
-    ("ingested_at_us", "Int64"),
-    ("subject", "Nullable(String)"),
-    ("source", "Nullable(String)"),
-    ("dimensions", "String"),
-    ("provider", "Nullable(String)"),
-    ("model", "Nullable(String)"),
-    ("input_tokens", "Nullable(Int64)"),
-    ("output_tokens", "Nullable(Int64)"),
-    ("cached_input_tokens", "Nullable(Int64)"),
-    ("reasoning_tokens", "Nullable(Int64)"),
-    ("route", "Nullable(String)"),
-    ("method", "Nullable(String)"),
-    ("status_code", "Nullable(Int64)"),
-    ("request_bytes", "Nullable(Int64)"),
-    ("response_bytes", "Nullable(Int64)"),
-    ("agent", "Nullable(String)"),
-    ("run_id", "Nullable(String)"),
-    ("parent_run_id", "Nullable(String)"),
-    ("status", "Nullable(String)"),
-    ("latency_ms", "Nullable(Int64)"),
-    ("duration_ms", "Nullable(Int64)"),
-    ("steps", "Nullable(Int64)"),
-    ("tool_calls", "Nullable(Int64)"),
-    ("_delivery", "UInt64"),
-    ("_marker", "UInt8"),
-];
+/// The columns of `events_in` and of the `repair_*` tables, in order, with their types: the
+/// columns of `events` ([`COLUMNS`]) as ClickHouse takes them in, then the delivery id and the
+/// marker flag. They do not depend on the server version; the materialized views convert to
+/// each table's types.
+pub fn input_columns() -> &'static [(String, &'static str)] {
+    static INPUT: LazyLock<Vec<(String, &'static str)>> = LazyLock::new(|| {
+        COLUMNS
+            .iter()
+            .map(|c| c.clickhouse_input())
+            .chain([
+                ("_delivery".to_owned(), "UInt64"),
+                ("_marker".to_owned(), "UInt8"),
+            ])
+            .collect()
+    });
+    &INPUT
+}
 
 /// The events of one batch that fall in one month, as one block.
 pub struct MonthBlock {
@@ -131,62 +117,78 @@ fn column<T: Encode>(
 }
 
 fn build(month: u32, delivery: u64, events: &[&StoredEvent]) -> Result<MonthBlock, ChError> {
-    let payloads: Vec<Payload<'_>> = events.iter().map(|e| payload(&e.event.data)).collect();
-    let dimensions = events
-        .iter()
-        .map(|e| serde_json::to_string(&e.event.dimensions))
-        .collect::<Result<Vec<String>, _>>()
-        .map_err(block_err)?;
     let min_time_us = events.iter().map(|e| e.event.time_us).min().unwrap_or(0);
     let max_time_us = events.iter().map(|e| e.event.time_us).max().unwrap_or(0);
 
     let mut b = BlockBuilder::new();
-    let ev = || events.iter().map(|e| &e.event);
-    column(&mut b, "tenant", ev().map(|e| e.tenant.as_str()), "")?;
-    column(&mut b, "id", ev().map(|e| e.id.as_str()), "")?;
-    column(&mut b, "type", ev().map(|e| e.event_type().as_str()), "")?;
-    // The marker's time puts it in the block's month and in an hour the block touches.
-    column(&mut b, "time_us", ev().map(|e| e.time_us), min_time_us)?;
-    column(
-        &mut b,
-        "ingested_at_us",
-        events.iter().map(|e| e.ingested_at_us),
-        0,
-    )?;
-    column(&mut b, "subject", ev().map(|e| e.subject.as_deref()), None)?;
-    column(&mut b, "source", ev().map(|e| e.source.as_deref()), None)?;
-    column(
-        &mut b,
-        "dimensions",
-        dimensions.iter().map(String::as_str),
-        "",
-    )?;
-    macro_rules! payload_columns {
-        ($($field:ident),* $(,)?) => {
-            $(column(&mut b, stringify!($field), payloads.iter().map(|p| p.$field), None)?;)*
-        };
+    for c in COLUMNS {
+        let (name, _) = c.clickhouse_input();
+        let values: Vec<Value<'_>> = events.iter().map(|e| (c.read)(e)).collect();
+        let mismatch = || block_err(format!("column {} read a value of another kind", c.name));
+        match c.kind {
+            Kind::Text => {
+                let texts = values
+                    .iter()
+                    .map(|v| match v {
+                        Value::Text(t) => Ok(*t),
+                        _ => Err(mismatch()),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                if c.nullable {
+                    column(&mut b, &name, texts.into_iter(), None)?;
+                } else {
+                    column(
+                        &mut b,
+                        &name,
+                        texts.into_iter().map(Option::unwrap_or_default),
+                        "",
+                    )?;
+                }
+            }
+            Kind::Int => {
+                let ints = values
+                    .iter()
+                    .map(|v| match v {
+                        Value::Int(n) => Ok(*n),
+                        _ => Err(mismatch()),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                if c.nullable {
+                    column(&mut b, &name, ints.into_iter(), None)?;
+                } else {
+                    column(
+                        &mut b,
+                        &name,
+                        ints.into_iter().map(Option::unwrap_or_default),
+                        0,
+                    )?;
+                }
+            }
+            Kind::Time => {
+                let times = values
+                    .iter()
+                    .map(|v| match v {
+                        Value::Time(us) => Ok(*us),
+                        _ => Err(mismatch()),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                // The marker's time puts it in the block's month and in an hour the block
+                // touches.
+                let marker = if c.name == "time" { min_time_us } else { 0 };
+                column(&mut b, &name, times.into_iter(), marker)?;
+            }
+            Kind::Dimensions => {
+                let json = values
+                    .iter()
+                    .map(|v| match v {
+                        Value::Dimensions(map) => serde_json::to_string(map).map_err(block_err),
+                        _ => Err(mismatch()),
+                    })
+                    .collect::<Result<Vec<String>, _>>()?;
+                column(&mut b, &name, json.iter().map(String::as_str), "")?;
+            }
+        }
     }
-    payload_columns!(
-        provider,
-        model,
-        input_tokens,
-        output_tokens,
-        cached_input_tokens,
-        reasoning_tokens,
-        route,
-        method,
-        status_code,
-        request_bytes,
-        response_bytes,
-        agent,
-        run_id,
-        parent_run_id,
-        status,
-        latency_ms,
-        duration_ms,
-        steps,
-        tool_calls,
-    );
     column(
         &mut b,
         "_delivery",
@@ -231,7 +233,7 @@ mod tests {
 
     #[test]
     fn input_columns_match_the_block() {
-        let names: Vec<&str> = INPUT_COLUMNS.iter().map(|(n, _)| *n).collect();
+        let names: Vec<&str> = input_columns().iter().map(|(n, _)| n.as_str()).collect();
         let mut sorted = names.clone();
         sorted.sort_unstable();
         sorted.dedup();

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use meterd_rollups::clickhouse::{self as rollup_sql, Dialect};
 use meterd_rollups::{ROLLUPS, Rollup};
 
-use super::block::INPUT_COLUMNS;
+use super::block::input_columns;
 use super::{ChError, ClickHouseConfig, query_err};
 
 /// The server's version, as `SELECT version()` gives it (`18.16.1`, `24.8.4.13`).
@@ -110,13 +110,14 @@ fn event_columns(dialect: &Dialect) -> Vec<(&'static str, String)> {
         // Exact, as `time_us`: the SQL API reads `ingested_at` from it.
         ("ingested_at_us", "Int64".to_owned()),
     ];
-    for &(name, ty) in INPUT_COLUMNS {
+    for (name, ty) in input_columns() {
+        let name = name.as_str();
         match name {
             "tenant" | "id" | "type" | "time_us" | "ingested_at_us" | "_marker" => {}
             "provider" | "model" | "method" | "agent" | "status" => {
                 columns.push((name, nullable_dim.clone()));
             }
-            _ => columns.push((name, ty.to_owned())),
+            _ => columns.push((name, (*ty).to_owned())),
         }
     }
     columns
@@ -138,7 +139,7 @@ fn events_select(dialect: &Dialect, from: &str) -> String {
 }
 
 fn input_table(db: &str, name: &str) -> String {
-    let columns: Vec<String> = INPUT_COLUMNS
+    let columns: Vec<String> = input_columns()
         .iter()
         .map(|(n, t)| format!("    {n} {t}"))
         .collect();
@@ -288,8 +289,8 @@ mod tests {
         assert!(legacy.contains(&input) && modern.contains(&input));
         // `events` has every input column but the marker, and the derived times.
         let events = events_table("meterd", &Dialect::LEGACY, None);
-        for (name, _) in INPUT_COLUMNS {
-            let wanted = *name != "_marker";
+        for (name, _) in input_columns() {
+            let wanted = name != "_marker";
             assert_eq!(events.contains(&format!("    {name} ")), wanted, "{name}");
         }
     }

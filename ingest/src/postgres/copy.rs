@@ -1,65 +1,85 @@
 //! Binary COPY of events into `meterd.events_data` (and, for benchmarks, any table of the
 //! same columns).
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 
+use bytes::BytesMut;
 use chrono::{DateTime, Utc};
 use meterd_schemas::StoredEvent;
+use meterd_schemas::columns::{COLUMNS, Kind, Value};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{Json, ToSql, Type};
+use tokio_postgres::types::{IsNull, Json, ToSql, Type, to_sql_checked};
 
-use crate::payload::payload;
 use crate::postgres::PgError;
 
-/// The columns in the order of [`TYPES`] and [`write_event`].
-pub const COLUMNS: &str = "tenant, id, type, time, ingested_at, subject, source, dimensions, \
-    provider, model, input_tokens, output_tokens, cached_input_tokens, reasoning_tokens, route, \
-    method, status_code, request_bytes, response_bytes, agent, run_id, parent_run_id, status, \
-    latency_ms, duration_ms, steps, tool_calls";
-
-/// `COPY <table> (COLUMNS) FROM STDIN (FORMAT binary)`; `table` is trusted (a constant).
-pub fn copy_statement(table: &str) -> String {
-    format!("COPY {table} ({COLUMNS}) FROM STDIN (FORMAT binary)")
+/// The columns of `events`, in table order ([`COLUMNS`]), as a column list.
+pub fn columns() -> String {
+    COLUMNS
+        .iter()
+        .map(|c| c.name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-/// The column types of [`COLUMNS`].
-pub const TYPES: [Type; 27] = [
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TIMESTAMPTZ,
-    Type::TIMESTAMPTZ,
-    Type::TEXT,
-    Type::TEXT,
-    Type::JSONB,
-    Type::TEXT,
-    Type::TEXT,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::TEXT,
-    Type::TEXT,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-    Type::INT8,
-];
+/// `COPY <table> (columns) FROM STDIN (FORMAT binary)`; `table` is trusted (a constant).
+pub fn copy_statement(table: &str) -> String {
+    format!("COPY {table} ({}) FROM STDIN (FORMAT binary)", columns())
+}
+
+/// The binary COPY types of [`COLUMNS`], in order.
+pub fn types() -> Vec<Type> {
+    COLUMNS
+        .iter()
+        .map(|c| match c.kind {
+            Kind::Text => Type::TEXT,
+            Kind::Int => Type::INT8,
+            Kind::Time => Type::TIMESTAMPTZ,
+            Kind::Dimensions => Type::JSONB,
+        })
+        .collect()
+}
+
+/// One value of a row, as COPY sends it.
+#[derive(Debug)]
+enum Field<'a> {
+    Text(Option<&'a str>),
+    Int(Option<i64>),
+    Time(DateTime<Utc>),
+    Dimensions(Json<&'a BTreeMap<String, String>>),
+}
+
+impl ToSql for Field<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Field::Text(v) => v.to_sql(ty, out),
+            Field::Int(v) => v.to_sql(ty, out),
+            Field::Time(v) => v.to_sql(ty, out),
+            Field::Dimensions(v) => v.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        <Option<&str> as ToSql>::accepts(ty)
+            || <Option<i64> as ToSql>::accepts(ty)
+            || <DateTime<Utc> as ToSql>::accepts(ty)
+            || <Json<&BTreeMap<String, String>> as ToSql>::accepts(ty)
+    }
+
+    to_sql_checked!();
+}
 
 /// A time for PostgreSQL. Validation bounds event times to a few hundred days around now, far
 /// inside chrono's range: a time outside it is a damaged record, and an error rather than a
 /// plausible wrong date.
-fn timestamp(id: &str, field: &'static str, us: i64) -> Result<DateTime<Utc>, PgError> {
+fn timestamp(id: &str, field: &str, us: i64) -> Result<DateTime<Utc>, PgError> {
     DateTime::from_timestamp_micros(us).ok_or_else(|| PgError::TimeOutOfRange {
         id: id.to_owned(),
-        field,
+        field: field.to_owned(),
         us,
     })
 }
@@ -69,40 +89,19 @@ pub async fn write_event(
     writer: Pin<&mut BinaryCopyInWriter>,
     stored: &StoredEvent,
 ) -> Result<(), PgError> {
-    let e = &stored.event;
-    let p = payload(&e.data);
-    let time = timestamp(&e.id, "time", e.time_us)?;
-    let ingested_at = timestamp(&e.id, "ingested_at", stored.ingested_at_us)?;
-    let dimensions = Json(&e.dimensions);
-    let row: [&(dyn ToSql + Sync); 27] = [
-        &e.tenant.as_str(),
-        &e.id.as_str(),
-        &e.event_type().as_str(),
-        &time,
-        &ingested_at,
-        &e.subject.as_deref(),
-        &e.source.as_deref(),
-        &dimensions,
-        &p.provider,
-        &p.model,
-        &p.input_tokens,
-        &p.output_tokens,
-        &p.cached_input_tokens,
-        &p.reasoning_tokens,
-        &p.route,
-        &p.method,
-        &p.status_code,
-        &p.request_bytes,
-        &p.response_bytes,
-        &p.agent,
-        &p.run_id,
-        &p.parent_run_id,
-        &p.status,
-        &p.latency_ms,
-        &p.duration_ms,
-        &p.steps,
-        &p.tool_calls,
-    ];
+    let id = &stored.event.id;
+    let fields = COLUMNS
+        .iter()
+        .map(|c| {
+            Ok(match (c.read)(stored) {
+                Value::Text(v) => Field::Text(v),
+                Value::Int(v) => Field::Int(v),
+                Value::Time(us) => Field::Time(timestamp(id, c.name, us)?),
+                Value::Dimensions(map) => Field::Dimensions(Json(map)),
+            })
+        })
+        .collect::<Result<Vec<_>, PgError>>()?;
+    let row: Vec<&(dyn ToSql + Sync)> = fields.iter().map(|f| f as &(dyn ToSql + Sync)).collect();
     writer.write(&row).await.map_err(|source| PgError::Sql {
         step: "COPY into meterd.events_data",
         source,

@@ -108,11 +108,7 @@ pub enum PgError {
     #[error(
         "event {id:?} has a value of {field} ({us} µs since 1970) that no timestamp can hold; the log record is damaged"
     )]
-    TimeOutOfRange {
-        id: String,
-        field: &'static str,
-        us: i64,
-    },
+    TimeOutOfRange { id: String, field: String, us: i64 },
     #[error(
         "PostgreSQL's checkpoint for this node is {0}, and a log position is never negative; was meterd.sink_checkpoints edited by hand?"
     )]

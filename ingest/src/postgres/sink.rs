@@ -311,7 +311,7 @@ impl Sink {
             .copy_in(&copy::copy_statement(target))
             .await
             .map_err(sql_err("starting COPY into meterd.events_data"))?;
-        let writer = BinaryCopyInWriter::new(sink, &copy::TYPES);
+        let writer = BinaryCopyInWriter::new(sink, &copy::types());
         tokio::pin!(writer);
         for event in &batch.events {
             copy::write_event(writer.as_mut(), event).await?;
