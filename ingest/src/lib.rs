@@ -305,6 +305,10 @@ impl Ingest {
         match rx.await {
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(e)) => Err(SubmitError::Failed(e)),
+            // The writer dropped the batch unanswered: it failed (a panic), or it stopped.
+            Err(_) if self.failed.load(Ordering::Acquire) => {
+                Err(SubmitError::Failed(Error::WriterStopped))
+            }
             Err(_) => Err(SubmitError::ShuttingDown),
         }
     }

@@ -1,9 +1,12 @@
 //! The payload of a log record: the events of one accepted group, with the format version.
 //!
 //! The first records were bare postcard of `Vec<StoredEvent>` in the layout now frozen as
-//! [`meterd_schemas::frozen::v1`]. Since then a record starts with a zero byte, which no
-//! first-format record starts with (postcard writes the number of events first, and a record
-//! is never empty), then the format version, then the events:
+//! [`meterd_schemas::frozen::v1`]. Since then a record starts with [`HEADER`], ten `0xFF`
+//! bytes, then the format version, then the events. No first-format record starts that way
+//! (it starts with the number of events as a canonical varint, at most ten bytes, the last
+//! below `0x80`), and a build that only knows the first format fails on such a record with a
+//! bad-varint error instead of reading it as something else: a rollback to an older meterd
+//! stops at the first newer record, it never skips it.
 //!
 //! | version | layout |
 //! |---|---|
@@ -18,35 +21,40 @@ use meterd_schemas::frozen::v1;
 use crate::error::{Error, Result};
 use crate::log::Lsn;
 
-/// The first byte of every record that carries its version.
-const VERSIONED: u8 = 0;
+/// The start of every record that carries its version: an invalid postcard varint.
+const HEADER: [u8; 10] = [0xFF; 10];
 /// The version this build writes.
 pub const CURRENT_VERSION: u8 = 2;
 
 /// Encodes the events of one group as a record of [`CURRENT_VERSION`].
 pub(crate) fn encode(events: &[StoredEvent]) -> Result<Vec<u8>> {
-    postcard::to_extend(events, vec![VERSIONED, CURRENT_VERSION]).map_err(Error::Encode)
+    let mut out = Vec::with_capacity(HEADER.len() + 1 + events.len() * 128);
+    out.extend_from_slice(&HEADER);
+    out.push(CURRENT_VERSION);
+    postcard::to_extend(events, out).map_err(Error::Encode)
 }
 
 /// Decodes the record at `lsn`, of any version this build knows.
 pub fn decode(lsn: Lsn, payload: &[u8]) -> Result<Vec<StoredEvent>> {
-    let decode_error = |source| Error::Decode { lsn, source };
-    match payload {
-        [VERSIONED, CURRENT_VERSION, events @ ..] => {
-            postcard::from_bytes(events).map_err(decode_error)
-        }
-        [VERSIONED, version, ..] => Err(Error::RecordVersion {
+    let v1_layout = |bytes: &[u8]| {
+        postcard::from_bytes::<Vec<v1::StoredEvent>>(bytes)
+            .map(|events| events.into_iter().map(StoredEvent::from).collect())
+            .map_err(|source| Error::Decode { lsn, source })
+    };
+    let Some(versioned) = payload.strip_prefix(&HEADER) else {
+        return v1_layout(payload);
+    };
+    match versioned {
+        [2, events @ ..] => v1_layout(events),
+        [version, ..] if *version > CURRENT_VERSION => Err(Error::RecordVersion {
             lsn,
             version: *version,
             supported: CURRENT_VERSION,
         }),
-        [VERSIONED] => Err(Error::LogCorrupt {
+        _ => Err(Error::LogCorrupt {
             lsn,
-            reason: "a record with a header and no version",
+            reason: "a record with a header and no known version",
         }),
-        first_format => postcard::from_bytes::<Vec<v1::StoredEvent>>(first_format)
-            .map(|events| events.into_iter().map(StoredEvent::from).collect())
-            .map_err(decode_error),
     }
 }
 
@@ -87,22 +95,36 @@ mod tests {
         for n in [1, 127, 128, 300] {
             let written = events(n);
             let current = encode(&written).expect("encode");
-            assert_eq!(&current[..2], &[VERSIONED, CURRENT_VERSION]);
+            assert_eq!(
+                &current[..11],
+                &[
+                    0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 2
+                ]
+            );
             assert_eq!(decode(0, &current).expect("current"), written);
-            // The first format: bare postcard, whose first byte is never zero.
+            // The first format: bare postcard.
             let first = postcard::to_allocvec(&written).expect("first format");
-            assert_ne!(first[0], VERSIONED, "{n} events");
             assert_eq!(decode(0, &first).expect("first format"), written);
+            // A build that knows only the first format refuses a versioned record rather
+            // than reading it as something else.
+            assert!(postcard::from_bytes::<Vec<v1::StoredEvent>>(&current).is_err());
         }
     }
 
     #[test]
     fn newer_and_damaged_records_are_errors() {
         let mut newer = encode(&events(1)).expect("encode");
-        newer[1] = CURRENT_VERSION + 1;
+        newer[HEADER.len()] = CURRENT_VERSION + 1;
         let message = decode(7, &newer).expect_err("newer").to_string();
         assert!(message.contains("version 3"), "{message}");
-        assert!(decode(7, &[VERSIONED]).is_err());
-        assert!(decode(7, &[VERSIONED, CURRENT_VERSION, 0xff]).is_err());
+        for version in [None, Some(0), Some(1)] {
+            let mut damaged = HEADER.to_vec();
+            damaged.extend(version);
+            let message = decode(7, &damaged).expect_err("damaged").to_string();
+            assert!(message.contains("corrupt"), "{message}");
+        }
+        let mut truncated = encode(&events(2)).expect("encode");
+        truncated.truncate(20);
+        assert!(decode(7, &truncated).is_err());
     }
 }

@@ -55,17 +55,17 @@ pub fn load_checkpoint(data_dir: &Path, sink: &str) -> Result<Option<Lsn>> {
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(state_err(&path, e)),
     };
-    if let Ok(lsn) = text.trim().parse() {
-        return Ok(Some(lsn));
-    }
-    match serde_json::from_str::<CheckpointFile>(&text) {
-        Ok(file) if file.version > CHECKPOINT_VERSION => Err(Error::StateVersion {
+    match state_file::json_version(&text) {
+        Some(version) if version > CHECKPOINT_VERSION => Err(Error::StateVersion {
             path,
-            version: file.version,
+            version,
             supported: CHECKPOINT_VERSION,
         }),
-        Ok(file) => Ok(Some(file.lsn)),
-        Err(_) => Ok(None),
+        Some(_) => Ok(serde_json::from_str::<CheckpointFile>(&text)
+            .ok()
+            .map(|file| file.lsn)),
+        // Written before versions: the bare number.
+        None => Ok(text.trim().parse().ok()),
     }
 }
 
@@ -125,19 +125,23 @@ pub fn load_delivery(data_dir: &Path, sink: &str) -> Result<Option<DeliveryRecor
             ),
         )
     };
-    let record = match serde_json::from_str::<DeliveryFile>(&text) {
-        Ok(file) if file.version > DELIVERY_VERSION => {
+    let record = match state_file::json_version(&text) {
+        Some(version) if version > DELIVERY_VERSION => {
             return Err(Error::StateVersion {
                 path,
-                version: file.version,
+                version,
                 supported: DELIVERY_VERSION,
             });
         }
-        Ok(file) => DeliveryRecord {
-            checkpoint: file.checkpoint,
-            in_flight_end: file.in_flight_end,
+        Some(_) => match serde_json::from_str::<DeliveryFile>(&text) {
+            Ok(file) => DeliveryRecord {
+                checkpoint: file.checkpoint,
+                in_flight_end: file.in_flight_end,
+            },
+            Err(_) => return Err(garbled(&path)),
         },
-        Err(_) => {
+        // Written before versions: the two numbers.
+        None => {
             let mut parts = text.split_whitespace().map(str::parse::<Lsn>);
             match (parts.next(), parts.next(), parts.next()) {
                 (Some(Ok(checkpoint)), Some(Ok(in_flight_end)), None) => DeliveryRecord {
@@ -166,45 +170,21 @@ pub fn save_delivery(data_dir: &Path, sink: &str, record: DeliveryRecord) -> Res
     state_file::replace(&path, &bytes, Durability::Synced).map_err(|e| state_err(&path, e))
 }
 
-/// The node id as written: `{"version": 1, "node_id": "<uuid>"}`; before versions, the bare id.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NodeIdFile {
-    version: u32,
-    node_id: String,
-}
-
-const NODE_ID_VERSION: u32 = 1;
-
 /// This node's identity, created (a random UUID) with the data directory and kept in
 /// `node_id`. A node's delivery checkpoints are only meaningful for its own log, so a new data
 /// directory is a new node.
 pub fn node_id(data_dir: &Path) -> Result<String> {
     let path = data_dir.join("node_id");
     match fs::read_to_string(&path) {
-        Ok(text) if !text.trim().is_empty() => {
-            return match serde_json::from_str::<NodeIdFile>(&text) {
-                Ok(file) if file.version > NODE_ID_VERSION => Err(Error::StateVersion {
-                    path,
-                    version: file.version,
-                    supported: NODE_ID_VERSION,
-                }),
-                Ok(file) => Ok(file.node_id),
-                // Written before versions: the id alone.
-                Err(_) => Ok(text.trim().to_owned()),
-            };
-        }
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_owned()),
         Ok(_) => {}
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(state_err(&path, e)),
     }
-    let file = NodeIdFile {
-        version: NODE_ID_VERSION,
-        node_id: uuid::Uuid::new_v4().to_string(),
-    };
-    let bytes = serde_json::to_vec(&file).map_err(|e| state_err(&path, e.into()))?;
-    state_file::replace(&path, &bytes, Durability::Synced).map_err(|e| state_err(&path, e))?;
-    Ok(file.node_id)
+    let id = uuid::Uuid::new_v4().to_string();
+    state_file::replace(&path, id.as_bytes(), Durability::Synced)
+        .map_err(|e| state_err(&path, e))?;
+    Ok(id)
 }
 
 /// What the sink reports about itself, for `/readyz` and the logs.
@@ -356,7 +336,7 @@ mod tests {
         );
         fs::write(
             checkpoint_path(dir.path(), "postgres"),
-            r#"{"version": 2, "lsn": 5}"#,
+            r#"{"version": 2, "lsn": 5, "a_later_field": true}"#,
         )
         .expect("write");
         let newer = load_checkpoint(dir.path(), "postgres").expect_err("newer");
@@ -384,7 +364,7 @@ mod tests {
         );
         fs::write(
             delivery_path(dir.path(), "clickhouse"),
-            r#"{"version": 9, "checkpoint": 1, "in_flight_end": 2}"#,
+            r#"{"version": 9, "checkpoint": 1, "in_flight_end": 2, "a_later_field": 3}"#,
         )
         .expect("write");
         let newer = load_delivery(dir.path(), "clickhouse").expect_err("newer");
@@ -411,7 +391,6 @@ mod tests {
         let a = node_id(dir.path()).expect("create");
         assert_eq!(node_id(dir.path()).expect("read"), a);
         assert_eq!(a.len(), 36);
-        // Written before versions: the id alone.
         fs::write(dir.path().join("node_id"), "an-old-id\n").expect("write");
         assert_eq!(node_id(dir.path()).expect("read"), "an-old-id");
     }

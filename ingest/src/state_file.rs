@@ -4,7 +4,8 @@
 //!
 //! Each file is a JSON object with a `version` field. A file of a version newer than this
 //! build is an error naming both versions; the files written before versions existed (a bare
-//! number, two numbers, a bare id) are read as version 0.
+//! number, two numbers) are read as version 0. The node id stays a bare id: it is an identity,
+//! not a format, and an older meterd must read it as the same id.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -15,8 +16,25 @@ use std::path::Path;
 pub(crate) enum Durability {
     /// The new contents and the rename are synced.
     Synced,
-    /// A crash may leave the old contents (never a mix of both).
+    /// A process crash leaves the old contents or the new; a power loss may leave the file
+    /// empty, so a reader must take an unreadable file as none.
     Unsynced,
+}
+
+/// The `version` of a state file written as JSON; `None` for text that is not a JSON object
+/// (a file from before versions, or a damaged one). Read leniently, so a newer file with fields
+/// this build does not know is still recognised as newer.
+pub(crate) fn json_version(text: &str) -> Option<u32> {
+    #[derive(serde::Deserialize)]
+    struct Versioned {
+        version: u32,
+    }
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    serde_json::from_str::<Versioned>(text)
+        .ok()
+        .map(|v| v.version)
 }
 
 /// Replaces the file at `path` with `bytes`: written to `<path>.tmp`, then renamed over it, so
