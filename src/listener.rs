@@ -82,9 +82,9 @@ pub async fn serve(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
-        // Copy each piece of a response into hyper's own buffer rather than queue it: a queued
-        // piece keeps the whole answer it was cut from (and its share of the query memory
-        // pool) alive until the client has read that far.
+        // Copy each piece of a response into hyper's own buffer rather than queue it: queued
+        // pieces would keep the answer they were cut from (and its share of the query memory
+        // pool) alive after the last piece was handed over, until the client has read them.
         .writev(false)
         .keep_alive(true);
     let body_timeout = limits.body_timeout;

@@ -20,7 +20,8 @@ use tokio::time::Instant;
 
 /// Retries of one batch before giving up.
 const MAX_RETRIES: u32 = 20;
-/// First retry delay without a Retry-After; doubles up to [`MAX_BACKOFF`].
+/// First retry delay without a Retry-After; doubles up to [`MAX_BACKOFF`], and jitter adds up to
+/// as much again.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A Retry-After longer than this is taken as this.

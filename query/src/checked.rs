@@ -18,8 +18,6 @@
 //!
 //! Written here because what an expression may allocate is meterd's limit, not DataFusion's.
 
-use std::collections::HashSet;
-use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use arrow::datatypes::{DataType, FieldRef};
@@ -30,7 +28,7 @@ use datafusion::error::Result;
 use datafusion::logical_expr::expr::{Cast, ScalarFunction, TryCast};
 use datafusion::logical_expr::sort_properties::{ExprProperties, SortProperties};
 use datafusion::logical_expr::{
-    ColumnarValue, Expr, ExprSchemable, LogicalPlan, ReturnFieldArgs, ScalarFunctionArgs,
+    ColumnarValue, Expr, ExprSchemable, LogicalPlan, Operator, ReturnFieldArgs, ScalarFunctionArgs,
     ScalarUDF, ScalarUDFImpl, Signature, Volatility, WindowFunctionDefinition,
 };
 use datafusion::optimizer::AnalyzerRule;
@@ -269,41 +267,63 @@ impl ScalarUDFImpl for Checked {
 }
 
 /// The rows a batch may hold so that the constants of `plan`, copied into every row of a
-/// batch, take at most half of [`MAX_CALL_BYTES`]; never more than `default`. Counts each distinct
-/// constant once, and only those a batch may be given copies of: not those of filters (a
-/// comparison with a constant compares with the one value), nor `IN` lists and `LIKE`
-/// patterns anywhere.
+/// batch, take at most half of [`MAX_CALL_BYTES`]; never more than `default`. Counts every
+/// constant each time it appears (each use is its own column of copies), except those that are
+/// never copied: a direct operand of a comparison, an item of an `IN` list, a `LIKE` pattern.
 pub(crate) fn batch_size_for(plan: &LogicalPlan, default: usize) -> usize {
-    // Each constant by its hash: a collision could only count two constants as one.
-    let hasher = std::hash::RandomState::new();
-    let mut seen: HashSet<u64> = HashSet::new();
     let mut bytes: u64 = 0;
-    // Visiting cannot fail: the closures only collect.
+    // Visiting cannot fail: the closures only add.
     let _ = plan.apply_with_subqueries(|node| {
-        if matches!(node, LogicalPlan::Filter(_) | LogicalPlan::TableScan(_)) {
-            return Ok(TreeNodeRecursion::Continue);
+        // A scan's filters repeat its `Filter`'s, or run in the store.
+        if !matches!(node, LogicalPlan::TableScan(_)) {
+            let _ = node.apply_expressions(|expr| {
+                bytes = bytes.saturating_add(copied_constants(expr));
+                Ok(TreeNodeRecursion::Continue)
+            });
         }
-        node.apply_expressions(|expr| {
-            expr.apply(|e| {
-                Ok(match e {
-                    Expr::InList(_) | Expr::Like(_) | Expr::SimilarTo(_) => TreeNodeRecursion::Jump,
-                    Expr::Literal(value, _) => {
-                        let len = literal_bytes(value);
-                        if len > 0 && seen.insert(hasher.hash_one(value)) {
-                            bytes = bytes.saturating_add(len);
-                        }
-                        TreeNodeRecursion::Continue
-                    }
-                    _ => TreeNodeRecursion::Continue,
-                })
-            })
-        })
+        Ok(TreeNodeRecursion::Continue)
     });
     // Half the batch for the copies, half for the values of the rows themselves.
     let rows = MAX_CALL_BYTES / 2 / bytes.max(1);
     usize::try_from(rows)
         .unwrap_or(usize::MAX)
         .clamp(1, default.max(1))
+}
+
+/// The bytes of the constants in `expr` that a batch may be given copies of.
+fn copied_constants(expr: &Expr) -> u64 {
+    match expr {
+        Expr::Literal(value, _) => literal_bytes(value),
+        Expr::BinaryExpr(b) if compares(b.op) => [&b.left, &b.right]
+            .into_iter()
+            .filter(|side| !matches!(side.as_ref(), Expr::Literal(..)))
+            .map(|side| copied_constants(side))
+            .fold(0, u64::saturating_add),
+        Expr::InList(list) => copied_constants(&list.expr),
+        Expr::Like(like) | Expr::SimilarTo(like) => copied_constants(&like.expr),
+        other => {
+            let mut bytes: u64 = 0;
+            let _ = other.apply_children(|child| {
+                bytes = bytes.saturating_add(copied_constants(child));
+                Ok(TreeNodeRecursion::Continue)
+            });
+            bytes
+        }
+    }
+}
+
+fn compares(op: Operator) -> bool {
+    matches!(
+        op,
+        Operator::Eq
+            | Operator::NotEq
+            | Operator::Lt
+            | Operator::LtEq
+            | Operator::Gt
+            | Operator::GtEq
+            | Operator::IsDistinctFrom
+            | Operator::IsNotDistinctFrom
+    )
 }
 
 fn literal_bytes(value: &ScalarValue) -> u64 {
@@ -375,7 +395,8 @@ mod tests {
             futures::executor::block_on(ctx.state().create_logical_plan(&sql)).expect("plan")
         };
         assert_eq!(batch_size_for(&plan(10), 8192), 8192);
-        // Filters, IN lists and repeats of one constant do not shrink batches.
+        // Compared constants, IN lists and LIKE patterns are never copied; a constant used
+        // twice is copied twice, and one inside a function of a filter is copied.
         let ctx = SessionContext::new();
         let long = "x".repeat(256 * 1024);
         let sql = format!(
@@ -384,7 +405,11 @@ mod tests {
         );
         let filtered =
             futures::executor::block_on(ctx.state().create_logical_plan(&sql)).expect("plan");
-        assert_eq!(batch_size_for(&filtered, 8192), 128);
+        assert_eq!(batch_size_for(&filtered, 8192), 64);
+        let sql = format!("SELECT c FROM (VALUES ('')) AS t(c) WHERE coalesce(c, '{long}') <> ''");
+        let in_a_function =
+            futures::executor::block_on(ctx.state().create_logical_plan(&sql)).expect("plan");
+        assert_eq!(batch_size_for(&in_a_function, 8192), 128);
         assert_eq!(batch_size_for(&plan(256 * 1024), 8192), 128);
         assert_eq!(batch_size_for(&plan(128 * 1024 * 1024), 8192), 1);
     }

@@ -9,9 +9,9 @@
 //!
 //! Joins and window functions copy a value from one row into many: a cross join repeats each
 //! row of one side beside every row of the other, `first_value` or `max` over a partition
-//! repeats one value in every row. The inputs of joins and windows are therefore guarded: a
-//! row whose strings, binaries and lists take more than [`MAX_CALL_BYTES`] divided by the batch
-//! size is refused before it is copied. `array_agg` and `string_agg` as window functions grow
+//! repeats one value in every row, and `unnest` repeats a row's other values once per element
+//! of its list. Their inputs are therefore guarded: a row whose copies would take more than
+//! [`MAX_CALL_BYTES`] is refused before it is copied. `array_agg` and `string_agg` as window functions grow
 //! with their frame, row by row, and are refused outright (see [`crate::checked`]).
 //!
 //! Written here because the limits are meterd's; DataFusion has no per-row size limit.
@@ -19,7 +19,8 @@
 use std::fmt;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, RecordBatch};
+use arrow::array::{Array, AsArray, OffsetSizeTrait, RecordBatch};
+use arrow::datatypes::DataType;
 use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::common::{Statistics, exec_err};
 use datafusion::config::ConfigOptions;
@@ -27,12 +28,14 @@ use datafusion::error::Result;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::physical_plan::coop::make_cooperative;
 use datafusion::physical_plan::execution_plan::CardinalityEffect;
 use datafusion::physical_plan::joins::{
     CrossJoinExec, HashJoinExec, NestedLoopJoinExec, PiecewiseMergeJoinExec, SortMergeJoinExec,
     SymmetricHashJoinExec,
 };
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::unnest::UnnestExec;
 use datafusion::physical_plan::windows::{BoundedWindowAggExec, WindowAggExec};
 use datafusion::physical_plan::{
     ChildStats, ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan,
@@ -40,7 +43,7 @@ use datafusion::physical_plan::{
 };
 use futures::StreamExt;
 
-use crate::bounded_fns::{MAX_CALL_BYTES, array_bytes};
+use crate::bounded_fns::MAX_CALL_BYTES;
 
 /// Wraps every leaf of the plan in a [`Guard`] that slices its batches, and every input of a
 /// join or window in one that also checks its rows. Runs after DataFusion's own rules, so
@@ -54,30 +57,32 @@ impl PhysicalOptimizerRule for SliceLeafBatches {
         plan: Arc<dyn ExecutionPlan>,
         _config: &ConfigOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        plan.transform_up(|node| {
+        // Top down, never into a guard: a nested plan (a rollup's) may be guarded already.
+        plan.transform_down(|node| {
             if node.is::<Guard>() {
-                return Ok(Transformed::no(node));
+                return Ok(Transformed::new(node, false, TreeNodeRecursion::Jump));
             }
             if node.children().is_empty() {
-                return Ok(Transformed::yes(Guard::wrap(node, false)));
+                let guarded = Guard::wrap(node, Check::Slice);
+                return Ok(Transformed::new(guarded, true, TreeNodeRecursion::Jump));
             }
-            if copies_rows(node.as_ref()) {
-                let children = node
-                    .children()
-                    .into_iter()
-                    .map(|child| match child.downcast_ref::<Guard>() {
-                        Some(guard) => Guard::wrap(Arc::clone(&guard.input), true),
-                        None => Guard::wrap(Arc::clone(child), true),
-                    })
-                    .collect();
-                return node
-                    .replace_children(
-                        children,
-                        ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
-                    )
-                    .map(Transformed::yes);
-            }
-            Ok(Transformed::no(node))
+            let check = if copies_rows(node.as_ref()) {
+                Check::Copies
+            } else if node.is::<UnnestExec>() {
+                Check::Unnest
+            } else {
+                return Ok(Transformed::no(node));
+            };
+            let children = node
+                .children()
+                .into_iter()
+                .map(|child| Guard::wrap(Arc::clone(child), check))
+                .collect();
+            node.replace_children(
+                children,
+                ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+            )
+            .map(Transformed::yes)
         })
         .map(|transformed| transformed.data)
     }
@@ -104,21 +109,39 @@ fn copies_rows(plan: &dyn ExecutionPlan) -> bool {
         || plan.is::<BoundedWindowAggExec>()
 }
 
-/// Passes its input's batches on in slices of at most the batch size; with `check_rows`, first
-/// refuses a batch holding a row too large to be copied into a whole batch.
+/// What a [`Guard`] checks before it passes a batch on in slices of at most the batch size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Check {
+    /// Nothing: it only slices.
+    Slice,
+    /// That no row, copied into every row of a batch, passes [`MAX_CALL_BYTES`] (the input of
+    /// a join or a window).
+    Copies,
+    /// That no row, copied once per element of its longest list, passes [`MAX_CALL_BYTES`]
+    /// (the input of `unnest`).
+    Unnest,
+}
+
+/// Passes its input's batches on in slices of at most the batch size, after its [`Check`].
 #[derive(Debug)]
 struct Guard {
     input: Arc<dyn ExecutionPlan>,
-    check_rows: bool,
+    check: Check,
     properties: Arc<PlanProperties>,
 }
 
 impl Guard {
-    fn wrap(input: Arc<dyn ExecutionPlan>, check_rows: bool) -> Arc<dyn ExecutionPlan> {
+    fn wrap(input: Arc<dyn ExecutionPlan>, check: Check) -> Arc<dyn ExecutionPlan> {
+        // A guard over a guard: keep the inner input, with the stricter check.
+        let (input, check) = match input.downcast_ref::<Guard>() {
+            Some(inner) if check == Check::Slice => (Arc::clone(&inner.input), inner.check),
+            Some(inner) => (Arc::clone(&inner.input), check),
+            None => (input, check),
+        };
         let properties = Arc::clone(input.properties());
         Arc::new(Self {
             input,
-            check_rows,
+            check,
             properties,
         })
     }
@@ -126,10 +149,10 @@ impl Guard {
 
 impl DisplayAs for Guard {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.check_rows {
-            write!(f, "GuardExec: slices, row sizes")
-        } else {
-            write!(f, "GuardExec: slices")
+        match self.check {
+            Check::Slice => write!(f, "GuardExec: slices"),
+            Check::Copies => write!(f, "GuardExec: slices, rows copied into a batch"),
+            Check::Unnest => write!(f, "GuardExec: slices, rows copied per list element"),
         }
     }
 }
@@ -168,7 +191,7 @@ impl ExecutionPlan for Guard {
         _options: ReplaceChildrenOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         match children.pop() {
-            Some(input) if children.is_empty() => Ok(Guard::wrap(input, self.check_rows)),
+            Some(input) if children.is_empty() => Ok(Guard::wrap(input, self.check)),
             _ => exec_err!("GuardExec takes one input"),
         }
     }
@@ -189,20 +212,24 @@ impl ExecutionPlan for Guard {
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
         let rows = context.session_config().batch_size().max(1);
-        let check_rows = self.check_rows;
+        let check = self.check;
         let input = self.input.execute(partition, context)?;
         let schema = input.schema();
         let sliced = input.flat_map(move |batch| {
-            let pieces: Vec<Result<RecordBatch>> = match batch {
+            let pieces: Vec<Result<RecordBatch>> = match batch.and_then(|b| {
+                self::check(&b, check, rows)?;
+                Ok(b)
+            }) {
                 Err(e) => vec![Err(e)],
-                Ok(batch) => match check_rows.then(|| check(&batch, rows)).transpose() {
-                    Err(e) => vec![Err(e)],
-                    Ok(_) => slices(&batch, rows).map(Ok).collect(),
-                },
+                Ok(batch) => slices(&batch, rows).map(Ok).collect(),
             };
             futures::stream::iter(pieces)
         });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, sliced)))
+        // Many slices from one batch of a source that yields per batch: each spends budget,
+        // so the query stays cancellable between them.
+        Ok(make_cooperative(Box::pin(RecordBatchStreamAdapter::new(
+            schema, sliced,
+        ))))
     }
 
     fn child_stats_requests(&self, partition: Option<usize>) -> Vec<ChildStats> {
@@ -235,36 +262,162 @@ fn slices(batch: &RecordBatch, rows: usize) -> impl Iterator<Item = RecordBatch>
     })
 }
 
-/// Refuses `batch` if one of its rows, copied into each row of a batch of `rows` rows, would
-/// take more than [`MAX_CALL_BYTES`].
-fn check(batch: &RecordBatch, rows: usize) -> Result<()> {
-    let per_row = MAX_CALL_BYTES / rows as u64;
-    // No row can be larger than all of them together.
-    let columns: Vec<&ArrayRef> = batch
-        .columns()
-        .iter()
-        .filter(|c| c.data_type().primitive_width().is_none())
-        .collect();
-    let total: u64 = columns.iter().map(|c| array_bytes(c)).sum();
-    if total <= per_row {
+/// Refuses `batch` if one of its rows would be copied past [`MAX_CALL_BYTES`]: into each row of
+/// a batch of `rows` rows ([`Check::Copies`]), or once per element of its longest list
+/// ([`Check::Unnest`]).
+fn check(batch: &RecordBatch, check: Check, rows: usize) -> Result<()> {
+    if check == Check::Slice || batch.num_rows() == 0 {
         return Ok(());
     }
-    for row in 0..batch.num_rows() {
-        let bytes: u64 = columns.iter().map(|c| array_bytes(&c.slice(row, 1))).sum();
-        if bytes > per_row {
+    let n = batch.num_rows();
+    let mut copied = vec![0u64; n];
+    let mut copies = vec![
+        if check == Check::Copies {
+            rows as u64
+        } else {
+            1
+        };
+        n
+    ];
+    for column in batch.columns() {
+        let is_list = matches!(
+            column.data_type(),
+            DataType::List(_) | DataType::LargeList(_) | DataType::FixedSizeList(..)
+        );
+        if check == Check::Unnest && is_list {
+            for (row, len) in list_lengths(column.as_ref()).into_iter().enumerate() {
+                copies[row] = copies[row].max(len);
+            }
+        } else if check == Check::Unnest || column.data_type().primitive_width().is_none() {
+            for (row, bytes) in row_sizes(column.as_ref()).into_iter().enumerate() {
+                copied[row] = copied[row].saturating_add(bytes);
+            }
+        }
+    }
+    for row in 0..n {
+        let total = copied[row].saturating_mul(copies[row]);
+        if total > MAX_CALL_BYTES {
+            let (bytes, times) = (copied[row], copies[row]);
             return exec_err!(
-                "a row of {bytes} bytes would be copied into each row of a batch of up to {rows} rows, more than the limit of {MAX_CALL_BYTES} bytes per batch: join or window over smaller values"
+                "a row of {bytes} bytes would be copied {times} times, more than the limit of {MAX_CALL_BYTES} bytes per batch: join, window or unnest over smaller values"
             );
         }
     }
     Ok(())
 }
 
+/// The number of elements of each row of a list column.
+fn list_lengths(array: &dyn Array) -> Vec<u64> {
+    match array.data_type() {
+        DataType::List(_) => lengths(array.as_list::<i32>().value_offsets()),
+        DataType::LargeList(_) => lengths(array.as_list::<i64>().value_offsets()),
+        DataType::FixedSizeList(_, k) => vec![u64::try_from(*k).unwrap_or(0); array.len()],
+        _ => vec![1; array.len()],
+    }
+}
+
+fn lengths<O: OffsetSizeTrait>(offsets: &[O]) -> Vec<u64> {
+    offsets
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_usize() as u64)
+        .collect()
+}
+
+/// The bytes of each row's value in `array`, from its offsets and lengths (a slice of a list
+/// keeps its whole child, so measuring a one-row slice would count every row's values).
+fn row_sizes(array: &dyn Array) -> Vec<u64> {
+    let n = array.len();
+    match array.data_type() {
+        DataType::Utf8 => lengths(array.as_string::<i32>().value_offsets()),
+        DataType::LargeUtf8 => lengths(array.as_string::<i64>().value_offsets()),
+        DataType::Binary => lengths(array.as_binary::<i32>().value_offsets()),
+        DataType::LargeBinary => lengths(array.as_binary::<i64>().value_offsets()),
+        DataType::Utf8View => view_lengths(array.as_string_view().views()),
+        DataType::BinaryView => view_lengths(array.as_binary_view().views()),
+        DataType::List(_) => {
+            let list = array.as_list::<i32>();
+            grouped(&row_sizes(list.values().as_ref()), list.value_offsets())
+        }
+        DataType::LargeList(_) => {
+            let list = array.as_list::<i64>();
+            grouped(&row_sizes(list.values().as_ref()), list.value_offsets())
+        }
+        DataType::Map(..) => {
+            let map = array.as_map();
+            grouped(&row_sizes(map.entries()), map.value_offsets())
+        }
+        DataType::FixedSizeList(_, k) => {
+            let list = array.as_fixed_size_list();
+            let k = usize::try_from(*k).unwrap_or(0);
+            let child = row_sizes(list.values().as_ref());
+            let start = list.offset() * k;
+            (0..n)
+                .map(|row| {
+                    let from = start + row * k;
+                    child.get(from..from + k).map_or(0, |c| c.iter().sum())
+                })
+                .collect()
+        }
+        DataType::Struct(_) => {
+            let mut sizes = vec![0u64; n];
+            for child in array.as_struct().columns() {
+                for (row, bytes) in row_sizes(child.as_ref()).into_iter().enumerate() {
+                    sizes[row] = sizes[row].saturating_add(bytes);
+                }
+            }
+            sizes
+        }
+        DataType::Dictionary(..) => {
+            let dictionary = array.as_any_dictionary();
+            let values = dictionary.values();
+            if values.is_empty() {
+                return vec![0; n];
+            }
+            let value_sizes = row_sizes(values.as_ref());
+            dictionary
+                .normalized_keys()
+                .into_iter()
+                .map(|key| value_sizes.get(key).copied().unwrap_or(0))
+                .collect()
+        }
+        DataType::Null => vec![0; n],
+        other => match other.primitive_width() {
+            Some(width) => vec![width as u64; n],
+            // A type without offsets to read: every row counts the whole array.
+            None => vec![array.get_array_memory_size() as u64; n],
+        },
+    }
+}
+
+fn view_lengths(views: &[u128]) -> Vec<u64> {
+    views.iter().map(|view| u64::from(*view as u32)).collect()
+}
+
+/// The sum of `child` over each row's range of `offsets`.
+fn grouped<O: OffsetSizeTrait>(child: &[u64], offsets: &[O]) -> Vec<u64> {
+    let mut prefix = Vec::with_capacity(child.len() + 1);
+    prefix.push(0u64);
+    for bytes in child {
+        let last = prefix.last().copied().unwrap_or(0);
+        prefix.push(last.saturating_add(*bytes));
+    }
+    offsets
+        .windows(2)
+        .map(|w| {
+            let (from, to) = (w[0].as_usize(), w[1].as_usize());
+            match (prefix.get(to), prefix.get(from)) {
+                (Some(to), Some(from)) => to.saturating_sub(*from),
+                _ => 0,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow::array::{Int64Array, StringArray};
-    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::array::{Int64Array, ListArray, MapBuilder, StringArray, StringBuilder};
+    use arrow::datatypes::{Field, Int64Type, Schema};
 
     #[test]
     fn slices_cover_the_batch_in_order() {
@@ -289,8 +442,68 @@ mod tests {
             vec![Arc::new(StringArray::from(vec!["a", big.as_str(), "b"]))],
         )
         .expect("batch");
-        check(&batch, 1024).expect("20 KB times 1,024 rows is within 64 MiB");
-        let message = check(&batch, 8192).expect_err("160 MB").to_string();
-        assert!(message.contains("a row of 20"), "{message}");
+        check(&batch, Check::Copies, 1024).expect("20 KB times 1,024 rows is within 64 MiB");
+        let message = check(&batch, Check::Copies, 8192)
+            .expect_err("160 MB")
+            .to_string();
+        assert!(message.contains("a row of 20000 bytes"), "{message}");
+        check(&batch, Check::Slice, 8192).expect("slicing checks nothing");
+    }
+
+    /// Rows of a map or list column are measured by their own entries, not by the whole child
+    /// array a slice keeps.
+    #[test]
+    fn rows_of_nested_columns_are_measured_alone() {
+        let mut builder = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
+        for i in 0..1_000 {
+            builder.keys().append_value(format!("key{i}"));
+            builder.values().append_value("v".repeat(100));
+            builder.append(true).expect("row");
+        }
+        let map = builder.finish();
+        let sizes = row_sizes(&map);
+        assert_eq!(sizes.len(), 1_000);
+        assert!(sizes.iter().all(|&s| (100..200).contains(&s)), "{sizes:?}");
+        let sliced = map.slice(500, 2);
+        assert_eq!(row_sizes(&sliced), sizes[500..502]);
+
+        let list = ListArray::from_iter_primitive::<Int64Type, _, _>(vec![
+            Some(vec![Some(1), Some(2), Some(3)]),
+            None,
+            Some(vec![Some(4)]),
+        ]);
+        assert_eq!(row_sizes(&list), [24, 0, 8]);
+        assert_eq!(list_lengths(&list), [3, 0, 1]);
+        assert_eq!(row_sizes(&list.slice(2, 1)), [8]);
+    }
+
+    #[test]
+    fn rows_unnested_into_many_are_refused() {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("s", DataType::Utf8, false),
+            Field::new(
+                "l",
+                DataType::List(Arc::new(Field::new_list_field(DataType::Int64, true))),
+                true,
+            ),
+        ]));
+        let long: Vec<Option<i64>> = (0..100_000).map(Some).collect();
+        let big = "x".repeat(1_000);
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec!["a", big.as_str()])),
+                Arc::new(ListArray::from_iter_primitive::<Int64Type, _, _>(vec![
+                    Some(long.clone()),
+                    Some(long),
+                ])),
+            ],
+        )
+        .expect("batch");
+        let message = check(&batch, Check::Unnest, 8192)
+            .expect_err("1 KB times 100,000")
+            .to_string();
+        assert!(message.contains("copied 100000 times"), "{message}");
+        check(&batch.slice(0, 1), Check::Unnest, 8192).expect("1 byte times 100,000");
     }
 }

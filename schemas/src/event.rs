@@ -136,8 +136,9 @@ impl Event {
     ///
     /// It is computed over a canonical encoding that does not follow this struct's layout:
     /// the fields of the first layout, encoded as postcard encoded them
-    /// ([`crate::frozen::v1`]), then each field added since, only when present, as its tag
-    /// and its value. An event without the added fields hashes as it always did.
+    /// ([`crate::frozen::v1`]). A field added to the event later is appended here only when
+    /// present, as its tag and its value (there are none yet), so an event without it hashes
+    /// as it always did.
     pub fn content_hash(&self) -> u128 {
         // Encoding cannot fail: every field is a plain value or an ordered map.
         let bytes =

@@ -1131,7 +1131,38 @@ async fn copies_of_a_value_into_many_rows_are_bounded() {
     let reply = server.sql_reply(joined).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text);
     assert!(
-        reply.error().contains("would be copied into each row"),
+        reply.error().contains("would be copied 8192 times"),
+        "{}",
+        reply.text
+    );
+
+    // Ordinary joins and windows over events, dimensions included, are not refused.
+    let reply = server
+        .sql_reply(
+            "SELECT count(*) FROM (SELECT tenant, dimensions, \
+             row_number() OVER (PARTITION BY tenant ORDER BY time) AS n FROM events)",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(reply.json["rows"][0][0], json!(20_000));
+    let reply = server
+        .sql_reply(
+            "SELECT count(*) FROM events a JOIN events b ON a.id = b.id AND a.tenant = b.tenant",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(reply.json["rows"][0][0], json!(20_000));
+
+    // unnest repeats a row's other values once per element of its list.
+    let reply = server
+        .sql_reply(
+            "SELECT max(length(s)) FROM (SELECT s, unnest(range(1000000)) AS n \
+             FROM (SELECT string_agg(id, '') AS s FROM events))",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text);
+    assert!(
+        reply.error().contains("would be copied 1000000 times"),
         "{}",
         reply.text
     );
