@@ -299,14 +299,25 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
+        self.response(&[])
+    }
+}
+
+impl Error {
+    /// The HTTP answer, with every occurrence of each of `hidden` (the data directory's paths)
+    /// in the message replaced by `meterd://events`: an I/O error of a scan names its file.
+    pub(crate) fn response(self, hidden: &[String]) -> Response {
         let status = self.status_code();
-        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
+        let mut message = if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(status = status.as_u16(), error = %chain(&self), "sql request failed");
             "internal error".to_owned()
         } else {
             tracing::debug!(status = status.as_u16(), error = %self, "sql request refused");
             self.to_string()
         };
+        for path in hidden.iter().filter(|p| !p.is_empty()) {
+            message = message.replace(path.as_str(), "meterd://events");
+        }
         (status, Json(serde_json::json!({ "error": message }))).into_response()
     }
 }
@@ -316,6 +327,24 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    #[tokio::test]
+    async fn answers_do_not_show_the_data_directory() {
+        let error = Error::Execute(DataFusionError::Execution(
+            "cannot read /srv/meterd/data/events/day=2026-11-01/part-1.parquet".into(),
+        ));
+        let response = error.response(&["/srv/meterd/data/events".to_owned()]);
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .expect("body");
+        let text = String::from_utf8_lossy(&body);
+        assert!(!text.contains("/srv"), "{text}");
+        assert!(
+            text.contains("meterd://events/day=2026-11-01/part-1.parquet"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn wrapped_errors_are_classified_by_their_root() {

@@ -44,7 +44,7 @@ async fn sql(
 ) -> Response {
     match answer(&service, params, body).await {
         Ok(response) => response,
-        Err(e) => e.into_response(),
+        Err(e) => e.response(service.hidden_paths()),
     }
 }
 

@@ -107,6 +107,8 @@ impl Default for QueryConfig {
 pub struct QueryService {
     engine: Arc<Engine>,
     timeout: Duration,
+    /// The embedded store's directory, as given and canonical: never shown in an answer.
+    hidden_paths: Vec<String>,
     // Declared last: the runtime is shut down after everything that might still refer to it.
     runtime: QueryRuntime,
 }
@@ -129,7 +131,26 @@ impl QueryService {
             ctx.register_table(rollup.name, Arc::new(table))
                 .map_err(Error::Setup)?;
         }
-        Self::start(ctx, bounded_functions, Some(source), &config)
+        let hidden_paths = source
+            .parquet_root()
+            .map(|root| {
+                let canonical = std::fs::canonicalize(&root).unwrap_or_else(|_| root.clone());
+                // Longest first, so a path inside the other is replaced whole.
+                let mut paths = vec![
+                    canonical.to_string_lossy().into_owned(),
+                    root.to_string_lossy().into_owned(),
+                ];
+                paths.sort_by_key(|p| std::cmp::Reverse(p.len()));
+                paths.dedup();
+                paths
+            })
+            .unwrap_or_default();
+        Self::start(ctx, bounded_functions, Some(source), &config, hidden_paths)
+    }
+
+    /// The paths an answer must not show.
+    pub(crate) fn hidden_paths(&self) -> &[String] {
+        &self.hidden_paths
     }
 
     /// Like [`QueryService::new`], but each of `tables` is the PostgreSQL table or view
@@ -156,7 +177,7 @@ impl QueryService {
             ctx.register_table(table, Arc::new(provider))
                 .map_err(registration_error)?;
         }
-        Self::start(ctx, bounded_functions, None, &config)
+        Self::start(ctx, bounded_functions, None, &config, Vec::new())
     }
 
     /// Like [`QueryService::with_postgres`], from ClickHouse: each of `tables` is
@@ -187,7 +208,7 @@ impl QueryService {
             ctx.register_table(table, Arc::new(provider))
                 .map_err(registration_error)?;
         }
-        Self::start(ctx, bounded_functions, None, &config)
+        Self::start(ctx, bounded_functions, None, &config, Vec::new())
     }
 
     /// Starts the query runtime for a session whose tables are registered; `pinned` is the
@@ -197,6 +218,7 @@ impl QueryService {
         bounded_functions: bounded_fns::BoundedFunctions,
         pinned: Option<Arc<dyn EventsSource>>,
         config: &QueryConfig,
+        hidden_paths: Vec<String>,
     ) -> Result<Arc<Self>> {
         let engine = Arc::new(Engine {
             ctx,
@@ -210,6 +232,7 @@ impl QueryService {
         Ok(Arc::new(Self {
             engine,
             timeout: config.timeout,
+            hidden_paths,
             runtime: QueryRuntime::new(config.threads.max(1))?,
         }))
     }

@@ -81,7 +81,13 @@ impl EventsTable {
             None => ObjectPath::from_absolute_path(path)
                 .map_err(|e| DataFusionError::External(Box::new(e))),
         };
-        located.map_err(|e| e.context(format!("events file {}", path.display())))
+        located.map_err(|e| {
+            let shown = match &self.files {
+                Some((_, root)) => path.strip_prefix(root).unwrap_or(path),
+                None => path,
+            };
+            e.context(format!("events file {}", shown.display()))
+        })
     }
 
     /// DataFusion's own Parquet scan over the snapshot's files. Filters are not applied here:
