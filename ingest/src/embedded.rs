@@ -343,6 +343,11 @@ impl EmbeddedStore {
                     batches.push(b?);
                 }
             }
+            // Files keep the schema they were written with: a column added since reads as NULL.
+            let batches = batches
+                .iter()
+                .map(to_events_schema)
+                .collect::<Result<Vec<_>>>()?;
             let merged = sort_rows(&concat_batches(&events_schema(), &batches)?)?;
             let out = self.write_file(day, &merged)?;
             let _publishing = self
@@ -519,6 +524,31 @@ fn remove_orphans(dir: &Path, manifest: &Manifest) -> Result<()> {
     Ok(())
 }
 
+/// `batch`, read from a file written with an older schema of `events`, in today's: its columns
+/// by name, each column it lacks as NULLs (a column added since).
+fn to_events_schema(batch: &RecordBatch) -> Result<RecordBatch> {
+    let schema = events_schema();
+    if batch.schema() == schema {
+        return Ok(batch.clone());
+    }
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|field| match batch.column_by_name(field.name()) {
+            Some(column) => Ok(Arc::clone(column)),
+            None if field.is_nullable() => Ok(arrow::array::new_null_array(
+                field.data_type(),
+                batch.num_rows(),
+            )),
+            None => Err(arrow::error::ArrowError::SchemaError(format!(
+                "an events file lacks the required column {}",
+                field.name()
+            ))),
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(schema, columns)?)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap as Map;
@@ -649,6 +679,21 @@ mod tests {
             out.push(c);
         }
         out
+    }
+
+    /// A file written before a column was added reads with the column as NULLs.
+    #[test]
+    fn batches_of_an_older_schema_gain_the_new_columns_as_nulls() {
+        let full = batch(0..3, 20_000);
+        let schema = full.schema();
+        let last = schema.fields().len() - 1;
+        let older = full
+            .project(&(0..last).collect::<Vec<_>>())
+            .expect("project");
+        let adapted = to_events_schema(&older).expect("adapt");
+        assert_eq!(adapted.schema(), events_schema());
+        assert_eq!(adapted.column(last).null_count(), 3);
+        assert_eq!(adapted.column(0), full.column(0));
     }
 
     /// A compaction holds the store only while it publishes: a flush during the reading,

@@ -36,10 +36,18 @@ pub(crate) fn encode(events: &[StoredEvent]) -> Result<Vec<u8>> {
 
 /// Decodes the record at `lsn`, of any version this build knows.
 pub fn decode(lsn: Lsn, payload: &[u8]) -> Result<Vec<StoredEvent>> {
+    // Strict: every byte read, at least one event. postcard alone accepts trailing bytes, and a
+    // record of another format must not read as a shorter or empty one.
     let v1_layout = |bytes: &[u8]| {
-        postcard::from_bytes::<Vec<v1::StoredEvent>>(bytes)
-            .map(|events| events.into_iter().map(StoredEvent::from).collect())
-            .map_err(|source| Error::Decode { lsn, source })
+        let (events, rest) = postcard::take_from_bytes::<Vec<v1::StoredEvent>>(bytes)
+            .map_err(|source| Error::Decode { lsn, source })?;
+        if events.is_empty() || !rest.is_empty() {
+            return Err(Error::LogCorrupt {
+                lsn,
+                reason: "a record that is not whole events of a known format",
+            });
+        }
+        Ok(events.into_iter().map(StoredEvent::from).collect())
     };
     let Some(versioned) = payload.strip_prefix(&HEADER) else {
         return v1_layout(payload);
@@ -126,5 +134,10 @@ mod tests {
         let mut truncated = encode(&events(2)).expect("encode");
         truncated.truncate(20);
         assert!(decode(7, &truncated).is_err());
+        // Bytes after the events, or no events at all, are not a first-format record.
+        let mut longer = postcard::to_allocvec(&events(1)).expect("first format");
+        longer.push(0);
+        assert!(decode(7, &longer).is_err());
+        assert!(decode(7, &[0, 2, 1, 2, 3]).is_err());
     }
 }

@@ -176,7 +176,17 @@ pub fn save_delivery(data_dir: &Path, sink: &str, record: DeliveryRecord) -> Res
 pub fn node_id(data_dir: &Path) -> Result<String> {
     let path = data_dir.join("node_id");
     match fs::read_to_string(&path) {
-        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_owned()),
+        Ok(text) if !text.trim().is_empty() => {
+            // A bare id; a development build once wrote `{"version": 1, "node_id": ...}`.
+            #[derive(Deserialize)]
+            struct Wrapped {
+                node_id: String,
+            }
+            return Ok(match serde_json::from_str::<Wrapped>(&text) {
+                Ok(wrapped) if text.trim_start().starts_with('{') => wrapped.node_id,
+                _ => text.trim().to_owned(),
+            });
+        }
         Ok(_) => {}
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(state_err(&path, e)),
@@ -393,5 +403,11 @@ mod tests {
         assert_eq!(a.len(), 36);
         fs::write(dir.path().join("node_id"), "an-old-id\n").expect("write");
         assert_eq!(node_id(dir.path()).expect("read"), "an-old-id");
+        fs::write(
+            dir.path().join("node_id"),
+            r#"{"version":1,"node_id":"a-wrapped-id"}"#,
+        )
+        .expect("write");
+        assert_eq!(node_id(dir.path()).expect("read"), "a-wrapped-id");
     }
 }

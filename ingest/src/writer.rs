@@ -64,8 +64,10 @@ pub(crate) struct Writer {
 impl Writer {
     /// Runs until every sender is gone, then returns.
     pub fn run(mut self, mut rx: mpsc::Receiver<Submission>) {
-        let _marks_failure = FailOnPanic(Arc::clone(&self.failed));
         let mut group = Vec::new();
+        // Declared after `group`, so on a panic it is dropped first: the flag is set before
+        // the unanswered submissions learn that the writer is gone.
+        let _marks_failure = FailOnPanic(Arc::clone(&self.failed));
         while let Some(first) = rx.blocking_recv() {
             let mut events = first.events.len();
             group.push(first);

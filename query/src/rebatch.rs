@@ -57,26 +57,43 @@ impl PhysicalOptimizerRule for SliceLeafBatches {
         plan: Arc<dyn ExecutionPlan>,
         _config: &ConfigOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        // Top down, never into a guard: a nested plan (a rollup's) may be guarded already.
-        plan.transform_down(|node| {
-            if node.is::<Guard>() {
-                return Ok(Transformed::new(node, false, TreeNodeRecursion::Jump));
+        // Bottom up, so every leaf and every join, window and unnest at any depth is reached;
+        // a guard over a guard (a nested plan, a rollup's, is guarded already) is merged.
+        plan.transform_up(|node| {
+            if let Some(guard) = node.downcast_ref::<Guard>() {
+                return Ok(match guard.input.downcast_ref::<Guard>() {
+                    Some(_) => {
+                        Transformed::yes(Guard::wrap(Arc::clone(&guard.input), guard.check.clone()))
+                    }
+                    None => Transformed::no(node),
+                });
             }
             if node.children().is_empty() {
-                let guarded = Guard::wrap(node, Check::Slice);
-                return Ok(Transformed::new(guarded, true, TreeNodeRecursion::Jump));
+                return Ok(Transformed::yes(Guard::wrap(node, Check::SLICE)));
             }
             let check = if copies_rows(node.as_ref()) {
-                Check::Copies
-            } else if node.is::<UnnestExec>() {
-                Check::Unnest
+                Check {
+                    copies: true,
+                    unnest: None,
+                }
+            } else if let Some(unnest) = node.downcast_ref::<UnnestExec>() {
+                Check {
+                    copies: false,
+                    unnest: Some(
+                        unnest
+                            .list_column_indices()
+                            .iter()
+                            .map(|l| l.index_in_input_schema)
+                            .collect(),
+                    ),
+                }
             } else {
                 return Ok(Transformed::no(node));
             };
             let children = node
                 .children()
                 .into_iter()
-                .map(|child| Guard::wrap(Arc::clone(child), check))
+                .map(|child| Guard::wrap(Arc::clone(child), check.clone()))
                 .collect();
             node.replace_children(
                 children,
@@ -110,16 +127,30 @@ fn copies_rows(plan: &dyn ExecutionPlan) -> bool {
 }
 
 /// What a [`Guard`] checks before it passes a batch on in slices of at most the batch size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Check {
-    /// Nothing: it only slices.
-    Slice,
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Check {
     /// That no row, copied into every row of a batch, passes [`MAX_CALL_BYTES`] (the input of
     /// a join or a window).
-    Copies,
-    /// That no row, copied once per element of its longest list, passes [`MAX_CALL_BYTES`]
-    /// (the input of `unnest`).
-    Unnest,
+    copies: bool,
+    /// The columns `unnest` expands: that no row's other columns, copied once per element of
+    /// its longest expanded list, pass [`MAX_CALL_BYTES`].
+    unnest: Option<Vec<usize>>,
+}
+
+impl Check {
+    /// Only slicing.
+    const SLICE: Check = Check {
+        copies: false,
+        unnest: None,
+    };
+
+    /// Both checks.
+    fn and(self, other: Check) -> Check {
+        Check {
+            copies: self.copies || other.copies,
+            unnest: self.unnest.or(other.unnest),
+        }
+    }
 }
 
 /// Passes its input's batches on in slices of at most the batch size, after its [`Check`].
@@ -132,10 +163,9 @@ struct Guard {
 
 impl Guard {
     fn wrap(input: Arc<dyn ExecutionPlan>, check: Check) -> Arc<dyn ExecutionPlan> {
-        // A guard over a guard: keep the inner input, with the stricter check.
+        // A guard over a guard: one guard over the inner input, with both checks.
         let (input, check) = match input.downcast_ref::<Guard>() {
-            Some(inner) if check == Check::Slice => (Arc::clone(&inner.input), inner.check),
-            Some(inner) => (Arc::clone(&inner.input), check),
+            Some(inner) => (Arc::clone(&inner.input), inner.check.clone().and(check)),
             None => (input, check),
         };
         let properties = Arc::clone(input.properties());
@@ -149,11 +179,14 @@ impl Guard {
 
 impl DisplayAs for Guard {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.check {
-            Check::Slice => write!(f, "GuardExec: slices"),
-            Check::Copies => write!(f, "GuardExec: slices, rows copied into a batch"),
-            Check::Unnest => write!(f, "GuardExec: slices, rows copied per list element"),
+        write!(f, "GuardExec: slices")?;
+        if self.check.copies {
+            write!(f, ", rows copied into a batch")?;
         }
+        if self.check.unnest.is_some() {
+            write!(f, ", rows copied per list element")?;
+        }
+        Ok(())
     }
 }
 
@@ -191,7 +224,7 @@ impl ExecutionPlan for Guard {
         _options: ReplaceChildrenOptions,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         match children.pop() {
-            Some(input) if children.is_empty() => Ok(Guard::wrap(input, self.check)),
+            Some(input) if children.is_empty() => Ok(Guard::wrap(input, self.check.clone())),
             _ => exec_err!("GuardExec takes one input"),
         }
     }
@@ -212,12 +245,12 @@ impl ExecutionPlan for Guard {
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
         let rows = context.session_config().batch_size().max(1);
-        let check = self.check;
+        let check = self.check.clone();
         let input = self.input.execute(partition, context)?;
         let schema = input.schema();
         let sliced = input.flat_map(move |batch| {
             let pieces: Vec<Result<RecordBatch>> = match batch.and_then(|b| {
-                self::check(&b, check, rows)?;
+                self::check(&b, &check, rows)?;
                 Ok(b)
             }) {
                 Err(e) => vec![Err(e)],
@@ -263,47 +296,55 @@ fn slices(batch: &RecordBatch, rows: usize) -> impl Iterator<Item = RecordBatch>
 }
 
 /// Refuses `batch` if one of its rows would be copied past [`MAX_CALL_BYTES`]: into each row of
-/// a batch of `rows` rows ([`Check::Copies`]), or once per element of its longest list
-/// ([`Check::Unnest`]).
-fn check(batch: &RecordBatch, check: Check, rows: usize) -> Result<()> {
-    if check == Check::Slice || batch.num_rows() == 0 {
+/// a batch of `rows` rows ([`Check::copies`]), or once per element of its longest expanded list
+/// ([`Check::unnest`]).
+fn check(batch: &RecordBatch, check: &Check, rows: usize) -> Result<()> {
+    let n = batch.num_rows();
+    if n == 0 {
         return Ok(());
     }
-    let n = batch.num_rows();
-    let mut copied = vec![0u64; n];
-    let mut copies = vec![
-        if check == Check::Copies {
-            rows as u64
-        } else {
-            1
-        };
-        n
-    ];
-    for column in batch.columns() {
-        let is_list = matches!(
-            column.data_type(),
-            DataType::List(_) | DataType::LargeList(_) | DataType::FixedSizeList(..)
-        );
-        if check == Check::Unnest && is_list {
-            for (row, len) in list_lengths(column.as_ref()).into_iter().enumerate() {
-                copies[row] = copies[row].max(len);
-            }
-        } else if check == Check::Unnest || column.data_type().primitive_width().is_none() {
-            for (row, bytes) in row_sizes(column.as_ref()).into_iter().enumerate() {
-                copied[row] = copied[row].saturating_add(bytes);
+    let mut verdicts: Vec<(Vec<u64>, Vec<u64>)> = Vec::new();
+    if check.copies {
+        // Fixed-width values are at most a few bytes a row, copied into a batch.
+        let mut copied = vec![0u64; n];
+        for column in batch.columns() {
+            if column.data_type().primitive_width().is_none() {
+                add(&mut copied, row_sizes(column.as_ref()));
             }
         }
+        verdicts.push((copied, vec![rows as u64; n]));
     }
-    for row in 0..n {
-        let total = copied[row].saturating_mul(copies[row]);
-        if total > MAX_CALL_BYTES {
+    if let Some(expanded) = &check.unnest {
+        let mut copied = vec![0u64; n];
+        let mut copies = vec![1u64; n];
+        for (i, column) in batch.columns().iter().enumerate() {
+            if expanded.contains(&i) {
+                for (row, len) in list_lengths(column.as_ref()).into_iter().enumerate() {
+                    copies[row] = copies[row].max(len);
+                }
+            } else {
+                add(&mut copied, row_sizes(column.as_ref()));
+            }
+        }
+        verdicts.push((copied, copies));
+    }
+    for (copied, copies) in verdicts {
+        for row in 0..n {
             let (bytes, times) = (copied[row], copies[row]);
-            return exec_err!(
-                "a row of {bytes} bytes would be copied {times} times, more than the limit of {MAX_CALL_BYTES} bytes per batch: join, window or unnest over smaller values"
-            );
+            if bytes.saturating_mul(times) > MAX_CALL_BYTES {
+                return exec_err!(
+                    "a row of {bytes} bytes would be copied {times} times, more than the limit of {MAX_CALL_BYTES} bytes per batch: join, window or unnest over smaller values"
+                );
+            }
         }
     }
     Ok(())
+}
+
+fn add(total: &mut [u64], more: Vec<u64>) {
+    for (t, m) in total.iter_mut().zip(more) {
+        *t = t.saturating_add(m);
+    }
 }
 
 /// The number of elements of each row of a list column.
@@ -381,6 +422,8 @@ fn row_sizes(array: &dyn Array) -> Vec<u64> {
                 .collect()
         }
         DataType::Null => vec![0; n],
+        DataType::Boolean => vec![1; n],
+        DataType::FixedSizeBinary(width) => vec![u64::try_from(*width).unwrap_or(0); n],
         other => match other.primitive_width() {
             Some(width) => vec![width as u64; n],
             // A type without offsets to read: every row counts the whole array.
@@ -419,6 +462,43 @@ mod tests {
     use arrow::array::{Int64Array, ListArray, MapBuilder, StringArray, StringBuilder};
     use arrow::datatypes::{Field, Int64Type, Schema};
 
+    /// Every leaf is under a guard, and every input of a join at any depth is checked.
+    #[tokio::test]
+    async fn guards_reach_every_leaf_and_every_join() {
+        let (ctx, _) = crate::session_context(&crate::QueryConfig::default()).expect("session");
+        let plan = ctx
+            .sql(
+                "SELECT a.x FROM (VALUES (1), (2)) AS a(x) \
+                 JOIN ((VALUES (1)) AS b(y) JOIN (VALUES (1)) AS c(z) ON b.y = c.z) \
+                 ON a.x = b.y",
+            )
+            .await
+            .expect("plan")
+            .create_physical_plan()
+            .await
+            .expect("physical plan");
+        let mut leaves = 0;
+        let mut joins = 0;
+        let mut stack = vec![plan];
+        while let Some(node) = stack.pop() {
+            for child in node.children() {
+                if child.children().is_empty() {
+                    leaves += 1;
+                    assert!(node.is::<Guard>(), "a bare leaf under {}", node.name());
+                }
+                if copies_rows(node.as_ref()) {
+                    let guard = child.downcast_ref::<Guard>().expect("a guarded join input");
+                    assert!(guard.check.copies);
+                }
+            }
+            if copies_rows(node.as_ref()) {
+                joins += 1;
+            }
+            stack.extend(node.children().into_iter().cloned());
+        }
+        assert_eq!((leaves, joins), (3, 2));
+    }
+
     #[test]
     fn slices_cover_the_batch_in_order() {
         let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
@@ -442,12 +522,16 @@ mod tests {
             vec![Arc::new(StringArray::from(vec!["a", big.as_str(), "b"]))],
         )
         .expect("batch");
-        check(&batch, Check::Copies, 1024).expect("20 KB times 1,024 rows is within 64 MiB");
-        let message = check(&batch, Check::Copies, 8192)
+        let copies = Check {
+            copies: true,
+            unnest: None,
+        };
+        check(&batch, &copies, 1024).expect("20 KB times 1,024 rows is within 64 MiB");
+        let message = check(&batch, &copies, 8192)
             .expect_err("160 MB")
             .to_string();
         assert!(message.contains("a row of 20000 bytes"), "{message}");
-        check(&batch, Check::Slice, 8192).expect("slicing checks nothing");
+        check(&batch, &Check::SLICE, 8192).expect("slicing checks nothing");
     }
 
     /// Rows of a map or list column are measured by their own entries, not by the whole child
@@ -500,10 +584,14 @@ mod tests {
             ],
         )
         .expect("batch");
-        let message = check(&batch, Check::Unnest, 8192)
+        let unnest = Check {
+            copies: false,
+            unnest: Some(vec![1]),
+        };
+        let message = check(&batch, &unnest, 8192)
             .expect_err("1 KB times 100,000")
             .to_string();
         assert!(message.contains("copied 100000 times"), "{message}");
-        check(&batch.slice(0, 1), Check::Unnest, 8192).expect("1 byte times 100,000");
+        check(&batch.slice(0, 1), &unnest, 8192).expect("1 byte times 100,000");
     }
 }

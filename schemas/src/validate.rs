@@ -345,11 +345,11 @@ impl Validator {
         // The `data` keys each type carries, from the column table.
         static ALLOWED: LazyLock<[Vec<&'static str>; 3]> =
             LazyLock::new(|| EventType::ALL.map(|t| crate::columns::data_keys(t).collect()));
-        let allowed: &[&str] = match t {
-            EventType::LlmUsage => &ALLOWED[0],
-            EventType::ApiRequest => &ALLOWED[1],
-            EventType::AgentRun => &ALLOWED[2],
-        };
+        let allowed: &[&str] = EventType::ALL
+            .iter()
+            .position(|x| *x == t)
+            .and_then(|i| ALLOWED.get(i))
+            .map_or(&[], Vec::as_slice);
         for key in data.keys() {
             if !allowed.contains(&key.as_str()) {
                 self.err(

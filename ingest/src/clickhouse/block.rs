@@ -59,14 +59,15 @@ impl std::fmt::Debug for MonthBlock {
     }
 }
 
-/// `YYYYMM` of a time in microseconds (UTC); `None` outside the years 1970 to 2105, which
-/// ClickHouse's `DateTime` cannot hold.
+/// `YYYYMM` of a time in microseconds (UTC); `None` outside January 1970 to January 2106, the
+/// months ClickHouse's `DateTime` holds whole.
 pub fn month_of(time_us: i64) -> Option<u32> {
     let t = DateTime::from_timestamp_micros(time_us)?;
     let year = u32::try_from(t.year())
         .ok()
-        .filter(|y| (1970..=2105).contains(y))?;
-    Some(year * 100 + t.month())
+        .filter(|y| (1970..=2106).contains(y))?;
+    // `DateTime` ends on 2106-02-07.
+    (year < 2106 || t.month() == 1).then_some(year * 100 + t.month())
 }
 
 /// The id of the delivery of `node`'s batch starting at `batch_start`, for its events of
