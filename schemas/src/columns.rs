@@ -307,6 +307,77 @@ mod tests {
         }
     }
 
+    /// Each column's reader gives a value of the column's kind, for an event of every type, and
+    /// a NULL exactly for the types that do not carry it.
+    #[test]
+    fn readers_give_values_of_their_kind() {
+        use crate::event::Event;
+        let event = |data: EventData| StoredEvent {
+            ingested_at_us: 1,
+            event: Event {
+                tenant: "t".into(),
+                id: "i".into(),
+                time_us: 2,
+                subject: None,
+                source: None,
+                dimensions: BTreeMap::new(),
+                data,
+            },
+        };
+        let events = [
+            event(EventData::LlmUsage(LlmUsage {
+                provider: "p".into(),
+                model: "m".into(),
+                input_tokens: 1,
+                output_tokens: 2,
+                cached_input_tokens: Some(3),
+                reasoning_tokens: Some(4),
+                latency_ms: Some(5),
+                status: Some("ok".into()),
+                run_id: Some("r".into()),
+            })),
+            event(EventData::ApiRequest(ApiRequest {
+                route: Some("/r".into()),
+                method: Some("GET".into()),
+                status_code: 200,
+                latency_ms: 5,
+                request_bytes: Some(6),
+                response_bytes: Some(7),
+            })),
+            event(EventData::AgentRun(AgentRun {
+                agent: Some("a".into()),
+                run_id: "r".into(),
+                parent_run_id: Some("q".into()),
+                status: Some("failed".into()),
+                duration_ms: 8,
+                steps: Some(9),
+                tool_calls: Some(10),
+            })),
+        ];
+        for e in &events {
+            let t = e.event.event_type();
+            for c in COLUMNS {
+                let value = (c.read)(e);
+                let (kind, null) = match value {
+                    Value::Text(v) => (Kind::Text, v.is_none()),
+                    Value::Int(v) => (Kind::Int, v.is_none()),
+                    Value::Time(_) => (Kind::Time, false),
+                    Value::Dimensions(_) => (Kind::Dimensions, false),
+                };
+                assert_eq!(kind, c.kind, "{} of {}", c.name, t.as_str());
+                if !c.carried_by.is_empty() {
+                    assert_eq!(
+                        null,
+                        !c.carried_by.contains(&t),
+                        "{} of {} (every field of these events is set)",
+                        c.name,
+                        t.as_str()
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn names_are_unique_and_only_envelope_columns_may_be_required() {
         let mut names: Vec<&str> = COLUMNS.iter().map(|c| c.name).collect();
