@@ -56,11 +56,15 @@ impl PhysicalOptimizerRule for CooperativeMultipliers {
 
 /// Operators that can emit many batches per batch they read.
 fn multiplies_rows(plan: &dyn ExecutionPlan) -> bool {
+    is_join(plan) || plan.is::<UnnestExec>()
+}
+
+/// Every join operator of DataFusion's.
+pub(crate) fn is_join(plan: &dyn ExecutionPlan) -> bool {
     plan.is::<CrossJoinExec>()
         || plan.is::<NestedLoopJoinExec>()
         || plan.is::<HashJoinExec>()
         || plan.is::<SortMergeJoinExec>()
         || plan.is::<SymmetricHashJoinExec>()
         || plan.is::<PiecewiseMergeJoinExec>()
-        || plan.is::<UnnestExec>()
 }

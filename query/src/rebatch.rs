@@ -30,10 +30,6 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::coop::make_cooperative;
 use datafusion::physical_plan::execution_plan::CardinalityEffect;
-use datafusion::physical_plan::joins::{
-    CrossJoinExec, HashJoinExec, NestedLoopJoinExec, PiecewiseMergeJoinExec, SortMergeJoinExec,
-    SymmetricHashJoinExec,
-};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::unnest::UnnestExec;
 use datafusion::physical_plan::windows::{BoundedWindowAggExec, WindowAggExec};
@@ -116,14 +112,7 @@ impl PhysicalOptimizerRule for SliceLeafBatches {
 
 /// Operators that copy a value of one input row into many output rows.
 fn copies_rows(plan: &dyn ExecutionPlan) -> bool {
-    plan.is::<CrossJoinExec>()
-        || plan.is::<NestedLoopJoinExec>()
-        || plan.is::<HashJoinExec>()
-        || plan.is::<SortMergeJoinExec>()
-        || plan.is::<SymmetricHashJoinExec>()
-        || plan.is::<PiecewiseMergeJoinExec>()
-        || plan.is::<WindowAggExec>()
-        || plan.is::<BoundedWindowAggExec>()
+    crate::coop::is_join(plan) || plan.is::<WindowAggExec>() || plan.is::<BoundedWindowAggExec>()
 }
 
 /// What a [`Guard`] checks before it passes a batch on in slices of at most the batch size.
