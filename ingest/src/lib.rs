@@ -19,6 +19,7 @@ pub mod record;
 pub mod sink;
 mod state_file;
 mod strict_json;
+pub mod tailer;
 mod writer;
 
 use std::path::PathBuf;

@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::watch;
+
 use crate::error::{Error, Result};
 
 /// A position in the log: the byte offset of a record's start over all segments.
@@ -55,6 +57,8 @@ pub struct LogShared {
     segments: Mutex<BTreeMap<Lsn, u64>>,
     /// Everything before this position is fsynced.
     durable_end: AtomicU64,
+    /// The same position, for readers that wait for it to move.
+    durable_moved: watch::Sender<Lsn>,
     consumers: Mutex<Vec<Arc<ConsumerState>>>,
 }
 
@@ -91,6 +95,12 @@ impl LogShared {
     /// The position after the last fsynced record.
     pub fn durable_end(&self) -> Lsn {
         self.durable_end.load(Ordering::Acquire)
+    }
+
+    /// A receiver that sees the durable end move: readers that caught up wait on it instead
+    /// of polling.
+    pub fn watch_durable_end(&self) -> watch::Receiver<Lsn> {
+        self.durable_moved.subscribe()
     }
 
     /// The oldest position still on disk.
@@ -284,6 +294,7 @@ impl LogWriter {
             dir: dir.to_owned(),
             segments: Mutex::new(segments),
             durable_end: AtomicU64::new(base + len),
+            durable_moved: watch::Sender::new(base + len),
             consumers: Mutex::new(Vec::new()),
         });
         let writer = Self {
@@ -342,6 +353,11 @@ impl LogWriter {
         let end = self.end();
         self.shared.lock_segments().insert(self.base, self.len);
         self.shared.durable_end.store(end, Ordering::Release);
+        self.shared.durable_moved.send_if_modified(|seen| {
+            let moved = *seen != end;
+            *seen = end;
+            moved
+        });
         Ok(end)
     }
 

@@ -13,11 +13,12 @@ use std::fs;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
@@ -261,6 +262,62 @@ impl SinkStatus {
             .last_error
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(error);
+    }
+}
+
+/// A running sink: its status and its tasks.
+#[derive(Debug)]
+pub struct SinkHandle {
+    pub status: Arc<SinkStatus>,
+    store: &'static str,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl SinkHandle {
+    /// Waits for the tasks to end (after the shutdown token was cancelled). A batch in flight is
+    /// abandoned; the sink's own bookkeeping (a rolled-back transaction, a delivery record)
+    /// settles it at the next start.
+    pub async fn join(self) {
+        for task in self.tasks {
+            if let Err(e) = task.await {
+                tracing::error!(store = self.store, error = %e, "a sink task panicked");
+            }
+        }
+    }
+}
+
+/// Starts a sink: `deliver` runs under [`retrying`] and reports each failure in the status,
+/// which it marks connected once it is delivering; `others` are the store's further tasks.
+pub(crate) fn spawn_sink<E, F, Fut>(
+    store: &'static str,
+    shutdown: CancellationToken,
+    deliver: F,
+    others: Vec<JoinHandle<()>>,
+    status: Arc<SinkStatus>,
+) -> SinkHandle
+where
+    E: std::error::Error + Send + 'static,
+    F: Fn(CancellationToken) -> Fut + Send + 'static,
+    Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+{
+    let reporting = Arc::clone(&status);
+    let task = tokio::spawn(retrying(store, "sink", shutdown, move |token| {
+        let status = Arc::clone(&reporting);
+        let session = deliver(token);
+        async move {
+            let result = session.await;
+            if let Err(e) = &result {
+                status.set_error(error_chain(e));
+            }
+            result
+        }
+    }));
+    let mut tasks = vec![task];
+    tasks.extend(others);
+    SinkHandle {
+        status,
+        store,
+        tasks,
     }
 }
 

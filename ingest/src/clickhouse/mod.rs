@@ -30,7 +30,7 @@ mod sink;
 
 use std::time::Duration;
 
-pub use sink::{ClickHouseHandle, client, spawn};
+pub use sink::{client, spawn};
 
 pub use crate::sink::SinkStatus;
 
@@ -128,9 +128,9 @@ pub enum ChError {
     },
     #[error("an earlier insert (query id {query_id}) is still running on the server")]
     StillRunning { query_id: String },
-    #[error("reading the log")]
-    Log(#[source] crate::Error),
-    #[error("the log reader task failed: {0}")]
+    #[error(transparent)]
+    Log(#[from] crate::tailer::TailError),
+    #[error("a blocking task failed: {0}")]
     ReaderTask(String),
     #[error("the delivery record")]
     Record(#[source] crate::Error),

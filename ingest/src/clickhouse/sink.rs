@@ -6,21 +6,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clickhouse::Client;
-use meterd_schemas::StoredEvent;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::block::{MonthBlock, month_blocks, month_of};
 use super::schema::{self, Target, TargetKind};
 use super::{ChError, ClickHouseConfig, SinkStatus, query_err};
-use crate::log::{Consumer, LogReader, LogShared, Lsn};
-use crate::sink::{DeliveryRecord, error_chain, load_delivery, retrying, save_delivery};
+use crate::log::{Consumer, LogShared, Lsn};
+use crate::sink::{
+    DeliveryRecord, SinkHandle, error_chain, load_delivery, save_delivery, spawn_sink,
+};
+use crate::tailer::{Batch, Limits, Tailer, read_exact};
 
 /// The name of this sink's log consumer and files under `sinks/`.
 pub const SINK: &str = "clickhouse";
-
-/// How long the sink waits for new log records once it has caught up.
-const IDLE_POLL: Duration = Duration::from_millis(20);
 
 /// Time limits of one insert: sending a chunk, and the server's whole handling of it
 /// (materialized views included).
@@ -29,23 +27,6 @@ const END_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How often retention runs where meterd drops expired months itself.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
-
-/// A running ClickHouse sink.
-#[derive(Debug)]
-pub struct ClickHouseHandle {
-    pub status: Arc<SinkStatus>,
-    task: JoinHandle<()>,
-}
-
-impl ClickHouseHandle {
-    /// Waits for the sink to end (after the shutdown token was cancelled). An insert in flight
-    /// is abandoned; the delivery record makes the next start settle it.
-    pub async fn join(self) {
-        if let Err(e) = self.task.await {
-            tracing::error!(error = %e, "the ClickHouse sink panicked");
-        }
-    }
-}
 
 /// A client of the configured server: `RowBinary` without schema validation (the
 /// `RowBinaryWithNamesAndTypes` format it needs does not exist before ClickHouse 22).
@@ -71,7 +52,7 @@ pub fn spawn(
     data_dir: PathBuf,
     config: ClickHouseConfig,
     shutdown: CancellationToken,
-) -> ClickHouseHandle {
+) -> SinkHandle {
     let status = Arc::new(SinkStatus::default());
     let sink = Sink {
         log,
@@ -81,11 +62,16 @@ pub fn spawn(
         config: Arc::new(config),
         status: Arc::clone(&status),
     };
-    let task = tokio::spawn(retrying(SINK, "sink", shutdown, move |token| {
-        let sink = sink.clone();
-        async move { sink.session(&token).await }
-    }));
-    ClickHouseHandle { status, task }
+    spawn_sink(
+        SINK,
+        shutdown,
+        move |token| {
+            let sink = sink.clone();
+            async move { sink.deliver_until_shutdown(&token).await }
+        },
+        Vec::new(),
+        status,
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -98,43 +84,22 @@ struct Sink {
     status: Arc<SinkStatus>,
 }
 
-/// Events read from the log, from `start` up to `end` (whole records), and once built, their
-/// month blocks.
-struct Batch {
-    start: Lsn,
-    end: Lsn,
-    events: Vec<StoredEvent>,
-    bytes: usize,
-    blocks: Vec<MonthBlock>,
-}
-
-/// What one blocking read step produced.
-struct Step {
-    reader: LogReader,
-    events: Vec<StoredEvent>,
-    end: Lsn,
-    bytes: usize,
-    caught_up: bool,
-}
-
 impl Sink {
-    async fn session(&self, shutdown: &CancellationToken) -> Result<(), ChError> {
-        let result = self.deliver_until_shutdown(shutdown).await;
-        if let Err(e) = &result {
-            self.status.set_error(error_chain(e));
-        }
-        result
-    }
-
     async fn deliver_until_shutdown(&self, shutdown: &CancellationToken) -> Result<(), ChError> {
         let client = client(&self.config);
         let version = schema::ensure(&client, &self.config).await?;
         let mut recorded = self.load_record().await?;
         if recorded.in_flight_end > recorded.checkpoint {
             // The last batch was sent, or was being sent, when this node stopped or failed.
-            let batch = self
-                .read_exact(recorded.checkpoint, recorded.in_flight_end)
-                .await?;
+            let (from, end) = (recorded.checkpoint, recorded.in_flight_end);
+            let batch = read_exact(Arc::clone(&self.log), from, end).await?;
+            if batch.end != end {
+                return Err(ChError::RecordMismatch {
+                    from,
+                    end,
+                    found: batch.end,
+                });
+            }
             self.settle(&client, &batch).await?;
         }
         let mut checkpoint = recorded.in_flight_end;
@@ -154,7 +119,18 @@ impl Sink {
         let retention = self.config.retention_days;
         let mut last_retention: Option<Instant> = None;
         // The next batch is read, and its blocks built, while the current one is inserted.
-        let mut next = self.read_ahead(None, checkpoint);
+        let limits = Limits {
+            rows: self.config.batch_rows,
+            bytes: self.config.batch_bytes,
+            age: self.config.batch_period,
+        };
+        let node = self.node_id.clone();
+        let mut tailer = Tailer::new(
+            Arc::clone(&self.log),
+            checkpoint,
+            limits,
+            move |start, events| month_blocks(&node, start, events),
+        );
         while !shutdown.is_cancelled() {
             if let Some(days) = retention
                 && last_retention.is_none_or(|t| t.elapsed() >= RETENTION_INTERVAL)
@@ -164,24 +140,28 @@ impl Sink {
                     tracing::warn!(error = %error_chain(&e), "dropping expired months of events");
                 }
             }
-            let (reader, batch) = next
-                .await
-                .map_err(|e| ChError::ReaderTask(e.to_string()))??;
-            if batch.events.is_empty() {
-                next = self.read_ahead(Some(reader), checkpoint);
+            let Some(batch) = tailer.next().await? else {
                 if recorded.checkpoint < checkpoint {
                     // Idle: record the last batch as delivered so the log can let it go.
                     recorded = self.record(checkpoint, checkpoint).await?;
                 }
+                let retention_due = async {
+                    match (retention, last_retention) {
+                        (Some(_), Some(t)) => {
+                            tokio::time::sleep_until((t + RETENTION_INTERVAL).into()).await
+                        }
+                        _ => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(IDLE_POLL) => continue,
+                    () = tailer.more() => continue,
+                    () = retention_due => continue,
                 }
-            }
-            next = self.read_ahead(Some(reader), batch.end);
+            };
             // Durably before the first byte is sent; this also confirms `checkpoint`.
             recorded = self.record(checkpoint, batch.end).await?;
-            for block in &batch.blocks {
+            for block in &batch.prepared {
                 self.insert(&client, "events_in", block).await?;
             }
             checkpoint = batch.end;
@@ -194,33 +174,6 @@ impl Sink {
             );
         }
         Ok(())
-    }
-
-    /// Starts reading the batch from `from` and building its blocks, on a task of its own.
-    fn read_ahead(
-        &self,
-        reader: Option<LogReader>,
-        from: Lsn,
-    ) -> JoinHandle<Result<(LogReader, Batch), ChError>> {
-        let sink = self.clone();
-        tokio::spawn(async move {
-            let (reader, mut batch) = sink.next_batch(reader, from).await?;
-            if !batch.events.is_empty() {
-                batch = sink.build_blocks(batch).await?;
-            }
-            Ok((reader, batch))
-        })
-    }
-
-    /// Builds the month blocks of `batch` on a blocking thread.
-    async fn build_blocks(&self, mut batch: Batch) -> Result<Batch, ChError> {
-        let node = self.node_id.clone();
-        tokio::task::spawn_blocking(move || {
-            batch.blocks = month_blocks(&node, batch.start, &batch.events)?;
-            Ok(batch)
-        })
-        .await
-        .map_err(|e| ChError::ReaderTask(e.to_string()))?
     }
 
     /// The delivery record, or a fresh one at the log consumer's checkpoint.
@@ -268,117 +221,6 @@ impl Sink {
             .map_err(ChError::Record)?;
         self.consumer.advance(checkpoint);
         Ok(record)
-    }
-
-    /// Reads the next batch from `from`: up to the row or byte limit, or what there is once
-    /// the first event has waited `batch_period`. Empty when the log has nothing new.
-    async fn next_batch(
-        &self,
-        reader: Option<LogReader>,
-        from: Lsn,
-    ) -> Result<(LogReader, Batch), ChError> {
-        let mut batch = Batch {
-            start: from,
-            end: from,
-            events: Vec::new(),
-            bytes: 0,
-            blocks: Vec::new(),
-        };
-        let mut reader = reader;
-        let mut first_read: Option<Instant> = None;
-        loop {
-            let step = self
-                .read_step(
-                    reader.take(),
-                    batch.end,
-                    self.config.batch_rows.saturating_sub(batch.events.len()),
-                    self.config.batch_bytes.saturating_sub(batch.bytes),
-                    None,
-                )
-                .await?;
-            if !step.events.is_empty() {
-                first_read.get_or_insert_with(Instant::now);
-            }
-            batch.events.extend(step.events);
-            batch.end = step.end;
-            batch.bytes += step.bytes;
-            reader = Some(step.reader);
-            let full = batch.events.len() >= self.config.batch_rows
-                || batch.bytes >= self.config.batch_bytes;
-            let waited = first_read.is_some_and(|t| t.elapsed() >= self.config.batch_period);
-            if full || waited || batch.events.is_empty() {
-                let reader = reader.ok_or_else(|| ChError::ReaderTask("no log reader".into()))?;
-                return Ok((reader, batch));
-            }
-            if step.caught_up {
-                tokio::time::sleep(IDLE_POLL).await;
-            }
-        }
-    }
-
-    /// Re-reads exactly the records from `from` to `end`: a batch sent before, with the same
-    /// boundaries.
-    async fn read_exact(&self, from: Lsn, end: Lsn) -> Result<Batch, ChError> {
-        let step = self
-            .read_step(None, from, usize::MAX, usize::MAX, Some(end))
-            .await?;
-        if step.end != end {
-            return Err(ChError::RecordMismatch {
-                from,
-                end,
-                found: step.end,
-            });
-        }
-        Ok(Batch {
-            start: from,
-            end,
-            events: step.events,
-            bytes: step.bytes,
-            blocks: Vec::new(),
-        })
-    }
-
-    /// Reads whole records from `from` on a blocking thread, until `max_rows` events or
-    /// `max_bytes` bytes (at least one record if there is one), the log's end, or `until`.
-    async fn read_step(
-        &self,
-        reader: Option<LogReader>,
-        from: Lsn,
-        max_rows: usize,
-        max_bytes: usize,
-        until: Option<Lsn>,
-    ) -> Result<Step, ChError> {
-        let log = Arc::clone(&self.log);
-        tokio::task::spawn_blocking(move || -> Result<Step, crate::Error> {
-            let mut reader = match reader {
-                Some(r) if r.position() == from => r,
-                _ => log.reader(from)?,
-            };
-            let (mut events, mut end, mut bytes, mut caught_up) = (Vec::new(), from, 0, false);
-            let mut payload = Vec::new();
-            while events.len() < max_rows.max(1) && bytes < max_bytes.max(1) {
-                if until.is_some_and(|u| end >= u) {
-                    break;
-                }
-                let Some((lsn, record_end)) = reader.next_record(&mut payload)? else {
-                    caught_up = true;
-                    break;
-                };
-                events.extend(crate::decode_record(lsn, &payload)?);
-                bytes += payload.len();
-                end = record_end;
-            }
-            Ok(Step {
-                reader,
-                events,
-                end,
-                bytes,
-                caught_up,
-            })
-        })
-        .await
-        .map_err(|e| ChError::ReaderTask(e.to_string()))?
-        .map_err(ChError::Log)
     }
 
     fn table(&self, name: &str) -> String {
@@ -479,7 +321,7 @@ impl Sink {
 
     /// Makes every table hold each month block of `batch` exactly once, whatever part of it an
     /// earlier attempt wrote.
-    async fn settle(&self, client: &Client, batch: &Batch) -> Result<(), ChError> {
+    async fn settle(&self, client: &Client, batch: &Batch<()>) -> Result<(), ChError> {
         let targets = schema::targets();
         for block in month_blocks(&self.node_id, batch.start, &batch.events)? {
             self.wait_for_earlier_inserts(client, &block).await?;

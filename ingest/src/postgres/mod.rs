@@ -20,7 +20,7 @@ use std::time::Duration;
 
 pub use meterd_schemas::migrations::Flavor;
 pub use migrate::{MigrationReport, migrate};
-pub use sink::{PostgresHandle, connect, spawn};
+pub use sink::{connect, spawn};
 
 pub use crate::sink::SinkStatus;
 pub(crate) use crate::sink::error_chain;
@@ -127,8 +127,8 @@ pub enum PgError {
          the data directory does not belong to the node that wrote it"
     )]
     CheckpointAhead { database: u64, end: u64 },
-    #[error("reading the log")]
-    Log(#[source] crate::Error),
+    #[error(transparent)]
+    Log(#[from] crate::tailer::TailError),
     #[error("the log reader task failed: {0}")]
     ReaderTask(String),
 }

@@ -7,37 +7,15 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use meterd_schemas::StoredEvent;
 use meterd_schemas::migrations::Flavor;
-use tokio::task::JoinHandle;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use super::{PgError, PostgresConfig, SinkStatus, copy, error_chain, sql_err, upkeep};
-use crate::log::{Consumer, LogReader, LogShared, Lsn};
-use crate::sink::retrying;
-
-/// How long the sink waits for new log records once it has caught up.
-const IDLE_POLL: Duration = Duration::from_millis(20);
-
-/// Running PostgreSQL tasks (sink and upkeep).
-#[derive(Debug)]
-pub struct PostgresHandle {
-    pub status: Arc<SinkStatus>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl PostgresHandle {
-    /// Waits for the tasks to end (after the shutdown token was cancelled). A batch in flight is
-    /// finished or rolled back; either way the log still holds whatever was not committed.
-    pub async fn join(self) {
-        for task in self.tasks {
-            if let Err(e) = task.await {
-                tracing::error!(error = %e, "a PostgreSQL task panicked");
-            }
-        }
-    }
-}
+use crate::log::{Consumer, LogShared, Lsn};
+use crate::sink::{SinkHandle, retrying, spawn_sink};
+use crate::tailer::{Limits, Tailer};
 
 /// Starts delivering this node's log to PostgreSQL, and the upkeep task. Both retry every
 /// failure with backoff until `shutdown` is cancelled.
@@ -47,7 +25,7 @@ pub fn spawn(
     node_id: String,
     config: PostgresConfig,
     shutdown: CancellationToken,
-) -> PostgresHandle {
+) -> SinkHandle {
     let status = Arc::new(SinkStatus::default());
     let config = Arc::new(config);
     let sink = Sink {
@@ -57,15 +35,6 @@ pub fn spawn(
         config: Arc::clone(&config),
         status: Arc::clone(&status),
     };
-    let sink_task = tokio::spawn(retrying(
-        "postgres",
-        "sink",
-        shutdown.clone(),
-        move |token| {
-            let sink = sink.clone();
-            async move { sink.session(&token).await }
-        },
-    ));
     let upkeep_status = Arc::clone(&status);
     let upkeep_task = tokio::spawn(retrying(
         "postgres",
@@ -83,10 +52,16 @@ pub fn spawn(
             }
         },
     ));
-    PostgresHandle {
+    spawn_sink(
+        "postgres",
+        shutdown,
+        move |token| {
+            let sink = sink.clone();
+            async move { sink.deliver_until_shutdown(&token).await }
+        },
+        vec![upkeep_task],
         status,
-        tasks: vec![sink_task, upkeep_task],
-    }
+    )
 }
 
 /// Connects (without TLS) and spawns the connection's driver. Unless the URL says otherwise,
@@ -129,21 +104,9 @@ struct Sink {
     status: Arc<SinkStatus>,
 }
 
-/// Events read from the log, from `start` up to `end`.
-struct Batch {
-    events: Vec<StoredEvent>,
-    end: Lsn,
-}
+type Batch = crate::tailer::Batch<()>;
 
 impl Sink {
-    async fn session(&self, shutdown: &CancellationToken) -> Result<(), PgError> {
-        let result = self.deliver_until_shutdown(shutdown).await;
-        if let Err(e) = &result {
-            self.status.set_error(error_chain(e));
-        }
-        result
-    }
-
     async fn deliver_until_shutdown(&self, shutdown: &CancellationToken) -> Result<(), PgError> {
         let mut client = connect(&self.config).await?;
         let report = super::migrate(&mut client, &self.config).await?;
@@ -160,18 +123,22 @@ impl Sink {
         );
 
         let mut partitions: HashSet<i64> = HashSet::new();
-        // The next batch is read from the log while the current one is committed.
-        let mut next = self.read(None, lsn);
+        // The next batch is read from the log while the current one is committed. Batches are
+        // cut by rows only: a COPY streams, so bytes do not pile up, and what is there is sent.
+        let limits = Limits {
+            rows: self.config.batch_rows,
+            bytes: usize::MAX,
+            age: Duration::ZERO,
+        };
+        let mut tailer: Tailer<(), PgError> =
+            Tailer::new(Arc::clone(&self.log), lsn, limits, |_, _| Ok(()));
         while !shutdown.is_cancelled() {
-            let (reader, batch) = next.await?;
-            if batch.events.is_empty() {
-                next = self.read(Some(reader), lsn);
+            let Some(batch) = tailer.next().await? else {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(IDLE_POLL) => continue,
+                    () = tailer.more() => continue,
                 }
-            }
-            next = self.read(Some(reader), batch.end);
+            };
             if report.flavor == Flavor::Postgres {
                 ensure_partitions(&client, &batch.events, &mut partitions).await?;
             }
@@ -230,42 +197,6 @@ impl Sink {
             return Ok(start);
         }
         Ok(committed)
-    }
-
-    /// Starts reading up to `batch_rows` events from `from` (whole log records) on a blocking
-    /// thread; the returned future yields the reader back with the batch.
-    fn read(
-        &self,
-        reader: Option<LogReader>,
-        from: Lsn,
-    ) -> impl std::future::Future<Output = Result<(LogReader, Batch), PgError>> + use<> {
-        let log = Arc::clone(&self.log);
-        let max_rows = self.config.batch_rows.max(1);
-        let task =
-            tokio::task::spawn_blocking(move || -> Result<(LogReader, Batch), crate::Error> {
-                let mut reader = match reader {
-                    Some(r) if r.position() == from => r,
-                    _ => log.reader(from)?,
-                };
-                let mut batch = Batch {
-                    events: Vec::new(),
-                    end: from,
-                };
-                let mut payload = Vec::new();
-                while batch.events.len() < max_rows {
-                    let Some((lsn, end)) = reader.next_record(&mut payload)? else {
-                        break;
-                    };
-                    batch.events.extend(crate::decode_record(lsn, &payload)?);
-                    batch.end = end;
-                }
-                Ok((reader, batch))
-            });
-        async move {
-            task.await
-                .map_err(|e| PgError::ReaderTask(e.to_string()))?
-                .map_err(PgError::Log)
-        }
     }
 
     /// Delivers the batch and moves the checkpoint from `from` to its end, in one transaction.
