@@ -93,6 +93,7 @@ struct PlainRow<'a> {
     input_tokens: Option<i64>,
     output_tokens: Option<i64>,
     cached_input_tokens: Option<i64>,
+    cache_write_input_tokens: Option<i64>,
     reasoning_tokens: Option<i64>,
     route: Option<&'a str>,
     method: Option<&'a str>,
@@ -128,6 +129,7 @@ fn plain_row(e: &StoredEvent) -> PlainRow<'_> {
         input_tokens: None,
         output_tokens: None,
         cached_input_tokens: None,
+        cache_write_input_tokens: None,
         reasoning_tokens: None,
         route: None,
         method: None,
@@ -151,6 +153,7 @@ fn plain_row(e: &StoredEvent) -> PlainRow<'_> {
             row.input_tokens = Some(u.input_tokens);
             row.output_tokens = Some(u.output_tokens);
             row.cached_input_tokens = u.cached_input_tokens;
+            row.cache_write_input_tokens = u.cache_write_input_tokens;
             row.reasoning_tokens = u.reasoning_tokens;
             row.latency_ms = u.latency_ms;
             row.status = u.status.as_deref();
@@ -265,7 +268,8 @@ async fn run(opts: Options) -> Result<()> {
     exec(&ch, &format!("DROP DATABASE IF EXISTS {DATABASE}")).await?;
     let version = schema::ensure(&ch, &config)
         .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .server;
     println!("ClickHouse {}", version.text);
     if version.dialect().datetime64 {
         bail!("the plain insert's row type is the ClickHouse 18.16 form of events");

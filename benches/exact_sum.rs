@@ -81,6 +81,7 @@ fn events(n: usize) -> Result<Vec<RecordBatch>> {
                     input_tokens: (r >> 16) as i64 % 20_000,
                     output_tokens: (r >> 32) as i64 % 4_000,
                     cached_input_tokens: None,
+                    cache_write_input_tokens: None,
                     reasoning_tokens: None,
                     latency_ms: None,
                     status: None,

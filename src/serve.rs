@@ -243,8 +243,8 @@ async fn clickhouse_query(
     settings: &Settings,
 ) -> anyhow::Result<Arc<QueryService>> {
     let client = meterd_ingest::clickhouse::client(ch);
-    // The sink creates the same tables at the same time; a statement that loses that race
-    // fails, and the next attempt finds the table there.
+    // The sink creates or migrates the same tables at the same time; the migration guard makes
+    // one wait for the other. A failure (the server not up yet) is retried.
     (|| meterd_ingest::clickhouse::schema::ensure(&client, ch))
         .retry(
             backon::ConstantBuilder::default()

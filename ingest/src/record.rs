@@ -12,6 +12,9 @@
 //! |---|---|
 //! | 1 (no header) | `frozen::v1` |
 //! | 2 | `frozen::v1` (the same events; the first with a header) |
+//! | 3 | [`StoredEvent`] as of `cache_write_input_tokens` (`llm.usage` gained it) |
+//!
+//! When the event types change again, the layout of version 3 is frozen beside `v1` first.
 //!
 //! A record of a version newer than this build is an error naming both versions, never a guess.
 
@@ -24,7 +27,7 @@ use crate::log::Lsn;
 /// The start of every record that carries its version: an invalid postcard varint.
 const HEADER: [u8; 10] = [0xFF; 10];
 /// The version this build writes.
-pub const CURRENT_VERSION: u8 = 2;
+pub const CURRENT_VERSION: u8 = 3;
 
 /// Encodes the events of one group as a record of [`CURRENT_VERSION`].
 pub(crate) fn encode(events: &[StoredEvent]) -> Result<Vec<u8>> {
@@ -39,14 +42,7 @@ pub fn decode(lsn: Lsn, payload: &[u8]) -> Result<Vec<StoredEvent>> {
     // Strict: every byte read, at least one event. postcard alone accepts trailing bytes, and a
     // record of another format must not read as a shorter or empty one.
     let v1_layout = |bytes: &[u8]| {
-        let (events, rest) = postcard::take_from_bytes::<Vec<v1::StoredEvent>>(bytes)
-            .map_err(|source| Error::Decode { lsn, source })?;
-        if events.is_empty() || !rest.is_empty() {
-            return Err(Error::LogCorrupt {
-                lsn,
-                reason: "a record that is not whole events of a known format",
-            });
-        }
+        let events = whole::<v1::StoredEvent>(lsn, bytes)?;
         Ok(events.into_iter().map(StoredEvent::from).collect())
     };
     let Some(versioned) = payload.strip_prefix(&HEADER) else {
@@ -54,6 +50,7 @@ pub fn decode(lsn: Lsn, payload: &[u8]) -> Result<Vec<StoredEvent>> {
     };
     match versioned {
         [2, events @ ..] => v1_layout(events),
+        [3, events @ ..] => whole::<StoredEvent>(lsn, events),
         [version, ..] if *version > CURRENT_VERSION => Err(Error::RecordVersion {
             lsn,
             version: *version,
@@ -64,6 +61,19 @@ pub fn decode(lsn: Lsn, payload: &[u8]) -> Result<Vec<StoredEvent>> {
             reason: "a record with a header and no known version",
         }),
     }
+}
+
+/// Events of one layout that take up every byte of `bytes`, at least one.
+fn whole<T: serde::de::DeserializeOwned>(lsn: Lsn, bytes: &[u8]) -> Result<Vec<T>> {
+    let (events, rest) = postcard::take_from_bytes::<Vec<T>>(bytes)
+        .map_err(|source| Error::Decode { lsn, source })?;
+    if events.is_empty() || !rest.is_empty() {
+        return Err(Error::LogCorrupt {
+            lsn,
+            reason: "a record that is not whole events of a known format",
+        });
+    }
+    Ok(events)
 }
 
 #[cfg(test)]
@@ -106,7 +116,17 @@ mod tests {
             assert_eq!(
                 &current[..11],
                 &[
-                    0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 2
+                    0xFF,
+                    0xFF,
+                    0xFF,
+                    0xFF,
+                    0xFF,
+                    0xFF,
+                    0xFF,
+                    0xFF,
+                    0xFF,
+                    0xFF,
+                    CURRENT_VERSION
                 ]
             );
             assert_eq!(decode(0, &current).expect("current"), written);
@@ -119,12 +139,56 @@ mod tests {
         }
     }
 
+    /// `llm.usage` gained `cache_write_input_tokens` in version 3: it round-trips, and a
+    /// version 2 record (the first layout) reads with it absent.
+    #[test]
+    fn version_2_records_read_without_the_later_field() {
+        let first = v1::StoredEvent {
+            ingested_at_us: 5,
+            event: v1::Event {
+                tenant: "acme".into(),
+                id: "e".into(),
+                time_us: 1_700_000_000_000_000,
+                subject: None,
+                source: None,
+                dimensions: BTreeMap::new(),
+                data: v1::EventData::LlmUsage(v1::LlmUsage {
+                    provider: "anthropic".into(),
+                    model: "claude".into(),
+                    input_tokens: 10,
+                    output_tokens: 20,
+                    cached_input_tokens: Some(3),
+                    reasoning_tokens: None,
+                    latency_ms: None,
+                    status: None,
+                    run_id: None,
+                }),
+            },
+        };
+        let mut v2 = HEADER.to_vec();
+        v2.push(2);
+        v2.extend(postcard::to_allocvec(&vec![first.clone()]).expect("v1 layout"));
+        let read = decode(0, &v2).expect("version 2");
+        let mut current = StoredEvent::from(first);
+        assert_eq!(read, vec![current.clone()]);
+        let meterd_schemas::EventData::LlmUsage(d) = &mut current.event.data else {
+            unreachable!("an llm.usage event")
+        };
+        assert_eq!(d.cache_write_input_tokens, None);
+        d.cache_write_input_tokens = Some(7);
+        let written = vec![current];
+        assert_eq!(
+            decode(0, &encode(&written).expect("encode")).expect("v3"),
+            written
+        );
+    }
+
     #[test]
     fn newer_and_damaged_records_are_errors() {
         let mut newer = encode(&events(1)).expect("encode");
         newer[HEADER.len()] = CURRENT_VERSION + 1;
         let message = decode(7, &newer).expect_err("newer").to_string();
-        assert!(message.contains("version 3"), "{message}");
+        assert!(message.contains("version 4"), "{message}");
         for version in [None, Some(0), Some(1)] {
             let mut damaged = HEADER.to_vec();
             damaged.extend(version);

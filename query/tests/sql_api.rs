@@ -62,6 +62,7 @@ fn llm(tenant: &str, id: &str, time_us: i64, input: i64, output: i64) -> StoredE
                 input_tokens: input,
                 output_tokens: output,
                 cached_input_tokens: None,
+                cache_write_input_tokens: None,
                 reasoning_tokens: Some(7),
                 latency_ms: Some(120),
                 status: Some("ok".into()),

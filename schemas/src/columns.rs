@@ -170,6 +170,9 @@ pub static COLUMNS: &[Column] = &[
     column("cached_input_tokens", Kind::Int, true, LLM, |e| {
         Value::Int(llm(e).and_then(|d| d.cached_input_tokens))
     }),
+    column("cache_write_input_tokens", Kind::Int, true, LLM, |e| {
+        Value::Int(llm(e).and_then(|d| d.cache_write_input_tokens))
+    }),
     column("reasoning_tokens", Kind::Int, true, LLM, |e| {
         Value::Int(llm(e).and_then(|d| d.reasoning_tokens))
     }),
@@ -331,6 +334,7 @@ mod tests {
                 input_tokens: 1,
                 output_tokens: 2,
                 cached_input_tokens: Some(3),
+                cache_write_input_tokens: Some(6),
                 reasoning_tokens: Some(4),
                 latency_ms: Some(5),
                 status: Some("ok".into()),

@@ -80,7 +80,11 @@ pub struct LlmUsage {
     pub model: String,
     pub input_tokens: i64,
     pub output_tokens: i64,
+    /// Input tokens read from the provider's prompt cache (billed at the cached price).
     pub cached_input_tokens: Option<i64>,
+    /// Input tokens written to the provider's prompt cache (billed at the cache-write price).
+    pub cache_write_input_tokens: Option<i64>,
+    /// The informational part of `output_tokens` spent on reasoning.
     pub reasoning_tokens: Option<i64>,
     pub latency_ms: Option<i64>,
     /// `ok` or `error`.
@@ -141,8 +145,9 @@ impl Event {
     /// as it always did.
     pub fn content_hash(&self) -> u128 {
         // Encoding cannot fail: every field is a plain value or an ordered map.
-        let bytes =
+        let mut bytes =
             postcard::to_allocvec(&crate::frozen::HashV1::of(self)).expect("events always encode");
+        crate::frozen::append_later_fields(self, &mut bytes);
         xxhash_rust::xxh3::xxh3_128(&bytes)
     }
 }
@@ -199,6 +204,36 @@ mod tests {
         );
     }
 
+    /// A field added after the first layout changes the hash only when it is present: the same
+    /// event without it hashes as it always did, with it as something else.
+    #[test]
+    fn later_fields_hash_only_when_present() {
+        let llm = |cache_write| Event {
+            data: EventData::LlmUsage(LlmUsage {
+                provider: "anthropic".into(),
+                model: "claude".into(),
+                input_tokens: 10,
+                output_tokens: 20,
+                cached_input_tokens: Some(3),
+                cache_write_input_tokens: cache_write,
+                reasoning_tokens: None,
+                latency_ms: None,
+                status: None,
+                run_id: None,
+            }),
+            ..sample()
+        };
+        let without = llm(None);
+        let first_layout =
+            postcard::to_allocvec(&crate::frozen::HashV1::of(&without)).expect("view");
+        assert_eq!(
+            without.content_hash(),
+            xxhash_rust::xxh3::xxh3_128(&first_layout)
+        );
+        assert_ne!(llm(Some(0)).content_hash(), without.content_hash());
+        assert_ne!(llm(Some(0)).content_hash(), llm(Some(1)).content_hash());
+    }
+
     /// The borrowed view the hash is computed over encodes exactly as the frozen owned layout,
     /// for an event of each type and with every optional field both set and unset.
     #[test]
@@ -212,6 +247,7 @@ mod tests {
             input_tokens: 10,
             output_tokens: 20,
             cached_input_tokens: Some(3),
+            cache_write_input_tokens: None,
             reasoning_tokens: Some(1),
             latency_ms: Some(99),
             status: Some("ok".into()),

@@ -101,6 +101,7 @@ pub mod v1 {
                         input_tokens: d.input_tokens,
                         output_tokens: d.output_tokens,
                         cached_input_tokens: d.cached_input_tokens,
+                        cache_write_input_tokens: None,
                         reasoning_tokens: d.reasoning_tokens,
                         latency_ms: d.latency_ms,
                         status: d.status,
@@ -126,6 +127,27 @@ pub mod v1 {
                 },
             }
         }
+    }
+}
+
+/// The tags of fields added to events after the first layout, in the content hash. Each is
+/// appended after the first layout's bytes, tag then value, only when the field is present, so
+/// an event without it hashes exactly as before the field existed. Never renumber or reuse a
+/// tag; a new field takes the next one.
+const TAG_CACHE_WRITE_INPUT_TOKENS: u8 = 1;
+
+/// Appends the fields added since the first layout to the content hash's input (see the tags
+/// above). The first layout's encoding is self-delimiting, so what follows it cannot be
+/// mistaken for part of it.
+pub(crate) fn append_later_fields(e: &Event, out: &mut Vec<u8>) {
+    if let EventData::LlmUsage(d) = &e.data
+        && let Some(n) = d.cache_write_input_tokens
+    {
+        out.push(TAG_CACHE_WRITE_INPUT_TOKENS);
+        let mut buf = [0u8; 10];
+        // An i64 takes at most ten bytes as a postcard varint: encoding into the buffer cannot fail.
+        let encoded = postcard::to_slice(&n, &mut buf).expect("an i64 fits ten bytes");
+        out.extend_from_slice(encoded);
     }
 }
 

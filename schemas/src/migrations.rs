@@ -94,6 +94,13 @@ pub const POSTGRES: &[Migration] = &[
             "CALL refresh_continuous_aggregate('meterd.usage_daily_agg', NULL, date_trunc('day', now()))",
         ],
     },
+    Migration {
+        version: 5,
+        name: "cache_write_input_tokens",
+        postgres: file!("0005_cache_write_input_tokens.sql"),
+        timescaledb: file!("0005_cache_write_input_tokens.sql"),
+        timescaledb_after: &[],
+    },
 ];
 
 #[cfg(test)]

@@ -368,6 +368,10 @@ impl Validator {
                 let output_tokens = self.required_count(d("output_tokens"), "data.output_tokens");
                 let cached_input_tokens =
                     self.optional_count(d("cached_input_tokens"), "data.cached_input_tokens");
+                let cache_write_input_tokens = self.optional_count(
+                    d("cache_write_input_tokens"),
+                    "data.cache_write_input_tokens",
+                );
                 let reasoning_tokens =
                     self.optional_count(d("reasoning_tokens"), "data.reasoning_tokens");
                 let latency_ms = self.optional_count(d("latency_ms"), "data.latency_ms");
@@ -379,6 +383,7 @@ impl Validator {
                     input_tokens: input_tokens?,
                     output_tokens: output_tokens?,
                     cached_input_tokens,
+                    cache_write_input_tokens,
                     reasoning_tokens,
                     latency_ms,
                     status,

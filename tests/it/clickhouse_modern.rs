@@ -36,12 +36,13 @@ fn python() -> String {
     })
 }
 
-const PAYLOAD_COLUMNS: [&str; 19] = [
+const PAYLOAD_COLUMNS: [&str; 20] = [
     "provider",
     "model",
     "input_tokens",
     "output_tokens",
     "cached_input_tokens",
+    "cache_write_input_tokens",
     "reasoning_tokens",
     "route",
     "method",
@@ -127,6 +128,142 @@ fn unique(events: Vec<Value>) -> Vec<Value> {
         .collect()
 }
 
+/// Runs `steps` in a fresh chDB session; the rows of each step that asks for them. Checks chDB
+/// runs a ClickHouse that gets the modern form.
+fn run_chdb(steps: Vec<Value>) -> Vec<Vec<Vec<Value>>> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let request = json!({ "path": dir.path().join("chdb"), "steps": steps });
+    let runner = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clickhouse/run_chdb.py");
+    let mut child = Command::new(python())
+        .arg(runner)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "running {}: {e}. This test needs chDB; `bash scripts/test.sh` installs it into \
+                 tests/clickhouse/.venv (or set METERD_TEST_CHDB_PYTHON)",
+                python()
+            )
+        });
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(request.to_string().as_bytes())
+        .expect("write request");
+    let out = child.wait_with_output().expect("chDB runner");
+    assert!(
+        out.status.success(),
+        "the chDB runner failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("runner output");
+    let version = answer["version"].as_str().unwrap_or_default();
+    let major: u32 = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        Dialect::for_version(major, 0) == Dialect::MODERN,
+        "chDB runs ClickHouse {version}, which should get the modern form"
+    );
+    answer["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .expect("rows")
+                .iter()
+                .map(|row| row.as_array().cloned().unwrap_or_default())
+                .collect()
+        })
+        .collect()
+}
+
+/// A database of the first version in the modern form migrates as on 18.16: the column is
+/// added after `cached_input_tokens`, the new insert tables carry it, and on a current release
+/// a node still writing the old insert table goes on delivering, its rows NULL in the column.
+#[test]
+fn the_modern_form_migrates_from_the_first_version() {
+    let mut steps: Vec<Value> = schema::statements_at(DB, &Dialect::MODERN, Some(400), 1)
+        .into_iter()
+        .filter(|sql| !sql.contains("schema_migrations"))
+        .map(|sql| json!({ "sql": sql }))
+        .collect();
+    let mut before = common::llm_event("acme", "before", 100, 10);
+    let mut written = common::llm_event("acme", "cache-write", 1000, 50);
+    written["data"]["cache_write_input_tokens"] = json!(4000);
+    let mut older = common::llm_event("acme", "older-node", 7, 1);
+    for (event, delivery) in [(&mut before, 1), (&mut older, 3)] {
+        // The first version's insert table has no such column.
+        let mut row = input_row(event, delivery);
+        row.as_object_mut()
+            .expect("row")
+            .remove("cache_write_input_tokens");
+        event["row"] = row;
+    }
+    steps.push(json!({ "sql": format!(
+        "INSERT INTO {DB}.events_in FORMAT JSONEachRow\n{}", before["row"]
+    ) }));
+    let v1_columns: Vec<String> = schema::statements_at(DB, &Dialect::MODERN, Some(400), 1)
+        .iter()
+        .find(|sql| sql.contains(&format!("CREATE TABLE IF NOT EXISTS {DB}.events (")))
+        .expect("the events table")
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("    "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    assert!(!v1_columns.iter().any(|c| c == "cache_write_input_tokens"));
+    let upgrade = schema::upgrade_statements(DB, &Dialect::MODERN, 1, &v1_columns)
+        .unwrap_or_else(|e| panic!("upgrade statements: {e}"));
+    steps.extend(upgrade.into_iter().map(|sql| json!({ "sql": sql })));
+    steps.push(json!({ "sql": format!(
+        "INSERT INTO {DB}.events_in_v2 FORMAT JSONEachRow\n{}", input_row(&written, 2)
+    ) }));
+    steps.push(json!({ "sql": format!(
+        "INSERT INTO {DB}.events_in FORMAT JSONEachRow\n{}", older["row"]
+    ) }));
+    steps.push(json!({
+        "sql": format!("SELECT id, cache_write_input_tokens FROM {DB}.events ORDER BY id"),
+        "rows": true,
+    }));
+    steps.push(json!({
+        "sql": format!(
+            "SELECT name FROM system.columns WHERE database = '{DB}' AND table = 'events' \
+             ORDER BY position"
+        ),
+        "rows": true,
+    }));
+    steps.push(json!({
+        "sql": format!("SELECT toInt64(sum(events)) FROM {DB}.usage_daily"),
+        "rows": true,
+    }));
+    let results = run_chdb(steps);
+    assert_eq!(
+        results[0],
+        vec![
+            vec![json!("before"), Value::Null],
+            vec![json!("cache-write"), json!(4000)],
+            vec![json!("older-node"), Value::Null],
+        ]
+    );
+    let names: Vec<&str> = results[1]
+        .iter()
+        .map(|r| r[0].as_str().unwrap_or_default())
+        .collect();
+    let at = names
+        .iter()
+        .position(|n| *n == "cached_input_tokens")
+        .expect("cached_input_tokens");
+    assert_eq!(names[at + 1], "cache_write_input_tokens", "{names:?}");
+    assert_eq!(results[2], vec![vec![json!(3)]]);
+}
+
 #[test]
 fn the_modern_form_runs_on_current_clickhouse_with_the_same_rollups() {
     let now = chrono::Utc::now();
@@ -171,57 +308,7 @@ fn the_modern_form_runs_on_current_clickhouse_with_the_same_rollups() {
         steps.push(json!({ "sql": sql, "rows": true }));
     }
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let request = json!({ "path": dir.path().join("chdb"), "steps": steps });
-    let runner = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clickhouse/run_chdb.py");
-    let mut child = Command::new(python())
-        .arg(runner)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "running {}: {e}. This test needs chDB; `bash scripts/test.sh` installs it into \
-                 tests/clickhouse/.venv (or set METERD_TEST_CHDB_PYTHON)",
-                python()
-            )
-        });
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(request.to_string().as_bytes())
-        .expect("write request");
-    let out = child.wait_with_output().expect("chDB runner");
-    assert!(
-        out.status.success(),
-        "the chDB runner failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let answer: Value = serde_json::from_slice(&out.stdout).expect("runner output");
-    let version = answer["version"].as_str().unwrap_or_default();
-    let major: u32 = version
-        .split('.')
-        .next()
-        .and_then(|m| m.parse().ok())
-        .unwrap_or(0);
-    assert!(
-        Dialect::for_version(major, 0) == Dialect::MODERN,
-        "chDB runs ClickHouse {version}, which should get the modern form"
-    );
-    let results: Vec<Vec<Vec<Value>>> = answer["results"]
-        .as_array()
-        .expect("results")
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .expect("rows")
-                .iter()
-                .map(|row| row.as_array().cloned().unwrap_or_default())
-                .collect()
-        })
-        .collect();
+    let results = run_chdb(steps);
 
     let types: Vec<(String, String)> = results[0]
         .iter()

@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// A meterd config file for ClickHouse at `url`, database `db`, small batches.
-fn config(url: &str, db: &str, extra: &str) -> tempfile::NamedTempFile {
+pub(crate) fn config(url: &str, db: &str, extra: &str) -> tempfile::NamedTempFile {
     let file = tempfile::NamedTempFile::new().expect("config file");
     std::fs::write(
         file.path(),
@@ -33,7 +33,7 @@ fn config(url: &str, db: &str, extra: &str) -> tempfile::NamedTempFile {
     file
 }
 
-fn path(file: &tempfile::NamedTempFile) -> String {
+pub(crate) fn path(file: &tempfile::NamedTempFile) -> String {
     file.path().to_string_lossy().into_owned()
 }
 
@@ -103,7 +103,7 @@ async fn assert_once(
 /// bucket and column by column, within a minute: a repair of the rollups may land after the
 /// events it covers (they can already be in `events` when a later view failed). A double count
 /// never converges, so waiting hides nothing.
-async fn assert_rollups_match_raw(url: &str, db: &str, context: &str) {
+pub(crate) async fn assert_rollups_match_raw(url: &str, db: &str, context: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     for (relation, bucket) in [
         ("usage_hourly", "toStartOfHour"),

@@ -8,6 +8,7 @@ mod common;
 
 mod bad_input;
 mod cli;
+mod clickhouse_migrations;
 mod clickhouse_modern;
 mod clickhouse_store;
 mod crash;

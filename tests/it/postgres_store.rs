@@ -11,9 +11,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::pg::{self, PrivatePg, TestDb};
-use common::{NDJSON, Server, distinct_keys, generated, ndjson, post_until_gone, renamed};
+use common::{
+    NDJSON, Server, distinct_keys, generated, llm_event, ndjson, post_until_gone, renamed,
+};
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -994,4 +996,80 @@ async fn upgrading_to_exact_sums_keeps_the_rollups_and_their_grants() {
 
     server.kill();
     drop_tenant_role(admin, db, &role).await;
+}
+
+/// Version 5 adds `cache_write_input_tokens`: a database of version 4 with events and a role
+/// granted `meterd.events` gains the column, old rows NULL in it, the grant kept; new events
+/// carry it to PostgreSQL and to SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_4_database_gains_cache_write_input_tokens() {
+    let db = TestDb::create("cachewrite").await;
+    let mut admin = db.client().await;
+    let mut config = meterd_ingest::postgres::PostgresConfig::new(db.url.clone());
+    config.timescaledb = meterd_ingest::postgres::TimescaleMode::Off;
+    meterd_ingest::postgres::migrate::migrate_to(&mut admin, &config, 4)
+        .await
+        .expect("the schema of version 4");
+    let reader = format!("{}_reader", db.name);
+    admin
+        .batch_execute(&format!(
+            "SELECT meterd.ensure_event_partitions(ARRAY[now() - interval '1 minute']);
+             INSERT INTO meterd.events_data (tenant, id, type, time, ingested_at, provider, model,
+                 input_tokens, output_tokens)
+             VALUES ('acme', 'before', 'llm.usage', now() - interval '1 minute', now(), 'anthropic',
+                 'claude', 100, 10);
+             DROP ROLE IF EXISTS {reader};
+             CREATE ROLE {reader};
+             GRANT USAGE ON SCHEMA meterd TO {reader};
+             GRANT SELECT ON meterd.events TO {reader};"
+        ))
+        .await
+        .expect("an event and a reader of version 4");
+
+    let mut server = Server::start(&["--postgres-url", &db.url]);
+    let mut written = llm_event("acme", "cache-write", 1000, 50);
+    written["data"]["cache_write_input_tokens"] = json!(4000);
+    assert_eq!(server.post_ndjson(&[written]).await.accepted(), 1);
+    pg::wait_for(
+        &admin,
+        "SELECT count(*) FROM meterd.events",
+        2,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+    let rows = admin
+        .query(
+            "SELECT id, cache_write_input_tokens FROM meterd.events ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("read the column");
+    let got: Vec<(String, Option<i64>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("before".to_owned(), None),
+            ("cache-write".to_owned(), Some(4000))
+        ]
+    );
+    let granted: bool = admin
+        .query_one(
+            "SELECT has_table_privilege($1, 'meterd.events', 'SELECT')",
+            &[&reader],
+        )
+        .await
+        .expect("privilege")
+        .get(0);
+    assert!(granted, "the view keeps its grants");
+    assert_eq!(
+        server
+            .scalar("SELECT sum(cache_write_input_tokens) FROM events")
+            .await,
+        json!(4000)
+    );
+    server.kill();
+    admin
+        .batch_execute(&format!("DROP OWNED BY {reader}; DROP ROLE {reader};"))
+        .await
+        .expect("drop the reader");
 }

@@ -370,3 +370,47 @@ async fn upgrading_timescaledb_to_exact_sums_keeps_every_bucket() {
         }
     }
 }
+
+/// Migration 5 on TimescaleDB: a hypertable of version 4 with a compressed chunk gains
+/// `cache_write_input_tokens`, its old rows NULL in it, and the view shows it.
+#[test]
+fn timescaledb_gains_cache_write_input_tokens() {
+    let mut steps = migration_steps_up_to(4);
+    steps.push(json!({
+        "sql": "INSERT INTO meterd.events_data (tenant, id, type, time, ingested_at, provider, \
+                model, input_tokens, output_tokens) VALUES ('acme', 'before', 'llm.usage', \
+                now() - interval '3 days', now(), 'anthropic', 'claude', 100, 10)",
+    }));
+    steps.push(json!({
+        "query": "SELECT count(compress_chunk(c)) AS n FROM show_chunks('meterd.events_data') c",
+        "name": "compressed",
+    }));
+    for m in meterd_schemas::migrations::POSTGRES
+        .iter()
+        .filter(|m| m.version > 4)
+    {
+        steps.push(json!({ "sql": m.sql(meterd_schemas::migrations::Flavor::TimescaleDb) }));
+        for after in m.timescaledb_after {
+            steps.push(json!({ "sql": after }));
+        }
+    }
+    steps.push(json!({
+        "sql": "INSERT INTO meterd.events_data (tenant, id, type, time, ingested_at, provider, \
+                model, input_tokens, output_tokens, cache_write_input_tokens) VALUES ('acme', \
+                'cache-write', 'llm.usage', now(), now(), 'anthropic', 'claude', 1000, 50, 4000)",
+    }));
+    steps.push(json!({
+        "query": "SELECT id, cache_write_input_tokens FROM meterd.events ORDER BY id",
+        "name": "rows",
+    }));
+    let out = run_in_timescaledb(steps);
+    assert_eq!(out["results"]["compressed"], json!([{"n": 1}]), "{out}");
+    assert_eq!(
+        out["results"]["rows"],
+        json!([
+            {"id": "before", "cache_write_input_tokens": null},
+            {"id": "cache-write", "cache_write_input_tokens": 4000},
+        ]),
+        "{out}"
+    );
+}

@@ -126,6 +126,11 @@ pub enum ChError {
         start: u64,
         end: u64,
     },
+    #[error(
+        "waited {waited:?} for another meterd node's migration of the ClickHouse tables (query \
+         id {query_id}); if no node is migrating, `KILL QUERY WHERE query_id = '{query_id}'`"
+    )]
+    GuardTimeout { query_id: String, waited: Duration },
     #[error("an earlier insert (query id {query_id}) is still running on the server")]
     StillRunning { query_id: String },
     #[error(transparent)]

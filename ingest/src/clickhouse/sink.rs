@@ -9,7 +9,7 @@ use clickhouse::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::block::{MonthBlock, month_blocks, month_of};
-use super::schema::{self, Target, TargetKind};
+use super::schema::{self, Entries, Target, TargetKind};
 use super::{ChError, ClickHouseConfig, SinkStatus, query_err};
 use crate::log::{Consumer, LogShared, Lsn};
 use crate::sink::{
@@ -87,7 +87,8 @@ struct Sink {
 impl Sink {
     async fn deliver_until_shutdown(&self, shutdown: &CancellationToken) -> Result<(), ChError> {
         let client = client(&self.config);
-        let version = schema::ensure(&client, &self.config).await?;
+        let schema = schema::ensure(&client, &self.config).await?;
+        let entries = &schema.entries;
         let mut recorded = self.load_record().await?;
         if recorded.in_flight_end > recorded.checkpoint {
             // The last batch was sent, or was being sent, when this node stopped or failed.
@@ -100,14 +101,15 @@ impl Sink {
                     found: batch.end,
                 });
             }
-            self.settle(&client, &batch).await?;
+            self.settle(&client, &batch, entries).await?;
         }
         let mut checkpoint = recorded.in_flight_end;
         self.status.set_connected(true);
         self.status.set_delivered(checkpoint);
         tracing::info!(
             node = %self.node_id,
-            server = %version.text,
+            server = %schema.server.text,
+            insert_table = %entries.name("events_in"),
             database = %self.config.database,
             checkpoint,
             "delivering to ClickHouse"
@@ -162,7 +164,8 @@ impl Sink {
             // Durably before the first byte is sent; this also confirms `checkpoint`.
             recorded = self.record(checkpoint, batch.end).await?;
             for block in &batch.prepared {
-                self.insert(&client, "events_in", block).await?;
+                self.insert(&client, &entries.name("events_in"), block)
+                    .await?;
             }
             checkpoint = batch.end;
             self.status.set_delivered(checkpoint);
@@ -321,7 +324,12 @@ impl Sink {
 
     /// Makes every table hold each month block of `batch` exactly once, whatever part of it an
     /// earlier attempt wrote.
-    async fn settle(&self, client: &Client, batch: &Batch<()>) -> Result<(), ChError> {
+    async fn settle(
+        &self,
+        client: &Client,
+        batch: &Batch<()>,
+        entries: &Entries,
+    ) -> Result<(), ChError> {
         let targets = schema::targets();
         for block in month_blocks(&self.node_id, batch.start, &batch.events)? {
             self.wait_for_earlier_inserts(client, &block).await?;
@@ -330,10 +338,12 @@ impl Sink {
                 continue;
             }
             if missing.len() == targets.len() {
-                self.insert(client, "events_in", &block).await?;
+                self.insert(client, &entries.name("events_in"), &block)
+                    .await?;
             } else {
                 for target in &missing {
-                    self.insert(client, &target.repair_entry, &block).await?;
+                    self.insert(client, &entries.name(&target.repair_entry), &block)
+                        .await?;
                 }
             }
             let still = self.missing(client, &targets, &block).await?;

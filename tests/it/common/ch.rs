@@ -197,6 +197,11 @@ async fn post(url: &str, sql: &str) -> Result<String, String> {
 }
 
 /// Runs a statement, failing the test on an error.
+/// Runs a statement; the server's error, if any.
+pub async fn try_exec(url: &str, sql: &str) -> Result<String, String> {
+    post(url, sql).await
+}
+
 pub async fn exec(url: &str, sql: &str) {
     if let Err(e) = post(url, sql).await {
         panic!("{sql}: {e}");
