@@ -16,7 +16,8 @@
 //! Migrations run under a guard, so two nodes starting at once do not interleave them: a
 //! query with a fixed `query_id` that sleeps until it is killed. ClickHouse refuses a second
 //! query with the id of a running one (of the same user), which makes it a lock on one server;
-//! its `max_execution_time` is a lease, so a node that dies holding it frees it.
+//! its `max_execution_time` is a lease, so a node that dies holding it frees it within a minute.
+//! A start that finds the database current takes no guard.
 //!
 //! A table keeps the form it was created in: after a server upgrade meterd goes on writing the
 //! old form (the insert table and the views' inputs are the same in both).
@@ -323,7 +324,7 @@ pub struct Schema {
 }
 
 /// How long a node holding the migration guard keeps it at most (it frees it when done).
-const GUARD_LEASE: Duration = Duration::from_secs(120);
+const GUARD_LEASE: Duration = Duration::from_secs(60);
 /// How long a node waits for another one's migrations.
 const GUARD_WAIT: Duration = Duration::from_secs(600);
 
@@ -342,10 +343,30 @@ pub async fn ensure(
         .await
         .map_err(query_err("reading the server version"))?;
     let server = ServerVersion::parse(&text)?;
-    let guard = Guard::acquire(client, &config.database).await?;
-    let result = migrate(client, config, &server.dialect(), &guard.token).await;
-    guard.release(client).await;
-    let migrated_from = result?;
+    let db = &config.database;
+    // The usual start finds the database current and takes no guard: a node killed while
+    // holding it then delays only the next migration, not every start.
+    let applied = applied_version(client, db).await?;
+    let migrated_from = match applied {
+        Some(v) if v >= current_version() => {
+            if v > current_version() {
+                tracing::warn!(
+                    database = %db,
+                    version = v,
+                    supported = current_version(),
+                    "the ClickHouse tables were migrated by a newer meterd; writing the insert \
+                     tables of this version"
+                );
+            }
+            Some(v)
+        }
+        _ => {
+            let guard = Guard::acquire(client, db).await?;
+            let result = migrate(client, config, &server.dialect(), &guard.token).await;
+            guard.release(client).await;
+            result?
+        }
+    };
     let entries = current_entries(client, &config.database).await?;
     warn_of_wrapping_rollup_sums(client, &config.database).await?;
     Ok(Schema {
@@ -374,6 +395,20 @@ async fn table_exists(client: &clickhouse::Client, db: &str, table: &str) -> Res
     Ok(n > 0)
 }
 
+/// The newest version recorded in `db`, if any (`None` also for a table left empty by a node
+/// that stopped before recording).
+async fn applied_version(client: &clickhouse::Client, db: &str) -> Result<Option<u32>, ChError> {
+    if !table_exists(client, db, "schema_migrations").await? {
+        return Ok(None);
+    }
+    let max: u32 = client
+        .query(&format!("SELECT max(version) FROM {db}.schema_migrations"))
+        .fetch_one()
+        .await
+        .map_err(query_err("reading the applied migrations"))?;
+    Ok((max > 0).then_some(max))
+}
+
 /// Brings database `config.database` to the current version; returns the version it was at.
 async fn migrate(
     client: &clickhouse::Client,
@@ -382,18 +417,7 @@ async fn migrate(
     node: &str,
 ) -> Result<Option<u32>, ChError> {
     let db = &config.database;
-    let applied: Option<u32> = if table_exists(client, db, "schema_migrations").await? {
-        let max: u32 = client
-            .query(&format!("SELECT max(version) FROM {db}.schema_migrations"))
-            .fetch_one()
-            .await
-            .map_err(query_err("reading the applied migrations"))?;
-        // An empty table: created, then the node stopped before recording.
-        (max > 0).then_some(max)
-    } else {
-        None
-    };
-    let from = match applied {
+    let from = match applied_version(client, db).await? {
         Some(v) => v,
         None if table_exists(client, db, "events").await? => {
             // Set up before versions were recorded: version 1. Its statements are all `IF NOT
@@ -516,9 +540,11 @@ async fn current_entries(client: &clickhouse::Client, db: &str) -> Result<Entrie
         .fetch_all()
         .await
         .map_err(query_err("reading the catalog"))?;
+    // A newer meterd's tables have columns this build does not send: its own are kept.
     let newest = names
         .iter()
         .filter_map(|n| n.strip_prefix("events_in_v")?.parse::<u32>().ok())
+        .filter(|&v| v <= current_version())
         .max();
     Ok(Entries {
         suffix: newest.map(|v| format!("_v{v}")).unwrap_or_default(),
