@@ -8,34 +8,22 @@
 //! batches as it streams in. ClickHouse 18.16 has no query parameters, so literals are rendered
 //! into the SQL: strings quoted and escaped, numbers and times as integers, nothing else.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use arrow::json::ReaderBuilder;
-use async_trait::async_trait;
-use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::common::{ScalarValue, internal_datafusion_err, internal_err};
+use datafusion::common::ScalarValue;
 use datafusion::datasource::TableType;
 use datafusion::error::{DataFusionError, Result};
-use datafusion::execution::TaskContext;
 use datafusion::logical_expr::expr::{Between, BinaryExpr, InList};
-use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown};
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
-use datafusion::physical_plan::stream::RecordBatchReceiverStream;
-use datafusion::physical_plan::{
-    ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning,
-    PlanProperties, ReplaceChildrenOptions, SendableRecordBatchStream,
-};
+use datafusion::logical_expr::{Expr, Operator};
+use tokio::sync::mpsc::Sender;
 
-use crate::pushdown::literal_value;
+use crate::pushdown::{int_value, literal_value, text_value, timestamp_value};
+use crate::remote::{Dialect, RemoteTable, Scan};
 
-/// Batches a scan may have decoded ahead of its consumer.
-const PREFETCH_BATCHES: usize = 2;
 /// An `IN` list longer than this is left to DataFusion, keeping the SQL text small.
 const MAX_IN_LIST: usize = 1_000;
 
@@ -127,7 +115,7 @@ fn strip<'a>(ty: &'a str, wrapper: &str) -> &'a str {
 }
 
 #[derive(Debug, Clone)]
-struct ChColumn {
+pub(crate) struct ChColumn {
     name: String,
     kind: Kind,
     nullable: bool,
@@ -183,16 +171,15 @@ fn quote_str(value: &str) -> String {
     out
 }
 
-/// A relation of the ClickHouse store.
+/// ClickHouse as a remote store: a client and the time limit of each scan.
 #[derive(Debug)]
-pub(crate) struct ClickHouseTable {
+pub(crate) struct ClickHouse {
     client: clickhouse::Client,
-    relation: String,
-    columns: Arc<[ChColumn]>,
-    schema: SchemaRef,
-    table_type: TableType,
     timeout: Duration,
 }
+
+/// A relation of the ClickHouse store.
+pub(crate) type ClickHouseTable = RemoteTable<ClickHouse>;
 
 impl ClickHouseTable {
     /// Reads the columns of `database.name` from `system.columns`, in column order.
@@ -270,72 +257,28 @@ impl ClickHouseTable {
             TableType::Base
         };
         Ok(Self {
-            client,
+            dialect: Arc::new(ClickHouse { client, timeout }),
             relation: format!("{}.{}", quote_ident(database), quote_ident(name)),
             columns: columns.into(),
             schema: Arc::new(Schema::new(fields)),
             table_type,
-            timeout,
         })
     }
 }
 
-#[async_trait]
-impl TableProvider for ClickHouseTable {
-    fn schema(&self) -> SchemaRef {
-        Arc::clone(&self.schema)
+impl Dialect for ClickHouse {
+    type Column = ChColumn;
+    /// Literals are written into the SQL, quoted and escaped (see [`quote_str`]).
+    type Params = ();
+
+    const EXEC_NAME: &'static str = "ClickHouseScanExec";
+
+    fn predicate(columns: &[ChColumn], expr: &Expr, _params: &mut ()) -> Option<String> {
+        Translator(columns).predicate(expr)
     }
 
-    fn table_type(&self) -> TableType {
-        self.table_type
-    }
-
-    fn supports_filters_pushdown(
-        &self,
-        filters: &[&Expr],
-    ) -> Result<Vec<TableProviderFilterPushDown>> {
-        Ok(filters
-            .iter()
-            .map(|filter| {
-                if Translator(&self.columns).predicate(filter).is_some() {
-                    TableProviderFilterPushDown::Exact
-                } else {
-                    TableProviderFilterPushDown::Unsupported
-                }
-            })
-            .collect())
-    }
-
-    async fn scan(
-        &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        let translator = Translator(&self.columns);
-        let mut conditions = Vec::with_capacity(filters.len());
-        for filter in filters {
-            conditions.push(translator.predicate(filter).ok_or_else(|| {
-                internal_datafusion_err!("filter {filter} was pushed down but does not translate")
-            })?);
-        }
-        let indices: Vec<usize> = match projection {
-            Some(indices) => indices.clone(),
-            None => (0..self.columns.len()).collect(),
-        };
-        let mut columns = Vec::with_capacity(indices.len());
-        for &i in &indices {
-            columns.push(
-                self.columns
-                    .get(i)
-                    .ok_or_else(|| {
-                        internal_datafusion_err!("projection index {i} is out of range")
-                    })?
-                    .clone(),
-            );
-        }
-        // ClickHouse needs at least one column; `count(*)` needs only the rows.
+    /// ClickHouse needs at least one column; `count(*)` needs only the rows.
+    fn select(columns: &[ChColumn], relation: &str) -> String {
         let select_list = if columns.is_empty() {
             "1 AS `_row`".to_owned()
         } else {
@@ -346,22 +289,17 @@ impl TableProvider for ClickHouseTable {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let mut sql = format!("SELECT {select_list} FROM {}", self.relation);
-        if !conditions.is_empty() {
-            sql.push_str(" WHERE ");
-            sql.push_str(&conditions.join(" AND "));
-        }
-        if let Some(limit) = limit {
-            sql.push_str(&format!(" LIMIT {limit}"));
-        }
-        let schema = Arc::new(self.schema.project(&indices)?);
-        Ok(Arc::new(ClickHouseScanExec::new(ScanRequest {
-            client: self.client.clone(),
-            sql,
-            schema,
-            timeout: self.timeout,
-            batch_size: state.config().batch_size(),
-        })))
+        format!("SELECT {select_list} FROM {relation}")
+    }
+
+    fn params_display(_params: &()) -> Option<String> {
+        None
+    }
+
+    /// Decodes the `JSONEachRow` output as it arrives. Dropping the task drops the request,
+    /// which ends the query on the server; `max_execution_time` bounds it otherwise.
+    async fn fetch(&self, scan: &Scan<Self>, tx: &Sender<Result<RecordBatch>>) -> Result<()> {
+        fetch(self, scan, tx).await
     }
 }
 
@@ -507,8 +445,7 @@ impl Translator<'_> {
 fn literal(kind: Kind, expr: &Expr) -> Option<(String, bool)> {
     let value = literal_value(expr)?;
     match (kind, &value) {
-        (Kind::Text, ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)))
-        | (Kind::Text, ScalarValue::LargeUtf8(Some(s))) => Some((quote_str(s), true)),
+        (Kind::Text, v) => text_value(v).map(|s| (quote_str(s), true)),
         (Kind::Int, v) => int_value(v).map(|i| (i.to_string(), true)),
         (Kind::UInt, v) => int_value(v)
             .and_then(|i| u64::try_from(i).ok())
@@ -520,145 +457,20 @@ fn literal(kind: Kind, expr: &Expr) -> Option<(String, bool)> {
     }
 }
 
-fn int_value(value: &ScalarValue) -> Option<i64> {
-    match value {
-        ScalarValue::Int8(Some(v)) => Some(i64::from(*v)),
-        ScalarValue::Int16(Some(v)) => Some(i64::from(*v)),
-        ScalarValue::Int32(Some(v)) => Some(i64::from(*v)),
-        ScalarValue::Int64(Some(v)) => Some(*v),
-        ScalarValue::UInt8(Some(v)) => Some(i64::from(*v)),
-        ScalarValue::UInt16(Some(v)) => Some(i64::from(*v)),
-        ScalarValue::UInt32(Some(v)) => Some(i64::from(*v)),
-        ScalarValue::UInt64(Some(v)) => i64::try_from(*v).ok(),
-        _ => None,
-    }
-}
-
-/// A UTC timestamp literal in microseconds. Zone-less timestamps are not pushed down: the
-/// column is UTC, and DataFusion's comparison of the two is its own business.
+/// A UTC timestamp literal in microseconds, if it is exactly one. Zone-less timestamps are
+/// not pushed down: the column is UTC, and DataFusion's comparison of the two is its own
+/// business.
 fn timestamp_micros(value: &ScalarValue) -> Option<i64> {
-    match value {
-        ScalarValue::TimestampSecond(Some(v), Some(_)) => v.checked_mul(1_000_000),
-        ScalarValue::TimestampMillisecond(Some(v), Some(_)) => v.checked_mul(1_000),
-        ScalarValue::TimestampMicrosecond(Some(v), Some(_)) => Some(*v),
-        ScalarValue::TimestampNanosecond(Some(v), Some(_)) => {
-            (v.rem_euclid(1_000) == 0).then_some(v.div_euclid(1_000))
-        }
-        _ => None,
-    }
-}
-
-#[derive(Debug)]
-struct ScanRequest {
-    client: clickhouse::Client,
-    sql: String,
-    schema: SchemaRef,
-    timeout: Duration,
-    batch_size: usize,
-}
-
-/// Streams the result of one `SELECT` on ClickHouse as record batches, decoding its
-/// `JSONEachRow` output as it arrives. Dropping the stream drops the request, which ends the
-/// query on the server; `max_execution_time` bounds it otherwise.
-#[derive(Debug)]
-struct ClickHouseScanExec {
-    request: Arc<ScanRequest>,
-    properties: Arc<PlanProperties>,
-}
-
-impl ClickHouseScanExec {
-    fn new(request: ScanRequest) -> Self {
-        let properties = PlanProperties::new(
-            EquivalenceProperties::new(Arc::clone(&request.schema)),
-            Partitioning::UnknownPartitioning(1),
-            EmissionType::Incremental,
-            Boundedness::Bounded,
-        );
-        Self {
-            request: Arc::new(request),
-            properties: Arc::new(properties),
-        }
-    }
-}
-
-impl DisplayAs for ClickHouseScanExec {
-    fn fmt_as(&self, t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match t {
-            DisplayFormatType::Default | DisplayFormatType::Verbose => {
-                write!(f, "ClickHouseScanExec: sql={}", self.request.sql)
-            }
-            DisplayFormatType::TreeRender => write!(f, "sql={}", self.request.sql),
-        }
-    }
-}
-
-impl ExecutionPlan for ClickHouseScanExec {
-    fn name(&self) -> &str {
-        "ClickHouseScanExec"
-    }
-
-    fn properties(&self) -> &Arc<PlanProperties> {
-        &self.properties
-    }
-
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![]
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
-    ) -> Result<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
-    }
-
-    fn replace_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-        _options: ReplaceChildrenOptions,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        if children.is_empty() {
-            Ok(self)
-        } else {
-            internal_err!("ClickHouseScanExec has no children")
-        }
-    }
-
-    fn with_new_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        self.replace_children(
-            children,
-            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
-        )
-    }
-
-    fn execute(
-        &self,
-        partition: usize,
-        _context: Arc<TaskContext>,
-    ) -> Result<SendableRecordBatchStream> {
-        if partition != 0 {
-            return internal_err!(
-                "ClickHouseScanExec has one partition, not {}",
-                partition + 1
-            );
-        }
-        let mut builder =
-            RecordBatchReceiverStream::builder(Arc::clone(&self.request.schema), PREFETCH_BATCHES);
-        let tx = builder.tx();
-        let request = Arc::clone(&self.request);
-        builder.spawn(async move { fetch(&request, &tx).await });
-        Ok(builder.build())
-    }
+    let t = timestamp_value(value)?;
+    (t.zoned && t.exact).then_some(t.micros)
 }
 
 /// Runs the scan's statement and sends its rows to `tx` until the result ends or the receiver
 /// is gone.
 async fn fetch(
-    request: &ScanRequest,
-    tx: &tokio::sync::mpsc::Sender<Result<RecordBatch>>,
+    store: &ClickHouse,
+    request: &Scan<ClickHouse>,
+    tx: &Sender<Result<RecordBatch>>,
 ) -> Result<()> {
     // The decoder reads the positional aliases of the select list; a scan without columns
     // reads a constant per row, and the decoder wants a field for it.
@@ -683,8 +495,8 @@ async fn fetch(
         .with_batch_size(request.batch_size.max(1))
         .build_decoder()
         .map_err(|e| external(e, "building the JSON decoder"))?;
-    let timeout = request.timeout.as_secs().max(1).to_string();
-    let mut cursor = request
+    let timeout = store.timeout.as_secs().max(1).to_string();
+    let mut cursor = store
         .client
         // Sent verbatim: a `?` in a literal is text, not a bind placeholder.
         .query_raw(&request.sql)

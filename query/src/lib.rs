@@ -25,6 +25,7 @@ mod http;
 mod postgres;
 mod pushdown;
 mod rebatch;
+mod remote;
 mod rollup_table;
 mod runtime;
 mod sort_keys;

@@ -18,28 +18,19 @@ use arrow::compute::kernels::cast_utils::parse_decimal;
 use arrow::datatypes::{
     DECIMAL128_MAX_PRECISION, DataType, Decimal128Type, Field, Schema, SchemaRef, TimeUnit,
 };
-use async_trait::async_trait;
 use chrono::{DateTime, NaiveDateTime, Utc};
-use datafusion::catalog::{Session, TableProvider};
-use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::common::{ScalarValue, internal_datafusion_err, internal_err};
+use datafusion::common::ScalarValue;
 use datafusion::datasource::TableType;
 use datafusion::error::{DataFusionError, Result};
-use datafusion::execution::TaskContext;
 use datafusion::logical_expr::expr::{Between, BinaryExpr, Cast, InList};
-use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown};
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
-use datafusion::physical_plan::stream::RecordBatchReceiverStream;
-use datafusion::physical_plan::{
-    ChildrenPropertiesMode, DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning,
-    PlanProperties, ReplaceChildrenOptions, SendableRecordBatchStream,
-};
+use datafusion::logical_expr::{Expr, Operator};
 use deadpool_postgres::Pool;
+use tokio::sync::mpsc::Sender;
 use tokio_postgres::Row;
 use tokio_postgres::types::{FromSql, ToSql, Type};
 
-use crate::pushdown::literal_value;
+use crate::pushdown::{int_value, literal_value, text_value, timestamp_value};
+use crate::remote::{Dialect, RemoteTable, Scan};
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01T00:00:00Z).
 const POSTGRES_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
@@ -50,8 +41,6 @@ const MAX_DECIMAL128_PRECISION: i32 = 38;
 /// An `IN` list longer than this is left to DataFusion, so a statement stays far below
 /// PostgreSQL's 65535 bind parameters.
 const MAX_IN_LIST_PARAMS: usize = 1_000;
-/// Batches a scan may have fetched ahead of its consumer.
-const PREFETCH_BATCHES: usize = 2;
 
 /// How a PostgreSQL column is read, and which filters on it translate exactly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +122,7 @@ fn numeric_precision_scale(type_modifier: i32) -> Option<(i32, i32)> {
 
 /// One column of the relation, in catalog order.
 #[derive(Debug, Clone)]
-struct PgColumn {
+pub(crate) struct PgColumn {
     name: String,
     kind: ColumnKind,
     /// The cast that makes PostgreSQL send the value in the form [`read_column`] decodes.
@@ -171,18 +160,16 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// A PostgreSQL table or view `schema.name`, read through a connection pool.
+/// PostgreSQL as a remote store: a connection pool and the time limit of each scan.
 #[derive(Debug)]
-pub(crate) struct PostgresTable {
+pub(crate) struct Postgres {
     pool: Pool,
-    /// `"schema"."name"`, quoted.
-    relation: String,
-    columns: Arc<[PgColumn]>,
-    schema: SchemaRef,
-    table_type: TableType,
     /// PostgreSQL's `statement_timeout` for each scan, so an abandoned fetch stops there too.
     statement_timeout: Duration,
 }
+
+/// A PostgreSQL table or view `schema.name`, read through a connection pool.
+pub(crate) type PostgresTable = RemoteTable<Postgres>;
 
 impl PostgresTable {
     /// Reads the columns of `schema.name` (a table, view, materialized view, partitioned or
@@ -255,107 +242,124 @@ impl PostgresTable {
             "read PostgreSQL table definition"
         );
         Ok(Self {
-            pool,
+            dialect: Arc::new(Postgres {
+                pool,
+                statement_timeout,
+            }),
             relation: format!("{}.{}", quote_ident(schema), quote_ident(name)),
             columns: columns.into(),
             schema: Arc::new(Schema::new(fields)),
             table_type,
-            statement_timeout,
         })
     }
 }
 
-#[async_trait]
-impl TableProvider for PostgresTable {
-    fn schema(&self) -> SchemaRef {
-        Arc::clone(&self.schema)
-    }
+impl Dialect for Postgres {
+    type Column = PgColumn;
+    type Params = Vec<Param>;
 
-    fn table_type(&self) -> TableType {
-        self.table_type
-    }
+    const EXEC_NAME: &'static str = "PostgresScanExec";
 
-    fn supports_filters_pushdown(
-        &self,
-        filters: &[&Expr],
-    ) -> Result<Vec<TableProviderFilterPushDown>> {
-        Ok(filters
-            .iter()
-            .map(|filter| {
-                if Translator::new(&self.columns).predicate(filter).is_some() {
-                    TableProviderFilterPushDown::Exact
-                } else {
-                    TableProviderFilterPushDown::Unsupported
-                }
-            })
-            .collect())
-    }
-
-    async fn scan(
-        &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        // Only filters this table called `Exact` arrive here, so each one translates; the
-        // limit may then go to PostgreSQL too, as nothing is filtered after it.
-        let mut translator = Translator::new(&self.columns);
-        let mut conditions = Vec::with_capacity(filters.len());
-        for filter in filters {
-            let condition = translator.predicate(filter).ok_or_else(|| {
-                internal_datafusion_err!("filter {filter} was pushed down but does not translate")
-            })?;
-            conditions.push(condition);
-        }
-        let indices: Vec<usize> = match projection {
-            Some(indices) => indices.clone(),
-            None => (0..self.columns.len()).collect(),
+    fn predicate(columns: &[PgColumn], expr: &Expr, params: &mut Vec<Param>) -> Option<String> {
+        let mut translator = Translator {
+            columns,
+            params: std::mem::take(params),
         };
-        let mut columns = Vec::with_capacity(indices.len());
-        for &i in &indices {
-            let column = self
-                .columns
-                .get(i)
-                .ok_or_else(|| internal_datafusion_err!("projection index {i} is out of range"))?;
-            columns.push(column.clone());
-        }
-        // Identifiers are quoted and values are `$n` parameters: nothing from the query text is
-        // spliced into this SQL as is.
+        let condition = translator.predicate(expr);
+        *params = translator.params;
+        condition
+    }
+
+    /// Identifiers are quoted and values are `$n` parameters: nothing from the query text is
+    /// spliced into this SQL as is. An empty select list is valid in PostgreSQL: rows without
+    /// columns, for `count(*)`.
+    fn select(columns: &[PgColumn], relation: &str) -> String {
         let select_list = columns
             .iter()
             .map(PgColumn::select_item)
             .collect::<Vec<_>>()
             .join(", ");
-        // An empty select list is valid in PostgreSQL: rows without columns, for `count(*)`.
-        let mut sql = if select_list.is_empty() {
-            format!("SELECT FROM {}", self.relation)
+        if select_list.is_empty() {
+            format!("SELECT FROM {relation}")
         } else {
-            format!("SELECT {select_list} FROM {}", self.relation)
-        };
-        if !conditions.is_empty() {
-            sql.push_str(" WHERE ");
-            sql.push_str(&conditions.join(" AND "));
+            format!("SELECT {select_list} FROM {relation}")
         }
-        if let Some(limit) = limit {
-            sql.push_str(&format!(" LIMIT {limit}"));
+    }
+
+    /// `$1='acme', $2=2026-01-01T00:00:00Z`.
+    fn params_display(params: &Vec<Param>) -> Option<String> {
+        Some(
+            params
+                .iter()
+                .enumerate()
+                .map(|(i, param)| format!("${}={param}", i + 1))
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    }
+
+    /// Rows are fetched through a portal in a read-only transaction, `batch_size` rows (8192 by
+    /// default) per fetch, one batch per fetch. Bind parameters keep every literal out of the
+    /// SQL text, which binary `COPY (SELECT ...) TO STDOUT` cannot do: `COPY` takes no
+    /// parameters, so values would have to be rendered as escaped literals, the one thing this
+    /// module never does. And a portal makes the server produce rows only as the consumer makes
+    /// room for them, so a query that stops early (a `LIMIT` applied above, a timeout, a row
+    /// cap) leaves at most one fetch behind instead of a whole result to drain. Dropping the
+    /// task rolls the transaction back and returns the connection to the pool;
+    /// `statement_timeout` bounds a fetch the server is still running.
+    async fn fetch(&self, scan: &Scan<Self>, tx: &Sender<Result<RecordBatch>>) -> Result<()> {
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| external(e, "connecting to PostgreSQL"))?;
+        let transaction = client
+            .build_transaction()
+            .read_only(true)
+            .start()
+            .await
+            .map_err(|e| external(e, "starting a PostgreSQL transaction"))?;
+        // An integer from our configuration, not from the query.
+        let timeout_ms = self.statement_timeout.as_millis().max(1);
+        transaction
+            .batch_execute(&format!("SET LOCAL statement_timeout = {timeout_ms}"))
+            .await
+            .map_err(|e| external(e, "setting the PostgreSQL statement timeout"))?;
+        let params: Vec<&(dyn ToSql + Sync)> = scan.params.iter().map(Param::as_sql).collect();
+        let portal = transaction
+            .bind(scan.sql.as_str(), &params)
+            .await
+            .map_err(|e| external(e, format!("PostgreSQL refused `{}`", scan.sql)))?;
+        let kinds: Vec<ColumnKind> = scan.columns.iter().map(|column| column.kind).collect();
+        let max_rows = i32::try_from(scan.batch_size.max(1)).unwrap_or(i32::MAX);
+        loop {
+            let rows = transaction
+                .query_portal(&portal, max_rows)
+                .await
+                .map_err(|e| external(e, "fetching rows from PostgreSQL"))?;
+            // A short fetch means the portal is exhausted.
+            let last = i32::try_from(rows.len()).is_ok_and(|n| n < max_rows);
+            if !rows.is_empty() {
+                let batch = to_record_batch(&scan.schema, &kinds, &rows)?;
+                if tx.send(Ok(batch)).await.is_err() {
+                    // The query stopped reading; dropping the transaction rolls it back.
+                    return Ok(());
+                }
+            }
+            if last {
+                break;
+            }
         }
-        let schema = Arc::new(self.schema.project(&indices)?);
-        Ok(Arc::new(PostgresScanExec::new(ScanRequest {
-            pool: self.pool.clone(),
-            sql,
-            params: translator.params,
-            kinds: columns.iter().map(|column| column.kind).collect(),
-            schema,
-            statement_timeout: self.statement_timeout,
-            batch_size: state.config().batch_size(),
-        })))
+        transaction
+            .commit()
+            .await
+            .map_err(|e| external(e, "ending the PostgreSQL transaction"))
     }
 }
 
 /// A literal value bound as a statement parameter.
 #[derive(Debug, Clone, PartialEq)]
-enum Param {
+pub(crate) enum Param {
     Text(String),
     Int(i64),
     Bool(bool),
@@ -424,13 +428,6 @@ struct Translator<'a> {
 }
 
 impl<'a> Translator<'a> {
-    fn new(columns: &'a [PgColumn]) -> Self {
-        Self {
-            columns,
-            params: Vec::new(),
-        }
-    }
-
     /// A boolean condition.
     fn predicate(&mut self, expr: &Expr) -> Option<String> {
         match expr {
@@ -600,30 +597,12 @@ fn keeps_values(kind: ColumnKind, to: &DataType) -> bool {
 fn param_for(kind: ColumnKind, value: &ScalarValue) -> Option<(Param, bool)> {
     match kind {
         ColumnKind::Text => {
-            let text = match value {
-                ScalarValue::Utf8(Some(text))
-                | ScalarValue::LargeUtf8(Some(text))
-                | ScalarValue::Utf8View(Some(text)) => text,
-                _ => return None,
-            };
+            let text = text_value(value)?;
             // PostgreSQL text cannot hold NUL; such a literal matches nothing but would fail
             // the statement.
-            (!text.contains('\0')).then(|| (Param::Text(text.clone()), true))
+            (!text.contains('\0')).then(|| (Param::Text(text.to_owned()), true))
         }
-        ColumnKind::Int => {
-            let int = match *value {
-                ScalarValue::Int8(Some(v)) => i64::from(v),
-                ScalarValue::Int16(Some(v)) => i64::from(v),
-                ScalarValue::Int32(Some(v)) => i64::from(v),
-                ScalarValue::Int64(Some(v)) => v,
-                ScalarValue::UInt8(Some(v)) => i64::from(v),
-                ScalarValue::UInt16(Some(v)) => i64::from(v),
-                ScalarValue::UInt32(Some(v)) => i64::from(v),
-                ScalarValue::UInt64(Some(v)) => i64::try_from(v).ok()?,
-                _ => return None,
-            };
-            Some((Param::Int(int), true))
-        }
+        ColumnKind::Int => Some((Param::Int(int_value(value)?), true)),
         ColumnKind::Bool => match *value {
             ScalarValue::Boolean(Some(v)) => Some((Param::Bool(v), true)),
             _ => None,
@@ -646,208 +625,9 @@ fn param_for(kind: ColumnKind, value: &ScalarValue) -> Option<(Param, bool)> {
 /// unless the literal has a time zone exactly when `with_time_zone` (any zone: the value is an
 /// instant), or outside PostgreSQL's range.
 fn timestamp_micros(value: &ScalarValue, with_time_zone: bool) -> Option<(i64, bool)> {
-    let (micros, exact, time_zone) = match value {
-        ScalarValue::TimestampSecond(Some(v), tz) => (v.checked_mul(1_000_000)?, true, tz),
-        ScalarValue::TimestampMillisecond(Some(v), tz) => (v.checked_mul(1_000)?, true, tz),
-        ScalarValue::TimestampMicrosecond(Some(v), tz) => (*v, true, tz),
-        ScalarValue::TimestampNanosecond(Some(v), tz) => {
-            (v.div_euclid(1_000), v.rem_euclid(1_000) == 0, tz)
-        }
-        _ => return None,
-    };
-    (time_zone.is_some() == with_time_zone && micros >= POSTGRES_MIN_UNIX_MICROS)
-        .then_some((micros, exact))
-}
-
-/// Everything one scan needs, shared with the task that runs it.
-#[derive(Debug)]
-struct ScanRequest {
-    pool: Pool,
-    sql: String,
-    params: Vec<Param>,
-    /// How to read each column of the result, in order.
-    kinds: Vec<ColumnKind>,
-    schema: SchemaRef,
-    statement_timeout: Duration,
-    batch_size: usize,
-}
-
-/// Streams the result of one `SELECT` on PostgreSQL as record batches.
-///
-/// Rows are fetched through a portal in a read-only transaction, `batch_size` rows (8192 by
-/// default) per fetch, one batch per fetch. Bind parameters keep every literal out of the SQL
-/// text, which binary `COPY (SELECT ...) TO STDOUT` cannot do: `COPY` takes no parameters, so
-/// values would have to be rendered as escaped literals, the one thing this module never does.
-/// And a portal makes the server produce rows only as the consumer makes room for them (at most
-/// [`PREFETCH_BATCHES`] ahead), so a query that stops early (a `LIMIT` applied above, a
-/// timeout, a row cap) leaves at most one fetch behind instead of a whole result to drain.
-/// Dropping the stream aborts the fetching task, which rolls the transaction back and returns
-/// the connection to the pool; `statement_timeout` bounds a fetch the server is still running.
-#[derive(Debug)]
-struct PostgresScanExec {
-    request: Arc<ScanRequest>,
-    properties: Arc<PlanProperties>,
-}
-
-impl PostgresScanExec {
-    fn new(request: ScanRequest) -> Self {
-        let properties = PlanProperties::new(
-            EquivalenceProperties::new(Arc::clone(&request.schema)),
-            Partitioning::UnknownPartitioning(1),
-            EmissionType::Incremental,
-            Boundedness::Bounded,
-        );
-        Self {
-            request: Arc::new(request),
-            properties: Arc::new(properties),
-        }
-    }
-
-    /// `$1='acme', $2=2026-01-01T00:00:00Z`, for EXPLAIN.
-    fn params_display(&self) -> String {
-        self.request
-            .params
-            .iter()
-            .enumerate()
-            .map(|(i, param)| format!("${}={param}", i + 1))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-}
-
-impl DisplayAs for PostgresScanExec {
-    fn fmt_as(&self, t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match t {
-            DisplayFormatType::Default | DisplayFormatType::Verbose => write!(
-                f,
-                "PostgresScanExec: sql={}, params=[{}]",
-                self.request.sql,
-                self.params_display()
-            ),
-            DisplayFormatType::TreeRender => {
-                writeln!(f, "sql={}", self.request.sql)?;
-                write!(f, "params=[{}]", self.params_display())
-            }
-        }
-    }
-}
-
-impl ExecutionPlan for PostgresScanExec {
-    fn name(&self) -> &str {
-        "PostgresScanExec"
-    }
-
-    fn properties(&self) -> &Arc<PlanProperties> {
-        &self.properties
-    }
-
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![]
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
-    ) -> Result<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
-    }
-
-    fn replace_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-        _options: ReplaceChildrenOptions,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        if children.is_empty() {
-            Ok(self)
-        } else {
-            internal_err!("PostgresScanExec has no children")
-        }
-    }
-
-    fn with_new_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        self.replace_children(
-            children,
-            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
-        )
-    }
-
-    fn execute(
-        &self,
-        partition: usize,
-        _context: Arc<TaskContext>,
-    ) -> Result<SendableRecordBatchStream> {
-        if partition != 0 {
-            return internal_err!("PostgresScanExec has one partition, not {}", partition + 1);
-        }
-        let mut builder =
-            RecordBatchReceiverStream::builder(Arc::clone(&self.request.schema), PREFETCH_BATCHES);
-        let tx = builder.tx();
-        let request = Arc::clone(&self.request);
-        builder.spawn(async move {
-            let result = fetch(&request, &tx).await;
-            if let Err(e) = &result {
-                tracing::debug!(error = %e, "PostgreSQL scan failed");
-            }
-            result
-        });
-        Ok(builder.build())
-    }
-}
-
-/// Runs the scan's statement and sends its rows to `tx`, a batch per fetch, until the result
-/// ends or the receiver is gone.
-async fn fetch(
-    request: &ScanRequest,
-    tx: &tokio::sync::mpsc::Sender<Result<RecordBatch>>,
-) -> Result<()> {
-    let mut client = request
-        .pool
-        .get()
-        .await
-        .map_err(|e| external(e, "connecting to PostgreSQL"))?;
-    let transaction = client
-        .build_transaction()
-        .read_only(true)
-        .start()
-        .await
-        .map_err(|e| external(e, "starting a PostgreSQL transaction"))?;
-    // An integer from our configuration, not from the query.
-    let timeout_ms = request.statement_timeout.as_millis().max(1);
-    transaction
-        .batch_execute(&format!("SET LOCAL statement_timeout = {timeout_ms}"))
-        .await
-        .map_err(|e| external(e, "setting the PostgreSQL statement timeout"))?;
-    let params: Vec<&(dyn ToSql + Sync)> = request.params.iter().map(Param::as_sql).collect();
-    let portal = transaction
-        .bind(request.sql.as_str(), &params)
-        .await
-        .map_err(|e| external(e, format!("PostgreSQL refused `{}`", request.sql)))?;
-    let max_rows = i32::try_from(request.batch_size.max(1)).unwrap_or(i32::MAX);
-    loop {
-        let rows = transaction
-            .query_portal(&portal, max_rows)
-            .await
-            .map_err(|e| external(e, "fetching rows from PostgreSQL"))?;
-        // A short fetch means the portal is exhausted.
-        let last = i32::try_from(rows.len()).is_ok_and(|n| n < max_rows);
-        if !rows.is_empty() {
-            let batch = to_record_batch(&request.schema, &request.kinds, &rows)?;
-            if tx.send(Ok(batch)).await.is_err() {
-                // The query stopped reading; dropping the transaction rolls it back.
-                return Ok(());
-            }
-        }
-        if last {
-            break;
-        }
-    }
-    transaction
-        .commit()
-        .await
-        .map_err(|e| external(e, "ending the PostgreSQL transaction"))
+    let t = timestamp_value(value)?;
+    (t.zoned == with_time_zone && t.micros >= POSTGRES_MIN_UNIX_MICROS)
+        .then_some((t.micros, t.exact))
 }
 
 /// Builds one Arrow column per entry of `kinds` from `rows`.

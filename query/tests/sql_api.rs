@@ -265,7 +265,10 @@ async fn empty_store_is_an_empty_table() {
     let (status, body) = sql(&f.router, "SELECT * FROM events WHERE tenant = 'acme'").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["rows"], json!([]));
-    assert_eq!(body["columns"].as_array().map(Vec::len), Some(27));
+    assert_eq!(
+        body["columns"].as_array().map(Vec::len),
+        Some(meterd_schemas::columns::COLUMNS.len())
+    );
 
     // Only Parquet files, no batches.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -462,7 +465,10 @@ async fn arrow_is_an_ipc_stream() {
     let reader = arrow::ipc::reader::StreamReader::try_new(Cursor::new(body.to_vec()), None)
         .expect("ipc stream");
     let schema = reader.schema();
-    assert_eq!(schema.fields().len(), 27);
+    assert_eq!(
+        schema.fields().len(),
+        meterd_schemas::columns::COLUMNS.len()
+    );
     assert!(matches!(
         schema
             .field_with_name("dimensions")
@@ -493,7 +499,11 @@ async fn show_tables_and_columns() {
         .iter()
         .map(|r| r[3].as_str().expect("column name"))
         .collect();
-    assert_eq!(names.len(), 27, "{columns}");
+    assert_eq!(
+        names.len(),
+        meterd_schemas::columns::COLUMNS.len(),
+        "{columns}"
+    );
     assert!(
         names.contains(&"dimensions") && names.contains(&"tool_calls"),
         "{names:?}"
