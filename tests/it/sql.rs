@@ -1184,3 +1184,33 @@ async fn copies_of_a_value_into_many_rows_are_bounded() {
         peak / (1024 * 1024)
     );
 }
+
+/// `cache_write_input_tokens` in the embedded store: validated, stored, served by SQL, and
+/// kept across a restart (the log replayed into the store).
+#[tokio::test]
+async fn cache_write_input_tokens_reach_the_embedded_store() {
+    let mut server = Server::start(&[]);
+    let mut written = llm_event("acme", "cw-1", 1000, 50);
+    written["data"]["cache_write_input_tokens"] = json!(4000);
+    let plain = llm_event("acme", "cw-2", 10, 5);
+    assert_eq!(server.post_ndjson(&[written, plain]).await.accepted(), 2);
+    let mut negative = llm_event("acme", "cw-3", 1, 1);
+    negative["data"]["cache_write_input_tokens"] = json!(-1);
+    let refused = server.post_ndjson(&[negative]).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert!(
+        refused.text.contains("data.cache_write_input_tokens"),
+        "{}",
+        refused.text
+    );
+    let query = "SELECT id, cache_write_input_tokens FROM events ORDER BY id";
+    let expected = vec![
+        vec![json!("cw-1"), json!(4000)],
+        vec![json!("cw-2"), Value::Null],
+    ];
+    assert_eq!(server.rows(query).await, expected);
+    server.kill();
+    server.restart();
+    assert_eq!(server.rows(query).await, expected);
+    server.kill();
+}
