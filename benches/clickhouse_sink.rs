@@ -19,10 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use meterd_ingest::clickhouse::block::month_blocks;
-use meterd_ingest::clickhouse::{ClickHouseConfig, client, schema};
 use meterd_ingest::{Ingest, IngestConfig};
 use meterd_schemas::{Limits, StoredEvent, ValidationContext, validate_event};
+use meterd_store_clickhouse::block::month_blocks;
+use meterd_store_clickhouse::{ClickHouseConfig, client, schema};
 use tokio_util::sync::CancellationToken;
 
 const DATABASE: &str = "meterd_bench";
@@ -315,7 +315,7 @@ async fn run(opts: Options) -> Result<()> {
     // meterd: log -> ClickHouse, every view attached.
     let stop = CancellationToken::new();
     let started = Instant::now();
-    let handle = meterd_ingest::clickhouse::spawn(
+    let handle = meterd_store_clickhouse::spawn(
         Arc::clone(&log),
         consumer,
         ingest.node_id().to_owned(),

@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use meterd_ingest::postgres::{PostgresConfig, TimescaleMode, copy};
 use meterd_ingest::{Ingest, IngestConfig};
 use meterd_schemas::{Limits, StoredEvent, ValidationContext, validate_event};
+use meterd_store_postgres::{PostgresConfig, TimescaleMode, copy};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
@@ -165,7 +165,7 @@ async fn run(opts: Options) -> Result<()> {
     let mut config = PostgresConfig::new(url.clone());
     config.timescaledb = TimescaleMode::Off;
     config.refresh_interval = Duration::from_secs(3600);
-    let report = meterd_ingest::postgres::migrate(&mut client, &config)
+    let report = meterd_store_postgres::migrate(&mut client, &config)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     println!(
@@ -228,7 +228,7 @@ async fn run(opts: Options) -> Result<()> {
     // meterd: log -> PostgreSQL.
     let stop = CancellationToken::new();
     let started = Instant::now();
-    let handle = meterd_ingest::postgres::spawn(
+    let handle = meterd_store_postgres::spawn(
         Arc::clone(&log),
         consumer,
         ingest.node_id().to_owned(),
@@ -257,9 +257,9 @@ async fn run(opts: Options) -> Result<()> {
 
     // Rollups: a full refresh of everything delivered against the same GROUP BY run raw.
     let hourly = meterd_rollups::rollup("usage_hourly").context("usage_hourly")?;
-    let raw = meterd_rollups::postgres::select_sql(
-        meterd_rollups::postgres::Flavor::Postgres,
-        meterd_rollups::postgres::Sums::Exact,
+    let raw = meterd_store_postgres::rollups::select_sql(
+        meterd_store_postgres::rollups::Flavor::Postgres,
+        meterd_store_postgres::rollups::Sums::Exact,
         hourly,
         "meterd.events_data",
         None,

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use meterd_ingest::clickhouse::{self, ClickHouseConfig};
-use meterd_ingest::postgres::{PostgresConfig, TimescaleMode};
 use meterd_ingest::{EmbeddedOptions, IngestConfig};
 use meterd_query::QueryConfig;
+use meterd_store_clickhouse::{self as clickhouse, ClickHouseConfig};
+use meterd_store_postgres::{PostgresConfig, TimescaleMode};
 use serde::Deserialize;
 
 /// Flags of `meterd serve`; each also reads its `METERD_*` variable.
@@ -139,6 +139,17 @@ pub enum SqlSource {
     Embedded,
     Postgres,
     Clickhouse,
+}
+
+impl SqlSource {
+    /// The name of the store SQL is served from (`None`: the embedded store).
+    pub fn store_name(self) -> Option<&'static str> {
+        match self {
+            SqlSource::Auto | SqlSource::Embedded => None,
+            SqlSource::Postgres => Some(POSTGRES_SINK),
+            SqlSource::Clickhouse => Some(CLICKHOUSE_SINK),
+        }
+    }
 }
 
 /// The TOML file. Every key mirrors a flag; `[[api_keys]]` exists only here.

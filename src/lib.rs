@@ -83,12 +83,12 @@ pub fn run() -> ExitCode {
     }
 }
 
-async fn migrate(pg: meterd_ingest::postgres::PostgresConfig) -> anyhow::Result<()> {
+async fn migrate(pg: meterd_store_postgres::PostgresConfig) -> anyhow::Result<()> {
     use anyhow::Context;
-    let mut client = meterd_ingest::postgres::connect(&pg)
+    let mut client = meterd_store_postgres::connect(&pg)
         .await
         .context("connecting to PostgreSQL")?;
-    let report = meterd_ingest::postgres::migrate(&mut client, &pg)
+    let report = meterd_store_postgres::migrate(&mut client, &pg)
         .await
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     println!(

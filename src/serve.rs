@@ -13,15 +13,17 @@ use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use backon::Retryable;
 use meterd_ingest::Ingest;
 use meterd_ingest::sink::SinkStatus;
 use meterd_query::{EventsSource, QueryService};
 use meterd_schemas::{EventsSnapshot, Principal, SnapshotPin};
+use meterd_store::{SinkStart, Store};
+use meterd_store_clickhouse::ClickHouseStore;
+use meterd_store_postgres::PostgresStore;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{CLICKHOUSE_SINK, POSTGRES_SINK, Scope, Settings, SqlSource};
+use crate::config::{Scope, Settings};
 use crate::listener::{self, ConnectionLimits, connection_cap};
 use crate::openapi;
 
@@ -109,12 +111,9 @@ struct Readiness {
     keys: Arc<Keys>,
 }
 
-/// The status of each external store that is configured.
+/// Each external store that is configured, with the status of its sink.
 #[derive(Debug, Clone, Default)]
-pub struct Stores {
-    pub postgres: Option<Arc<SinkStatus>>,
-    pub clickhouse: Option<Arc<SinkStatus>>,
-}
+pub struct Stores(pub Vec<(Arc<dyn Store>, Arc<SinkStatus>)>);
 
 /// The status code is public, for load balancers and orchestrators; the detail (log sizes,
 /// store errors) only for a valid API key when keys are configured.
@@ -122,22 +121,9 @@ async fn readyz(State(state): State<Readiness>, headers: header::HeaderMap) -> R
     let r = state.ingest.readiness();
     let mut ready = r.ready;
     let mut body = json!({ "ingest": r });
-    if let Some(pg) = &state.stores.postgres {
-        ready &= pg.connected();
-        body["postgres"] = json!({
-            "connected": pg.connected(),
-            "delivered_lsn": pg.delivered(),
-            "last_error": pg.last_error(),
-            "rollup_refresher_error": pg.refresher_error(),
-        });
-    }
-    if let Some(ch) = &state.stores.clickhouse {
-        ready &= ch.connected();
-        body["clickhouse"] = json!({
-            "connected": ch.connected(),
-            "delivered_lsn": ch.delivered(),
-            "last_error": ch.last_error(),
-        });
+    for (store, status) in &state.stores.0 {
+        ready &= status.connected();
+        body[store.name()] = store.readiness(status);
     }
     body["ready"] = json!(ready);
     let status = if ready {
@@ -220,7 +206,7 @@ const STORE_TABLES: &[&str] = &["events", "usage_hourly", "usage_daily"];
 
 /// The query service of a store, or `None` (logged) when the store is not ready: SQL is then
 /// served from the embedded store until the next restart.
-fn store_query(store: &str, query: anyhow::Result<Arc<QueryService>>) -> Option<Arc<QueryService>> {
+fn served_from(store: &str, query: anyhow::Result<Arc<QueryService>>) -> Option<Arc<QueryService>> {
     match query {
         Ok(query) => {
             tracing::info!(store, "SQL is served from {store}");
@@ -237,63 +223,11 @@ fn store_query(store: &str, query: anyhow::Result<Arc<QueryService>>) -> Option<
     }
 }
 
-/// SQL over ClickHouse's `meterd` database, its tables created first so they exist.
-async fn clickhouse_query(
-    ch: &meterd_ingest::clickhouse::ClickHouseConfig,
-    settings: &Settings,
-) -> anyhow::Result<Arc<QueryService>> {
-    let client = meterd_ingest::clickhouse::client(ch);
-    // The sink creates or migrates the same tables at the same time; the migration guard makes
-    // one wait for the other. A failure (the server not up yet) is retried.
-    (|| meterd_ingest::clickhouse::schema::ensure(&client, ch))
-        .retry(
-            backon::ConstantBuilder::default()
-                .with_delay(std::time::Duration::from_millis(500))
-                .with_max_times(2),
-        )
-        .await
-        .context("creating meterd's ClickHouse tables")?;
-    QueryService::with_clickhouse(client, &ch.database, STORE_TABLES, settings.query.clone())
-        .await
-        .context("reading the ClickHouse tables")
-}
-
-/// SQL over PostgreSQL's `meterd` schema, migrated first so the relations exist.
-async fn postgres_query(
-    pg: &meterd_ingest::postgres::PostgresConfig,
-    settings: &Settings,
-) -> anyhow::Result<Arc<QueryService>> {
-    let mut client = meterd_ingest::postgres::connect(pg)
-        .await
-        .context("connecting to PostgreSQL")?;
-    meterd_ingest::postgres::migrate(&mut client, pg)
-        .await
-        .context("migrating PostgreSQL")?;
-    drop(client);
-    let mut config: tokio_postgres::Config =
-        pg.url.parse().context("parsing the PostgreSQL URL")?;
-    // As the sink's connections: give up connecting after 10 s, notice a dead peer in a minute.
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(std::time::Duration::from_secs(10));
-    }
-    if config.get_tcp_user_timeout().is_none() {
-        config.tcp_user_timeout(std::time::Duration::from_secs(60));
-    }
-    config.keepalives_idle(std::time::Duration::from_secs(30));
-    let manager = deadpool_postgres::Manager::from_config(
-        config,
-        tokio_postgres::NoTls,
-        deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-        },
-    );
-    let pool = deadpool_postgres::Pool::builder(manager)
-        .max_size(settings.query.threads.max(1) * 4)
-        .build()
-        .context("building the PostgreSQL pool")?;
-    QueryService::with_postgres(pool, "meterd", STORE_TABLES, settings.query.clone())
-        .await
-        .context("registering PostgreSQL tables")
+/// SQL over an external store's relations.
+async fn store_query(store: &dyn Store, settings: &Settings) -> anyhow::Result<Arc<QueryService>> {
+    let tables = store.tables(STORE_TABLES, &settings.query).await?;
+    QueryService::with_tables(tables, settings.query.clone())
+        .with_context(|| format!("registering the {} tables", store.display_name()))
 }
 
 /// Runs the server until SIGINT/SIGTERM.
@@ -310,49 +244,40 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         })?;
     // Stores stop after ingest has drained, so they can still take its last batches.
     let stores_stop = CancellationToken::new();
-    let postgres = match &settings.postgres {
-        Some(pg) => {
-            let consumer = ingest
-                .sink_consumer(POSTGRES_SINK)
-                .context("the PostgreSQL log consumer is not registered")?;
-            Some(meterd_ingest::postgres::spawn(
-                Arc::clone(ingest.log()),
-                consumer,
-                ingest.node_id().to_owned(),
-                pg.clone(),
-                stores_stop.clone(),
-            ))
-        }
+    let mut configured: Vec<Arc<dyn Store>> = Vec::new();
+    if let Some(pg) = &settings.postgres {
+        configured.push(Arc::new(PostgresStore::new(pg.clone())));
+    }
+    if let Some(ch) = &settings.clickhouse {
+        configured.push(Arc::new(ClickHouseStore::new(ch.clone())));
+    }
+    let mut sinks = Vec::with_capacity(configured.len());
+    for store in &configured {
+        let consumer = ingest.sink_consumer(store.name()).with_context(|| {
+            format!(
+                "the {} log consumer is not registered",
+                store.display_name()
+            )
+        })?;
+        let handle = store.start(SinkStart {
+            log: Arc::clone(ingest.log()),
+            consumer,
+            node_id: ingest.node_id().to_owned(),
+            data_dir: ingest.config().data_dir.clone(),
+            shutdown: stores_stop.clone(),
+        });
+        sinks.push((Arc::clone(store), handle));
+    }
+    let sql_store = settings
+        .sql_source
+        .store_name()
+        .and_then(|name| configured.iter().find(|s| s.name() == name));
+    let query = match sql_store {
+        Some(store) => served_from(
+            store.display_name(),
+            store_query(store.as_ref(), &settings).await,
+        ),
         None => None,
-    };
-    let clickhouse = match &settings.clickhouse {
-        Some(ch) => {
-            let consumer = ingest
-                .sink_consumer(CLICKHOUSE_SINK)
-                .context("the ClickHouse log consumer is not registered")?;
-            Some(meterd_ingest::clickhouse::spawn(
-                Arc::clone(ingest.log()),
-                consumer,
-                ingest.node_id().to_owned(),
-                ingest.config().data_dir.clone(),
-                ch.clone(),
-                stores_stop.clone(),
-            ))
-        }
-        None => None,
-    };
-    let query = match (
-        settings.sql_source,
-        &settings.postgres,
-        &settings.clickhouse,
-    ) {
-        (SqlSource::Postgres, Some(pg), _) => {
-            store_query("PostgreSQL", postgres_query(pg, &settings).await)
-        }
-        (SqlSource::Clickhouse, _, Some(ch)) => {
-            store_query("ClickHouse", clickhouse_query(ch, &settings).await)
-        }
-        _ => None,
     };
     let query = match query {
         Some(query) => query,
@@ -361,10 +286,12 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let app = router(
         Arc::clone(&ingest),
         &query,
-        Stores {
-            postgres: postgres.as_ref().map(|p| Arc::clone(&p.status)),
-            clickhouse: clickhouse.as_ref().map(|c| Arc::clone(&c.status)),
-        },
+        Stores(
+            sinks
+                .iter()
+                .map(|(store, handle)| (Arc::clone(store), Arc::clone(&handle.status)))
+                .collect(),
+        ),
         &settings,
     );
 
@@ -399,11 +326,8 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         }
         let flushed = tokio::task::spawn_blocking(move || ingest.shutdown()).await;
         stores_stop.cancel();
-        if let Some(pg) = postgres {
-            pg.join().await;
-        }
-        if let Some(ch) = clickhouse {
-            ch.join().await;
+        for (_, handle) in sinks {
+            handle.join().await;
         }
         flushed
     })

@@ -6,7 +6,6 @@
 //! plus the unflushed tail, meterd's default store) and [`http`] (`POST /v1/events`). [`Ingest`]
 //! ties them together and owns their threads.
 
-pub mod clickhouse;
 pub mod decode;
 pub mod dedup;
 pub mod embedded;
@@ -14,7 +13,6 @@ pub mod error;
 pub mod http;
 pub mod lock;
 pub mod log;
-pub mod postgres;
 pub mod record;
 pub mod sink;
 mod state_file;

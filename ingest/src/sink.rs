@@ -218,7 +218,7 @@ impl SinkStatus {
         self.delivered.load(Ordering::Acquire)
     }
 
-    pub(crate) fn set_delivered(&self, lsn: Lsn) {
+    pub fn set_delivered(&self, lsn: Lsn) {
         self.delivered.store(lsn, Ordering::Release);
     }
 
@@ -239,14 +239,14 @@ impl SinkStatus {
             .clone()
     }
 
-    pub(crate) fn set_refresher_error(&self, error: Option<String>) {
+    pub fn set_refresher_error(&self, error: Option<String>) {
         *self
             .refresher_error
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = error;
     }
 
-    pub(crate) fn set_connected(&self, connected: bool) {
+    pub fn set_connected(&self, connected: bool) {
         self.connected.store(connected, Ordering::Release);
         if connected {
             *self
@@ -256,7 +256,7 @@ impl SinkStatus {
         }
     }
 
-    pub(crate) fn set_error(&self, error: String) {
+    pub fn set_error(&self, error: String) {
         self.connected.store(false, Ordering::Release);
         *self
             .last_error
@@ -288,7 +288,7 @@ impl SinkHandle {
 
 /// Starts a sink: `deliver` runs under [`retrying`] and reports each failure in the status,
 /// which it marks connected once it is delivering; `others` are the store's further tasks.
-pub(crate) fn spawn_sink<E, F, Fut>(
+pub fn spawn_sink<E, F, Fut>(
     store: &'static str,
     shutdown: CancellationToken,
     deliver: F,
@@ -322,7 +322,7 @@ where
 }
 
 /// Formats an error with its chain of sources, for logs and status.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -336,7 +336,7 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 /// Runs `session` until it returns `Ok` (it saw the shutdown), retrying errors with
 /// exponential backoff (100 ms to 5 s, jittered; started over after a session that ran for a
 /// while). `store` and `task` name it in the logs.
-pub(crate) async fn retrying<E, F, Fut>(
+pub async fn retrying<E, F, Fut>(
     store: &'static str,
     task: &'static str,
     shutdown: CancellationToken,

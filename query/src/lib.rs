@@ -8,24 +8,22 @@
 //! row cap, so an expensive question gets a clear 4xx/5xx instead of starving ingest or the
 //! process.
 //!
-//! With PostgreSQL or ClickHouse configured, [`QueryService::with_postgres`] and
-//! [`QueryService::with_clickhouse`] serve `events` and the rollup tables from that store
-//! instead, pushing projections, filters and limits into the SQL they send.
+//! With PostgreSQL or ClickHouse configured, [`QueryService::with_tables`] serves `events` and
+//! the rollup tables from that store instead, through the store's tables built on [`remote`],
+//! which push projections, filters and limits into the SQL they send.
 
 mod bounded_fns;
 mod bounds;
 mod budget;
 mod checked;
-mod clickhouse;
 mod coop;
 mod error;
 mod exact_sum;
 mod format;
 mod http;
-mod postgres;
-mod pushdown;
+pub mod pushdown;
 mod rebatch;
-mod remote;
+pub mod remote;
 mod rollup_table;
 mod runtime;
 mod sort_keys;
@@ -154,60 +152,19 @@ impl QueryService {
         &self.hidden_paths
     }
 
-    /// Like [`QueryService::new`], but each of `tables` is the PostgreSQL table or view
-    /// `schema.table`, registered under its own name, its columns read from the catalog now.
-    /// Scans go through `pool`; projections, limits and the filters that translate exactly
-    /// (comparisons, `IN`, `BETWEEN`, `IS NULL` on text, integer, boolean and timestamp
-    /// columns) run in PostgreSQL. A missing table is an error that names it.
-    pub async fn with_postgres(
-        pool: deadpool_postgres::Pool,
-        schema: &str,
-        tables: &[&str],
+    /// Like [`QueryService::new`], over the relations of an external store (each name with its
+    /// table provider, from the store's crate; see [`remote`] for the scan they share).
+    pub fn with_tables(
+        tables: Vec<(String, Arc<dyn datafusion::catalog::TableProvider>)>,
         config: QueryConfig,
     ) -> Result<Arc<Self>> {
         let (ctx, bounded_functions) = session_context(&config)?;
-        for &table in tables {
-            let registration_error = |source| Error::Table {
-                table: format!("{schema}.{table}"),
-                source,
-            };
-            let provider =
-                postgres::PostgresTable::discover(pool.clone(), schema, table, config.timeout)
-                    .await
-                    .map_err(registration_error)?;
-            ctx.register_table(table, Arc::new(provider))
-                .map_err(registration_error)?;
-        }
-        Self::start(ctx, bounded_functions, None, &config, Vec::new())
-    }
-
-    /// Like [`QueryService::with_postgres`], from ClickHouse: each of `tables` is
-    /// `database.table`, its columns read from `system.columns` now (meterd's `_delivery` left
-    /// out; `events.time` read exactly from `time_us`). Projections, limits and the filters that
-    /// translate exactly (comparisons, `IN`, `BETWEEN`, `IS NULL` on text, integer and time
-    /// columns) run in ClickHouse.
-    pub async fn with_clickhouse(
-        client: ::clickhouse::Client,
-        database: &str,
-        tables: &[&str],
-        config: QueryConfig,
-    ) -> Result<Arc<Self>> {
-        let (ctx, bounded_functions) = session_context(&config)?;
-        for &table in tables {
-            let registration_error = |source| Error::Table {
-                table: format!("{database}.{table}"),
-                source,
-            };
-            let provider = crate::clickhouse::ClickHouseTable::discover(
-                client.clone(),
-                database,
-                table,
-                config.timeout,
-            )
-            .await
-            .map_err(registration_error)?;
-            ctx.register_table(table, Arc::new(provider))
-                .map_err(registration_error)?;
+        for (name, provider) in tables {
+            ctx.register_table(name.as_str(), provider)
+                .map_err(|source| Error::Table {
+                    table: name.clone(),
+                    source,
+                })?;
         }
         Self::start(ctx, bounded_functions, None, &config, Vec::new())
     }

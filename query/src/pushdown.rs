@@ -7,7 +7,7 @@ use datafusion::logical_expr::expr::{Cast, TryCast};
 
 /// The non-NULL value of a literal, or of a cast of one (which DataFusion may not have folded
 /// yet), evaluated with DataFusion's cast so it means what it means there.
-pub(crate) fn literal_value(expr: &Expr) -> Option<ScalarValue> {
+pub fn literal_value(expr: &Expr) -> Option<ScalarValue> {
     let value = match expr {
         Expr::Literal(value, _) => value.clone(),
         Expr::Cast(Cast { expr, field }) | Expr::TryCast(TryCast { expr, field }) => {
@@ -22,7 +22,7 @@ pub(crate) fn literal_value(expr: &Expr) -> Option<ScalarValue> {
 }
 
 /// An integer literal as `i64`, if it is one and fits.
-pub(crate) fn int_value(value: &ScalarValue) -> Option<i64> {
+pub fn int_value(value: &ScalarValue) -> Option<i64> {
     match *value {
         ScalarValue::Int8(Some(v)) => Some(i64::from(v)),
         ScalarValue::Int16(Some(v)) => Some(i64::from(v)),
@@ -37,7 +37,7 @@ pub(crate) fn int_value(value: &ScalarValue) -> Option<i64> {
 }
 
 /// A string literal's text.
-pub(crate) fn text_value(value: &ScalarValue) -> Option<&str> {
+pub fn text_value(value: &ScalarValue) -> Option<&str> {
     match value {
         ScalarValue::Utf8(Some(text))
         | ScalarValue::LargeUtf8(Some(text))
@@ -48,7 +48,7 @@ pub(crate) fn text_value(value: &ScalarValue) -> Option<&str> {
 
 /// A timestamp literal of any unit in Unix microseconds, rounded down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct TimestampLiteral {
+pub struct TimestampLiteral {
     pub micros: i64,
     /// Whether the rounding lost nothing (only nanoseconds can lose something).
     pub exact: bool,
@@ -56,7 +56,7 @@ pub(crate) struct TimestampLiteral {
     pub zoned: bool,
 }
 
-pub(crate) fn timestamp_value(value: &ScalarValue) -> Option<TimestampLiteral> {
+pub fn timestamp_value(value: &ScalarValue) -> Option<TimestampLiteral> {
     let (micros, exact, zone) = match value {
         ScalarValue::TimestampSecond(Some(v), tz) => (v.checked_mul(1_000_000)?, true, tz),
         ScalarValue::TimestampMillisecond(Some(v), tz) => (v.checked_mul(1_000)?, true, tz),

@@ -35,7 +35,7 @@ use tokio::sync::mpsc::Sender;
 const PREFETCH_BATCHES: usize = 2;
 
 /// What a SQL store brings to a remote scan.
-pub(crate) trait Dialect: fmt::Debug + Send + Sync + 'static {
+pub trait Dialect: fmt::Debug + Send + Sync + 'static {
     /// A column as the store reads it.
     type Column: fmt::Debug + Clone + Send + Sync + 'static;
     /// What translating filters gathers besides their SQL (PostgreSQL's bind parameters).
@@ -67,7 +67,7 @@ pub(crate) trait Dialect: fmt::Debug + Send + Sync + 'static {
 
 /// One statement to run: its SQL, parameters, the columns it reads and their schema.
 #[derive(Debug)]
-pub(crate) struct Scan<D: Dialect + ?Sized> {
+pub struct Scan<D: Dialect + ?Sized> {
     pub sql: String,
     pub params: D::Params,
     pub columns: Vec<D::Column>,
@@ -77,13 +77,13 @@ pub(crate) struct Scan<D: Dialect + ?Sized> {
 
 /// A relation of an external store as a DataFusion table.
 #[derive(Debug)]
-pub(crate) struct RemoteTable<D: Dialect> {
-    pub(crate) dialect: Arc<D>,
+pub struct RemoteTable<D: Dialect> {
+    pub dialect: Arc<D>,
     /// The quoted, qualified name.
-    pub(crate) relation: String,
-    pub(crate) columns: Arc<[D::Column]>,
-    pub(crate) schema: SchemaRef,
-    pub(crate) table_type: TableType,
+    pub relation: String,
+    pub columns: Arc<[D::Column]>,
+    pub schema: SchemaRef,
+    pub table_type: TableType,
 }
 
 #[async_trait]
@@ -167,7 +167,7 @@ impl<D: Dialect> TableProvider for RemoteTable<D> {
 /// the fetching task, which ends the statement (each dialect says how); the store's own time
 /// limit bounds one it is still running.
 #[derive(Debug)]
-pub(crate) struct RemoteScanExec<D: Dialect> {
+pub struct RemoteScanExec<D: Dialect> {
     dialect: Arc<D>,
     scan: Arc<Scan<D>>,
     properties: Arc<PlanProperties>,

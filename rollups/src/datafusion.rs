@@ -10,7 +10,7 @@
 
 use std::fmt::Write as _;
 
-use crate::postgres::{dimension_sql, predicate_sql};
+use crate::sql::{dimension_sql, predicate_sql};
 use crate::{Aggregate, DIMENSIONS, Rollup, Width, measures};
 
 /// The SQL type of a summed measure.

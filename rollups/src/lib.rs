@@ -13,9 +13,8 @@
 //! tables, [`datafusion`] as queries over the embedded store's `events`. Buckets are UTC: a
 //! bucket's value is its start as a UTC timestamp.
 
-pub mod clickhouse;
 pub mod datafusion;
-pub mod postgres;
+pub mod sql;
 
 use std::sync::OnceLock;
 

@@ -5,7 +5,8 @@
 //! The Arrow schema and batch builder, the PostgreSQL COPY encoder and the ClickHouse insert
 //! block are driven by [`COLUMNS`]. Files that must stay literal (the PostgreSQL migrations, the
 //! JSON Schema, the validator's allowed keys) are checked against it by tests. Adding a column
-//! is one entry here, one migration per store and, for a new field of an event, the field
+//! is one entry here, one migration per store (the PostgreSQL migrations, literal SQL, are checked
+//! against this table by a test beside them) and, for a new field of an event, the field
 //! itself (see `docs/architecture.md`, "Adding a column").
 
 use std::collections::BTreeMap;
@@ -242,55 +243,6 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::migrations::Flavor;
-
-    /// `(name, type, nullable)` of `meterd.events_data` as the migrations of `flavor` create
-    /// it: the columns of its `CREATE TABLE`, then every `ADD COLUMN` after it.
-    fn postgres_columns(flavor: Flavor) -> BTreeSet<(String, String, bool)> {
-        let mut columns = BTreeSet::new();
-        for m in crate::migrations::POSTGRES {
-            let sql = m.sql(flavor);
-            if let Some(start) = sql.find("CREATE TABLE meterd.events_data (") {
-                let body = &sql[start..];
-                let body = &body[body.find('(').expect("(") + 1..body.find("\n)").expect(")")];
-                for line in body.lines().map(str::trim).filter(|l| !l.is_empty()) {
-                    let mut words = line.trim_end_matches(',').split_whitespace();
-                    let (Some(name), Some(ty)) = (words.next(), words.next()) else {
-                        continue;
-                    };
-                    let nullable = !line.contains("NOT NULL");
-                    columns.insert((name.to_owned(), ty.to_owned(), nullable));
-                }
-            }
-            for line in sql.lines() {
-                if let Some(rest) = line.split("ADD COLUMN").nth(1)
-                    && line.contains("meterd.events_data")
-                {
-                    let mut words = rest.trim().trim_end_matches(';').split_whitespace();
-                    if let (Some(name), Some(ty)) = (words.next(), words.next()) {
-                        columns.insert((
-                            name.to_owned(),
-                            ty.to_owned(),
-                            !rest.contains("NOT NULL"),
-                        ));
-                    }
-                }
-            }
-        }
-        columns
-    }
-
-    /// The PostgreSQL migrations are literal SQL: they must create exactly the table's columns.
-    #[test]
-    fn the_postgres_migrations_create_the_table_columns() {
-        let wanted: BTreeSet<(String, String, bool)> = COLUMNS
-            .iter()
-            .map(|c| (c.name.to_owned(), c.postgres_type().to_owned(), c.nullable))
-            .collect();
-        for flavor in [Flavor::Postgres, Flavor::TimescaleDb] {
-            assert_eq!(postgres_columns(flavor), wanted, "{}", flavor.as_str());
-        }
-    }
 
     /// The JSON Schema is a literal file: each type's `data` properties must be the columns
     /// the table says that type carries.

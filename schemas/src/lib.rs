@@ -12,7 +12,6 @@ pub mod columns;
 pub mod event;
 pub mod frozen;
 pub mod json_schema;
-pub mod migrations;
 pub mod validate;
 
 pub use arrow_schema::{EventsBatchBuilder, EventsSnapshot, SnapshotPin, events_schema};

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::ch::{self, PrivateClickHouse};
 use common::{Server, llm_event};
-use meterd_ingest::clickhouse::{ClickHouseConfig, client, schema};
-use meterd_rollups::clickhouse::Dialect;
+use meterd_store_clickhouse::rollups::Dialect;
+use meterd_store_clickhouse::{ClickHouseConfig, client, schema};
 use serde_json::{Value, json};
 
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(180);

@@ -20,8 +20,8 @@ use std::time::Duration;
 use chrono::{DateTime, Datelike, TimeDelta};
 use common::ch::{normalised, raw_group_by, rollup_rows};
 use common::{generated, renamed};
-use meterd_ingest::clickhouse::schema;
-use meterd_rollups::clickhouse::Dialect;
+use meterd_store_clickhouse::rollups::Dialect;
+use meterd_store_clickhouse::schema;
 use serde_json::{Value, json};
 
 const DB: &str = "meterd";

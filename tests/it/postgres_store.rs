@@ -470,7 +470,7 @@ async fn migrations_are_idempotent_and_safe_to_run_at_once() {
         .into_iter()
         .map(|t| t.join().expect("thread"))
         .collect();
-    let all: Vec<i32> = meterd_schemas::migrations::POSTGRES
+    let all: Vec<i32> = meterd_store_postgres::migrations::POSTGRES
         .iter()
         .map(|m| m.version)
         .collect();
@@ -791,9 +791,9 @@ async fn an_event_sent_to_two_nodes_is_stored_once() {
 async fn upgrading_to_exact_sums_keeps_the_rollups_and_their_grants() {
     let db = TestDb::create("exactupgrade").await;
     let mut admin = db.client().await;
-    let mut config = meterd_ingest::postgres::PostgresConfig::new(db.url.clone());
-    config.timescaledb = meterd_ingest::postgres::TimescaleMode::Off;
-    meterd_ingest::postgres::migrate::migrate_to(&mut admin, &config, 3)
+    let mut config = meterd_store_postgres::PostgresConfig::new(db.url.clone());
+    config.timescaledb = meterd_store_postgres::TimescaleMode::Off;
+    meterd_store_postgres::migrate::migrate_to(&mut admin, &config, 3)
         .await
         .expect("the schema of version 3");
 
@@ -915,7 +915,7 @@ async fn upgrading_to_exact_sums_keeps_the_rollups_and_their_grants() {
 
     // The new meterd migrates at startup, through version 4 to the last.
     let mut server = Server::start(&["--postgres-url", &db.url]);
-    let last = meterd_schemas::migrations::POSTGRES
+    let last = meterd_store_postgres::migrations::POSTGRES
         .last()
         .map_or(0, |m| i64::from(m.version));
     assert!(last >= 4);
@@ -1009,9 +1009,9 @@ async fn upgrading_to_exact_sums_keeps_the_rollups_and_their_grants() {
 async fn a_version_4_database_gains_cache_write_input_tokens() {
     let db = TestDb::create("cachewrite").await;
     let mut admin = db.client().await;
-    let mut config = meterd_ingest::postgres::PostgresConfig::new(db.url.clone());
-    config.timescaledb = meterd_ingest::postgres::TimescaleMode::Off;
-    meterd_ingest::postgres::migrate::migrate_to(&mut admin, &config, 4)
+    let mut config = meterd_store_postgres::PostgresConfig::new(db.url.clone());
+    config.timescaledb = meterd_store_postgres::TimescaleMode::Off;
+    meterd_store_postgres::migrate::migrate_to(&mut admin, &config, 4)
         .await
         .expect("the schema of version 4");
     let reader = format!("{}_reader", db.name);

@@ -26,11 +26,11 @@ fn migration_steps_up_to(last: i32) -> Vec<Value> {
         json!({"sql": "CREATE EXTENSION IF NOT EXISTS timescaledb"}),
         json!({"sql": "CREATE SCHEMA meterd"}),
     ];
-    for m in meterd_schemas::migrations::POSTGRES
+    for m in meterd_store_postgres::migrations::POSTGRES
         .iter()
         .filter(|m| m.version <= last)
     {
-        steps.push(json!({ "sql": m.sql(meterd_schemas::migrations::Flavor::TimescaleDb) }));
+        steps.push(json!({ "sql": m.sql(meterd_store_postgres::migrations::Flavor::TimescaleDb) }));
         for after in m.timescaledb_after {
             steps.push(json!({ "sql": after }));
         }
@@ -88,7 +88,7 @@ fn canonical(relation: &str) -> String {
 fn migration_steps() -> Vec<Value> {
     let mut steps = migration_steps_up_to(i32::MAX);
     // The policies meterd sets from its configuration, as it sets them (twice: replacing works).
-    use meterd_ingest::postgres::migrate::{
+    use meterd_store_postgres::migrate::{
         ADD_COMPRESSION_POLICY, ADD_RETENTION_POLICY, REMOVE_COMPRESSION_POLICY,
         REMOVE_RETENTION_POLICY,
     };
@@ -261,7 +261,7 @@ async fn timescaledb_continuous_aggregates_equal_the_plain_rollups() {
 /// views stay, and the rollups equal plain PostgreSQL's over all the events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrading_timescaledb_to_exact_sums_keeps_every_bucket() {
-    use meterd_ingest::postgres::migrate;
+    use meterd_store_postgres::migrate;
     let db = TestDb::create("tsupgrade").await;
     let mut server = Server::start(&["--postgres-url", &db.url]);
     let client = db.client().await;
@@ -301,11 +301,11 @@ async fn upgrading_timescaledb_to_exact_sums_keeps_every_bucket() {
     steps
         .push(json!({"query": "SELECT count(*) AS n FROM meterd.events_data", "name": "raw_left"}));
     // The upgrade.
-    let exact = meterd_schemas::migrations::POSTGRES
+    let exact = meterd_store_postgres::migrations::POSTGRES
         .iter()
         .find(|m| m.version == 4)
         .expect("migration 4");
-    steps.push(json!({"sql": exact.sql(meterd_schemas::migrations::Flavor::TimescaleDb)}));
+    steps.push(json!({"sql": exact.sql(meterd_store_postgres::migrations::Flavor::TimescaleDb)}));
     steps.push(json!({"query": canonical("meterd.usage_hourly"), "name": "hourly_now"}));
     steps.push(json!({"query": canonical("meterd.usage_daily"), "name": "daily_now"}));
     steps.push(json!({
@@ -385,11 +385,11 @@ fn timescaledb_gains_cache_write_input_tokens() {
         "query": "SELECT count(compress_chunk(c)) AS n FROM show_chunks('meterd.events_data') c",
         "name": "compressed",
     }));
-    for m in meterd_schemas::migrations::POSTGRES
+    for m in meterd_store_postgres::migrations::POSTGRES
         .iter()
         .filter(|m| m.version > 4)
     {
-        steps.push(json!({ "sql": m.sql(meterd_schemas::migrations::Flavor::TimescaleDb) }));
+        steps.push(json!({ "sql": m.sql(meterd_store_postgres::migrations::Flavor::TimescaleDb) }));
         for after in m.timescaledb_after {
             steps.push(json!({ "sql": after }));
         }

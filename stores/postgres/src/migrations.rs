@@ -1,5 +1,5 @@
 //! The versioned DDL of meterd's PostgreSQL schema, as committed under
-//! `schemas/migrations/postgres/`. A migration has one file for both flavors or one per flavor
+//! `stores/postgres/migrations/`. A migration has one file for both flavors or one per flavor
 //! (`NNNN_name.postgres.sql`, `NNNN_name.timescaledb.sql`); the runner applies each in order,
 //! once, and records it in `meterd.schema_migrations`.
 
@@ -55,7 +55,7 @@ impl Migration {
 
 macro_rules! file {
     ($name:literal) => {
-        include_str!(concat!("../migrations/postgres/", $name))
+        include_str!(concat!("../migrations/", $name))
     };
 }
 
@@ -105,6 +105,8 @@ pub const POSTGRES: &[Migration] = &[
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     #[test]
@@ -116,7 +118,7 @@ mod tests {
 
     #[test]
     fn every_file_is_listed() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
         let listed: Vec<String> = POSTGRES
             .iter()
             .flat_map(|m| {
@@ -132,6 +134,54 @@ mod tests {
             let name = entry.expect("entry").file_name();
             let name = name.to_string_lossy();
             assert!(listed.iter().any(|l| *l == name), "{name} is not listed");
+        }
+    }
+
+    /// `(name, type, nullable)` of `meterd.events_data` as the migrations of `flavor` create
+    /// it: the columns of its `CREATE TABLE`, then every `ADD COLUMN` after it.
+    fn postgres_columns(flavor: Flavor) -> BTreeSet<(String, String, bool)> {
+        let mut columns = BTreeSet::new();
+        for m in POSTGRES {
+            let sql = m.sql(flavor);
+            if let Some(start) = sql.find("CREATE TABLE meterd.events_data (") {
+                let body = &sql[start..];
+                let body = &body[body.find('(').expect("(") + 1..body.find("\n)").expect(")")];
+                for line in body.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                    let mut words = line.trim_end_matches(',').split_whitespace();
+                    let (Some(name), Some(ty)) = (words.next(), words.next()) else {
+                        continue;
+                    };
+                    let nullable = !line.contains("NOT NULL");
+                    columns.insert((name.to_owned(), ty.to_owned(), nullable));
+                }
+            }
+            for line in sql.lines() {
+                if let Some(rest) = line.split("ADD COLUMN").nth(1)
+                    && line.contains("meterd.events_data")
+                {
+                    let mut words = rest.trim().trim_end_matches(';').split_whitespace();
+                    if let (Some(name), Some(ty)) = (words.next(), words.next()) {
+                        columns.insert((
+                            name.to_owned(),
+                            ty.to_owned(),
+                            !rest.contains("NOT NULL"),
+                        ));
+                    }
+                }
+            }
+        }
+        columns
+    }
+
+    /// The PostgreSQL migrations are literal SQL: they must create exactly the table's columns.
+    #[test]
+    fn the_postgres_migrations_create_the_table_columns() {
+        let wanted: BTreeSet<(String, String, bool)> = meterd_schemas::columns::COLUMNS
+            .iter()
+            .map(|c| (c.name.to_owned(), c.postgres_type().to_owned(), c.nullable))
+            .collect();
+        for flavor in [Flavor::Postgres, Flavor::TimescaleDb] {
+            assert_eq!(postgres_columns(flavor), wanted, "{}", flavor.as_str());
         }
     }
 }

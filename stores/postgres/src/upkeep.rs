@@ -3,13 +3,13 @@
 
 use std::time::{Duration, Instant};
 
+use crate::migrations::Flavor;
 use chrono::{DateTime, Utc};
-use meterd_schemas::migrations::Flavor;
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
-use super::sink::connect;
-use super::{PgError, PostgresConfig, SinkStatus, sql_err};
+use crate::sink::connect;
+use crate::{PgError, PostgresConfig, SinkStatus, sql_err};
 
 /// How often partitions ahead and retention are looked after.
 const PARTITION_INTERVAL: Duration = Duration::from_secs(3600);
@@ -21,9 +21,7 @@ pub(crate) async fn session(
 ) -> Result<(), PgError> {
     let client = connect(config).await?;
     // Wait for the sink to have migrated the schema.
-    let current = meterd_schemas::migrations::POSTGRES
-        .last()
-        .map_or(0, |m| m.version);
+    let current = crate::migrations::POSTGRES.last().map_or(0, |m| m.version);
     let flavor = loop {
         let row = client
             .query_opt(

@@ -11,7 +11,7 @@ use meterd_schemas::columns::{COLUMNS, Kind, Value};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{IsNull, Json, ToSql, Type, to_sql_checked};
 
-use crate::postgres::PgError;
+use crate::PgError;
 
 /// The columns of `events`, in table order ([`COLUMNS`]), as a column list.
 pub fn columns() -> String {

@@ -1,7 +1,7 @@
 //! ClickHouse as a store fed from the log.
 //!
 //! - [`schema`]: reads the server's version and creates meterd's tables in the form it supports
-//!   (see [`meterd_rollups::clickhouse::Dialect`]): the insert table `events_in` (`Null` engine),
+//!   (see [`crate::rollups::Dialect`]): the insert table `events_in` (`Null` engine),
 //!   `events` (`MergeTree`, by month, ordered by tenant and time), the rollups' state tables
 //!   (`AggregatingMergeTree`) with their finalising views, and the materialized views between.
 //! - The sink reads the log from this node's checkpoint in batches (rows, bytes and period
@@ -25,14 +25,18 @@
 //!   written, is repaired the same way.
 
 pub mod block;
+pub mod rollups;
 pub mod schema;
 mod sink;
+pub mod sql;
+mod store;
 
 use std::time::Duration;
 
 pub use sink::{client, spawn};
+pub use store::ClickHouseStore;
 
-pub use crate::sink::SinkStatus;
+pub use meterd_ingest::sink::SinkStatus;
 
 /// How meterd reaches ClickHouse and batches its inserts.
 #[derive(Debug, Clone)]
@@ -134,11 +138,11 @@ pub enum ChError {
     #[error("an earlier insert (query id {query_id}) is still running on the server")]
     StillRunning { query_id: String },
     #[error(transparent)]
-    Log(#[from] crate::tailer::TailError),
+    Log(#[from] meterd_ingest::tailer::TailError),
     #[error("a blocking task failed: {0}")]
     ReaderTask(String),
     #[error("the delivery record")]
-    Record(#[source] crate::Error),
+    Record(#[source] meterd_ingest::Error),
 }
 
 pub(crate) fn query_err(step: &'static str) -> impl FnOnce(clickhouse::error::Error) -> ChError {

@@ -1,4 +1,4 @@
-//! `POST /v1/sql` over PostgreSQL tables (`QueryService::with_postgres`), against a real
+//! `POST /v1/sql` over PostgreSQL tables (`meterd_store_postgres::sql`), against a real
 //! PostgreSQL: answers are compared with the same question asked of PostgreSQL directly, and
 //! EXPLAIN shows which filters went into the SQL sent to it.
 //!
@@ -17,6 +17,7 @@ use arrow::datatypes::{
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
+use datafusion::catalog::TableProvider;
 use deadpool_postgres::{Manager, Pool};
 use meterd_query::{QueryConfig, QueryService};
 use serde_json::{Value, json};
@@ -117,9 +118,9 @@ impl TestDb {
     }
 
     async fn service(&self, tables: &[&str], config: QueryConfig) -> Arc<QueryService> {
-        QueryService::with_postgres(self.pool.clone(), "meterd", tables, config)
+        with_postgres(self.pool.clone(), tables, config)
             .await
-            .unwrap_or_else(|e| panic!("with_postgres: {}", chain(&e)))
+            .unwrap_or_else(|e| panic!("with_postgres: {}", chain(e.as_ref())))
     }
 }
 
@@ -314,6 +315,22 @@ fn scan_line(plan: &str) -> &str {
     plan.lines()
         .find(|line| line.contains("PostgresScanExec"))
         .unwrap_or_else(|| panic!("no PostgresScanExec in\n{plan}"))
+}
+
+/// The query service over the PostgreSQL relations `meterd.<table>`, as the store serves them.
+async fn with_postgres(
+    pool: Pool,
+    tables: &[&str],
+    config: QueryConfig,
+) -> Result<Arc<QueryService>, Box<dyn std::error::Error>> {
+    let mut registered: Vec<(String, Arc<dyn TableProvider>)> = Vec::new();
+    for &table in tables {
+        let provider =
+            meterd_store_postgres::sql::discover(pool.clone(), "meterd", table, config.timeout)
+                .await?;
+        registered.push((table.to_owned(), Arc::new(provider)));
+    }
+    Ok(QueryService::with_tables(registered, config)?)
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -860,14 +877,13 @@ async fn row_cap_answers_413() {
 async fn missing_table_is_named_in_the_error() {
     let db = TestDb::create("missing").await;
     db.execute(SCHEMA).await;
-    let e = QueryService::with_postgres(
+    let e = with_postgres(
         db.pool.clone(),
-        "meterd",
         &["events", "usage_weekly"],
         QueryConfig::default(),
     )
     .await
     .expect_err("usage_weekly does not exist");
-    let text = chain(&e);
+    let text = chain(e.as_ref());
     assert!(text.contains("meterd.usage_weekly"), "{text}");
 }

@@ -4,18 +4,18 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::migrations::Flavor;
 use chrono::{DateTime, Utc};
 use meterd_schemas::StoredEvent;
-use meterd_schemas::migrations::Flavor;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
-use super::{PgError, PostgresConfig, SinkStatus, copy, error_chain, sql_err, upkeep};
-use crate::log::{Consumer, LogShared, Lsn};
-use crate::sink::{SinkHandle, retrying, spawn_sink};
-use crate::tailer::{Limits, Tailer};
+use crate::{PgError, PostgresConfig, SinkStatus, copy, error_chain, sql_err, upkeep};
+use meterd_ingest::log::{Consumer, LogShared, Lsn};
+use meterd_ingest::sink::{SinkHandle, retrying, spawn_sink};
+use meterd_ingest::tailer::{Limits, Tailer};
 
 /// Starts delivering this node's log to PostgreSQL, and the upkeep task. Both retry every
 /// failure with backoff until `shutdown` is cancelled.
@@ -104,12 +104,12 @@ struct Sink {
     status: Arc<SinkStatus>,
 }
 
-type Batch = crate::tailer::Batch<()>;
+type Batch = meterd_ingest::tailer::Batch<()>;
 
 impl Sink {
     async fn deliver_until_shutdown(&self, shutdown: &CancellationToken) -> Result<(), PgError> {
         let mut client = connect(&self.config).await?;
-        let report = super::migrate(&mut client, &self.config).await?;
+        let report = crate::migrate(&mut client, &self.config).await?;
         let mut lsn = self.claim_checkpoint(&client).await?;
         self.consumer.advance(lsn);
         self.status.set_connected(true);

@@ -1,6 +1,6 @@
 //! PostgreSQL (and TimescaleDB) as a store fed from the log.
 //!
-//! - [`migrate`]: applies the versioned DDL under `schemas/migrations/postgres/` under an
+//! - [`migrate`]: applies the versioned DDL under `stores/postgres/migrations/` under an
 //!   advisory lock, choosing TimescaleDB when the extension can be enabled, and sets the
 //!   TimescaleDB policies from the configuration.
 //! - The sink reads the log from this node's checkpoint and writes batches with binary COPY.
@@ -13,17 +13,22 @@
 
 pub mod copy;
 pub mod migrate;
+pub mod migrations;
+pub mod rollups;
 mod sink;
+pub mod sql;
+mod store;
 mod upkeep;
 
 use std::time::Duration;
 
-pub use meterd_schemas::migrations::Flavor;
+pub use crate::migrations::Flavor;
 pub use migrate::{MigrationReport, migrate};
 pub use sink::{connect, spawn};
+pub use store::PostgresStore;
 
-pub use crate::sink::SinkStatus;
-pub(crate) use crate::sink::error_chain;
+pub use meterd_ingest::sink::SinkStatus;
+pub(crate) use meterd_ingest::sink::error_chain;
 
 /// Whether to use TimescaleDB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -128,7 +133,7 @@ pub enum PgError {
     )]
     CheckpointAhead { database: u64, end: u64 },
     #[error(transparent)]
-    Log(#[from] crate::tailer::TailError),
+    Log(#[from] meterd_ingest::tailer::TailError),
     #[error("the log reader task failed: {0}")]
     ReaderTask(String),
 }

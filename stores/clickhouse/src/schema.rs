@@ -28,11 +28,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
+use crate::rollups::{self as rollup_sql, Dialect};
 use meterd_rollups::ROLLUPS;
-use meterd_rollups::clickhouse::{self as rollup_sql, Dialect};
 
-use super::block::input_columns;
-use super::{ChError, ClickHouseConfig, query_err};
+use crate::block::input_columns;
+use crate::{ChError, ClickHouseConfig, query_err};
 
 /// The server's version, as `SELECT version()` gives it (`18.16.1`, `24.8.4.13`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -334,7 +334,7 @@ pub async fn ensure(
     client: &clickhouse::Client,
     config: &ClickHouseConfig,
 ) -> Result<Schema, ChError> {
-    if !super::valid_database_name(&config.database) {
+    if !crate::valid_database_name(&config.database) {
         return Err(ChError::DatabaseName(config.database.clone()));
     }
     let text: String = client

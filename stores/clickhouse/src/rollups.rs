@@ -17,7 +17,7 @@
 
 use std::fmt::Write as _;
 
-use crate::{Aggregate, DIMENSIONS, DimensionExpr, Predicate, Rollup, Width, measures};
+use meterd_rollups::{Aggregate, DIMENSIONS, DimensionExpr, Predicate, Rollup, Width, measures};
 
 /// The table forms a server supports, chosen from its version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,7 +204,7 @@ pub fn view_ddl(db: &str, rollup: &Rollup) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ROLLUPS;
+    use meterd_rollups::ROLLUPS;
 
     #[test]
     fn versions_choose_the_dialect() {
@@ -218,7 +218,7 @@ mod tests {
     fn every_column_is_rendered_once() {
         for r in ROLLUPS {
             let view = view_ddl("meterd", r);
-            for c in crate::columns() {
+            for c in meterd_rollups::columns() {
                 assert!(
                     view.contains(&format!(" AS {c}\n")) || view.contains(&format!(" {c},")),
                     "{c} missing from {view}"

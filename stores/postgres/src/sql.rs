@@ -29,8 +29,8 @@ use tokio::sync::mpsc::Sender;
 use tokio_postgres::Row;
 use tokio_postgres::types::{FromSql, ToSql, Type};
 
-use crate::pushdown::{int_value, literal_value, text_value, timestamp_value};
-use crate::remote::{Dialect, RemoteTable, Scan};
+use meterd_query::pushdown::{int_value, literal_value, text_value, timestamp_value};
+use meterd_query::remote::{Dialect, RemoteTable, Scan};
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01T00:00:00Z).
 const POSTGRES_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
@@ -122,7 +122,7 @@ fn numeric_precision_scale(type_modifier: i32) -> Option<(i32, i32)> {
 
 /// One column of the relation, in catalog order.
 #[derive(Debug, Clone)]
-pub(crate) struct PgColumn {
+pub struct PgColumn {
     name: String,
     kind: ColumnKind,
     /// The cast that makes PostgreSQL send the value in the form [`read_column`] decodes.
@@ -162,96 +162,94 @@ fn quote_ident(name: &str) -> String {
 
 /// PostgreSQL as a remote store: a connection pool and the time limit of each scan.
 #[derive(Debug)]
-pub(crate) struct Postgres {
+pub struct Postgres {
     pool: Pool,
     /// PostgreSQL's `statement_timeout` for each scan, so an abandoned fetch stops there too.
     statement_timeout: Duration,
 }
 
 /// A PostgreSQL table or view `schema.name`, read through a connection pool.
-pub(crate) type PostgresTable = RemoteTable<Postgres>;
+pub type PostgresTable = RemoteTable<Postgres>;
 
-impl PostgresTable {
-    /// Reads the columns of `schema.name` (a table, view, materialized view, partitioned or
-    /// foreign table) from the catalog, in column order.
-    pub(crate) async fn discover(
-        pool: Pool,
-        schema: &str,
-        name: &str,
-        statement_timeout: Duration,
-    ) -> Result<Self> {
-        let qualified = format!("{schema}.{name}");
-        let client = pool
-            .get()
-            .await
-            .map_err(|e| external(e, format!("connecting to PostgreSQL to read {qualified}")))?;
-        // LEFT JOIN: a relation without columns still yields one row, so "missing" is clear.
-        let rows = client
-            .query(
-                "SELECT c.relkind::text, a.attname::text, t.typname::text, a.atttypmod, a.attnotnull
-                 FROM pg_catalog.pg_class c
-                 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                 LEFT JOIN pg_catalog.pg_attribute a
-                   ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                 LEFT JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-                 WHERE n.nspname = $1 AND c.relname = $2
-                   AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
-                 ORDER BY a.attnum",
-                &[&schema, &name],
-            )
-            .await
-            .map_err(|e| external(e, format!("reading the columns of {qualified}")))?;
-        let Some(first) = rows.first() else {
-            return Err(DataFusionError::Plan(format!(
-                "PostgreSQL has no table or view {qualified}"
-            )));
+/// Reads the columns of `schema.name` (a table, view, materialized view, partitioned or
+/// foreign table) from the catalog, in column order.
+pub async fn discover(
+    pool: Pool,
+    schema: &str,
+    name: &str,
+    statement_timeout: Duration,
+) -> Result<PostgresTable> {
+    let qualified = format!("{schema}.{name}");
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| external(e, format!("connecting to PostgreSQL to read {qualified}")))?;
+    // LEFT JOIN: a relation without columns still yields one row, so "missing" is clear.
+    let rows = client
+        .query(
+            "SELECT c.relkind::text, a.attname::text, t.typname::text, a.atttypmod, a.attnotnull
+             FROM pg_catalog.pg_class c
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             LEFT JOIN pg_catalog.pg_attribute a
+               ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+             LEFT JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+             WHERE n.nspname = $1 AND c.relname = $2
+               AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+             ORDER BY a.attnum",
+            &[&schema, &name],
+        )
+        .await
+        .map_err(|e| external(e, format!("reading the columns of {qualified}")))?;
+    let Some(first) = rows.first() else {
+        return Err(DataFusionError::Plan(format!(
+            "PostgreSQL has no table or view {qualified}"
+        )));
+    };
+    let read_error =
+        |e: tokio_postgres::Error| external(e, format!("reading the columns of {qualified}"));
+    let relkind: String = first.try_get(0).map_err(read_error)?;
+    let mut columns = Vec::with_capacity(rows.len());
+    let mut fields = Vec::with_capacity(rows.len());
+    for row in &rows {
+        // No attribute: the relation has no columns (the LEFT JOIN's one row).
+        let Some(column_name) = row.try_get::<_, Option<String>>(1).map_err(read_error)? else {
+            continue;
         };
-        let read_error =
-            |e: tokio_postgres::Error| external(e, format!("reading the columns of {qualified}"));
-        let relkind: String = first.try_get(0).map_err(read_error)?;
-        let mut columns = Vec::with_capacity(rows.len());
-        let mut fields = Vec::with_capacity(rows.len());
-        for row in &rows {
-            // No attribute: the relation has no columns (the LEFT JOIN's one row).
-            let Some(column_name) = row.try_get::<_, Option<String>>(1).map_err(read_error)? else {
-                continue;
-            };
-            let type_name: String = row.try_get(2).map_err(read_error)?;
-            let type_modifier: i32 = row.try_get(3).map_err(read_error)?;
-            let not_null: bool = row.try_get(4).map_err(read_error)?;
-            let column = PgColumn::new(column_name, &type_name, type_modifier);
-            fields.push(Field::new(
-                &column.name,
-                column.kind.arrow_type(),
-                !not_null,
-            ));
-            columns.push(column);
-        }
-        if columns.is_empty() {
-            return Err(DataFusionError::Plan(format!(
-                "PostgreSQL relation {qualified} has no columns"
-            )));
-        }
-        let table_type = match relkind.as_str() {
-            "v" | "m" => TableType::View,
-            _ => TableType::Base,
-        };
-        tracing::debug!(
-            relation = %qualified,
-            columns = columns.len(),
-            "read PostgreSQL table definition"
-        );
-        Ok(Self {
-            dialect: Arc::new(Postgres {
-                pool,
-                statement_timeout,
-            }),
-            relation: format!("{}.{}", quote_ident(schema), quote_ident(name)),
-            columns: columns.into(),
-            schema: Arc::new(Schema::new(fields)),
-            table_type,
-        })
+        let type_name: String = row.try_get(2).map_err(read_error)?;
+        let type_modifier: i32 = row.try_get(3).map_err(read_error)?;
+        let not_null: bool = row.try_get(4).map_err(read_error)?;
+        let column = PgColumn::new(column_name, &type_name, type_modifier);
+        fields.push(Field::new(
+            &column.name,
+            column.kind.arrow_type(),
+            !not_null,
+        ));
+        columns.push(column);
     }
+    if columns.is_empty() {
+        return Err(DataFusionError::Plan(format!(
+            "PostgreSQL relation {qualified} has no columns"
+        )));
+    }
+    let table_type = match relkind.as_str() {
+        "v" | "m" => TableType::View,
+        _ => TableType::Base,
+    };
+    tracing::debug!(
+        relation = %qualified,
+        columns = columns.len(),
+        "read PostgreSQL table definition"
+    );
+    Ok(PostgresTable {
+        dialect: Arc::new(Postgres {
+            pool,
+            statement_timeout,
+        }),
+        relation: format!("{}.{}", quote_ident(schema), quote_ident(name)),
+        columns: columns.into(),
+        schema: Arc::new(Schema::new(fields)),
+        table_type,
+    })
 }
 
 impl Dialect for Postgres {
@@ -359,7 +357,7 @@ impl Dialect for Postgres {
 
 /// A literal value bound as a statement parameter.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Param {
+pub enum Param {
     Text(String),
     Int(i64),
     Bool(bool),

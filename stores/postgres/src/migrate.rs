@@ -1,11 +1,11 @@
-//! The migration runner: applies `meterd_schemas::migrations::POSTGRES` in order, each in its own
+//! The migration runner: applies `crate::migrations::POSTGRES` in order, each in its own
 //! transaction, recorded in `meterd.schema_migrations`, while holding an advisory lock so that
 //! meterd processes starting together apply each migration once.
 
-use meterd_schemas::migrations::{Flavor, POSTGRES};
+use crate::migrations::{Flavor, POSTGRES};
 use tokio_postgres::Client;
 
-use super::{PgError, PostgresConfig, TimescaleMode, sql_err};
+use crate::{PgError, PostgresConfig, TimescaleMode, sql_err};
 
 /// The advisory lock key of migrations (`'mtrdmigr'` as bytes).
 const MIGRATION_LOCK_KEY: i64 = 0x6d74_7264_6d69_6772;
@@ -192,13 +192,13 @@ async fn choose_flavor(client: &Client, mode: TimescaleMode) -> Result<Flavor, P
         Ok(()) => Ok(Flavor::TimescaleDb),
         Err(e) if mode == TimescaleMode::Auto => {
             tracing::warn!(
-                error = %super::error_chain(&e),
+                error = %crate::error_chain(&e),
                 "TimescaleDB is installed but could not be enabled (is it in \
                  shared_preload_libraries?); using plain PostgreSQL"
             );
             Ok(Flavor::Postgres)
         }
-        Err(e) => Err(PgError::TimescaleUnavailable(super::error_chain(&e))),
+        Err(e) => Err(PgError::TimescaleUnavailable(crate::error_chain(&e))),
     }
 }
 

@@ -21,8 +21,8 @@ use datafusion::logical_expr::expr::{Between, BinaryExpr, InList};
 use datafusion::logical_expr::{Expr, Operator};
 use tokio::sync::mpsc::Sender;
 
-use crate::pushdown::{int_value, literal_value, text_value, timestamp_value};
-use crate::remote::{Dialect, RemoteTable, Scan};
+use meterd_query::pushdown::{int_value, literal_value, text_value, timestamp_value};
+use meterd_query::remote::{Dialect, RemoteTable, Scan};
 
 /// An `IN` list longer than this is left to DataFusion, keeping the SQL text small.
 const MAX_IN_LIST: usize = 1_000;
@@ -115,7 +115,7 @@ fn strip<'a>(ty: &'a str, wrapper: &str) -> &'a str {
 }
 
 #[derive(Debug, Clone)]
-pub(crate) struct ChColumn {
+pub struct ChColumn {
     name: String,
     kind: Kind,
     nullable: bool,
@@ -173,97 +173,93 @@ fn quote_str(value: &str) -> String {
 
 /// ClickHouse as a remote store: a client and the time limit of each scan.
 #[derive(Debug)]
-pub(crate) struct ClickHouse {
+pub struct ClickHouse {
     client: clickhouse::Client,
     timeout: Duration,
 }
 
 /// A relation of the ClickHouse store.
-pub(crate) type ClickHouseTable = RemoteTable<ClickHouse>;
+pub type ClickHouseTable = RemoteTable<ClickHouse>;
 
-impl ClickHouseTable {
-    /// Reads the columns of `database.name` from `system.columns`, in column order.
-    pub(crate) async fn discover(
-        client: clickhouse::Client,
-        database: &str,
-        name: &str,
-        timeout: Duration,
-    ) -> Result<Self> {
-        let qualified = format!("{database}.{name}");
-        let engine: Option<String> = client
-            .query("SELECT engine FROM system.tables WHERE database = ? AND name = ?")
-            .bind(database)
-            .bind(name)
-            .fetch_optional()
-            .await
-            .map_err(|e| external(e, format!("reading the definition of {qualified}")))?;
-        let Some(engine) = engine else {
-            return Err(DataFusionError::Plan(format!(
-                "ClickHouse has no table or view {qualified}"
-            )));
-        };
-        let raw: Vec<(String, String)> = client
-            .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
-            .bind(database)
-            .bind(name)
-            .fetch_all()
-            .await
-            .map_err(|e| external(e, format!("reading the columns of {qualified}")))?;
-        // A time column with a `<name>_us` beside it (`time`, and `ingested_at` in databases
-        // created since it has one) is read exactly from the microseconds; those columns are
-        // not relations' columns of their own.
-        let exact = |name: &str| {
-            raw.iter()
-                .any(|(n, ty)| n == name && ty.contains("DateTime"))
-                && raw.iter().any(|(n, _)| *n == format!("{name}_us"))
-        };
-        let exact_times: Vec<String> = raw
-            .iter()
-            .map(|(n, _)| n.clone())
-            .filter(|n| exact(n))
-            .collect();
-        let mut columns = Vec::with_capacity(raw.len());
-        for (column, ty) in raw {
-            let micros_of = column.strip_suffix("_us");
-            if column == "_delivery"
-                || micros_of.is_some_and(|t| exact_times.iter().any(|e| e == t))
-            {
-                continue;
-            }
-            let kind = if exact_times.contains(&column) {
-                Kind::EventTime
-            } else {
-                Kind::from_type(&ty)
-            };
-            let nullable = ty.contains("Nullable(");
-            columns.push(ChColumn {
-                name: column,
-                kind,
-                nullable,
-            });
+/// Reads the columns of `database.name` from `system.columns`, in column order.
+pub async fn discover(
+    client: clickhouse::Client,
+    database: &str,
+    name: &str,
+    timeout: Duration,
+) -> Result<ClickHouseTable> {
+    let qualified = format!("{database}.{name}");
+    let engine: Option<String> = client
+        .query("SELECT engine FROM system.tables WHERE database = ? AND name = ?")
+        .bind(database)
+        .bind(name)
+        .fetch_optional()
+        .await
+        .map_err(|e| external(e, format!("reading the definition of {qualified}")))?;
+    let Some(engine) = engine else {
+        return Err(DataFusionError::Plan(format!(
+            "ClickHouse has no table or view {qualified}"
+        )));
+    };
+    let raw: Vec<(String, String)> = client
+        .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
+        .bind(database)
+        .bind(name)
+        .fetch_all()
+        .await
+        .map_err(|e| external(e, format!("reading the columns of {qualified}")))?;
+    // A time column with a `<name>_us` beside it (`time`, and `ingested_at` in databases
+    // created since it has one) is read exactly from the microseconds; those columns are
+    // not relations' columns of their own.
+    let exact = |name: &str| {
+        raw.iter()
+            .any(|(n, ty)| n == name && ty.contains("DateTime"))
+            && raw.iter().any(|(n, _)| *n == format!("{name}_us"))
+    };
+    let exact_times: Vec<String> = raw
+        .iter()
+        .map(|(n, _)| n.clone())
+        .filter(|n| exact(n))
+        .collect();
+    let mut columns = Vec::with_capacity(raw.len());
+    for (column, ty) in raw {
+        let micros_of = column.strip_suffix("_us");
+        if column == "_delivery" || micros_of.is_some_and(|t| exact_times.iter().any(|e| e == t)) {
+            continue;
         }
-        if columns.is_empty() {
-            return Err(DataFusionError::Plan(format!(
-                "ClickHouse relation {qualified} has no columns"
-            )));
-        }
-        let fields: Vec<Field> = columns
-            .iter()
-            .map(|c| Field::new(&c.name, c.kind.arrow_type(), c.nullable))
-            .collect();
-        let table_type = if engine == "View" || engine == "MaterializedView" {
-            TableType::View
+        let kind = if exact_times.contains(&column) {
+            Kind::EventTime
         } else {
-            TableType::Base
+            Kind::from_type(&ty)
         };
-        Ok(Self {
-            dialect: Arc::new(ClickHouse { client, timeout }),
-            relation: format!("{}.{}", quote_ident(database), quote_ident(name)),
-            columns: columns.into(),
-            schema: Arc::new(Schema::new(fields)),
-            table_type,
-        })
+        let nullable = ty.contains("Nullable(");
+        columns.push(ChColumn {
+            name: column,
+            kind,
+            nullable,
+        });
     }
+    if columns.is_empty() {
+        return Err(DataFusionError::Plan(format!(
+            "ClickHouse relation {qualified} has no columns"
+        )));
+    }
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|c| Field::new(&c.name, c.kind.arrow_type(), c.nullable))
+        .collect();
+    let table_type = if engine == "View" || engine == "MaterializedView" {
+        TableType::View
+    } else {
+        TableType::Base
+    };
+    Ok(ClickHouseTable {
+        dialect: Arc::new(ClickHouse { client, timeout }),
+        relation: format!("{}.{}", quote_ident(database), quote_ident(name)),
+        columns: columns.into(),
+        schema: Arc::new(Schema::new(fields)),
+        table_type,
+    })
 }
 
 impl Dialect for ClickHouse {

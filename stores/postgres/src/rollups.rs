@@ -14,21 +14,15 @@
 //! Either way users query the view `meterd.<name>`: the same columns in the same order, filtered
 //! by `meterd.tenant_visible(tenant)` so tenant-scoped database roles see only their rows.
 //!
-//! The rendered SQL is committed under `schemas/migrations/postgres/`; a test keeps the files
+//! The rendered SQL is committed under `stores/postgres/migrations/`; a test keeps the files
 //! and this renderer in step.
 
 use std::fmt::Write as _;
 
-use crate::{Aggregate, DIMENSIONS, DimensionExpr, Predicate, ROLLUPS, Rollup, Source, measures};
+use meterd_rollups::sql::{dimension_sql, predicate_sql};
+use meterd_rollups::{Aggregate, DIMENSIONS, ROLLUPS, Rollup, Source, measures};
 
-/// Which PostgreSQL form to render.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flavor {
-    /// Plain PostgreSQL: tables kept by `meterd.refresh_rollups()`.
-    Postgres,
-    /// PostgreSQL with the TimescaleDB extension: continuous aggregates.
-    TimescaleDb,
-}
+pub use crate::migrations::Flavor;
 
 /// The origin of plain PostgreSQL's `date_bin` buckets: a UTC midnight, so hourly and daily
 /// buckets start where TimescaleDB's `time_bucket` starts them.
@@ -68,29 +62,6 @@ pub fn bucket_expr(flavor: Flavor, rollup: &Rollup, column: &str) -> String {
     match flavor {
         Flavor::Postgres => format!("date_bin(INTERVAL '{interval}', {column}, {ORIGIN})"),
         Flavor::TimescaleDb => format!("time_bucket(INTERVAL '{interval}', {column})"),
-    }
-}
-
-/// A predicate in SQL both PostgreSQL and DataFusion read.
-pub(crate) fn predicate_sql(p: &Predicate) -> String {
-    match p {
-        Predicate::IsError => "(type = 'api.request' AND status_code >= 500) \
-             OR (type = 'llm.usage' AND status = 'error') \
-             OR (type = 'agent.run' AND status IN ('failed', 'timeout'))"
-            .to_owned(),
-        Predicate::NotNull(c) => format!("{c} IS NOT NULL"),
-        Predicate::AtMost(c, bound) => format!("{c} <= {bound}"),
-    }
-}
-
-/// A dimension in SQL both PostgreSQL and DataFusion read.
-pub(crate) fn dimension_sql(expr: &DimensionExpr) -> String {
-    match expr {
-        DimensionExpr::Column(c) => (*c).to_owned(),
-        DimensionExpr::OrEmpty(c) => format!("coalesce({c}, '')"),
-        DimensionExpr::StatusClass => "CASE WHEN type = 'api.request' \
-             THEN (status_code / 100)::text || 'xx' ELSE coalesce(status, '') END"
-            .to_owned(),
     }
 }
 
@@ -169,7 +140,7 @@ fn materialisation_source(flavor: Flavor, rollup: &Rollup) -> String {
 }
 
 fn column_list() -> String {
-    crate::columns().join(", ")
+    meterd_rollups::columns().join(", ")
 }
 
 /// The user-facing view `meterd.<name>` over `relation`, filtered by tenant visibility.
@@ -622,8 +593,7 @@ mod tests {
     /// rewrites them instead.
     #[test]
     fn migrations_match_the_committed_files() {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/migrations/postgres");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
         for (file, rendered) in [
             ("0003_rollups.postgres.sql", migration(Flavor::Postgres)),
             (
@@ -656,7 +626,7 @@ mod tests {
 
     #[test]
     fn hierarchical_rollups_sum_their_source() {
-        let daily = crate::rollup("usage_daily").expect("defined");
+        let daily = meterd_rollups::rollup("usage_daily").expect("defined");
         let sql = select_sql(
             Flavor::TimescaleDb,
             Sums::Saturating,
@@ -684,7 +654,7 @@ mod tests {
 
     #[test]
     fn exact_sums_are_numeric_from_the_events() {
-        let hourly = crate::rollup("usage_hourly").expect("defined");
+        let hourly = meterd_rollups::rollup("usage_hourly").expect("defined");
         let sql = select_sql(
             Flavor::Postgres,
             Sums::Exact,
@@ -702,7 +672,7 @@ mod tests {
 
     #[test]
     fn plain_buckets_use_a_utc_origin() {
-        let hourly = crate::rollup("usage_hourly").expect("defined");
+        let hourly = meterd_rollups::rollup("usage_hourly").expect("defined");
         assert_eq!(
             bucket_expr(Flavor::Postgres, hourly, "time"),
             "date_bin(INTERVAL '1 hour', time, TIMESTAMPTZ '2000-01-01 00:00:00+00')"
