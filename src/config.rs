@@ -3,92 +3,134 @@
 //! falls back to a default.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
 use meterd_ingest::{EmbeddedOptions, IngestConfig};
 use meterd_query::QueryConfig;
 use meterd_store_clickhouse::{self as clickhouse, ClickHouseConfig};
 use meterd_store_postgres::{PostgresConfig, TimescaleMode};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// Flags of `meterd serve`; each also reads its `METERD_*` variable.
-#[derive(Debug, Clone, Default, Args)]
+/// Every setting of `meterd serve`, defined once: each field is a flag, its `METERD_*`
+/// environment variable (clap reads both) and the key of the same name in the TOML file
+/// (serde). Flags and variables take precedence over the file ([`Settings::resolve`] layers
+/// them with figment). Unknown keys in the file are errors. A few are flags only (`config`,
+/// the store URLs, which the file gives as `url` in its store's table) and a few file only
+/// (`[[api_keys]]` and the stores' tables).
+#[derive(Debug, Clone, Default, Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServeArgs {
     /// TOML configuration file.
     #[arg(long, env = "METERD_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080]; port 0 picks a free port.
     #[arg(long, env = "METERD_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
     /// Directory for the log, the dedup index and the embedded store [default: ./meterd-data].
     #[arg(long, env = "METERD_DATA_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
     /// Largest request body in bytes, also after gzip inflation [default: 10 MiB].
     #[arg(long, env = "METERD_MAX_BODY_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<usize>,
     /// Log bytes not yet confirmed by every store before ingest answers 503 [default: 2 GiB].
     #[arg(long, env = "METERD_MAX_LOG_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_log_bytes: Option<u64>,
     /// How far in the future an event's time may be, in seconds [default: 300].
     #[arg(long, env = "METERD_MAX_FUTURE_SKEW_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_future_skew_secs: Option<u64>,
     /// How old an event may be, in days [default: 400].
     #[arg(long, env = "METERD_MAX_EVENT_AGE_DAYS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_event_age_days: Option<u64>,
     /// How long (by event time) dedup keys are kept, in days [default: 400].
     #[arg(long, env = "METERD_DEDUP_HORIZON_DAYS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dedup_horizon_days: Option<u64>,
     /// Flush the embedded store's in-memory tail at least this often, in ms [default: 5000].
     #[arg(long, env = "METERD_FLUSH_INTERVAL_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub flush_interval_ms: Option<u64>,
     /// SQL query timeout in seconds [default: 30].
     #[arg(long, env = "METERD_QUERY_TIMEOUT_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub query_timeout_secs: Option<f64>,
     /// Most rows a SQL answer may have [default: 100000].
     #[arg(long, env = "METERD_QUERY_MAX_ROWS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub query_max_rows: Option<usize>,
     /// Memory a SQL query may use, in bytes [default: 512 MiB].
     #[arg(long, env = "METERD_QUERY_MEMORY_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub query_memory_bytes: Option<usize>,
     /// Largest SQL response, in bytes [default: 256 MiB].
     #[arg(long, env = "METERD_QUERY_MAX_RESPONSE_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub query_max_response_bytes: Option<usize>,
     /// Threads of the dedicated SQL runtime [default: 1].
     #[arg(long, env = "METERD_QUERY_THREADS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub query_threads: Option<usize>,
     /// Log format on stderr: text or json [default: text].
     #[arg(long, env = "METERD_LOG_FORMAT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
     /// Where `POST /v1/sql` reads: auto (ClickHouse if configured, else PostgreSQL if
     /// configured, else the embedded store), embedded, postgres or clickhouse [default: auto].
     #[arg(long, env = "METERD_SQL_SOURCE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub sql_source: Option<SqlSource>,
     /// Deadline for a graceful shutdown, in seconds [default: 30].
     #[arg(long, env = "METERD_SHUTDOWN_TIMEOUT_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_timeout_secs: Option<u64>,
     /// Most HTTP connections open at once; lowered to fit the process's file descriptor
     /// limit [default: 1024].
     #[arg(long, env = "METERD_MAX_CONNECTIONS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<usize>,
     /// Seconds a client may take to send a request's headers; also how long an idle
     /// keep-alive connection stays open [default: 10].
     #[arg(long, env = "METERD_HEADER_TIMEOUT_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub header_timeout_secs: Option<u64>,
     /// Seconds a request body may go without sending more, and a response without being
     /// read, before the connection is closed; past them a body must bring 1 KiB/s in every
     /// such span [default: 30].
     #[arg(long, env = "METERD_BODY_TIMEOUT_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub body_timeout_secs: Option<u64>,
     /// PostgreSQL/TimescaleDB to fill, `postgres://user:password@host:port/database`; further
     /// settings under `[postgres]` in the config file.
     #[arg(long, env = "METERD_POSTGRES_URL")]
+    #[serde(skip)]
     pub postgres_url: Option<String>,
     /// ClickHouse to fill, its HTTP interface `http://host:8123`; database, credentials and
     /// batching under `[clickhouse]` in the config file.
     #[arg(long, env = "METERD_CLICKHOUSE_URL")]
+    #[serde(skip)]
     pub clickhouse_url: Option<String>,
+    /// `[[api_keys]]`: the API keys (file only).
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// `[postgres]`: the PostgreSQL/TimescaleDB store (file only; `--postgres-url` gives its URL).
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresFileConfig>,
+    /// `[clickhouse]`: the ClickHouse store (file only; `--clickhouse-url` gives its URL).
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clickhouse: Option<ClickHouseFileConfig>,
 }
 
 /// Flags of `meterd migrate`.
@@ -105,10 +147,10 @@ pub struct MigrateArgs {
 impl MigrateArgs {
     /// The PostgreSQL settings to migrate with; an error when none are configured.
     pub fn resolve(&self) -> Result<PostgresConfig, ConfigError> {
-        let file = match &self.config {
-            Some(path) => load_file(path)?,
-            None => FileConfig::default(),
-        };
+        let file = layered(&ServeArgs {
+            config: self.config.clone(),
+            ..ServeArgs::default()
+        })?;
         let max_age = meterd_schemas::Limits::default().max_age.num_days();
         let max_age = file.max_event_age_days.map_or(max_age, clamp_i64);
         postgres_config(self.postgres_url.clone(), file.postgres, max_age)?.ok_or_else(|| {
@@ -121,7 +163,7 @@ impl MigrateArgs {
 }
 
 /// How logs are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -130,7 +172,7 @@ pub enum LogFormat {
 }
 
 /// Where `POST /v1/sql` reads.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SqlSource {
     /// ClickHouse if configured, else PostgreSQL if configured, else the embedded store.
@@ -152,37 +194,8 @@ impl SqlSource {
     }
 }
 
-/// The TOML file. Every key mirrors a flag; `[[api_keys]]` exists only here.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub listen: Option<SocketAddr>,
-    pub data_dir: Option<PathBuf>,
-    pub max_body_bytes: Option<usize>,
-    pub max_log_bytes: Option<u64>,
-    pub max_future_skew_secs: Option<u64>,
-    pub max_event_age_days: Option<u64>,
-    pub dedup_horizon_days: Option<u64>,
-    pub flush_interval_ms: Option<u64>,
-    pub query_timeout_secs: Option<f64>,
-    pub query_max_rows: Option<usize>,
-    pub query_memory_bytes: Option<usize>,
-    pub query_max_response_bytes: Option<usize>,
-    pub query_threads: Option<usize>,
-    pub log_format: Option<LogFormat>,
-    pub sql_source: Option<SqlSource>,
-    pub shutdown_timeout_secs: Option<u64>,
-    pub max_connections: Option<usize>,
-    pub header_timeout_secs: Option<u64>,
-    pub body_timeout_secs: Option<u64>,
-    #[serde(default)]
-    pub api_keys: Vec<ApiKeyConfig>,
-    pub postgres: Option<PostgresFileConfig>,
-    pub clickhouse: Option<ClickHouseFileConfig>,
-}
-
 /// `[clickhouse]`: the ClickHouse store.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClickHouseFileConfig {
     /// HTTP interface URL; `--clickhouse-url` / `METERD_CLICKHOUSE_URL` take precedence.
@@ -205,7 +218,7 @@ pub struct ClickHouseFileConfig {
 }
 
 /// `[postgres]`: the PostgreSQL/TimescaleDB store.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresFileConfig {
     /// Connection URL; `--postgres-url` / `METERD_POSTGRES_URL` take precedence.
@@ -227,7 +240,7 @@ pub struct PostgresFileConfig {
 }
 
 /// The `timescaledb` setting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TimescaleSetting {
     Auto,
@@ -236,7 +249,7 @@ pub enum TimescaleSetting {
 }
 
 /// One API key, as configured.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyConfig {
     /// A name for logs; the key itself is never logged.
@@ -253,7 +266,7 @@ pub struct ApiKeyConfig {
 }
 
 /// A permission of an API key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
     /// `POST /v1/events`
@@ -269,17 +282,11 @@ fn all_scopes() -> Vec<Scope> {
 /// A configuration problem, reported before anything starts.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading config file {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("config file {path}: {source}")]
     Parse {
         path: PathBuf,
         #[source]
-        source: toml::de::Error,
+        source: Box<figment::Error>,
     },
     #[error("{0}")]
     Invalid(String),
@@ -321,35 +328,31 @@ impl Settings {
     /// Resolves flags (which clap already merged with the environment) over the file over
     /// the defaults.
     pub fn resolve(args: &ServeArgs) -> Result<Self, ConfigError> {
-        let file = match &args.config {
-            Some(path) => load_file(path)?,
-            None => FileConfig::default(),
-        };
-        macro_rules! pick {
-            ($field:ident) => {
-                args.$field.clone().or(file.$field.clone())
-            };
-        }
-        let listen = pick!(listen).unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
-        let data_dir = pick!(data_dir).unwrap_or_else(|| PathBuf::from("meterd-data"));
+        let given = layered(args)?;
+        let listen = given
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+        let data_dir = given
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from("meterd-data"));
         let mut ingest = IngestConfig::new(data_dir);
-        if let Some(v) = pick!(max_body_bytes) {
+        if let Some(v) = given.max_body_bytes {
             ingest.max_body_bytes = positive(v, "max_body_bytes")?;
         }
-        if let Some(v) = pick!(max_log_bytes) {
+        if let Some(v) = given.max_log_bytes {
             ingest.max_log_bytes = v;
             // The log frees whole segments only: keep several per budget, so a store that caught
             // up brings the log back under its limit.
             ingest.segment_bytes = (v / 8).clamp(64 * 1024, 64 * 1024 * 1024);
         }
-        if let Some(v) = pick!(max_future_skew_secs) {
+        if let Some(v) = given.max_future_skew_secs {
             ingest.limits.max_future_skew = chrono::Duration::seconds(clamp_i64(v));
         }
-        if let Some(v) = pick!(max_event_age_days) {
+        if let Some(v) = given.max_event_age_days {
             ingest.limits.max_age =
                 chrono::Duration::days(positive(clamp_i64(v), "max_event_age_days")?);
         }
-        if let Some(v) = pick!(dedup_horizon_days) {
+        if let Some(v) = given.dedup_horizon_days {
             ingest.dedup_horizon = chrono::Duration::days(clamp_i64(v));
         }
         if ingest.dedup_horizon < ingest.limits.max_age {
@@ -359,14 +362,14 @@ impl Settings {
                 ingest.limits.max_age.num_days()
             )));
         }
-        if let Some(v) = pick!(flush_interval_ms) {
+        if let Some(v) = given.flush_interval_ms {
             ingest.embedded = EmbeddedOptions {
                 flush_interval: Duration::from_millis(v),
                 ..ingest.embedded
             };
         }
         let mut query = QueryConfig::default();
-        if let Some(v) = pick!(query_timeout_secs) {
+        if let Some(v) = given.query_timeout_secs {
             if !(v.is_finite() && v > 0.0) {
                 return Err(ConfigError::Invalid(format!(
                     "query_timeout_secs must be a positive number, got {v}"
@@ -376,19 +379,19 @@ impl Settings {
                 ConfigError::Invalid(format!("query_timeout_secs {v} is too large"))
             })?;
         }
-        if let Some(v) = pick!(query_max_rows) {
+        if let Some(v) = given.query_max_rows {
             query.max_rows = positive(v, "query_max_rows")?;
         }
-        if let Some(v) = pick!(query_memory_bytes) {
+        if let Some(v) = given.query_memory_bytes {
             query.memory_limit_bytes = positive(v, "query_memory_bytes")?;
         }
-        if let Some(v) = pick!(query_max_response_bytes) {
+        if let Some(v) = given.query_max_response_bytes {
             query.max_response_bytes = positive(v, "query_max_response_bytes")?;
         }
-        if let Some(v) = pick!(query_threads) {
+        if let Some(v) = given.query_threads {
             query.threads = positive(v, "query_threads")?;
         }
-        let api_keys = file
+        let api_keys = given
             .api_keys
             .iter()
             .map(resolve_key)
@@ -399,22 +402,22 @@ impl Settings {
             )));
         }
         let postgres = postgres_config(
-            args.postgres_url.clone(),
-            file.postgres.clone(),
+            given.postgres_url.clone(),
+            given.postgres.clone(),
             ingest.limits.max_age.num_days(),
         )?;
         if postgres.is_some() {
             ingest.sinks.push(POSTGRES_SINK.to_owned());
         }
         let clickhouse = clickhouse_config(
-            args.clickhouse_url.clone(),
-            file.clickhouse.clone(),
+            given.clickhouse_url.clone(),
+            given.clickhouse.clone(),
             ingest.limits.max_age.num_days(),
         )?;
         if clickhouse.is_some() {
             ingest.sinks.push(CLICKHOUSE_SINK.to_owned());
         }
-        let sql_source = match pick!(sql_source).unwrap_or_default() {
+        let sql_source = match given.sql_source.unwrap_or_default() {
             SqlSource::Auto if clickhouse.is_some() => SqlSource::Clickhouse,
             SqlSource::Auto if postgres.is_some() => SqlSource::Postgres,
             SqlSource::Auto => SqlSource::Embedded,
@@ -438,15 +441,15 @@ impl Settings {
             postgres,
             clickhouse,
             sql_source,
-            log_format: pick!(log_format).unwrap_or_default(),
-            shutdown_timeout: Duration::from_secs(pick!(shutdown_timeout_secs).unwrap_or(30)),
-            max_connections: positive(pick!(max_connections).unwrap_or(1024), "max_connections")?,
+            log_format: given.log_format.unwrap_or_default(),
+            shutdown_timeout: Duration::from_secs(given.shutdown_timeout_secs.unwrap_or(30)),
+            max_connections: positive(given.max_connections.unwrap_or(1024), "max_connections")?,
             header_timeout: Duration::from_secs(positive(
-                pick!(header_timeout_secs).unwrap_or(10),
+                given.header_timeout_secs.unwrap_or(10),
                 "header_timeout_secs",
             )?),
             body_timeout: Duration::from_secs(positive(
-                pick!(body_timeout_secs).unwrap_or(30),
+                given.body_timeout_secs.unwrap_or(30),
                 "body_timeout_secs",
             )?),
         })
@@ -577,15 +580,26 @@ pub fn clickhouse_config(
     Ok(Some(ch))
 }
 
-pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    toml::from_str(&text).map_err(|source| ConfigError::Parse {
-        path: path.to_owned(),
-        source,
-    })
+/// The settings of `args` over those of its config file, if it names one: flags and
+/// environment variables (already in `args`) win, then the file.
+pub fn layered(args: &ServeArgs) -> Result<ServeArgs, ConfigError> {
+    let mut figment = Figment::new();
+    if let Some(path) = &args.config {
+        // `file_exact`: a missing file is an error, not an empty configuration.
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    let mut merged: ServeArgs = figment
+        .merge(Serialized::defaults(args))
+        .extract()
+        .map_err(|source| ConfigError::Parse {
+            path: args.config.clone().unwrap_or_default(),
+            source: Box::new(source),
+        })?;
+    // Flag-only settings are not part of the file's layer.
+    merged.config.clone_from(&args.config);
+    merged.postgres_url.clone_from(&args.postgres_url);
+    merged.clickhouse_url.clone_from(&args.clickhouse_url);
+    Ok(merged)
 }
 
 fn resolve_key(k: &ApiKeyConfig) -> Result<ApiKey, ConfigError> {
@@ -789,6 +803,39 @@ mod tests {
         })
         .expect_err("typo");
         assert!(err.to_string().contains("listn"), "{err}");
+    }
+
+    /// Flag-only settings are not file keys; a missing file is an error, not an empty one.
+    #[test]
+    fn flag_only_keys_and_missing_files_are_errors() {
+        for key in ["config = \"x.toml\"", "postgres_url = \"postgres://x\""] {
+            let f = file(&format!("{key}\n"));
+            let err = Settings::resolve(&ServeArgs {
+                config: Some(f.path().to_owned()),
+                ..ServeArgs::default()
+            })
+            .expect_err(key);
+            assert!(err.to_string().contains("unknown field"), "{key}: {err}");
+        }
+        let err = Settings::resolve(&ServeArgs {
+            config: Some(PathBuf::from("/nonexistent/meterd.toml")),
+            ..ServeArgs::default()
+        })
+        .expect_err("missing file");
+        assert!(
+            err.to_string().contains("/nonexistent/meterd.toml"),
+            "{err}"
+        );
+        // The URL flag wins over `[postgres] url`, and the table's other keys stay.
+        let f = file("[postgres]\nurl = \"postgres://file/db\"\nbatch_rows = 7\n");
+        let s = Settings::resolve(&ServeArgs {
+            config: Some(f.path().to_owned()),
+            postgres_url: Some("postgres://flag/db".to_owned()),
+            ..ServeArgs::default()
+        })
+        .expect("resolve");
+        let pg = s.postgres.expect("postgres");
+        assert_eq!((pg.url.as_str(), pg.batch_rows), ("postgres://flag/db", 7));
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the service (ingest, SQL, health) on one listener.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Generate realistic usage events as NDJSON, or post them to a running meterd.
     Gen(loadgen::GenArgs),
     /// Send an NDJSON file of events (or standard input) to a running meterd, in batches.
