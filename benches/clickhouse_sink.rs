@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! cargo run --release -- gen --events 2000000 --tenants 50 --seed 7 --out /tmp/events.ndjson
-//! cargo bench -p meterd-ingest --bench clickhouse_sink -- --input /tmp/events.ndjson \
+//! cargo bench -p meterd-store-clickhouse --bench clickhouse_sink -- --input /tmp/events.ndjson \
 //!     [--url http://127.0.0.1:8123]
 //! ```
 //!

@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! cargo run --release -- gen --events 2000000 --tenants 50 --seed 7 --out /tmp/events.ndjson
-//! cargo bench -p meterd-ingest --bench postgres_sink -- --input /tmp/events.ndjson [--url URL]
+//! cargo bench -p meterd-store-postgres --bench postgres_sink -- --input /tmp/events.ndjson [--url URL]
 //! ```
 //!
 //! `--url` (or `METERD_TEST_POSTGRES_URL`) is an administrative URL; the bench creates and drops

@@ -592,7 +592,10 @@ pub fn layered(args: &ServeArgs) -> Result<ServeArgs, ConfigError> {
         .merge(Serialized::defaults(args))
         .extract()
         .map_err(|source| ConfigError::Parse {
-            path: args.config.clone().unwrap_or_default(),
+            path: args
+                .config
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("(none; flags and environment)")),
             source: Box::new(source),
         })?;
     // Flag-only settings are not part of the file's layer.

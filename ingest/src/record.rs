@@ -183,6 +183,29 @@ mod tests {
         );
     }
 
+    /// Pins the bytes of version 3, which is postcard of the live event types: a field added to
+    /// them changes these bytes, and the test says to freeze version 3's layout and add a
+    /// version 4 first, or old logs would be misread.
+    #[test]
+    fn version_3_bytes_are_pinned() {
+        let mut events = events(2);
+        events[1].event.data = meterd_schemas::EventData::LlmUsage(meterd_schemas::LlmUsage {
+            provider: "anthropic".into(),
+            model: "claude".into(),
+            input_tokens: 10,
+            output_tokens: 20,
+            cached_input_tokens: Some(3),
+            cache_write_input_tokens: Some(4),
+            reasoning_tokens: Some(5),
+            latency_ms: Some(6),
+            status: Some("ok".into()),
+            run_id: Some("r".into()),
+        });
+        let bytes = encode(&events).expect("encode");
+        let hash = xxhash_rust::xxh3::xxh3_64(&bytes);
+        assert_eq!(hash, 0xfcd4_a608_e5c8_107c, "{hash:#x}: the record layout changed");
+    }
+
     #[test]
     fn newer_and_damaged_records_are_errors() {
         let mut newer = encode(&events(1)).expect("encode");

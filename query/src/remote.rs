@@ -5,8 +5,8 @@
 //!
 //! Only scans go to the store: aggregates and joins run in DataFusion over the scanned rows,
 //! where meterd's exactness rules (sums that never wrap, byte-order string comparison,
-//! microsecond time bounds) hold whatever the store. See docs/architecture.md, "SQL over
-//! external stores", for why not `datafusion-federation`.
+//! microsecond time bounds) hold whatever the store. docs/architecture.md ("SQL answers") says
+//! why not `datafusion-federation`.
 
 use std::fmt;
 use std::future::Future;

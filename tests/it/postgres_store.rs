@@ -1071,6 +1071,18 @@ async fn a_version_4_database_gains_cache_write_input_tokens() {
             .await,
         json!(4000)
     );
+    // The table has the column last; `SELECT *` shows it where every store does.
+    let shown: Vec<Value> = server.sql("SELECT * FROM events LIMIT 0").await["columns"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .map(|c| c["name"].clone())
+        .collect();
+    let canonical: Vec<Value> = meterd_schemas::columns::COLUMNS
+        .iter()
+        .map(|c| json!(c.name))
+        .collect();
+    assert_eq!(shown, canonical);
     server.kill();
     admin
         .batch_execute(&format!("DROP OWNED BY {reader}; DROP ROLE {reader};"))

@@ -8,12 +8,11 @@ use chrono::{DateTime, Datelike};
 use clickhouse::native::Block;
 use clickhouse::native::builder::BlockBuilder;
 use clickhouse::native::encode::Encode;
+use meterd_ingest::log::Lsn;
 use meterd_schemas::StoredEvent;
-
 use meterd_schemas::columns::{COLUMNS, Kind, Value};
 
 use crate::ChError;
-use meterd_ingest::log::Lsn;
 
 /// The columns of `events_in` and of the `repair_*` tables, in order, with their types: the
 /// columns of `events` ([`COLUMNS`]) as ClickHouse takes them in, then the delivery id and the

@@ -33,10 +33,9 @@ mod store;
 
 use std::time::Duration;
 
+pub use meterd_ingest::sink::SinkStatus;
 pub use sink::{client, spawn};
 pub use store::ClickHouseStore;
-
-pub use meterd_ingest::sink::SinkStatus;
 
 /// How meterd reaches ClickHouse and batches its inserts.
 #[derive(Debug, Clone)]
@@ -135,6 +134,11 @@ pub enum ChError {
          id {query_id}); if no node is migrating, `KILL QUERY WHERE query_id = '{query_id}'`"
     )]
     GuardTimeout { query_id: String, waited: Duration },
+    #[error(
+        "the migration guard's lease ({lease:?}, query id {query_id}) ended before the migration \
+         did; it is tried again"
+    )]
+    GuardLost { query_id: String, lease: Duration },
     #[error("an earlier insert (query id {query_id}) is still running on the server")]
     StillRunning { query_id: String },
     #[error(transparent)]

@@ -25,13 +25,12 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use meterd_rollups::ROLLUPS;
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::rollups::{self as rollup_sql, Dialect};
-use meterd_rollups::ROLLUPS;
-
 use crate::block::input_columns;
+use crate::rollups::{self as rollup_sql, Dialect};
 use crate::{ChError, ClickHouseConfig, query_err};
 
 /// The server's version, as `SELECT version()` gives it (`18.16.1`, `24.8.4.13`).
@@ -245,7 +244,7 @@ fn events_table(db: &str, dialect: &Dialect, retention_days: Option<u32>, versio
 fn migrations_table(db: &str) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (\n    version UInt32,\n    \
-         name String,\n    applied_at DateTime DEFAULT now(),\n    node String\n) \
+         name String,\n    applied_at DateTime DEFAULT now(),\n    applied_by String\n) \
          ENGINE = MergeTree ORDER BY version"
     )
 }
@@ -362,8 +361,8 @@ pub async fn ensure(
         }
         _ => {
             let guard = Guard::acquire(client, db).await?;
-            let result = migrate(client, config, &server.dialect(), &guard.token).await;
-            guard.release(client).await;
+            let result = migrate(client, config, &server.dialect(), &guard).await;
+            guard.release().await;
             result?
         }
     };
@@ -402,7 +401,9 @@ async fn applied_version(client: &clickhouse::Client, db: &str) -> Result<Option
         return Ok(None);
     }
     let max: u32 = client
-        .query(&format!("SELECT max(version) FROM {db}.schema_migrations"))
+        .query(&format!(
+            "SELECT ifNull(max(version), 0) FROM {db}.schema_migrations"
+        ))
         .fetch_one()
         .await
         .map_err(query_err("reading the applied migrations"))?;
@@ -414,7 +415,7 @@ async fn migrate(
     client: &clickhouse::Client,
     config: &ClickHouseConfig,
     dialect: &Dialect,
-    node: &str,
+    guard: &Guard,
 ) -> Result<Option<u32>, ChError> {
     let db = &config.database;
     let from = match applied_version(client, db).await? {
@@ -425,14 +426,25 @@ async fn migrate(
             for sql in statements_at(db, dialect, config.retention_days, 1) {
                 execute(client, &sql, "completing meterd's tables").await?;
             }
-            record(client, db, &MIGRATIONS[..1], node).await?;
+            guard.still_held().await?;
+            record(client, db, &MIGRATIONS[..1]).await?;
             1
         }
         None => {
             for sql in statements(db, dialect, config.retention_days) {
                 execute(client, &sql, "creating meterd's tables").await?;
             }
-            record(client, db, MIGRATIONS, node).await?;
+            // A node of an older build may have created `events` first, without the newer
+            // columns (its statements are `IF NOT EXISTS` too): add what is missing.
+            let existing = events_columns(client, db).await?;
+            for sql in upgrade_statements(db, dialect, 1, &existing)?
+                .into_iter()
+                .filter(|sql| sql.starts_with("ALTER"))
+            {
+                execute(client, &sql, "completing meterd's tables").await?;
+            }
+            guard.still_held().await?;
+            record(client, db, MIGRATIONS).await?;
             return Ok(None);
         }
     };
@@ -444,16 +456,12 @@ async fn migrate(
     if pending.is_empty() {
         return Ok(Some(from));
     }
-    let existing: Vec<String> = client
-        .query("SELECT name FROM system.columns WHERE database = ? AND table = 'events'")
-        .bind(db.as_str())
-        .fetch_all()
-        .await
-        .map_err(query_err("reading the columns of events"))?;
+    let existing = events_columns(client, db).await?;
     for sql in upgrade_statements(db, dialect, from, &existing)? {
         execute(client, &sql, "migrating meterd's tables").await?;
     }
-    record(client, db, &pending, node).await?;
+    guard.still_held().await?;
+    record(client, db, &pending).await?;
     tracing::info!(
         database = %db,
         from,
@@ -508,20 +516,34 @@ pub fn upgrade_statements(
     Ok(sql)
 }
 
+/// The columns `events` has.
+async fn events_columns(client: &clickhouse::Client, db: &str) -> Result<Vec<String>, ChError> {
+    client
+        .query("SELECT name FROM system.columns WHERE database = ? AND table = 'events'")
+        .bind(db)
+        .fetch_all()
+        .await
+        .map_err(query_err("reading the columns of events"))
+}
+
 async fn record(
     client: &clickhouse::Client,
     db: &str,
     migrations: &[Migration],
-    node: &str,
 ) -> Result<(), ChError> {
+    let applied_by = format!(
+        "meterd {} (pid {})",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id()
+    );
     for m in migrations {
         client
             .query(&format!(
-                "INSERT INTO {db}.schema_migrations (version, name, node) VALUES (?, ?, ?)"
+                "INSERT INTO {db}.schema_migrations (version, name, applied_by) VALUES (?, ?, ?)"
             ))
             .bind(m.version)
             .bind(m.name)
-            .bind(node)
+            .bind(applied_by.as_str())
             .execute()
             .await
             .map_err(query_err("recording a migration"))?;
@@ -552,12 +574,18 @@ async fn current_entries(client: &clickhouse::Client, db: &str) -> Result<Entrie
 }
 
 /// The migration guard: a sleeping query with a fixed id, told apart from another node's by a
-/// token in its text.
+/// token in its text. Dropped without [`Guard::release`] (an error, a shutdown), it ends its
+/// query from a task of its own, so other nodes need not wait for the lease.
 struct Guard {
+    client: clickhouse::Client,
     query_id: String,
     token: String,
-    _holder: AbortOnDropHandle<()>,
+    released: bool,
+    _holder: AbortOnDropHandle<Result<(), clickhouse::error::Error>>,
 }
+
+/// ClickHouse's `QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING`: another node holds the guard.
+const SAME_ID_RUNNING: &str = "Code: 216";
 
 impl Guard {
     async fn acquire(client: &clickhouse::Client, db: &str) -> Result<Guard, ChError> {
@@ -565,38 +593,44 @@ impl Guard {
         let give_up = Instant::now() + GUARD_WAIT;
         loop {
             let token = uuid::Uuid::new_v4().simple().to_string();
-            let holder = client
+            let query = client
                 .query(&format!(
                     "SELECT sleep(1) FROM system.numbers WHERE '{token}' != ''"
                 ))
                 .with_setting("query_id", query_id.clone())
                 .with_setting("max_block_size", "1")
                 .with_setting("max_execution_time", GUARD_LEASE.as_secs().to_string());
-            // Its end (killed, the lease over, or refused because another node holds the
-            // guard) is seen through `system.processes` and `is_finished`.
-            let holder = AbortOnDropHandle::new(tokio::spawn(async move {
-                let _ = holder.fetch_all::<u8>().await;
+            // Its end (killed, the lease over, or refused) is seen through `is_finished`.
+            let mut holder = AbortOnDropHandle::new(tokio::spawn(async move {
+                query.fetch_all::<u8>().await.map(drop)
             }));
             let waiting_since = Instant::now();
             loop {
-                let mine: u64 = client
-                    .query(
-                        "SELECT count() FROM system.processes \
-                         WHERE query_id = ? AND position(query, ?) > 0",
-                    )
-                    .bind(query_id.as_str())
-                    .bind(token.as_str())
-                    .fetch_one()
-                    .await
-                    .map_err(query_err("checking the migration guard"))?;
-                if mine > 0 {
+                if Self::holds(client, &query_id, &token).await? {
                     return Ok(Guard {
+                        client: client.clone(),
                         query_id,
                         token,
+                        released: false,
                         _holder: holder,
                     });
                 }
-                if holder.is_finished() || waiting_since.elapsed() > Duration::from_secs(10) {
+                if holder.is_finished() {
+                    match (&mut holder).await {
+                        // Refused because another node's query has the id: wait for it.
+                        Ok(Err(e)) if e.to_string().contains(SAME_ID_RUNNING) => break,
+                        // Anything else (no right to run it, a readonly profile, the server
+                        // gone) is this node's problem, not a wait.
+                        Ok(Err(source)) => {
+                            return Err(ChError::Query {
+                                step: "taking the migration guard",
+                                source,
+                            });
+                        }
+                        Ok(Ok(())) | Err(_) => break,
+                    }
+                }
+                if waiting_since.elapsed() > Duration::from_secs(10) {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -612,15 +646,50 @@ impl Guard {
         }
     }
 
-    /// Ends the guard's query. A failure only delays other nodes until the lease ends.
-    async fn release(self, client: &clickhouse::Client) {
-        let killed = client
+    /// Whether the guard's query with `token` is running.
+    async fn holds(
+        client: &clickhouse::Client,
+        query_id: &str,
+        token: &str,
+    ) -> Result<bool, ChError> {
+        let running: u64 = client
+            .query(
+                "SELECT count() FROM system.processes \
+                 WHERE query_id = ? AND position(query, ?) > 0",
+            )
+            .bind(query_id)
+            .bind(token)
+            .fetch_one()
+            .await
+            .map_err(query_err("checking the migration guard"))?;
+        Ok(running > 0)
+    }
+
+    /// Fails unless this node still holds the guard: its lease may have ended during a slow
+    /// migration, letting another node in. Checked before a migration is recorded; the steps
+    /// before are idempotent, so the next attempt finishes them.
+    async fn still_held(&self) -> Result<(), ChError> {
+        if Self::holds(&self.client, &self.query_id, &self.token).await? {
+            Ok(())
+        } else {
+            Err(ChError::GuardLost {
+                query_id: self.query_id.clone(),
+                lease: GUARD_LEASE,
+            })
+        }
+    }
+
+    fn kill_statement(&self) -> clickhouse::query::Query {
+        self.client
             .query("KILL QUERY WHERE query_id = ? AND position(query, ?) > 0 SYNC")
             .bind(self.query_id.as_str())
             .bind(self.token.as_str())
-            .execute()
-            .await;
-        if let Err(e) = killed {
+    }
+
+    /// Ends the guard's query. A failure only delays other nodes until the lease ends.
+    async fn release(mut self) {
+        self.released = true;
+        if let Err(e) = self.kill_statement().execute().await {
             tracing::warn!(
                 query_id = %self.query_id,
                 error = %e,
@@ -630,8 +699,22 @@ impl Guard {
     }
 }
 
-/// Tables are only created when missing, so a database from before exact sums keeps rollup sum
-/// states of `UInt64`, which wrap past 2^64. Say so until ClickHouse has versioned migrations.
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let kill = self.kill_statement();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = kill.execute().await;
+            });
+        }
+    }
+}
+
+/// A database from before exact sums keeps rollup sum states of `UInt64`, which wrap past
+/// 2^64: no migration converts aggregate states. Say so.
 async fn warn_of_wrapping_rollup_sums(
     client: &clickhouse::Client,
     database: &str,

@@ -6,16 +6,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clickhouse::Client;
-use tokio_util::sync::CancellationToken;
-
-use crate::block::{MonthBlock, month_blocks, month_of};
-use crate::schema::{self, Entries, Target, TargetKind};
-use crate::{ChError, ClickHouseConfig, SinkStatus, query_err};
 use meterd_ingest::log::{Consumer, LogShared, Lsn};
 use meterd_ingest::sink::{
     DeliveryRecord, SinkHandle, error_chain, load_delivery, save_delivery, spawn_sink,
 };
 use meterd_ingest::tailer::{Batch, Limits, Tailer, read_exact};
+use tokio_util::sync::CancellationToken;
+
+use crate::block::{MonthBlock, month_blocks, month_of};
+use crate::schema::{self, Entries, Target, TargetKind};
+use crate::{ChError, ClickHouseConfig, SinkStatus, query_err};
 
 /// The name of this sink's log consumer and files under `sinks/`.
 pub const SINK: &str = "clickhouse";

@@ -19,10 +19,9 @@ use datafusion::datasource::TableType;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::expr::{Between, BinaryExpr, InList};
 use datafusion::logical_expr::{Expr, Operator};
-use tokio::sync::mpsc::Sender;
-
 use meterd_query::pushdown::{int_value, literal_value, text_value, timestamp_value};
 use meterd_query::remote::{Dialect, RemoteTable, Scan};
+use tokio::sync::mpsc::Sender;
 
 /// An `IN` list longer than this is left to DataFusion, keeping the SQL text small.
 const MAX_IN_LIST: usize = 1_000;

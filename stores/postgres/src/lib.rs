@@ -23,12 +23,11 @@ mod upkeep;
 use std::time::Duration;
 
 pub use crate::migrations::Flavor;
+pub use meterd_ingest::sink::SinkStatus;
+pub(crate) use meterd_ingest::sink::error_chain;
 pub use migrate::{MigrationReport, migrate};
 pub use sink::{connect, spawn};
 pub use store::PostgresStore;
-
-pub use meterd_ingest::sink::SinkStatus;
-pub(crate) use meterd_ingest::sink::error_chain;
 
 /// Whether to use TimescaleDB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

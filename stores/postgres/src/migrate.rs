@@ -2,9 +2,9 @@
 //! transaction, recorded in `meterd.schema_migrations`, while holding an advisory lock so that
 //! meterd processes starting together apply each migration once.
 
-use crate::migrations::{Flavor, POSTGRES};
 use tokio_postgres::Client;
 
+use crate::migrations::{Flavor, POSTGRES};
 use crate::{PgError, PostgresConfig, TimescaleMode, sql_err};
 
 /// The advisory lock key of migrations (`'mtrdmigr'` as bytes).

@@ -4,18 +4,21 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::migrations::Flavor;
 use chrono::{DateTime, Utc};
+use meterd_ingest::log::{Consumer, LogShared, Lsn};
+use meterd_ingest::sink::{SinkHandle, retrying, spawn_sink};
+use meterd_ingest::tailer::{Limits, Tailer};
 use meterd_schemas::StoredEvent;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
+use crate::migrations::Flavor;
 use crate::{PgError, PostgresConfig, SinkStatus, copy, error_chain, sql_err, upkeep};
-use meterd_ingest::log::{Consumer, LogShared, Lsn};
-use meterd_ingest::sink::{SinkHandle, retrying, spawn_sink};
-use meterd_ingest::tailer::{Limits, Tailer};
+
+/// How long a batch waits for more events before it is delivered short of `batch_rows`.
+const BATCH_AGE: Duration = Duration::from_millis(20);
 
 /// Starts delivering this node's log to PostgreSQL, and the upkeep task. Both retry every
 /// failure with backoff until `shutdown` is cancelled.
@@ -124,11 +127,12 @@ impl Sink {
 
         let mut partitions: HashSet<i64> = HashSet::new();
         // The next batch is read from the log while the current one is committed. Batches are
-        // cut by rows only: a COPY streams, so bytes do not pile up, and what is there is sent.
+        // cut by rows (a COPY streams, so bytes do not pile up) and by a short age, so that at a
+        // low rate several group commits share a transaction instead of one each.
         let limits = Limits {
             rows: self.config.batch_rows,
             bytes: usize::MAX,
-            age: Duration::ZERO,
+            age: BATCH_AGE,
         };
         let mut tailer: Tailer<(), PgError> =
             Tailer::new(Arc::clone(&self.log), lsn, limits, |_, _| Ok(()));

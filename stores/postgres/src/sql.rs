@@ -25,12 +25,11 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::expr::{Between, BinaryExpr, Cast, InList};
 use datafusion::logical_expr::{Expr, Operator};
 use deadpool_postgres::Pool;
+use meterd_query::pushdown::{int_value, literal_value, text_value, timestamp_value};
+use meterd_query::remote::{Dialect, RemoteTable, Scan};
 use tokio::sync::mpsc::Sender;
 use tokio_postgres::Row;
 use tokio_postgres::types::{FromSql, ToSql, Type};
-
-use meterd_query::pushdown::{int_value, literal_value, text_value, timestamp_value};
-use meterd_query::remote::{Dialect, RemoteTable, Scan};
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01T00:00:00Z).
 const POSTGRES_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
@@ -230,6 +229,19 @@ pub async fn discover(
         return Err(DataFusionError::Plan(format!(
             "PostgreSQL relation {qualified} has no columns"
         )));
+    }
+    if name == "events" {
+        // Migrations add columns at the end of the table; `events` shows them in the column
+        // table's order, as the other stores do, so `SELECT *` answers alike everywhere.
+        let position = |column: &str| {
+            meterd_schemas::columns::COLUMNS
+                .iter()
+                .position(|c| c.name == column)
+                .unwrap_or(usize::MAX)
+        };
+        let mut paired: Vec<(PgColumn, Field)> = columns.into_iter().zip(fields).collect();
+        paired.sort_by_key(|(column, _)| position(&column.name));
+        (columns, fields) = paired.into_iter().unzip();
     }
     let table_type = match relkind.as_str() {
         "v" | "m" => TableType::View,

@@ -3,11 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use crate::migrations::Flavor;
 use chrono::{DateTime, Utc};
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
+use crate::migrations::Flavor;
 use crate::sink::connect;
 use crate::{PgError, PostgresConfig, SinkStatus, sql_err};
 
