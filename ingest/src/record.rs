@@ -203,7 +203,10 @@ mod tests {
         });
         let bytes = encode(&events).expect("encode");
         let hash = xxhash_rust::xxh3::xxh3_64(&bytes);
-        assert_eq!(hash, 0xfcd4_a608_e5c8_107c, "{hash:#x}: the record layout changed");
+        assert_eq!(
+            hash, 0xfcd4_a608_e5c8_107c,
+            "{hash:#x}: the record layout changed"
+        );
     }
 
     #[test]
