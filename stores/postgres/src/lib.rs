@@ -133,8 +133,6 @@ pub enum PgError {
     CheckpointAhead { database: u64, end: u64 },
     #[error(transparent)]
     Log(#[from] meterd_ingest::tailer::TailError),
-    #[error("the log reader task failed: {0}")]
-    ReaderTask(String),
 }
 
 pub(crate) fn sql_err(step: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
