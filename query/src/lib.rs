@@ -12,6 +12,7 @@
 //! the rollup tables from that store instead, through the store's tables built on [`remote`],
 //! which push projections, filters and limits into the SQL they send.
 
+mod abandoned;
 mod bounded_fns;
 mod bounds;
 mod budget;
@@ -182,6 +183,7 @@ impl QueryService {
             ctx,
             bounded_functions,
             pinned,
+            abandoned: Arc::default(),
             timeout: config.timeout,
             max_rows: config.max_rows,
             memory_limit_bytes: config.memory_limit_bytes,
@@ -205,10 +207,13 @@ impl QueryService {
     /// memory and row limits as the HTTP API. Must be called from a tokio runtime with time
     /// enabled (the timeout is measured there, not on the possibly busy query runtime).
     pub async fn query(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>)> {
-        let sql = sql.to_owned();
-        self.on_query_runtime(move |engine| async move {
-            let (schema, batches, _budget) = engine.collect(&sql).await?;
-            Ok((schema, batches))
+        let sql: Arc<str> = Arc::from(sql);
+        self.on_query_runtime(move |engine| {
+            let sql = Arc::clone(&sql);
+            async move {
+                let (schema, batches, _budget) = engine.collect(&sql).await?;
+                Ok((schema, batches))
+            }
         })
         .await
     }
@@ -216,31 +221,55 @@ impl QueryService {
     /// Runs one statement and encodes its result in `format`, both on the query runtime. The
     /// body holds its share of the memory pool until it is dropped.
     pub(crate) async fn query_encoded(&self, sql: String, format: Format) -> Result<Bytes> {
-        self.on_query_runtime(move |engine| async move {
-            let (schema, batches, budget) = engine.collect(&sql).await?;
-            let mut out = budget::Output::new(
-                &engine.ctx.runtime_env().memory_pool,
-                engine.memory_limit_bytes,
-                engine.max_response_bytes,
-            );
-            format.encode_into(&schema, &batches, &mut out)?;
-            // The rows are in the body now.
-            drop((batches, budget));
-            Ok(out.into_body())
+        let sql: Arc<str> = Arc::from(sql);
+        self.on_query_runtime(move |engine| {
+            let sql = Arc::clone(&sql);
+            async move {
+                let (schema, batches, budget) = engine.collect(&sql).await?;
+                let mut out = budget::Output::new(
+                    &engine.ctx.runtime_env().memory_pool,
+                    engine.memory_limit_bytes,
+                    engine.max_response_bytes,
+                );
+                format.encode_into(&schema, &batches, &mut out)?;
+                // The rows are in the body now.
+                drop((batches, budget));
+                Ok(out.into_body())
+            }
         })
         .await
     }
 
     /// Runs `work` on the query runtime within the timeout. On timeout the task is dropped,
-    /// which aborts it and drops its DataFusion streams (cancelling their spawned tasks).
+    /// which aborts it and drops its DataFusion streams (cancelling their spawned tasks) at its
+    /// next yield point. `work` runs again if it was refused memory while an abandoned query
+    /// held some (see [`abandoned`]).
     async fn on_query_runtime<T, F, Fut>(&self, work: F) -> Result<T>
     where
-        F: FnOnce(Arc<Engine>) -> Fut,
+        F: Fn(Arc<Engine>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T>> + Send + 'static,
         T: Send + 'static,
     {
         let started = Instant::now();
-        let task = self.runtime.spawn(work(Arc::clone(&self.engine)));
+        let engine = Arc::clone(&self.engine);
+        let (running, _caller) = engine.abandoned.start();
+        let task = self.runtime.spawn(async move {
+            let _running = running;
+            loop {
+                let mark = engine.abandoned.mark();
+                match work(Arc::clone(&engine)).await {
+                    Err(e @ Error::MemoryLimit { .. }) if engine.abandoned.any_since(mark) => {
+                        tracing::debug!(
+                            error = %e,
+                            "sql query refused memory while an abandoned query held some; \
+                             running it again once that one stops"
+                        );
+                        engine.abandoned.none_running().await;
+                    }
+                    outcome => return outcome,
+                }
+            }
+        });
         let outcome = match tokio::time::timeout(self.timeout, task).await {
             Ok(Ok(result)) => result,
             Ok(Err(join_error)) => Err(Error::Task(join_error)),
@@ -327,6 +356,8 @@ struct Engine {
     bounded_functions: bounded_fns::BoundedFunctions,
     /// The embedded store, if the tables read it: every query pins its files.
     pinned: Option<Arc<dyn EventsSource>>,
+    /// Queries given up on whose tasks still hold their memory.
+    abandoned: Arc<abandoned::Abandoned>,
     timeout: Duration,
     max_rows: usize,
     memory_limit_bytes: usize,

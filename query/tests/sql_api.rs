@@ -720,3 +720,88 @@ async fn query_returns_batches() {
         .expect_err("refused");
     assert_eq!(err.status_code(), StatusCode::BAD_REQUEST);
 }
+
+/// A table whose scan takes most of the memory pool and then blocks its thread without
+/// yielding, as a large sort or hash build does: a query over it that times out is abandoned
+/// but keeps the memory until its task next yields.
+#[derive(Debug)]
+struct HoggingPartition {
+    schema: arrow::datatypes::SchemaRef,
+    bytes: usize,
+    blocks_for: Duration,
+}
+
+impl datafusion::physical_plan::streaming::PartitionStream for HoggingPartition {
+    fn schema(&self) -> &arrow::datatypes::SchemaRef {
+        &self.schema
+    }
+
+    fn execute(
+        &self,
+        ctx: Arc<datafusion::execution::TaskContext>,
+    ) -> datafusion::execution::SendableRecordBatchStream {
+        let schema = Arc::clone(&self.schema);
+        let (bytes, blocks_for) = (self.bytes, self.blocks_for);
+        let stream = futures::stream::once(async move {
+            let reservation = datafusion::execution::memory_pool::MemoryConsumer::new("hog")
+                .register(ctx.memory_pool());
+            reservation.try_grow(bytes)?;
+            std::thread::sleep(blocks_for);
+            std::future::pending::<()>().await;
+            drop(reservation);
+            Ok(RecordBatch::new_empty(schema))
+        });
+        Box::pin(
+            datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(
+                Arc::clone(&self.schema),
+                stream,
+            ),
+        )
+    }
+}
+
+/// A query refused memory that an abandoned query still holds waits for that query to stop
+/// and runs, instead of being told it is too large.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_waits_for_the_memory_of_an_abandoned_query() {
+    let schema = Arc::new(Schema::new(vec![Field::new("x", DataType::Int64, true)]));
+    let hog = datafusion::catalog::streaming::StreamingTable::try_new(
+        Arc::clone(&schema),
+        vec![Arc::new(HoggingPartition {
+            schema: Arc::clone(&schema),
+            bytes: 3 * 1024 * 1024,
+            blocks_for: Duration::from_secs(4),
+        })],
+    )
+    .expect("streaming table");
+    let service = QueryService::with_tables(
+        vec![("hog".to_owned(), Arc::new(hog))],
+        QueryConfig {
+            timeout: Duration::from_secs(3),
+            memory_limit_bytes: 4 * 1024 * 1024,
+            max_rows: 1_000_000,
+            ..QueryConfig::default()
+        },
+    )
+    .expect("service");
+    let abandoned = service.query("SELECT count(*) FROM hog").await;
+    assert!(
+        matches!(abandoned, Err(meterd_query::Error::Timeout { .. })),
+        "{abandoned:?}"
+    );
+    // 200,000 BIGINTs held as the result: 1.6 MB, more than the pool has left while the
+    // abandoned query holds its 3 MiB, well within it afterwards.
+    let started = std::time::Instant::now();
+    let (_, batches) = service
+        .query("SELECT value FROM generate_series(1, 200000)")
+        .await
+        .expect("the query runs once the abandoned one stopped");
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    assert_eq!(rows, 200_000);
+    // It did wait: the abandoned query blocked for a second past its deadline.
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+}
