@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -131,6 +132,26 @@ pub struct ServeArgs {
     #[arg(skip)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clickhouse: Option<ClickHouseFileConfig>,
+    /// `[[prices]]`: the price book (file only; see docs/billing.md).
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prices: Vec<meterd_billing::config::PriceEntry>,
+    /// `[[meters]]`: named aggregations over events (file only).
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub meters: Vec<meterd_billing::config::MeterConfig>,
+    /// `[[plans]]`: base fee, minimum and charges (file only).
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plans: Vec<meterd_billing::config::PlanConfig>,
+    /// `[[customers]]`: each tenant's plan and zone (file only).
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub customers: Vec<meterd_billing::config::CustomerConfig>,
+    /// `[[credits]]`: prepaid credit grants (file only).
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub credits: Vec<meterd_billing::config::CreditConfig>,
 }
 
 /// Flags of `meterd migrate`.
@@ -322,6 +343,8 @@ pub struct Settings {
     pub postgres: Option<PostgresConfig>,
     /// The ClickHouse store, when configured.
     pub clickhouse: Option<ClickHouseConfig>,
+    /// Meters, prices, plans, customers and credits, checked.
+    pub billing: Arc<meterd_billing::Billing>,
 }
 
 impl Settings {
@@ -433,7 +456,16 @@ impl Settings {
             }
             other => other,
         };
+        let billing = meterd_billing::Billing::new(&meterd_billing::BillingConfig {
+            prices: given.prices.clone(),
+            meters: given.meters.clone(),
+            plans: given.plans.clone(),
+            customers: given.customers.clone(),
+            credits: given.credits.clone(),
+        })
+        .map_err(|e| ConfigError::Invalid(format!("billing: {e}")))?;
         Ok(Self {
+            billing: Arc::new(billing),
             listen,
             ingest,
             query,

@@ -4,6 +4,7 @@
 //! ingest and query crates into one HTTP server, the `meterd gen` load generator and `meterd
 //! load`, which sends a file of events. `main.rs` only calls [`run`].
 
+mod billing;
 pub mod config;
 pub mod listener;
 pub mod load;

@@ -67,6 +67,9 @@ fn rewrite_refs(value: &mut Value) {
 }
 
 /// The API's OpenAPI document, with examples timed `now`.
+/// A billing period: a calendar month from 1970 on.
+const PERIOD_PATTERN: &str = "^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])$";
+
 pub fn document(now: DateTime<Utc>) -> Value {
     let (event, data_schemas) = event_components();
     let time = (now - chrono::Duration::seconds(1)).to_rfc3339_opts(SecondsFormat::Millis, true);
@@ -123,6 +126,37 @@ pub fn document(now: DateTime<Utc>) -> Value {
                 "required": ["index", "field", "reason"], "properties": {
                 "index": {"type": "integer"}, "field": {"type": "string"}, "reason": {"type": "string"}}}}}}));
     schemas.insert("Status".into(), json!({"type": "object"}));
+    schemas.insert(
+        "Invoice".into(),
+        json!({
+        "type": "object",
+        "required": ["tenant", "period", "timezone", "period_start", "period_end", "plan",
+                     "currency", "status", "lines", "base_fee", "subtotal", "minimum",
+                     "minimum_adjustment", "credits_applied", "total", "inputs"],
+        "properties": {
+            "tenant": {"type": "string"}, "period": {"type": "string"},
+            "timezone": {"type": "string"},
+            "period_start": {"type": "string", "format": "date-time"},
+            "period_end": {"type": "string", "format": "date-time"},
+            "plan": {"type": "string"}, "currency": {"type": "string"},
+            "status": {"enum": ["draft", "preview"]},
+            "lines": {"type": "array", "items": {"type": "object",
+                "required": ["charge", "model", "quantity", "amount"]}},
+            "base_fee": {"type": "string"}, "subtotal": {"type": "string"},
+            "minimum": {"type": "string"}, "minimum_adjustment": {"type": "string"},
+            "credits_applied": {"type": "array", "items": {"type": "object"}},
+            "total": {"type": "string", "description": "Decimal, in the currency's minor unit"},
+            "inputs": {"type": "object"}}}),
+    );
+    schemas.insert("InvoicePreview".into(), json!({
+        "type": "object", "required": ["tenant", "period"], "additionalProperties": false,
+        "properties": {
+            "tenant": {"type": "string", "minLength": 1, "maxLength": 128},
+            "period": {"type": "string", "pattern": PERIOD_PATTERN},
+            "plan": {"type": "object", "description": "A [[plans]] entry; default: the tenant's plan"},
+            "prices": {"type": "array", "items": {"type": "object"},
+                       "description": "[[prices]] entries; default: the configured price book"},
+            "timezone": {"type": "string", "description": "IANA zone; default: the tenant's"}}}));
 
     json!({
         "openapi": "3.1.0",
@@ -175,6 +209,54 @@ pub fn document(now: DateTime<Utc>) -> Value {
                     "403": err("Key lacks the query scope"),
                     "413": err("Result or memory over the limit"),
                     "504": err("Query timed out")}}},
+            "/v1/meters": {"get": {
+                "operationId": "listMeters",
+                "summary": "The configured meters",
+                "responses": {
+                    "200": {"description": "Meters", "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["meters"],
+                        "properties": {"meters": {"type": "array", "items": {"type": "object"}}}}}}},
+                    "401": err("Missing or unknown API key"),
+                    "403": err("Key lacks the query scope")}}},
+            "/v1/invoices": {"get": {
+                "operationId": "getInvoice",
+                "summary": "The invoice of a tenant for a calendar month in its zone",
+                "parameters": [
+                    {"name": "tenant", "in": "query", "required": true,
+                     "schema": {"type": "string", "minLength": 1, "maxLength": 128}},
+                    {"name": "period", "in": "query", "required": true,
+                     "schema": {"type": "string", "pattern": PERIOD_PATTERN}, "example": "2026-10"},
+                    {"name": "format", "in": "query", "required": false,
+                     "schema": {"type": "string", "enum": ["json", "csv"]}}],
+                "responses": {
+                    "200": {"description": "The invoice, or its lines as CSV", "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Invoice"}},
+                        "text/csv; charset=utf-8": {"schema": {"type": "string"}}}},
+                    "400": err("Missing or invalid parameter"),
+                    "401": err("Missing or unknown API key"),
+                    "403": err("Key lacks the query scope, or is bound to another tenant"),
+                    "404": err("The tenant is not a customer"),
+                    "409": err("Usage of a model without a price in force"),
+                    "503": err("The store did not answer"),
+                    "504": err("The store timed out")}}},
+            "/v1/invoices/preview": {"post": {
+                "operationId": "previewInvoice",
+                "summary": "The invoice under a plan or prices given here; changes nothing",
+                "requestBody": {"required": true, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/InvoicePreview"}}}},
+                "responses": {
+                    "200": {"description": "The invoice, status preview", "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Invoice"}}}},
+                    "400": err("Invalid request, plan or prices"),
+                    "401": err("Missing or unknown API key"),
+                    "403": err("Key lacks the query scope, or is bound to another tenant"),
+                    "404": err("The tenant is not a customer"),
+                    "409": err("Usage of a model without a price in force"),
+                    "413": err("Body too large"),
+                    "415": err("Body is not JSON"),
+                    "422": err("Body does not match the request's shape"),
+                    "503": err("The store did not answer"),
+                    "504": err("The store timed out")}}},
             "/healthz": {"get": {"operationId": "healthz", "summary": "Liveness",
                 "responses": {"200": {"description": "alive", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}}}}}},
             "/readyz": {"get": {"operationId": "readyz", "summary": "Readiness: stores reachable, log not full",

@@ -145,6 +145,7 @@ async fn openapi_json() -> impl IntoResponse {
 pub fn router(
     ingest: Arc<Ingest>,
     query: &Arc<QueryService>,
+    usage: Arc<dyn meterd_billing::UsageSource>,
     stores: Stores,
     settings: &Settings,
 ) -> Router {
@@ -176,6 +177,10 @@ pub fn router(
     Router::new()
         .merge(meterd_ingest::http::router(Arc::clone(&ingest)).route_layer(guard(Scope::Ingest)))
         .merge(query.router().route_layer(guard(Scope::Query)))
+        .merge(
+            crate::billing::router(Arc::clone(&settings.billing), usage)
+                .route_layer(guard(Scope::Query)),
+        )
         .route("/healthz", get(healthz))
         .route(
             "/readyz",
@@ -276,16 +281,29 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         Some(store) => served_from(
             store.display_name(),
             store_query(store.as_ref(), &settings).await,
-        ),
+        )
+        .map(|query| (query, store)),
         None => None,
     };
-    let query = match query {
-        Some(query) => query,
-        None => embedded_query(&ingest, &settings).await?,
+    // Invoices read usage where SQL does: the store runs each meter's aggregation itself.
+    let (query, usage): (_, Arc<dyn meterd_billing::UsageSource>) = match query {
+        Some((query, store)) => {
+            let usage = store
+                .usage(&settings.query)
+                .await
+                .with_context(|| format!("reading usage from {}", store.display_name()))?;
+            (query, usage)
+        }
+        None => {
+            let query = embedded_query(&ingest, &settings).await?;
+            let usage = Arc::new(crate::billing::EmbeddedUsage(Arc::clone(&query)));
+            (query, usage)
+        }
     };
     let app = router(
         Arc::clone(&ingest),
         &query,
+        usage,
         Stores(
             sinks
                 .iter()

@@ -126,6 +126,12 @@ pub enum InvoiceError {
     },
     #[error(transparent)]
     Usage(#[from] UsageError),
+    #[error("charge {charge}: {source}")]
+    Overflow {
+        charge: String,
+        #[source]
+        source: rate::Overflow,
+    },
 }
 
 fn instant(t: DateTime<Utc>) -> String {
@@ -298,7 +304,12 @@ pub fn rate_invoice(
                         value: value.value,
                     });
                 }
-                let priced = rate::price(pricing, quantity, *included);
+                let priced = rate::price(pricing, quantity, *included).map_err(|source| {
+                    InvoiceError::Overflow {
+                        charge: charge.name.clone(),
+                        source,
+                    }
+                })?;
                 lines.push(Line {
                     charge: charge.name.clone(),
                     model: model.as_str(),
@@ -324,7 +335,12 @@ pub fn rate_invoice(
                             events: t.events,
                         })?;
                     let prices = TokenPrices::of(entry);
-                    let cost = rate::token_cost(&t.tokens, &prices, *markup);
+                    let cost = rate::token_cost(&t.tokens, &prices, *markup).map_err(|source| {
+                        InvoiceError::Overflow {
+                            charge: charge.name.clone(),
+                            source,
+                        }
+                    })?;
                     let effective_from = instant(entry.effective_from);
                     match price_inputs.iter_mut().find(|p| {
                         p.provider == t.provider
@@ -340,10 +356,16 @@ pub fn rate_invoice(
                         }),
                     }
                     let tokens = &t.tokens;
-                    let quantity = tokens.input
-                        + tokens.output
-                        + tokens.cached_input
-                        + tokens.cache_write_input;
+                    let quantity = rate::total([
+                        tokens.input,
+                        tokens.output,
+                        tokens.cached_input,
+                        tokens.cache_write_input,
+                    ])
+                    .map_err(|source| InvoiceError::Overflow {
+                        charge: charge.name.clone(),
+                        source,
+                    })?;
                     lines.push(Line {
                         charge: charge.name.clone(),
                         model: "llm_cost",
@@ -370,13 +392,23 @@ pub fn rate_invoice(
             }
         }
     }
+    let overflow = |source| InvoiceError::Overflow {
+        charge: "the invoice's total".to_owned(),
+        source,
+    };
     let base_fee = currency.round(plan.base_fee);
-    let subtotal = lines.iter().map(|l| l.amount).sum::<Decimal>() + base_fee;
+    let subtotal = rate::add(
+        rate::total(lines.iter().map(|l| l.amount)).map_err(overflow)?,
+        base_fee,
+    )
+    .map_err(overflow)?;
     let minimum = currency.round(plan.minimum);
+    // Both are at most the largest decimal: their difference and sum stay in range.
     let minimum_adjustment = currency.round((minimum - subtotal).max(Decimal::ZERO));
     let due = subtotal + minimum_adjustment;
     let credits_applied = rate::apply_credits(due, credits, start, currency);
-    let total = currency.round(due - credits_applied.iter().map(|c| c.amount).sum::<Decimal>());
+    let paid = rate::total(credits_applied.iter().map(|c| c.amount)).map_err(overflow)?;
+    let total = currency.round(due - paid);
     Ok(Invoice {
         tenant: tenant.to_owned(),
         period: period.to_string(),

@@ -15,7 +15,7 @@ pub struct Period {
 
 impl Period {
     pub fn new(year: i32, month: u32) -> Option<Period> {
-        ((1..=12).contains(&month) && (1970..=9998).contains(&year))
+        ((1..=12).contains(&month) && (1970..=9999).contains(&year))
             .then_some(Period { year, month })
     }
 

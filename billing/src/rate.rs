@@ -67,15 +67,37 @@ pub struct Priced {
     pub exact: Decimal,
 }
 
+/// An amount too large for the 96-bit decimals meterd computes with (about 7.9 x 10^28).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an amount passed the largest decimal meterd computes with (about 7.9e28)")]
+pub struct Overflow;
+
+pub(crate) fn mul(a: Decimal, b: Decimal) -> Result<Decimal, Overflow> {
+    a.checked_mul(b).ok_or(Overflow)
+}
+
+pub(crate) fn add(a: Decimal, b: Decimal) -> Result<Decimal, Overflow> {
+    a.checked_add(b).ok_or(Overflow)
+}
+
+pub(crate) fn sub(a: Decimal, b: Decimal) -> Result<Decimal, Overflow> {
+    a.checked_sub(b).ok_or(Overflow)
+}
+
+/// The sum of `items`, or [`Overflow`].
+pub(crate) fn total(items: impl IntoIterator<Item = Decimal>) -> Result<Decimal, Overflow> {
+    items.into_iter().try_fold(Decimal::ZERO, add)
+}
+
 /// Prices `quantity` units of which `included` are free.
-pub fn price(pricing: &Pricing, quantity: Decimal, included: Decimal) -> Priced {
-    let billable = (quantity - included).max(Decimal::ZERO);
-    match pricing {
+pub fn price(pricing: &Pricing, quantity: Decimal, included: Decimal) -> Result<Priced, Overflow> {
+    let billable = sub(quantity, included)?.max(Decimal::ZERO);
+    Ok(match pricing {
         Pricing::PerUnit { unit_price } => Priced {
             billable,
             unit_price: Some(*unit_price),
             steps: Vec::new(),
-            exact: billable * unit_price,
+            exact: mul(billable, *unit_price)?,
         },
         Pricing::Graduated { tiers } => {
             let mut steps = Vec::new();
@@ -85,17 +107,17 @@ pub fn price(pricing: &Pricing, quantity: Decimal, included: Decimal) -> Priced 
                     break;
                 }
                 let top = tier.up_to.map_or(billable, |u| u.min(billable));
-                let units = top - below;
+                let units = sub(top, below)?;
                 if units > Decimal::ZERO {
                     steps.push(Step {
                         tier: Some(i + 1),
-                        from_unit: below + Decimal::ONE,
+                        from_unit: add(below, Decimal::ONE)?,
                         up_to: tier.up_to,
                         units,
                         unit_price: tier.unit_price,
                         flat_price: tier.flat_price,
                         packages: None,
-                        amount: units * tier.unit_price + tier.flat_price,
+                        amount: add(mul(units, tier.unit_price)?, tier.flat_price)?,
                     });
                 }
                 match tier.up_to {
@@ -103,7 +125,7 @@ pub fn price(pricing: &Pricing, quantity: Decimal, included: Decimal) -> Priced 
                     None => break,
                 }
             }
-            let exact = steps.iter().map(|s| s.amount).sum();
+            let exact = total(steps.iter().map(|s| s.amount))?;
             Priced {
                 billable,
                 unit_price: None,
@@ -113,12 +135,12 @@ pub fn price(pricing: &Pricing, quantity: Decimal, included: Decimal) -> Priced 
         }
         Pricing::Volume { tiers } => {
             if billable.is_zero() {
-                return Priced {
+                return Ok(Priced {
                     billable,
                     unit_price: None,
                     steps: Vec::new(),
                     exact: Decimal::ZERO,
-                };
+                });
             }
             let mut below = Decimal::ZERO;
             let mut chosen = None;
@@ -131,20 +153,20 @@ pub fn price(pricing: &Pricing, quantity: Decimal, included: Decimal) -> Priced 
             }
             // Validation makes the last tier open, so a tier is always found.
             let Some((i, tier, below)) = chosen else {
-                return Priced {
+                return Ok(Priced {
                     billable,
                     unit_price: None,
                     steps: Vec::new(),
                     exact: Decimal::ZERO,
-                };
+                });
             };
-            let amount = billable * tier.unit_price + tier.flat_price;
+            let amount = add(mul(billable, tier.unit_price)?, tier.flat_price)?;
             Priced {
                 billable,
                 unit_price: Some(tier.unit_price),
                 steps: vec![Step {
                     tier: Some(i + 1),
-                    from_unit: below + Decimal::ONE,
+                    from_unit: add(below, Decimal::ONE)?,
                     up_to: tier.up_to,
                     units: billable,
                     unit_price: tier.unit_price,
@@ -157,7 +179,7 @@ pub fn price(pricing: &Pricing, quantity: Decimal, included: Decimal) -> Priced 
         }
         Pricing::Package { size, price } => {
             let packages = (billable / size).ceil();
-            let exact = packages * price;
+            let exact = mul(packages, *price)?;
             Priced {
                 billable,
                 unit_price: Some(*price),
@@ -178,7 +200,7 @@ pub fn price(pricing: &Pricing, quantity: Decimal, included: Decimal) -> Priced 
                 exact,
             }
         }
-    }
+    })
 }
 
 /// Token counts of one provider's model in one stretch of time with one price.
@@ -201,14 +223,19 @@ pub struct TokenPrices {
 
 /// The exact list cost of `tokens`, with `markup` added (`0.20` adds 20%). Reasoning tokens
 /// are part of the output tokens and are not priced again.
-pub fn token_cost(tokens: &Tokens, prices: &TokenPrices, markup: Decimal) -> Decimal {
+pub fn token_cost(
+    tokens: &Tokens,
+    prices: &TokenPrices,
+    markup: Decimal,
+) -> Result<Decimal, Overflow> {
     let million = Decimal::from(1_000_000);
-    let cost = (tokens.input * prices.input_per_million
-        + tokens.output * prices.output_per_million
-        + tokens.cached_input * prices.cached_input_per_million
-        + tokens.cache_write_input * prices.cache_write_per_million)
-        / million;
-    cost * (Decimal::ONE + markup)
+    let cost = total([
+        mul(tokens.input, prices.input_per_million)?,
+        mul(tokens.output, prices.output_per_million)?,
+        mul(tokens.cached_input, prices.cached_input_per_million)?,
+        mul(tokens.cache_write_input, prices.cache_write_per_million)?,
+    ])? / million;
+    mul(cost, add(Decimal::ONE, markup)?)
 }
 
 /// A grant's part in paying an invoice.
@@ -313,7 +340,7 @@ mod tests {
             ("10001", "90.005"),
             ("20000", "140.000"),
         ] {
-            let p = price(&g, d(q), Decimal::ZERO);
+            let p = price(&g, d(q), Decimal::ZERO).expect("fits");
             assert_eq!(p.exact, d(amount), "{q}");
             assert_eq!(
                 p.steps.iter().map(|s| s.units).sum::<Decimal>(),
@@ -333,7 +360,7 @@ mod tests {
             ("10000", "100.00", Some(2)),
             ("10001", "50.005", Some(3)),
         ] {
-            let p = price(&v, d(q), Decimal::ZERO);
+            let p = price(&v, d(q), Decimal::ZERO).expect("fits");
             assert_eq!(p.exact, d(amount), "{q}");
             assert_eq!(p.steps.first().and_then(|s| s.tier), tier, "{q}");
         }
@@ -355,7 +382,7 @@ mod tests {
             ("40", "50", "0"),
         ] {
             assert_eq!(
-                price(&p, d(q), d(included)).exact,
+                price(&p, d(q), d(included)).expect("fits").exact,
                 d(amount),
                 "{q} {included}"
             );
@@ -399,5 +426,24 @@ mod tests {
         );
         assert_eq!(uses[3].balance_after, d("95"));
         assert!(apply_credits(d("0"), &grants, at("2026-10-01T00:00:00Z"), usd).is_empty());
+    }
+
+    #[test]
+    fn amounts_past_the_decimal_range_are_an_error_not_a_panic() {
+        let huge = Pricing::PerUnit {
+            unit_price: Decimal::MAX,
+        };
+        assert_eq!(price(&huge, d("2"), Decimal::ZERO), Err(Overflow));
+        let tokens = Tokens {
+            input: Decimal::MAX,
+            ..Tokens::default()
+        };
+        let prices = TokenPrices {
+            input_per_million: d("2"),
+            output_per_million: d("0"),
+            cached_input_per_million: d("0"),
+            cache_write_per_million: d("0"),
+        };
+        assert_eq!(token_cost(&tokens, &prices, Decimal::ZERO), Err(Overflow));
     }
 }

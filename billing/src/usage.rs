@@ -44,9 +44,9 @@ pub trait UsageDialect: FilterDialect + Send + Sync {
         self.column(column)
     }
 
-    /// The `FROM` clause naming the events table.
-    fn events(&self) -> &'static str {
-        "events"
+    /// The events table, qualified as the store needs.
+    fn events(&self) -> String {
+        "events".to_owned()
     }
 }
 
@@ -59,7 +59,8 @@ pub trait UsageSource: Send + Sync + fmt::Debug {
     fn dialect(&self) -> &dyn UsageDialect;
 
     /// Runs one statement rendered with [`UsageSource::dialect`] and answers its rows, every
-    /// value as text (`None` for NULL).
+    /// value as text (`None` for NULL), in the order of the select list (whose items are named
+    /// `c0`, `c1`, ...).
     async fn rows(&self, sql: &str) -> Result<Vec<Vec<Option<String>>>, UsageError>;
 }
 
@@ -103,7 +104,7 @@ pub fn meter_sql(d: &dyn UsageDialect, meter: &Meter, scope: Scope<'_>) -> Strin
         (_, None) => d.count(),
     };
     let mut sql = format!(
-        "SELECT {}, {} FROM {} WHERE {}",
+        "SELECT {} AS c0, {} AS c1 FROM {} WHERE {}",
         d.count(),
         value,
         d.events(),
@@ -119,8 +120,8 @@ pub fn meter_sql(d: &dyn UsageDialect, meter: &Meter, scope: Scope<'_>) -> Strin
 /// output, cached_input, cache_write_input`.
 pub fn tokens_sql(d: &dyn UsageDialect, scope: Scope<'_>) -> String {
     format!(
-        "SELECT {p}, {m}, {n}, {i}, {o}, {c}, {w} FROM {t} WHERE {wh} \
-         GROUP BY {pc}, {mc} ORDER BY {pc}, {mc}",
+        "SELECT {p} AS c0, {m} AS c1, {n} AS c2, {i} AS c3, {o} AS c4, {c} AS c5, {w} AS c6 \
+         FROM {t} WHERE {wh} GROUP BY {pc}, {mc}",
         p = d.text("provider"),
         m = d.text("model"),
         n = d.count(),
@@ -178,7 +179,8 @@ pub struct ModelTokens {
     pub tokens: crate::rate::Tokens,
 }
 
-/// Runs [`tokens_sql`].
+/// Runs [`tokens_sql`]; the models come back ordered by provider, then model, by their bytes
+/// (stores order text by their own collations, so the order is made here).
 pub async fn model_tokens(
     source: &dyn UsageSource,
     scope: Scope<'_>,
@@ -204,6 +206,7 @@ pub async fn model_tokens(
             },
         });
     }
+    out.sort_by(|a, b| (&a.provider, &a.model).cmp(&(&b.provider, &b.model)));
     Ok(out)
 }
 

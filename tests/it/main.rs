@@ -7,6 +7,7 @@
 mod common;
 
 mod bad_input;
+mod billing;
 mod cli;
 mod clickhouse_migrations;
 mod clickhouse_modern;

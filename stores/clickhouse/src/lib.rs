@@ -24,6 +24,7 @@
 //!   there. A server killed between two views' writes, or a view that failed after others had
 //!   written, is repaired the same way.
 
+pub mod billing;
 pub mod block;
 pub mod rollups;
 pub mod schema;

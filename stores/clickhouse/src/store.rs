@@ -73,4 +73,15 @@ impl Store for ClickHouseStore {
         }
         Ok(tables)
     }
+
+    async fn usage(
+        &self,
+        query: &QueryConfig,
+    ) -> anyhow::Result<Arc<dyn meterd_billing::UsageSource>> {
+        Ok(Arc::new(crate::billing::ClickHouseUsage::new(
+            crate::client(&self.config),
+            &self.config.database,
+            query.timeout,
+        )))
+    }
 }

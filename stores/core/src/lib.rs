@@ -59,4 +59,11 @@ pub trait Store: fmt::Debug + Send + Sync {
         names: &[&str],
         query: &QueryConfig,
     ) -> anyhow::Result<Vec<(String, Arc<dyn TableProvider>)>>;
+
+    /// Where invoices read usage: each meter's aggregation rendered in the store's dialect and
+    /// run inside it (called after [`Store::tables`], which migrates).
+    async fn usage(
+        &self,
+        query: &QueryConfig,
+    ) -> anyhow::Result<Arc<dyn meterd_billing::UsageSource>>;
 }

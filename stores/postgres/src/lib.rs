@@ -11,6 +11,7 @@
 //! - Upkeep (plain PostgreSQL): refreshes the rollups, creates partitions ahead and drops them
 //!   past retention. TimescaleDB does this itself with its policies.
 
+pub mod billing;
 pub mod copy;
 pub mod migrate;
 pub mod migrations;

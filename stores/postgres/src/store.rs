@@ -26,6 +26,35 @@ impl PostgresStore {
     pub fn new(config: PostgresConfig) -> Self {
         Self { config }
     }
+
+    /// A pool of connections for SQL, set up as the sink's are.
+    fn pool(&self, query: &QueryConfig) -> anyhow::Result<deadpool_postgres::Pool> {
+        let mut config: tokio_postgres::Config = self
+            .config
+            .url
+            .parse()
+            .context("parsing the PostgreSQL URL")?;
+        // As the sink's connections: give up connecting after 10 s, notice a dead peer in a
+        // minute.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(Duration::from_secs(60));
+        }
+        config.keepalives_idle(Duration::from_secs(30));
+        let manager = deadpool_postgres::Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        deadpool_postgres::Pool::builder(manager)
+            .max_size(query.threads.max(1) * 4)
+            .build()
+            .context("building the PostgreSQL pool")
+    }
 }
 
 #[async_trait]
@@ -71,31 +100,7 @@ impl Store for PostgresStore {
             .await
             .context("migrating PostgreSQL")?;
         drop(client);
-        let mut config: tokio_postgres::Config = self
-            .config
-            .url
-            .parse()
-            .context("parsing the PostgreSQL URL")?;
-        // As the sink's connections: give up connecting after 10 s, notice a dead peer in a
-        // minute.
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(10));
-        }
-        if config.get_tcp_user_timeout().is_none() {
-            config.tcp_user_timeout(Duration::from_secs(60));
-        }
-        config.keepalives_idle(Duration::from_secs(30));
-        let manager = deadpool_postgres::Manager::from_config(
-            config,
-            tokio_postgres::NoTls,
-            deadpool_postgres::ManagerConfig {
-                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-            },
-        );
-        let pool = deadpool_postgres::Pool::builder(manager)
-            .max_size(query.threads.max(1) * 4)
-            .build()
-            .context("building the PostgreSQL pool")?;
+        let pool = self.pool(query)?;
         let mut tables: Vec<(String, Arc<dyn TableProvider>)> = Vec::with_capacity(names.len());
         for &name in names {
             let table = crate::sql::discover(pool.clone(), SCHEMA, name, query.timeout)
@@ -104,5 +109,15 @@ impl Store for PostgresStore {
             tables.push((name.to_owned(), Arc::new(table)));
         }
         Ok(tables)
+    }
+
+    async fn usage(
+        &self,
+        query: &QueryConfig,
+    ) -> anyhow::Result<Arc<dyn meterd_billing::UsageSource>> {
+        Ok(Arc::new(crate::billing::PostgresUsage::new(
+            self.pool(query)?,
+            query.timeout,
+        )))
     }
 }

@@ -1,0 +1,340 @@
+//! The billing API: `GET /v1/meters`, `GET /v1/invoices`, `POST /v1/invoices/preview`, over
+//! the usage source of the SQL source (the embedded store through DataFusion, or PostgreSQL or
+//! ClickHouse, each running the meters' aggregations itself).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::{SecondsFormat, TimeZone, Utc};
+use chrono_tz::Tz;
+use meterd_billing::config::{PlanConfig, PriceEntry};
+use meterd_billing::filter::FilterDialect;
+use meterd_billing::invoice::{Status, Terms};
+use meterd_billing::{
+    Billing, InvoiceError, Period, PriceBook, UsageDialect, UsageError, UsageSource,
+};
+use meterd_query::QueryService;
+use meterd_schemas::Principal;
+use serde::Deserialize;
+use serde_json::json;
+
+/// DataFusion's spelling of a usage statement, over the embedded store's `events`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DataFusionDialect;
+
+impl FilterDialect for DataFusionDialect {}
+
+impl UsageDialect for DataFusionDialect {
+    /// Text literals of UTC instants compare with `time` exactly, to the microsecond.
+    fn time_range(&self, from_us: i64, to_us: i64) -> String {
+        let at = |us: i64| {
+            Utc.timestamp_micros(us)
+                .single()
+                .unwrap_or_default()
+                .to_rfc3339_opts(SecondsFormat::Micros, true)
+        };
+        format!("time >= '{}' AND time < '{}'", at(from_us), at(to_us))
+    }
+
+    /// meterd's `sum` is exact (a 128-bit decimal; see query's exact_sum).
+    fn sum(&self, column: &str) -> String {
+        format!("CAST(sum({column}) AS VARCHAR)")
+    }
+
+    fn latest(&self, column: &str) -> String {
+        format!(
+            "CAST(first_value({column} ORDER BY time DESC, id DESC) \
+             FILTER (WHERE {column} IS NOT NULL) AS VARCHAR)"
+        )
+    }
+}
+
+/// Usage from the embedded store, through the SQL API's engine and limits.
+#[derive(Debug)]
+pub struct EmbeddedUsage(pub Arc<QueryService>);
+
+#[async_trait]
+impl UsageSource for EmbeddedUsage {
+    fn name(&self) -> &str {
+        "embedded"
+    }
+
+    fn dialect(&self) -> &dyn UsageDialect {
+        &DataFusionDialect
+    }
+
+    async fn rows(&self, sql: &str) -> Result<Vec<Vec<Option<String>>>, UsageError> {
+        let failed = |message: String| UsageError::Store {
+            store: "embedded".to_owned(),
+            message,
+        };
+        let (_, batches) = self.0.query(sql).await.map_err(|e| failed(e.to_string()))?;
+        let mut rows = Vec::new();
+        for batch in batches {
+            let columns = batch
+                .columns()
+                .iter()
+                .map(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| failed(e.to_string()))?;
+            for row in 0..batch.num_rows() {
+                rows.push(
+                    columns
+                        .iter()
+                        .map(|c| {
+                            let strings = arrow::array::AsArray::as_string::<i32>(c.as_ref());
+                            arrow::array::Array::is_valid(strings, row)
+                                .then(|| strings.value(row).to_owned())
+                        })
+                        .collect(),
+                );
+            }
+        }
+        Ok(rows)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct BillingState {
+    billing: Arc<Billing>,
+    source: Arc<dyn UsageSource>,
+}
+
+/// The billing routes, with their state applied.
+pub fn router(billing: Arc<Billing>, source: Arc<dyn UsageSource>) -> Router {
+    Router::new()
+        .route("/v1/meters", get(meters))
+        .route("/v1/invoices", get(invoice))
+        .route("/v1/invoices/preview", post(preview))
+        .with_state(BillingState { billing, source })
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    Refusal::new(status, message).into_response()
+}
+
+/// A request refused before any work, with the status and the message to answer.
+#[derive(Debug)]
+struct Refusal {
+    status: StatusCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+fn invoice_error(e: InvoiceError) -> Response {
+    let status = match &e {
+        InvoiceError::UnknownTenant(_) => StatusCode::NOT_FOUND,
+        InvoiceError::Unpriced { .. } | InvoiceError::Overflow { .. } => StatusCode::CONFLICT,
+        InvoiceError::Usage(UsageError::Store { message, .. }) if message.contains("timeout") => {
+            StatusCode::GATEWAY_TIMEOUT
+        }
+        InvoiceError::Usage(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, e.to_string())
+}
+
+async fn meters(State(state): State<BillingState>) -> Response {
+    let meters: Vec<_> = state.billing.meters.iter().map(|m| m.describe()).collect();
+    axum::Json(json!({ "meters": meters })).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct InvoiceParams {
+    tenant: Option<String>,
+    period: Option<String>,
+    format: Option<String>,
+}
+
+/// A key bound to a tenant reads that tenant's invoices only.
+fn allowed(principal: Option<&Principal>, tenant: &str) -> Result<(), Refusal> {
+    match principal.and_then(|p| p.tenant.as_deref()) {
+        Some(bound) if bound != tenant => Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            format!("this API key is bound to another tenant than {tenant:?}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn tenant_and_period(
+    tenant: Option<String>,
+    period: Option<&str>,
+) -> Result<(String, Period), Refusal> {
+    let tenant = tenant
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Refusal::new(StatusCode::BAD_REQUEST, "tenant: required"))?;
+    let period = period
+        .ok_or_else(|| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "period: required, a month such as 2026-10",
+            )
+        })?
+        .parse::<Period>()
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("period: {e}")))?;
+    Ok((tenant, period))
+}
+
+async fn invoice(
+    State(state): State<BillingState>,
+    principal: Option<axum::Extension<Principal>>,
+    params: Result<Query<InvoiceParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(params) = match params {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let (tenant, period) = match tenant_and_period(params.tenant, params.period.as_deref()) {
+        Ok(v) => v,
+        Err(r) => return r.into_response(),
+    };
+    if let Err(r) = allowed(principal.as_deref(), &tenant) {
+        return r.into_response();
+    }
+    let csv = match params.format.as_deref() {
+        None | Some("json") => false,
+        Some("csv") => true,
+        Some(other) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("format: {other:?} is not json or csv"),
+            );
+        }
+    };
+    match state
+        .billing
+        .invoice(state.source.as_ref(), &tenant, period)
+        .await
+    {
+        Ok(invoice) if csv => (
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            invoice.lines_csv(),
+        )
+            .into_response(),
+        Ok(invoice) => axum::Json(invoice).into_response(),
+        Err(e) => invoice_error(e),
+    }
+}
+
+/// `POST /v1/invoices/preview`: the invoice a plan or a price book would give; nothing changes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreviewRequest {
+    tenant: String,
+    period: String,
+    /// Default: the tenant's plan. Read after the request's shape, so a bad plan is a 400
+    /// naming what is wrong with it.
+    plan: Option<serde_json::Value>,
+    /// Default: the configured price book.
+    prices: Option<serde_json::Value>,
+    /// Default: the tenant's zone, or UTC for a tenant that is not a customer.
+    timezone: Option<String>,
+}
+
+async fn preview(
+    State(state): State<BillingState>,
+    principal: Option<axum::Extension<Principal>>,
+    body: Result<axum::Json<PreviewRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let axum::Json(request) = match body {
+        Ok(b) => b,
+        Err(e) => return error(e.status(), e.body_text()),
+    };
+    let (tenant, period) = match tenant_and_period(Some(request.tenant), Some(&request.period)) {
+        Ok(v) => v,
+        Err(r) => return r.into_response(),
+    };
+    if let Err(r) = allowed(principal.as_deref(), &tenant) {
+        return r.into_response();
+    }
+    let billing = &state.billing;
+    let customer = billing.customers.get(&tenant);
+    let entries = match request
+        .prices
+        .map(serde_json::from_value::<Vec<PriceEntry>>)
+    {
+        None => None,
+        Some(Ok(entries)) => Some(entries),
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("prices: {e}")),
+    };
+    let plan_config = match request.plan.map(serde_json::from_value::<PlanConfig>) {
+        None => None,
+        Some(Ok(plan)) => Some(plan),
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("plan: {e}")),
+    };
+    let prices_owned;
+    let prices = match &entries {
+        Some(entries) => match PriceBook::new(entries) {
+            Ok(book) => {
+                prices_owned = book;
+                &prices_owned
+            }
+            Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+        },
+        None => &billing.prices,
+    };
+    let plan_owned;
+    let plan = match (&plan_config, customer) {
+        (Some(config), _) => match billing.plan_from(config, prices) {
+            Ok(p) => {
+                plan_owned = p;
+                &plan_owned
+            }
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("plan: {e}")),
+        },
+        (None, Some(c)) => match billing.plans.get(c.plan) {
+            Some(p) => p,
+            None => return invoice_error(InvoiceError::UnknownTenant(tenant)),
+        },
+        (None, None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("plan: required, as tenant {tenant:?} is not a customer"),
+            );
+        }
+    };
+    let tz = match (&request.timezone, customer) {
+        (Some(z), _) => match z.parse::<Tz>() {
+            Ok(tz) => tz,
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("timezone: {z:?} is not an IANA zone"),
+                );
+            }
+        },
+        (None, Some(c)) => c.timezone,
+        (None, None) => Tz::UTC,
+    };
+    let terms = Terms {
+        plan,
+        prices,
+        status: Status::Preview,
+    };
+    match billing
+        .invoice_under(state.source.as_ref(), &tenant, tz, period, terms)
+        .await
+    {
+        Ok(invoice) => axum::Json(invoice).into_response(),
+        Err(e) => invoice_error(e),
+    }
+}

@@ -1,0 +1,661 @@
+//! Billing end to end: meters, the price book and plans from the config file, invoices over
+//! the events meterd stored, on the embedded store, PostgreSQL and ClickHouse.
+
+use crate::common;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, TimeZone, Utc};
+use chrono_tz::Tz;
+use common::ch::{self, PrivateClickHouse};
+use common::pg::{self, TestDb};
+use common::{Server, rfc3339};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The billing sections of the config file: every aggregation and every charge model.
+const BILLING: &str = r#"
+[[prices]]
+provider = "openai"
+model = "gpt-4o"
+effective_from = "2020-01-01T00:00:00Z"
+input_per_million = "2.50"
+output_per_million = "10.00"
+cached_input_per_million = "1.25"
+cache_write_per_million = "3.125"
+
+[[prices]]
+provider = "anthropic"
+model = "claude-sonnet"
+effective_from = "2020-01-01T00:00:00Z"
+input_per_million = "3.00"
+output_per_million = "15.00"
+cached_input_per_million = "0.30"
+cache_write_per_million = "3.75"
+
+[[meters]]
+name = "agent_runs"
+type = "agent.run"
+aggregation = "count"
+filter = "status = 'succeeded' AND agent <> 'test'"
+
+[[meters]]
+name = "agent_steps"
+type = "agent.run"
+aggregation = "sum"
+field = "steps"
+
+[[meters]]
+name = "active_agents"
+type = "agent.run"
+aggregation = "unique_count"
+field = "agent"
+
+[[meters]]
+name = "peak_tool_calls"
+type = "agent.run"
+aggregation = "max"
+field = "tool_calls"
+
+[[meters]]
+name = "last_duration"
+type = "agent.run"
+aggregation = "latest"
+field = "duration_ms"
+
+# Quotes and a backslash, which each store writes its own way.
+[[meters]]
+name = "quoted_agents"
+type = "agent.run"
+aggregation = "count"
+filter = "agent = 'o''reilly\\path' OR agent IN ('x''y')"
+
+[[plans]]
+name = "pro"
+currency = "USD"
+base_fee = "49.00"
+minimum = "100.00"
+[[plans.charges]]
+meter = "agent_runs"
+model = "graduated"
+tiers = [{ up_to = 5, unit_price = "0" }, { up_to = 20, unit_price = "0.75" }, { unit_price = "0.333" }]
+[[plans.charges]]
+meter = "agent_steps"
+model = "package"
+package_size = 10
+package_price = "0.15"
+included = 5
+[[plans.charges]]
+meter = "active_agents"
+model = "per_unit"
+unit_price = "2.00"
+[[plans.charges]]
+meter = "peak_tool_calls"
+model = "volume"
+tiers = [{ up_to = 3, unit_price = "0.10" }, { unit_price = "0.05", flat_price = "1.00" }]
+[[plans.charges]]
+meter = "last_duration"
+model = "per_unit"
+unit_price = "0.001"
+[[plans.charges]]
+meter = "quoted_agents"
+model = "per_unit"
+unit_price = "0.01"
+[[plans.charges]]
+model = "llm_cost"
+markup = "0.20"
+
+[[customers]]
+tenant = "acme"
+plan = "pro"
+timezone = "America/Sao_Paulo"
+
+[[customers]]
+tenant = "initech"
+plan = "pro"
+timezone = "Asia/Kolkata"
+
+[[credits]]
+tenant = "acme"
+amount = "25.00"
+priority = 1
+"#;
+
+fn config_file(extra: &str) -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(file.path(), format!("{extra}\n{BILLING}")).expect("write config");
+    file
+}
+
+fn path(f: &tempfile::NamedTempFile) -> String {
+    f.path().display().to_string()
+}
+
+/// The last whole calendar month before now in `tz`: its `YYYY-MM`, its first instant and the
+/// first instant after it.
+fn last_month(tz: Tz) -> (String, DateTime<Utc>, DateTime<Utc>) {
+    let now = Utc::now().with_timezone(&tz);
+    let (y, m) = if now.month() == 1 {
+        (now.year() - 1, 12)
+    } else {
+        (now.year(), now.month() - 1)
+    };
+    let start = tz
+        .with_ymd_and_hms(y, m, 1, 0, 0, 0)
+        .earliest()
+        .expect("local midnight")
+        .with_timezone(&Utc);
+    let end = tz
+        .with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
+        .earliest()
+        .expect("local midnight")
+        .with_timezone(&Utc);
+    (format!("{y:04}-{m:02}"), start, end)
+}
+
+/// An agent run; `counts` are its steps, tool calls and duration in milliseconds.
+fn agent_run(
+    tenant: &str,
+    id: &str,
+    time: DateTime<Utc>,
+    agent: &str,
+    status: &str,
+    counts: [i64; 3],
+) -> Value {
+    json!({
+        "id": id, "tenant": tenant, "type": "agent.run", "time": rfc3339(time),
+        "data": {"agent": agent, "run_id": id, "status": status, "duration_ms": counts[2],
+                 "steps": counts[0], "tool_calls": counts[1]}
+    })
+}
+
+fn llm(
+    tenant: &str,
+    id: &str,
+    time: DateTime<Utc>,
+    provider: &str,
+    model: &str,
+    tokens: [i64; 4],
+) -> Value {
+    json!({
+        "id": id, "tenant": tenant, "type": "llm.usage", "time": rfc3339(time),
+        "data": {"provider": provider, "model": model, "input_tokens": tokens[0],
+                 "output_tokens": tokens[1], "cached_input_tokens": tokens[2],
+                 "cache_write_input_tokens": tokens[3], "reasoning_tokens": 0,
+                 "latency_ms": 100, "status": "ok"}
+    })
+}
+
+async fn get(server: &Server, path: &str) -> (StatusCode, String) {
+    let response = reqwest::get(format!("{}{path}", server.url))
+        .await
+        .expect("request");
+    let status = response.status();
+    (status, response.text().await.expect("body"))
+}
+
+async fn invoice(server: &Server, tenant: &str, period: &str) -> Value {
+    let (status, body) = get(
+        server,
+        &format!("/v1/invoices?tenant={tenant}&period={period}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    serde_json::from_str(&body).expect("invoice JSON")
+}
+
+fn amount(invoice: &Value, charge: &str) -> String {
+    invoice["lines"]
+        .as_array()
+        .expect("lines")
+        .iter()
+        .filter(|l| l["charge"] == charge)
+        .map(|l| l["amount"].as_str().expect("amount").to_owned())
+        .next()
+        .unwrap_or_else(|| panic!("no line {charge} in {invoice}"))
+}
+
+/// The invoice of a month in São Paulo time from events at its edges, every charge model
+/// worked out by hand, on the embedded store with the README's defaults otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invoice_counts_the_month_in_the_customers_zone() {
+    let cfg = config_file("");
+    let server = Server::start(&["--config", &path(&cfg)]);
+    let tz = Tz::America__Sao_Paulo;
+    let (period, start, end) = last_month(tz);
+    let ms = chrono::Duration::milliseconds;
+    let mut events = vec![
+        // In: the first instant and the last millisecond of the month, local time.
+        agent_run(
+            "acme",
+            "r-first",
+            start,
+            "support",
+            "succeeded",
+            [12, 2, 900],
+        ),
+        agent_run(
+            "acme",
+            "r-last",
+            end - ms(1),
+            "support",
+            "succeeded",
+            [3, 7, 1500],
+        ),
+        // Out: a millisecond before, and the first instant of the next month.
+        agent_run(
+            "acme",
+            "r-before",
+            start - ms(1),
+            "support",
+            "succeeded",
+            [100, 100, 1],
+        ),
+        agent_run(
+            "acme",
+            "r-after",
+            end,
+            "support",
+            "succeeded",
+            [100, 100, 1],
+        ),
+        // Counted by steps, agents, tools and duration, but not as a billable run.
+        agent_run(
+            "acme",
+            "r-failed",
+            start + ms(10),
+            "billing",
+            "failed",
+            [4, 1, 50],
+        ),
+        agent_run(
+            "acme",
+            "r-test",
+            start + ms(20),
+            "test",
+            "succeeded",
+            [1, 1, 10],
+        ),
+        // Another tenant.
+        agent_run(
+            "globex",
+            "r-other",
+            start + ms(30),
+            "support",
+            "succeeded",
+            [1000, 1000, 1],
+        ),
+        llm(
+            "acme",
+            "l-1",
+            start + ms(40),
+            "openai",
+            "gpt-4o",
+            [1_000_000, 200_000, 400_000, 80_000],
+        ),
+        llm(
+            "acme",
+            "l-2",
+            end - ms(2),
+            "anthropic",
+            "claude-sonnet",
+            [10_000, 5_000, 100_000, 0],
+        ),
+    ];
+    for i in 0..20 {
+        events.push(agent_run(
+            "acme",
+            &format!("r-{i}"),
+            start + chrono::Duration::hours(i + 1),
+            "support",
+            "succeeded",
+            [1, 0, 100],
+        ));
+    }
+    assert_eq!(server.post_ndjson(&events).await.accepted(), 29);
+
+    let inv = invoice(&server, "acme", &period).await;
+    assert_eq!(inv["period"], json!(period));
+    assert_eq!(inv["timezone"], "America/Sao_Paulo");
+    assert_eq!(inv["status"], "draft");
+    assert_eq!(inv["currency"], "USD");
+    // 22 billable runs: 5 free, 15 at 0.75 (11.25), 2 at 0.333 (0.666): 11.916 -> 11.92.
+    assert_eq!(amount(&inv, "agent_runs"), "11.92");
+    // 12 + 3 + 4 + 1 + 20 = 40 steps, 5 included: 35 -> 4 packages of 10 at 0.15.
+    assert_eq!(amount(&inv, "agent_steps"), "0.60");
+    // support, billing, test: 3 agents at 2.00.
+    assert_eq!(amount(&inv, "active_agents"), "6.00");
+    // Peak 7 tool calls: the second tier, 7 x 0.05 + 1.00.
+    assert_eq!(amount(&inv, "peak_tool_calls"), "1.35");
+    // The latest run is r-last (1500 ms) at 0.001.
+    assert_eq!(amount(&inv, "last_duration"), "1.50");
+    // gpt-4o: 2.50 + 2.00 + 0.50 + 0.25 = 5.25, +20% = 6.30.
+    // claude-sonnet: 0.03 + 0.075 + 0.03 = 0.135, +20% = 0.162 -> 0.16.
+    let llm_lines: Vec<&Value> = inv["lines"]
+        .as_array()
+        .expect("lines")
+        .iter()
+        .filter(|l| l["model"] == "llm_cost")
+        .collect();
+    let by_model: Vec<(String, String)> = llm_lines
+        .iter()
+        .map(|l| {
+            (
+                l["llm"]["model"].as_str().expect("model").to_owned(),
+                l["amount"].as_str().expect("amount").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_model,
+        [
+            ("claude-sonnet".to_owned(), "0.16".to_owned()),
+            ("gpt-4o".to_owned(), "6.30".to_owned())
+        ]
+    );
+    // 49 + 11.92 + 0.60 + 6.00 + 1.35 + 1.50 + 0.16 + 6.30 = 76.83, raised to 100, less 25.
+    assert_eq!(inv["subtotal"], "76.83");
+    assert_eq!(inv["minimum_adjustment"], "23.17");
+    assert_eq!(inv["credits_applied"][0]["amount"], "25.00");
+    assert_eq!(inv["total"], "75.00");
+    let meters = &inv["inputs"]["meters"];
+    assert_eq!(
+        meters[0],
+        json!({"meter": "agent_runs", "events": 22, "value": "22"})
+    );
+    assert_eq!(inv["inputs"]["source"], "embedded");
+
+    // The same invoice's lines as CSV.
+    let (status, csv) = get(
+        &server,
+        &format!("/v1/invoices?tenant=acme&period={period}&format=csv"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{csv}");
+    assert_eq!(
+        csv.lines().count(),
+        1 + inv["lines"].as_array().map_or(0, Vec::len)
+    );
+    assert!(
+        csv.contains(",agent_runs,graduated,agent_runs,,,22,0,22,,11.92"),
+        "{csv}"
+    );
+
+    // Meters, and what a bad request is told.
+    let (status, body) = get(&server, "/v1/meters").await;
+    assert_eq!(status, StatusCode::OK);
+    let listed: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        listed["meters"][0]["filter"],
+        "(status = 'succeeded') AND (agent <> 'test')"
+    );
+    assert_eq!(listed["meters"].as_array().map(Vec::len), Some(6));
+    assert_eq!(
+        listed["meters"][5]["filter"],
+        "(agent = 'o''reilly\\path') OR (agent IN ('x''y'))"
+    );
+    assert_eq!(amount(&inv, "quoted_agents"), "0.00");
+    for (query, status, needle) in [
+        (
+            "period=2026-10",
+            StatusCode::BAD_REQUEST,
+            "tenant: required",
+        ),
+        ("tenant=acme", StatusCode::BAD_REQUEST, "period: required"),
+        (
+            "tenant=acme&period=2026-13",
+            StatusCode::BAD_REQUEST,
+            "period:",
+        ),
+        (
+            "tenant=acme&period=2026-10&format=xml",
+            StatusCode::BAD_REQUEST,
+            "format:",
+        ),
+        (
+            "tenant=nobody&period=2026-10",
+            StatusCode::NOT_FOUND,
+            "not a customer",
+        ),
+    ] {
+        let (got, body) = get(&server, &format!("/v1/invoices?{query}")).await;
+        assert_eq!(got, status, "{query}: {body}");
+        assert!(body.contains(needle), "{query}: {body}");
+    }
+
+    // A preview under other prices changes the LLM lines and nothing else, and no later
+    // invoice.
+    let preview = reqwest::Client::new()
+        .post(format!("{}/v1/invoices/preview", server.url))
+        .json(&json!({
+            "tenant": "acme",
+            "period": period,
+            "prices": [{"provider": "openai", "model": "gpt-4o",
+                        "effective_from": "2020-01-01T00:00:00Z",
+                        "input_per_million": "1.00", "output_per_million": "1.00"},
+                       {"provider": "anthropic", "model": "claude-sonnet",
+                        "effective_from": "2020-01-01T00:00:00Z",
+                        "input_per_million": "0", "output_per_million": "0"}]
+        }))
+        .send()
+        .await
+        .expect("preview");
+    assert_eq!(preview.status(), StatusCode::OK);
+    let preview: Value = preview.json().await.expect("json");
+    assert_eq!(preview["status"], "preview");
+    // gpt-4o: (1,000,000 + 200,000 + 400,000 + 80,000) x 1.00 / 1M = 1.68, +20% = 2.016.
+    assert_eq!(amount(&preview, "agent_runs"), "11.92");
+    let preview_llm: Vec<&str> = preview["lines"]
+        .as_array()
+        .expect("lines")
+        .iter()
+        .filter(|l| l["model"] == "llm_cost")
+        .filter_map(|l| l["amount"].as_str())
+        .collect();
+    assert_eq!(preview_llm, ["0.00", "2.02"]);
+    assert_eq!(invoice(&server, "acme", &period).await, inv);
+}
+
+/// The same month of events gives the same invoices, to the byte apart from naming its
+/// source, from the embedded store, PostgreSQL and ClickHouse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_month_gives_the_same_invoice_on_every_store() {
+    use rand::{Rng, SeedableRng};
+
+    let clickhouse = PrivateClickHouse::start();
+    let url = clickhouse.url();
+    let db = ch::database("billing");
+    let pgdb = TestDb::create("billing").await;
+    let ch_section = format!(
+        "[clickhouse]\nurl = \"{url}\"\ndatabase = \"{db}\"\nbatch_rows = 700\nbatch_period_secs = 0.05\n"
+    );
+    let both = config_file(&ch_section);
+    let writer = Server::start(&[
+        "--config",
+        &path(&both),
+        "--postgres-url",
+        &pgdb.url,
+        "--sql-source",
+        "embedded",
+    ]);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut events = Vec::new();
+    for (tenant, tz) in [
+        ("acme", Tz::America__Sao_Paulo),
+        ("initech", Tz::Asia__Kolkata),
+    ] {
+        let (_, start, end) = last_month(tz);
+        // A day on either side, so the zone's edges matter.
+        let from = start - chrono::Duration::days(1);
+        let span = (end - from).num_milliseconds() + 86_400_000;
+        for i in 0..1_500 {
+            let t = from + chrono::Duration::milliseconds(rng.random_range(0..span));
+            if t >= Utc::now() - chrono::Duration::seconds(5) {
+                continue;
+            }
+            let id = format!("{tenant}-{i}");
+            if rng.random_bool(0.5) {
+                let agent =
+                    ["support", "billing", "test", "o'reilly\\path"][rng.random_range(0..4)];
+                let status = ["succeeded", "failed", "succeeded"][rng.random_range(0..3)];
+                events.push(agent_run(
+                    tenant,
+                    &id,
+                    t,
+                    agent,
+                    status,
+                    [
+                        rng.random_range(0..40),
+                        rng.random_range(0..12),
+                        rng.random_range(1..100_000),
+                    ],
+                ));
+            } else {
+                let (provider, model) =
+                    [("openai", "gpt-4o"), ("anthropic", "claude-sonnet")][rng.random_range(0..2)];
+                events.push(llm(
+                    tenant,
+                    &id,
+                    t,
+                    provider,
+                    model,
+                    [
+                        rng.random_range(0..200_000),
+                        rng.random_range(0..50_000),
+                        rng.random_range(0..400_000),
+                        rng.random_range(0..20_000),
+                    ],
+                ));
+            }
+        }
+    }
+    let accepted = writer.post_ndjson(&events).await.accepted();
+    assert_eq!(accepted, events.len() as u64);
+    let client = pgdb.client().await;
+    pg::wait_for(
+        &client,
+        "SELECT count(*) FROM meterd.events",
+        accepted as i64,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+    ch::wait_for(
+        &url,
+        &format!("SELECT count() FROM {db}.events"),
+        accepted as i64,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+
+    let pg_only = config_file("");
+    let from_postgres = Server::start(&[
+        "--config",
+        &path(&pg_only),
+        "--postgres-url",
+        &pgdb.url,
+        "--sql-source",
+        "postgres",
+    ]);
+    let ch_only = config_file(&ch_section);
+    let from_clickhouse =
+        Server::start(&["--config", &path(&ch_only), "--sql-source", "clickhouse"]);
+    for (tenant, tz) in [
+        ("acme", Tz::America__Sao_Paulo),
+        ("initech", Tz::Asia__Kolkata),
+    ] {
+        let (period, _, _) = last_month(tz);
+        let mut embedded = invoice(&writer, tenant, &period).await;
+        let mut postgres = invoice(&from_postgres, tenant, &period).await;
+        let mut clickhouse = invoice(&from_clickhouse, tenant, &period).await;
+        assert_eq!(embedded["inputs"]["source"], "embedded");
+        assert_eq!(postgres["inputs"]["source"], "postgres");
+        assert_eq!(clickhouse["inputs"]["source"], "clickhouse");
+        for inv in [&mut embedded, &mut postgres, &mut clickhouse] {
+            inv["inputs"]["source"] = json!("any");
+        }
+        // Every meter counted something, so the comparison covers every aggregation.
+        for m in embedded["inputs"]["meters"].as_array().expect("meters") {
+            assert!(m["events"].as_u64() > Some(0), "{m}");
+        }
+        assert_eq!(
+            embedded["inputs"]["prices"].as_array().map(Vec::len),
+            Some(2)
+        );
+        assert_eq!(
+            postgres, embedded,
+            "PostgreSQL and the embedded store, {tenant}"
+        );
+        assert_eq!(
+            clickhouse, embedded,
+            "ClickHouse and the embedded store, {tenant}"
+        );
+    }
+}
+
+/// A billing entry that cannot be used stops `meterd serve` before it listens, with exit code
+/// 2 and a message naming the entry.
+#[test]
+fn bad_billing_configuration_stops_startup_naming_the_entry() {
+    for (patch, message) in [
+        (
+            "[[plans]]\nname = \"x\"\ncurrency = \"USD\"\n[[plans.charges]]\nmeter = \"nope\"\n\
+             model = \"per_unit\"\nunit_price = \"1\"\n",
+            "billing: plans[0] (x): charges[0]: meter \"nope\" is not defined",
+        ),
+        (
+            "[[plans]]\nname = \"x\"\ncurrency = \"USD\"\n[[plans.charges]]\n\
+             meter = \"agent_runs\"\nmodel = \"volume\"\ntiers = [{ up_to = 10, unit_price = \"1\" }, \
+             { up_to = 5, unit_price = \"1\" }, { unit_price = \"1\" }]\n",
+            "billing: plans[0] (x): charges[0]: tiers[1] up_to 5 overlaps",
+        ),
+        (
+            "[[customers]]\ntenant = \"z\"\nplan = \"pro\"\ntimezone = \"Europe/Atlantis\"\n",
+            "billing: customers[0] (z): timezone \"Europe/Atlantis\" is not an IANA zone",
+        ),
+        (
+            "[[meters]]\nname = \"m\"\ntype = \"api.request\"\naggregation = \"count\"\n\
+             filter = \"colour = 'red'\"\n",
+            "billing: meters[0] (m): filter: events has no column \"colour\"",
+        ),
+        (
+            "[[meters]]\nname = \"m\"\ntype = \"api.request\"\naggregation = \"count\"\n\
+             filter = \"route IN (SELECT route FROM events)\"\n",
+            "billing: meters[0] (m): filter: subqueries are not allowed",
+        ),
+    ] {
+        let file = config_file(patch);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_meterd"))
+            .args(["serve", "--config", &path(&file), "--listen", "127.0.0.1:0"])
+            .output()
+            .expect("run meterd");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{patch}: {stderr}");
+        assert!(
+            stderr.contains(message),
+            "{patch}: expected {message:?} in {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{patch}: nothing listens");
+    }
+    // A price written as a TOML number is refused while reading the file, naming the key.
+    let file = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(
+        file.path(),
+        BILLING.replace(
+            "output_per_million = \"10.00\"",
+            "output_per_million = 10.0",
+        ),
+    )
+    .expect("write config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meterd"))
+        .args(["serve", "--config", &path(&file), "--listen", "127.0.0.1:0"])
+        .output()
+        .expect("run meterd");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("output_per_million") && stderr.contains("never a number"),
+        "{stderr}"
+    );
+}
