@@ -16,7 +16,8 @@ use meterd_billing::config::{PlanConfig, PriceEntry};
 use meterd_billing::filter::FilterDialect;
 use meterd_billing::invoice::{Status, Terms};
 use meterd_billing::{
-    Billing, InvoiceError, Period, PriceBook, UsageDialect, UsageError, UsageSource,
+    Answer, Billing, ClosedStore, Closing, Invoice, InvoiceError, Period, PriceBook, UsageDialect,
+    UsageError, UsageSource,
 };
 use meterd_query::QueryService;
 use meterd_schemas::Principal;
@@ -103,15 +104,25 @@ impl UsageSource for EmbeddedUsage {
 struct BillingState {
     billing: Arc<Billing>,
     source: Arc<dyn UsageSource>,
+    closed: Arc<dyn ClosedStore>,
 }
 
 /// The billing routes, with their state applied.
-pub fn router(billing: Arc<Billing>, source: Arc<dyn UsageSource>) -> Router {
+pub fn router(
+    billing: Arc<Billing>,
+    source: Arc<dyn UsageSource>,
+    closed: Arc<dyn ClosedStore>,
+) -> Router {
     Router::new()
         .route("/v1/meters", get(meters))
         .route("/v1/invoices", get(invoice))
         .route("/v1/invoices/preview", post(preview))
-        .with_state(BillingState { billing, source })
+        .route("/v1/periods/{period}/close", post(close))
+        .with_state(BillingState {
+            billing,
+            source,
+            closed,
+        })
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -147,7 +158,7 @@ fn invoice_error(e: InvoiceError) -> Response {
         InvoiceError::Usage(UsageError::Store { message, .. }) if message.contains("timeout") => {
             StatusCode::GATEWAY_TIMEOUT
         }
-        InvoiceError::Usage(_) => StatusCode::SERVICE_UNAVAILABLE,
+        InvoiceError::Usage(_) | InvoiceError::Closed(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, e.to_string())
 }
@@ -220,19 +231,113 @@ async fn invoice(
             );
         }
     };
-    match state
+    let answer = match state
         .billing
-        .invoice(state.source.as_ref(), &tenant, period)
+        .invoice(
+            state.source.as_ref(),
+            state.closed.as_ref(),
+            &tenant,
+            period,
+        )
         .await
     {
-        Ok(invoice) if csv => (
+        Ok(answer) => answer,
+        Err(e) => return invoice_error(e),
+    };
+    let invoice = match answer {
+        // A closed invoice is answered as it was stored, byte for byte.
+        Answer::Closed(body) if !csv => {
+            return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+        }
+        Answer::Closed(body) => match serde_json::from_slice::<Invoice>(&body) {
+            Ok(invoice) => invoice,
+            Err(e) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("the closed invoice does not read back: {e}"),
+                );
+            }
+        },
+        Answer::Draft(invoice) => *invoice,
+    };
+    if csv {
+        (
             [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
             invoice.lines_csv(),
         )
-            .into_response(),
-        Ok(invoice) => axum::Json(invoice).into_response(),
-        Err(e) => invoice_error(e),
+            .into_response()
+    } else {
+        axum::Json(invoice).into_response()
     }
+}
+
+/// `POST /v1/periods/{period}/close`: freezes the period's invoice of every customer whose
+/// period has ended in its zone (or of `?tenant=` only).
+#[derive(Debug, Deserialize)]
+struct CloseParams {
+    tenant: Option<String>,
+}
+
+async fn close(
+    State(state): State<BillingState>,
+    principal: Option<axum::Extension<Principal>>,
+    axum::extract::Path(period): axum::extract::Path<String>,
+    params: Result<Query<CloseParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(params) = match params {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let period = match period.parse::<Period>() {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("period: {e}")),
+    };
+    if principal.as_deref().is_some_and(|p| p.tenant.is_some()) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "closing a period is for keys not bound to a tenant",
+        );
+    }
+    let tenants: Vec<String> = match params.tenant {
+        Some(t) if !state.billing.customers.contains_key(&t) => {
+            return invoice_error(InvoiceError::UnknownTenant(t));
+        }
+        Some(t) => vec![t],
+        None => state.billing.customers.keys().cloned().collect(),
+    };
+    let now = Utc::now();
+    let (mut closed, mut already, mut not_ended) = (Vec::new(), Vec::new(), Vec::new());
+    for tenant in tenants {
+        match state
+            .billing
+            .close(
+                state.source.as_ref(),
+                state.closed.as_ref(),
+                &tenant,
+                period,
+                now,
+            )
+            .await
+        {
+            Ok(Closing::Closed(_)) => closed.push(tenant),
+            Ok(Closing::AlreadyClosed(_)) => already.push(tenant),
+            Ok(Closing::NotEnded) => not_ended.push(tenant),
+            Err(e) => {
+                let message = format!(
+                    "closing {period} for {tenant:?}: {e} (closed so far: {closed:?}; closing \
+                     again finishes the rest)"
+                );
+                return error(invoice_error(e).status(), message);
+            }
+        }
+    }
+    axum::Json(json!({
+        "period": period.to_string(),
+        "closed": closed,
+        "already_closed": already,
+        "not_ended": not_ended,
+    }))
+    .into_response()
 }
 
 /// `POST /v1/invoices/preview`: the invoice a plan or a price book would give; nothing changes.
@@ -331,7 +436,14 @@ async fn preview(
         status: Status::Preview,
     };
     match billing
-        .invoice_under(state.source.as_ref(), &tenant, tz, period, terms)
+        .preview(
+            state.source.as_ref(),
+            state.closed.as_ref(),
+            &tenant,
+            tz,
+            period,
+            terms,
+        )
         .await
     {
         Ok(invoice) => axum::Json(invoice).into_response(),

@@ -178,8 +178,14 @@ pub fn router(
         .merge(meterd_ingest::http::router(Arc::clone(&ingest)).route_layer(guard(Scope::Ingest)))
         .merge(query.router().route_layer(guard(Scope::Query)))
         .merge(
-            crate::billing::router(Arc::clone(&settings.billing), usage)
-                .route_layer(guard(Scope::Query)),
+            crate::billing::router(
+                Arc::clone(&settings.billing),
+                usage,
+                Arc::new(meterd_billing::FileClosedStore::new(
+                    settings.ingest.data_dir.join("billing").join("closed"),
+                )),
+            )
+            .route_layer(guard(Scope::Query)),
         )
         .route("/healthz", get(healthz))
         .route(

@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, SecondsFormat, Utc};
 use chrono_tz::Tz;
 use rust_decimal::Decimal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::closed::{ClosedError, ClosedStore};
 use crate::config::PriceEntry;
 use crate::money::Currency;
 use crate::period::Period;
@@ -15,28 +16,33 @@ use crate::usage::{self, MeterValue, Scope, UsageError, UsageSource};
 use crate::{Billing, ChargeKind, Plan, PriceBook};
 
 /// Whether an invoice may still change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     /// The period is open or not yet closed: the invoice follows the events.
     Draft,
     /// Rated under a plan or prices given in a request; nothing was changed.
     Preview,
+    /// Frozen: stored when its period was closed and answered byte for byte ever after.
+    Closed,
 }
 
 /// One line of an invoice.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Line {
     pub charge: String,
-    pub model: &'static str,
+    pub model: String,
     pub meter: Option<String>,
+    /// For an adjustment: the closed period whose usage changed after it was closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adjusts: Option<String>,
     pub quantity: Decimal,
     pub included: Decimal,
     pub billable: Decimal,
     /// The one price per unit (per unit, volume) or per package, where there is one.
     pub unit_price: Option<Decimal>,
     /// Tiers or packages, with exact amounts.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub breakdown: Vec<Step>,
     /// For LLM cost: the model and price entry the line rates.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -46,7 +52,7 @@ pub struct Line {
 }
 
 /// What an LLM cost line rates.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LlmLine {
     pub provider: String,
     pub model: String,
@@ -62,7 +68,7 @@ pub struct LlmLine {
 }
 
 /// What an invoice was computed from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inputs {
     /// The store the events were read from.
     pub source: String,
@@ -70,7 +76,7 @@ pub struct Inputs {
     pub prices: Vec<PriceInput>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeterInput {
     pub meter: String,
     /// Events the meter counted (after its filter).
@@ -78,7 +84,7 @@ pub struct MeterInput {
     pub value: Option<Decimal>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PriceInput {
     pub provider: String,
     pub model: String,
@@ -87,7 +93,7 @@ pub struct PriceInput {
 }
 
 /// An invoice of one tenant for one period.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Invoice {
     pub tenant: String,
     pub period: String,
@@ -95,8 +101,11 @@ pub struct Invoice {
     pub period_start: String,
     pub period_end: String,
     pub plan: String,
-    pub currency: &'static str,
+    pub currency: String,
     pub status: Status,
+    /// When the period was closed (closed invoices only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_at: Option<String>,
     pub lines: Vec<Line>,
     pub base_fee: Decimal,
     /// Rounded lines plus the base fee.
@@ -126,6 +135,8 @@ pub enum InvoiceError {
     },
     #[error(transparent)]
     Usage(#[from] UsageError),
+    #[error(transparent)]
+    Closed(#[from] ClosedError),
     #[error("charge {charge}: {source}")]
     Overflow {
         charge: String,
@@ -150,39 +161,130 @@ pub struct Terms<'a> {
     pub status: Status,
 }
 
+/// An invoice as `GET /v1/invoices` answers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// The bytes stored when the period was closed.
+    Closed(Vec<u8>),
+    /// The period is not closed: computed now.
+    Draft(Box<Invoice>),
+}
+
+/// What closing a tenant's period did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Closing {
+    /// Closed now; the stored bytes.
+    Closed(Vec<u8>),
+    /// Closed before; the bytes stored then.
+    AlreadyClosed(Vec<u8>),
+    /// The period has not ended in the tenant's zone.
+    NotEnded,
+}
+
 impl Billing {
-    /// The invoice of `tenant` for `period` under the tenant's plan.
-    pub async fn invoice(
-        &self,
-        source: &dyn UsageSource,
-        tenant: &str,
-        period: Period,
-    ) -> Result<Invoice, InvoiceError> {
+    fn customer(&self, tenant: &str) -> Result<(&crate::Customer, &Plan), InvoiceError> {
         let customer = self
             .customers
             .get(tenant)
             .ok_or_else(|| InvoiceError::UnknownTenant(tenant.to_owned()))?;
-        let Some(plan) = self.plans.get(customer.plan) else {
-            return Err(InvoiceError::UnknownTenant(tenant.to_owned()));
-        };
+        let plan = self
+            .plans
+            .get(customer.plan)
+            .ok_or_else(|| InvoiceError::UnknownTenant(tenant.to_owned()))?;
+        Ok((customer, plan))
+    }
+
+    /// The invoice of `tenant` for `period`: the stored one once the period is closed, else a
+    /// draft under the tenant's plan.
+    pub async fn invoice(
+        &self,
+        source: &dyn UsageSource,
+        closed: &dyn ClosedStore,
+        tenant: &str,
+        period: Period,
+    ) -> Result<Answer, InvoiceError> {
+        let (customer, plan) = self.customer(tenant)?;
+        let stored = closed.load(tenant).await?;
+        if let Some(body) = stored.get(&period) {
+            return Ok(Answer::Closed(body.clone()));
+        }
+        let history = History::read(&stored)?;
         let terms = Terms {
             plan,
             prices: &self.prices,
             status: Status::Draft,
         };
-        self.invoice_under(source, tenant, customer.timezone, period, terms)
+        let invoice = self
+            .draft(source, tenant, customer.timezone, period, terms, &history)
+            .await?;
+        Ok(Answer::Draft(Box::new(invoice)))
+    }
+
+    /// Closes `tenant`'s `period` at `now`: its invoice is stored and never changes again.
+    /// Closing a closed period answers the invoice stored then.
+    pub async fn close(
+        &self,
+        source: &dyn UsageSource,
+        closed: &dyn ClosedStore,
+        tenant: &str,
+        period: Period,
+        now: DateTime<Utc>,
+    ) -> Result<Closing, InvoiceError> {
+        let (customer, plan) = self.customer(tenant)?;
+        if now < period.end(customer.timezone) {
+            return Ok(Closing::NotEnded);
+        }
+        let stored = closed.load(tenant).await?;
+        if let Some(body) = stored.get(&period) {
+            return Ok(Closing::AlreadyClosed(body.clone()));
+        }
+        let history = History::read(&stored)?;
+        let terms = Terms {
+            plan,
+            prices: &self.prices,
+            status: Status::Closed,
+        };
+        let mut invoice = self
+            .draft(source, tenant, customer.timezone, period, terms, &history)
+            .await?;
+        invoice.closed_at = Some(instant(now));
+        let body = serde_json::to_vec(&invoice).map_err(|e| {
+            InvoiceError::Closed(ClosedError::Store(format!("encoding the invoice: {e}")))
+        })?;
+        let kept = closed.store(tenant, period, body.clone()).await?;
+        if kept == body {
+            Ok(Closing::Closed(kept))
+        } else {
+            Ok(Closing::AlreadyClosed(kept))
+        }
+    }
+
+    /// The invoice of `tenant` for `period` in zone `tz` under `terms` (a plan or prices given
+    /// in a request), with the credits and adjustments a draft would have; nothing is stored.
+    pub async fn preview(
+        &self,
+        source: &dyn UsageSource,
+        closed: &dyn ClosedStore,
+        tenant: &str,
+        tz: Tz,
+        period: Period,
+        terms: Terms<'_>,
+    ) -> Result<Invoice, InvoiceError> {
+        let stored = closed.load(tenant).await?;
+        let history = History::read(&stored)?;
+        self.draft(source, tenant, tz, period, terms, &history)
             .await
     }
 
-    /// The invoice of `tenant` for `period` in zone `tz`, under `terms`.
-    pub async fn invoice_under(
+    /// Gathers the usage of one period from the store.
+    async fn gather(
         &self,
         source: &dyn UsageSource,
         tenant: &str,
         tz: Tz,
         period: Period,
         terms: Terms<'_>,
-    ) -> Result<Invoice, InvoiceError> {
+    ) -> Result<Usage, InvoiceError> {
         let start = period.start(tz);
         let end = period.end(tz);
         let scope = Scope {
@@ -190,10 +292,10 @@ impl Billing {
             from_us: micros(start),
             to_us: micros(end),
         };
-        let plan = terms.plan;
         let mut values: BTreeMap<usize, MeterValue> = BTreeMap::new();
         let mut llm = Vec::new();
-        for charge in &plan.charges {
+        let mut tokens_read = false;
+        for charge in &terms.plan.charges {
             match &charge.kind {
                 ChargeKind::Metered { meter, .. } => {
                     if values.contains_key(meter) {
@@ -204,7 +306,8 @@ impl Billing {
                     };
                     values.insert(*meter, usage::meter_value(source, m, scope).await?);
                 }
-                ChargeKind::LlmCost { .. } if llm.is_empty() => {
+                ChargeKind::LlmCost { .. } if !tokens_read => {
+                    tokens_read = true;
                     // One stretch per price in force: split the period where any price changes.
                     let mut cuts = vec![start];
                     cuts.extend(terms.prices.changes_within(start, end));
@@ -223,8 +326,39 @@ impl Billing {
                 ChargeKind::LlmCost { .. } => {}
             }
         }
-        let usage = Usage { values, llm };
-        let credits = self.available_credits(tenant);
+        Ok(Usage { values, llm })
+    }
+
+    /// An open period's invoice: its usage rated, credits at what closed invoices left of them,
+    /// and the adjustments of the closed periods whose next open period this is.
+    async fn draft(
+        &self,
+        source: &dyn UsageSource,
+        tenant: &str,
+        tz: Tz,
+        period: Period,
+        terms: Terms<'_>,
+        history: &History,
+    ) -> Result<Invoice, InvoiceError> {
+        let usage = self.gather(source, tenant, tz, period, terms).await?;
+        let mut adjustments = Vec::new();
+        for closed in history.adjusted_by(period) {
+            // The closed period rated again over the events there are now.
+            let again = self.gather(source, tenant, tz, closed, terms).await?;
+            let rerated = rate_invoice(
+                self,
+                tenant,
+                tz,
+                closed,
+                terms,
+                &again,
+                &[],
+                Vec::new(),
+                source.name(),
+            )?;
+            adjustments.extend(history.adjustments(closed, &rerated.lines)?);
+        }
+        let credits = self.available_credits(tenant, history, period);
         rate_invoice(
             self,
             tenant,
@@ -233,22 +367,137 @@ impl Billing {
             terms,
             &usage,
             &credits,
+            adjustments,
             source.name(),
         )
     }
 
-    /// What is left of each of the tenant's grants.
-    fn available_credits(&self, tenant: &str) -> Vec<Available> {
+    /// What is left of each of the tenant's grants once the closed invoices (other than
+    /// `period`'s) took their part.
+    fn available_credits(&self, tenant: &str, history: &History, period: Period) -> Vec<Available> {
         self.grants
             .iter()
             .filter(|g| g.tenant == tenant)
             .map(|g| Available {
                 grant: g.id.clone(),
-                balance: g.amount,
+                balance: g.amount - history.used(&g.id, period),
                 priority: g.priority,
                 expires: g.expires,
             })
             .collect()
+    }
+}
+
+/// A tenant's closed invoices, read back.
+#[derive(Debug, Default)]
+struct History {
+    invoices: BTreeMap<Period, Invoice>,
+}
+
+impl History {
+    fn read(stored: &BTreeMap<Period, Vec<u8>>) -> Result<History, InvoiceError> {
+        let mut invoices = BTreeMap::new();
+        for (period, body) in stored {
+            let invoice: Invoice = serde_json::from_slice(body).map_err(|e| {
+                InvoiceError::Closed(ClosedError::Store(format!(
+                    "the closed invoice of {period} does not read back: {e}"
+                )))
+            })?;
+            invoices.insert(*period, invoice);
+        }
+        Ok(History { invoices })
+    }
+
+    /// What the closed invoices of periods other than `except` took of `grant`.
+    fn used(&self, grant: &str, except: Period) -> Decimal {
+        self.invoices
+            .iter()
+            .filter(|(p, _)| **p != except)
+            .flat_map(|(_, i)| &i.credits_applied)
+            .filter(|c| c.grant == grant)
+            .map(|c| c.amount)
+            .fold(Decimal::ZERO, |a, b| a.saturating_add(b))
+    }
+
+    /// The closed periods whose late events `period` carries: those before it with every
+    /// period in between closed, so `period` is the first open one after them.
+    fn adjusted_by(&self, period: Period) -> Vec<Period> {
+        let mut out = Vec::new();
+        let mut p = period;
+        while let Some(before) = p.previous() {
+            if !self.invoices.contains_key(&before) {
+                break;
+            }
+            out.push(before);
+            p = before;
+        }
+        out.reverse();
+        out
+    }
+
+    /// The lines that bring what was billed for `closed` (its invoice and the adjustments of
+    /// later closed invoices) to `rerated`, per charge; none where nothing changed.
+    fn adjustments(&self, closed: Period, rerated: &[Line]) -> Result<Vec<Line>, InvoiceError> {
+        let tag = closed.to_string();
+        let mut billed: BTreeMap<String, (Decimal, Decimal)> = BTreeMap::new();
+        let mut add = |line: &Line| -> Result<(), InvoiceError> {
+            let entry = billed.entry(line.charge.clone()).or_default();
+            entry.0 = rate::add(entry.0, line.quantity).map_err(overflow)?;
+            entry.1 = rate::add(entry.1, line.amount).map_err(overflow)?;
+            Ok(())
+        };
+        if let Some(invoice) = self.invoices.get(&closed) {
+            for line in invoice.lines.iter().filter(|l| l.adjusts.is_none()) {
+                add(line)?;
+            }
+        }
+        for invoice in self.invoices.values() {
+            for line in invoice
+                .lines
+                .iter()
+                .filter(|l| l.adjusts.as_deref() == Some(&tag))
+            {
+                add(line)?;
+            }
+        }
+        let mut now: BTreeMap<String, (Decimal, Decimal, &Line)> = BTreeMap::new();
+        for line in rerated {
+            let entry =
+                now.entry(line.charge.clone())
+                    .or_insert((Decimal::ZERO, Decimal::ZERO, line));
+            entry.0 = rate::add(entry.0, line.quantity).map_err(overflow)?;
+            entry.1 = rate::add(entry.1, line.amount).map_err(overflow)?;
+        }
+        let mut out = Vec::new();
+        for (charge, (quantity, amount, line)) in now {
+            let (billed_quantity, billed_amount) = billed.get(&charge).copied().unwrap_or_default();
+            let diff = rate::sub(amount, billed_amount).map_err(overflow)?;
+            if diff.is_zero() {
+                continue;
+            }
+            let more = rate::sub(quantity, billed_quantity).map_err(overflow)?;
+            out.push(Line {
+                charge,
+                model: line.model.clone(),
+                meter: line.meter.clone(),
+                adjusts: Some(tag.clone()),
+                quantity: more,
+                included: Decimal::ZERO,
+                billable: more,
+                unit_price: None,
+                breakdown: Vec::new(),
+                llm: None,
+                amount: diff,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn overflow(source: rate::Overflow) -> InvoiceError {
+    InvoiceError::Overflow {
+        charge: "an adjustment".to_owned(),
+        source,
     }
 }
 
@@ -271,6 +520,7 @@ pub fn rate_invoice(
     terms: Terms<'_>,
     usage: &Usage,
     credits: &[Available],
+    adjustments: Vec<Line>,
     source: &str,
 ) -> Result<Invoice, InvoiceError> {
     let plan = terms.plan;
@@ -312,8 +562,9 @@ pub fn rate_invoice(
                 })?;
                 lines.push(Line {
                     charge: charge.name.clone(),
-                    model: model.as_str(),
+                    model: model.as_str().to_owned(),
                     meter: Some(name),
+                    adjusts: None,
                     quantity,
                     included: *included,
                     billable: priced.billable,
@@ -368,8 +619,9 @@ pub fn rate_invoice(
                     })?;
                     lines.push(Line {
                         charge: charge.name.clone(),
-                        model: "llm_cost",
+                        model: "llm_cost".to_owned(),
                         meter: None,
+                        adjusts: None,
                         quantity,
                         included: Decimal::ZERO,
                         billable: quantity,
@@ -392,6 +644,7 @@ pub fn rate_invoice(
             }
         }
     }
+    lines.extend(adjustments);
     let overflow = |source| InvoiceError::Overflow {
         charge: "the invoice's total".to_owned(),
         source,
@@ -416,8 +669,9 @@ pub fn rate_invoice(
         period_start: instant(start),
         period_end: instant(period.end(tz)),
         plan: plan.name.clone(),
-        currency: currency.code(),
+        currency: currency.code().to_owned(),
         status: terms.status,
+        closed_at: None,
         lines,
         base_fee,
         subtotal: currency.round(subtotal),
@@ -444,9 +698,9 @@ impl Invoice {
             let cells = [
                 self.tenant.clone(),
                 self.period.clone(),
-                self.currency.to_owned(),
+                self.currency.clone(),
                 l.charge.clone(),
-                l.model.to_owned(),
+                l.model.clone(),
                 l.meter.clone().unwrap_or_default(),
                 l.llm
                     .as_ref()

@@ -14,6 +14,7 @@
 //!    grants expired at the period's start; never below zero. A grant's balance is its amount
 //!    less what closed invoices took of it.
 
+pub mod closed;
 pub mod config;
 pub mod filter;
 pub mod invoice;
@@ -29,8 +30,9 @@ use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use rust_decimal::Decimal;
 
+pub use closed::{ClosedStore, FileClosedStore};
 pub use config::BillingConfig;
-pub use invoice::{Invoice, InvoiceError};
+pub use invoice::{Answer, Closing, Invoice, InvoiceError};
 pub use meter::Meter;
 pub use money::Currency;
 pub use period::Period;

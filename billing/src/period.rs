@@ -33,6 +33,15 @@ impl Period {
         }
     }
 
+    /// The month before, if it is a period (from 1970 on).
+    pub fn previous(self) -> Option<Period> {
+        if self.month == 1 {
+            Period::new(self.year - 1, 12)
+        } else {
+            Period::new(self.year, self.month - 1)
+        }
+    }
+
     /// The period containing `instant` in `tz`.
     pub fn containing(instant: DateTime<Utc>, tz: Tz) -> Period {
         let local = instant.with_timezone(&tz);

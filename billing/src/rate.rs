@@ -3,7 +3,7 @@
 //! lines always add up to its subtotal.
 
 use rust_decimal::Decimal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::money::Currency;
 
@@ -38,7 +38,7 @@ pub enum Pricing {
 }
 
 /// The part of a line one tier or the packages account for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Step {
     /// 1-based; absent for packages.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -48,7 +48,7 @@ pub struct Step {
     pub up_to: Option<Decimal>,
     pub units: Decimal,
     pub unit_price: Decimal,
-    #[serde(skip_serializing_if = "Decimal::is_zero")]
+    #[serde(default, skip_serializing_if = "Decimal::is_zero")]
     pub flat_price: Decimal,
     /// For packages: how many were charged.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -204,7 +204,7 @@ pub fn price(pricing: &Pricing, quantity: Decimal, included: Decimal) -> Result<
 }
 
 /// Token counts of one provider's model in one stretch of time with one price.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tokens {
     pub input: Decimal,
     pub output: Decimal,
@@ -213,7 +213,7 @@ pub struct Tokens {
 }
 
 /// Prices per million tokens.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenPrices {
     pub input_per_million: Decimal,
     pub output_per_million: Decimal,
@@ -239,7 +239,7 @@ pub fn token_cost(
 }
 
 /// A grant's part in paying an invoice.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreditUse {
     pub grant: String,
     pub amount: Decimal,

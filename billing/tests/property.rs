@@ -188,6 +188,7 @@ proptest! {
             Terms { plan: &billing.plans[0], prices: &billing.prices, status: Status::Draft },
             &usage,
             &credits,
+            Vec::new(),
             "test",
         )
         .expect("rates");

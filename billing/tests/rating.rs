@@ -168,6 +168,7 @@ fn rate(billing: &Billing, tenant: &str, period: &str, usage: &Usage) -> Invoice
         },
         usage,
         &credits,
+        Vec::new(),
         "test",
     )
     .expect("rates")
@@ -368,6 +369,7 @@ fn an_unpriced_model_is_an_error_not_a_free_line() {
         },
         &usage,
         &[],
+        Vec::new(),
         "test",
     )
     .expect_err("no price");

@@ -10,6 +10,7 @@ use chrono_tz::Tz;
 use common::ch::{self, PrivateClickHouse};
 use common::pg::{self, TestDb};
 use common::{Server, rfc3339};
+use meterd_billing::Period;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -658,4 +659,127 @@ fn bad_billing_configuration_stops_startup_naming_the_entry() {
         stderr.contains("output_per_million") && stderr.contains("never a number"),
         "{stderr}"
     );
+}
+
+async fn get_bytes(server: &Server, path: &str) -> (StatusCode, Vec<u8>) {
+    let response = reqwest::get(format!("{}{path}", server.url))
+        .await
+        .expect("request");
+    let status = response.status();
+    (status, response.bytes().await.expect("body").to_vec())
+}
+
+async fn close(server: &Server, period: &str, tenant: &str) -> Value {
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/periods/{period}/close?tenant={tenant}",
+            server.url
+        ))
+        .send()
+        .await
+        .expect("close");
+    assert_eq!(response.status(), StatusCode::OK);
+    response.json().await.expect("json")
+}
+
+/// Close a month, then send events late for it: the closed invoice stays byte-identical, the
+/// next open invoice carries the difference as an adjustment naming the closed month, the
+/// credit the closed invoice used is gone, and a restart in between changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_invoice_never_changes_and_late_events_adjust_the_next_one() {
+    let cfg = config_file("");
+    let mut server = Server::start(&["--config", &path(&cfg)]);
+    let tz = Tz::America__Sao_Paulo;
+    let (period, start, end) = last_month(tz);
+    let runs = |from: i64, to: i64| -> Vec<Value> {
+        (from..to)
+            .map(|i| {
+                agent_run(
+                    "acme",
+                    &format!("r-{i}"),
+                    start + chrono::Duration::hours(i + 1),
+                    "support",
+                    "succeeded",
+                    [1, 0, 100],
+                )
+            })
+            .collect()
+    };
+    assert_eq!(server.post_ndjson(&runs(0, 10)).await.accepted(), 10);
+    let closing = close(&server, &period, "acme").await;
+    assert_eq!(closing["closed"], json!(["acme"]));
+    assert_eq!(
+        close(&server, &period, "acme").await["already_closed"],
+        json!(["acme"])
+    );
+    // The current month has not ended: it stays open.
+    let current = Period::containing(Utc::now(), tz).to_string();
+    assert_eq!(
+        close(&server, &current, "acme").await["not_ended"],
+        json!(["acme"])
+    );
+
+    let (status, closed) = get_bytes(
+        &server,
+        &format!("/v1/invoices?tenant=acme&period={period}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let closed_json: Value = serde_json::from_slice(&closed).expect("json");
+    assert_eq!(closed_json["status"], "closed");
+    assert!(closed_json["closed_at"].is_string());
+    // 10 runs: 5 free, 5 at 0.75.
+    assert_eq!(amount(&closed_json, "agent_runs"), "3.75");
+    assert_eq!(closed_json["credits_applied"][0]["amount"], "25.00");
+
+    // Late events for the closed month, and one just inside its end.
+    let mut late = runs(10, 40);
+    late.push(agent_run(
+        "acme",
+        "r-edge",
+        end - chrono::Duration::milliseconds(1),
+        "support",
+        "succeeded",
+        [1, 0, 100],
+    ));
+    assert_eq!(server.post_ndjson(&late).await.accepted(), 31);
+    let next = Period::containing(end, tz).to_string();
+    let check = |server: &Server| {
+        let (period, next, closed) = (period.clone(), next.clone(), closed.clone());
+        let url = server.url.clone();
+        async move {
+            let response = reqwest::get(format!("{url}/v1/invoices?tenant=acme&period={period}"))
+                .await
+                .expect("request");
+            assert_eq!(
+                response.bytes().await.expect("body").to_vec(),
+                closed,
+                "the closed invoice is byte-identical"
+            );
+            let response = reqwest::get(format!("{url}/v1/invoices?tenant=acme&period={next}"))
+                .await
+                .expect("request");
+            assert_eq!(response.status(), StatusCode::OK);
+            let open: Value = response.json().await.expect("json");
+            assert_eq!(open["status"], "draft");
+            let adjustment: Vec<&Value> = open["lines"]
+                .as_array()
+                .expect("lines")
+                .iter()
+                .filter(|l| l["charge"] == "agent_runs" && l["adjusts"] == json!(period))
+                .collect();
+            // 41 runs rate 5 free + 15 x 0.75 + 21 x 0.333 = 18.243 -> 18.24; 3.75 was billed.
+            assert_eq!(adjustment.len(), 1, "{open}");
+            assert_eq!(adjustment[0]["amount"], "14.49");
+            assert_eq!(adjustment[0]["quantity"], "31");
+            // The closed invoice used the whole credit.
+            assert_eq!(open["credits_applied"], json!([]));
+            open
+        }
+    };
+    let before = check(&server).await;
+    server.stop();
+    server.restart();
+    let after = check(&server).await;
+    assert_eq!(before, after, "a restart changes nothing");
 }
