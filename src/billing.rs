@@ -450,3 +450,49 @@ async fn preview(
         Err(e) => invoice_error(e),
     }
 }
+
+/// Closes each customer's previous period once it has been over for `grace` in the customer's
+/// zone; checks every minute until `stop` is cancelled. A failure (a store that does not
+/// answer) is logged and tried again at the next check.
+pub fn spawn_auto_close(
+    billing: Arc<Billing>,
+    source: Arc<dyn UsageSource>,
+    closed: Arc<dyn ClosedStore>,
+    grace: chrono::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = Utc::now();
+            for (tenant, customer) in &billing.customers {
+                let Some(period) = Period::containing(now, customer.timezone).previous() else {
+                    continue;
+                };
+                if now < period.end(customer.timezone) + grace {
+                    continue;
+                }
+                match billing
+                    .close(source.as_ref(), closed.as_ref(), tenant, period, now)
+                    .await
+                {
+                    Ok(Closing::Closed(_)) => {
+                        tracing::info!(%tenant, %period, "closed the billing period");
+                    }
+                    Ok(Closing::AlreadyClosed(_) | Closing::NotEnded) => {}
+                    Err(e) => tracing::warn!(
+                        %tenant,
+                        %period,
+                        error = %e,
+                        "closing the billing period failed; trying again in a minute"
+                    ),
+                }
+            }
+        }
+    })
+}

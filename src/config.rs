@@ -90,6 +90,11 @@ pub struct ServeArgs {
     #[arg(long, env = "METERD_SQL_SOURCE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sql_source: Option<SqlSource>,
+    /// Hours after a billing period ends in a customer's zone before it is closed
+    /// automatically; 0 turns automatic closing off [default: 72].
+    #[arg(long, env = "METERD_CLOSE_GRACE_HOURS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub close_grace_hours: Option<u64>,
     /// Deadline for a graceful shutdown, in seconds [default: 30].
     #[arg(long, env = "METERD_SHUTDOWN_TIMEOUT_SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -345,6 +350,8 @@ pub struct Settings {
     pub clickhouse: Option<ClickHouseConfig>,
     /// Meters, prices, plans, customers and credits, checked.
     pub billing: Arc<meterd_billing::Billing>,
+    /// How long after a period ends it is closed automatically; `None`: never.
+    pub close_grace: Option<chrono::Duration>,
 }
 
 impl Settings {
@@ -464,8 +471,20 @@ impl Settings {
             credits: given.credits.clone(),
         })
         .map_err(|e| ConfigError::Invalid(format!("billing: {e}")))?;
+        let close_grace = match given.close_grace_hours.unwrap_or(72) {
+            0 => None,
+            hours => Some(
+                i64::try_from(hours)
+                    .ok()
+                    .and_then(chrono::Duration::try_hours)
+                    .ok_or_else(|| {
+                        ConfigError::Invalid(format!("close_grace_hours {hours} is too large"))
+                    })?,
+            ),
+        };
         Ok(Self {
             billing: Arc::new(billing),
+            close_grace,
             listen,
             ingest,
             query,

@@ -146,6 +146,7 @@ pub fn router(
     ingest: Arc<Ingest>,
     query: &Arc<QueryService>,
     usage: Arc<dyn meterd_billing::UsageSource>,
+    closed: Arc<dyn meterd_billing::ClosedStore>,
     stores: Stores,
     settings: &Settings,
 ) -> Router {
@@ -178,14 +179,8 @@ pub fn router(
         .merge(meterd_ingest::http::router(Arc::clone(&ingest)).route_layer(guard(Scope::Ingest)))
         .merge(query.router().route_layer(guard(Scope::Query)))
         .merge(
-            crate::billing::router(
-                Arc::clone(&settings.billing),
-                usage,
-                Arc::new(meterd_billing::FileClosedStore::new(
-                    settings.ingest.data_dir.join("billing").join("closed"),
-                )),
-            )
-            .route_layer(guard(Scope::Query)),
+            crate::billing::router(Arc::clone(&settings.billing), usage, closed)
+                .route_layer(guard(Scope::Query)),
         )
         .route("/healthz", get(healthz))
         .route(
@@ -306,10 +301,24 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             (query, usage)
         }
     };
+    let closed: Arc<dyn meterd_billing::ClosedStore> =
+        Arc::new(meterd_billing::FileClosedStore::new(
+            settings.ingest.data_dir.join("billing").join("closed"),
+        ));
+    let auto_close = settings.close_grace.map(|grace| {
+        crate::billing::spawn_auto_close(
+            Arc::clone(&settings.billing),
+            Arc::clone(&usage),
+            Arc::clone(&closed),
+            grace,
+            stores_stop.clone(),
+        )
+    });
     let app = router(
         Arc::clone(&ingest),
         &query,
         usage,
+        closed,
         Stores(
             sinks
                 .iter()
@@ -352,6 +361,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         stores_stop.cancel();
         for (_, handle) in sinks {
             handle.join().await;
+        }
+        if let Some(task) = auto_close
+            && let Err(e) = task.await
+        {
+            tracing::error!(error = %e, "the billing closer task failed");
         }
         flushed
     })

@@ -223,7 +223,7 @@ fn amount(invoice: &Value, charge: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invoice_counts_the_month_in_the_customers_zone() {
     let cfg = config_file("");
-    let server = Server::start(&["--config", &path(&cfg)]);
+    let server = Server::start(&["--config", &path(&cfg), "--close-grace-hours", "0"]);
     let tz = Tz::America__Sao_Paulo;
     let (period, start, end) = last_month(tz);
     let ms = chrono::Duration::milliseconds;
@@ -480,6 +480,8 @@ async fn the_same_month_gives_the_same_invoice_on_every_store() {
         &pgdb.url,
         "--sql-source",
         "embedded",
+        "--close-grace-hours",
+        "0",
     ]);
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let mut events = Vec::new();
@@ -558,10 +560,18 @@ async fn the_same_month_gives_the_same_invoice_on_every_store() {
         &pgdb.url,
         "--sql-source",
         "postgres",
+        "--close-grace-hours",
+        "0",
     ]);
     let ch_only = config_file(&ch_section);
-    let from_clickhouse =
-        Server::start(&["--config", &path(&ch_only), "--sql-source", "clickhouse"]);
+    let from_clickhouse = Server::start(&[
+        "--config",
+        &path(&ch_only),
+        "--sql-source",
+        "clickhouse",
+        "--close-grace-hours",
+        "0",
+    ]);
     for (tenant, tz) in [
         ("acme", Tz::America__Sao_Paulo),
         ("initech", Tz::Asia__Kolkata),
@@ -688,7 +698,7 @@ async fn close(server: &Server, period: &str, tenant: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_invoice_never_changes_and_late_events_adjust_the_next_one() {
     let cfg = config_file("");
-    let mut server = Server::start(&["--config", &path(&cfg)]);
+    let mut server = Server::start(&["--config", &path(&cfg), "--close-grace-hours", "0"]);
     let tz = Tz::America__Sao_Paulo;
     let (period, start, end) = last_month(tz);
     let runs = |from: i64, to: i64| -> Vec<Value> {
@@ -782,4 +792,33 @@ async fn a_closed_invoice_never_changes_and_late_events_adjust_the_next_one() {
     server.restart();
     let after = check(&server).await;
     assert_eq!(before, after, "a restart changes nothing");
+}
+
+/// With a grace, a month that ended longer ago than the grace is closed without being asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_period_closes_itself_after_the_grace() {
+    let cfg = config_file("");
+    let server = Server::start(&["--config", &path(&cfg), "--close-grace-hours", "1"]);
+    let tz = Tz::Asia__Kolkata;
+    let (period, start, end) = last_month(tz);
+    let run = agent_run("initech", "r-1", start, "support", "succeeded", [1, 0, 1]);
+    assert_eq!(server.post_ndjson(&[run]).await.accepted(), 1);
+    let due = Utc::now() >= end + chrono::Duration::hours(1) + chrono::Duration::seconds(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = invoice(&server, "initech", &period).await["status"].clone();
+        if !due {
+            // Within the grace of the month's end: it stays open.
+            assert_eq!(status, "draft");
+            break;
+        }
+        if status == "closed" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{period} ended over an hour ago and is still {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
