@@ -301,10 +301,20 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             (query, usage)
         }
     };
-    let closed: Arc<dyn meterd_billing::ClosedStore> =
+    // Closed invoices where every node sees them (PostgreSQL), else under the data directory.
+    let mut closed: Option<Arc<dyn meterd_billing::ClosedStore>> = None;
+    for store in &configured {
+        if closed.is_none() {
+            closed = store
+                .closed_invoices(&settings.query)
+                .with_context(|| format!("keeping closed invoices in {}", store.display_name()))?;
+        }
+    }
+    let closed = closed.unwrap_or_else(|| {
         Arc::new(meterd_billing::FileClosedStore::new(
             settings.ingest.data_dir.join("billing").join("closed"),
-        ));
+        ))
+    });
     let auto_close = settings.close_grace.map(|grace| {
         crate::billing::spawn_auto_close(
             Arc::clone(&settings.billing),

@@ -822,3 +822,56 @@ async fn a_period_closes_itself_after_the_grace() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// With PostgreSQL configured, closed invoices live there: a node that did not close the
+/// period answers the same bytes as the one that did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_invoices_in_postgresql_are_the_same_on_every_node() {
+    let pgdb = TestDb::create("billing_closed").await;
+    let cfg = config_file("");
+    let args = [
+        "--config",
+        &path(&cfg),
+        "--postgres-url",
+        &pgdb.url,
+        "--sql-source",
+        "postgres",
+        "--close-grace-hours",
+        "0",
+    ];
+    let first = Server::start(&args);
+    let tz = Tz::America__Sao_Paulo;
+    let (period, start, _) = last_month(tz);
+    let run = agent_run("acme", "r-1", start, "support", "succeeded", [1, 0, 1]);
+    assert_eq!(first.post_ndjson(&[run]).await.accepted(), 1);
+    let client = pgdb.client().await;
+    pg::wait_for(
+        &client,
+        "SELECT count(*) FROM meterd.events",
+        1,
+        DELIVERY_TIMEOUT,
+    )
+    .await;
+    assert_eq!(
+        close(&first, &period, "acme").await["closed"],
+        json!(["acme"])
+    );
+    let second = Server::start(&args);
+    let path = format!("/v1/invoices?tenant=acme&period={period}");
+    let (status, from_first) = get_bytes(&first, &path).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, from_second) = get_bytes(&second, &path).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(from_first, from_second);
+    let stored = pg::int(
+        &client,
+        "SELECT count(*) FROM meterd.closed_invoices WHERE tenant = 'acme'",
+    )
+    .await;
+    assert_eq!(stored, 1);
+    // Closing on the other node finds it closed.
+    assert_eq!(
+        close(&second, &period, "acme").await["already_closed"],
+        json!(["acme"])
+    );
+}

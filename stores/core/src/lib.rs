@@ -66,4 +66,14 @@ pub trait Store: fmt::Debug + Send + Sync {
         &self,
         query: &QueryConfig,
     ) -> anyhow::Result<Arc<dyn meterd_billing::UsageSource>>;
+
+    /// Where closed invoices are kept so that every node answers the same ones, if this store
+    /// keeps them (PostgreSQL does; without one, each node keeps its own under its data
+    /// directory).
+    fn closed_invoices(
+        &self,
+        _query: &QueryConfig,
+    ) -> anyhow::Result<Option<Arc<dyn meterd_billing::ClosedStore>>> {
+        Ok(None)
+    }
 }

@@ -8,7 +8,10 @@ use async_trait::async_trait;
 use chrono::{SecondsFormat, TimeZone, Utc};
 use deadpool_postgres::Pool;
 use meterd_billing::filter::FilterDialect;
-use meterd_billing::{UsageDialect, UsageError, UsageSource};
+use std::collections::BTreeMap;
+
+use meterd_billing::closed::ClosedError;
+use meterd_billing::{ClosedStore, Period, UsageDialect, UsageError, UsageSource};
 use tokio_postgres::SimpleQueryMessage;
 
 /// PostgreSQL's spelling of a usage statement.
@@ -129,5 +132,72 @@ impl UsageSource for PostgresUsage {
                 _ => None,
             })
             .collect())
+    }
+}
+
+/// Closed invoices in `meterd.closed_invoices`, so every node answers the same ones.
+#[derive(Debug)]
+pub struct PostgresClosedStore {
+    pool: Pool,
+}
+
+impl PostgresClosedStore {
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+}
+
+fn closed_error(e: &dyn std::fmt::Display) -> ClosedError {
+    ClosedError::Store(format!("PostgreSQL: {e}"))
+}
+
+#[async_trait]
+impl ClosedStore for PostgresClosedStore {
+    async fn load(&self, tenant: &str) -> Result<BTreeMap<Period, Vec<u8>>, ClosedError> {
+        let client = self.pool.get().await.map_err(|e| closed_error(&e))?;
+        let rows = client
+            .query(
+                "SELECT period, body FROM meterd.closed_invoices WHERE tenant = $1",
+                &[&tenant],
+            )
+            .await
+            .map_err(|e| closed_error(&e))?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let period: String = row.try_get(0).map_err(|e| closed_error(&e))?;
+            let body: Vec<u8> = row.try_get(1).map_err(|e| closed_error(&e))?;
+            let period = period
+                .parse::<Period>()
+                .map_err(|e| closed_error(&format!("a stored period: {e}")))?;
+            out.insert(period, body);
+        }
+        Ok(out)
+    }
+
+    /// The first node to close a period stores its invoice; the others keep that one.
+    async fn store(
+        &self,
+        tenant: &str,
+        period: Period,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, ClosedError> {
+        let client = self.pool.get().await.map_err(|e| closed_error(&e))?;
+        let period = period.to_string();
+        client
+            .execute(
+                "INSERT INTO meterd.closed_invoices (tenant, period, body) VALUES ($1, $2, $3) \
+                 ON CONFLICT (tenant, period) DO NOTHING",
+                &[&tenant, &period, &body],
+            )
+            .await
+            .map_err(|e| closed_error(&e))?;
+        let row = client
+            .query_one(
+                "SELECT body FROM meterd.closed_invoices WHERE tenant = $1 AND period = $2",
+                &[&tenant, &period],
+            )
+            .await
+            .map_err(|e| closed_error(&e))?;
+        row.try_get(0).map_err(|e| closed_error(&e))
     }
 }

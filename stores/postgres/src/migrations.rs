@@ -101,6 +101,13 @@ pub const POSTGRES: &[Migration] = &[
         timescaledb: file!("0005_cache_write_input_tokens.sql"),
         timescaledb_after: &[],
     },
+    Migration {
+        version: 6,
+        name: "closed_invoices",
+        postgres: file!("0006_closed_invoices.sql"),
+        timescaledb: file!("0006_closed_invoices.sql"),
+        timescaledb_after: &[],
+    },
 ];
 
 #[cfg(test)]

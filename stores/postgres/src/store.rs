@@ -120,4 +120,13 @@ impl Store for PostgresStore {
             query.timeout,
         )))
     }
+
+    fn closed_invoices(
+        &self,
+        query: &QueryConfig,
+    ) -> anyhow::Result<Option<Arc<dyn meterd_billing::ClosedStore>>> {
+        Ok(Some(Arc::new(crate::billing::PostgresClosedStore::new(
+            self.pool(query)?,
+        ))))
+    }
 }
