@@ -105,6 +105,28 @@ struct BillingState {
     billing: Arc<Billing>,
     source: Arc<dyn UsageSource>,
     closed: Arc<dyn ClosedStore>,
+    /// How long one request may read usage, all its statements together.
+    deadline: std::time::Duration,
+}
+
+impl BillingState {
+    /// Runs `work` within the request's deadline; past it, a 504.
+    async fn within<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, InvoiceError>>,
+    ) -> Result<T, Response> {
+        match tokio::time::timeout(self.deadline, work).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(invoice_error(e)),
+            Err(_) => Err(error(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "reading usage took longer than {}s",
+                    self.deadline.as_secs()
+                ),
+            )),
+        }
+    }
 }
 
 /// The billing routes, with their state applied.
@@ -112,6 +134,7 @@ pub fn router(
     billing: Arc<Billing>,
     source: Arc<dyn UsageSource>,
     closed: Arc<dyn ClosedStore>,
+    deadline: std::time::Duration,
 ) -> Router {
     Router::new()
         .route("/v1/meters", get(meters))
@@ -122,6 +145,7 @@ pub fn router(
             billing,
             source,
             closed,
+            deadline,
         })
 }
 
@@ -155,12 +179,20 @@ fn invoice_error(e: InvoiceError) -> Response {
     let status = match &e {
         InvoiceError::UnknownTenant(_) => StatusCode::NOT_FOUND,
         InvoiceError::Unpriced { .. } | InvoiceError::Overflow { .. } => StatusCode::CONFLICT,
-        InvoiceError::Usage(UsageError::Store { message, .. }) if message.contains("timeout") => {
+        InvoiceError::Usage(UsageError::Store { message, .. }) if timed_out(message) => {
             StatusCode::GATEWAY_TIMEOUT
         }
+        InvoiceError::Usage(UsageError::Value { .. }) => StatusCode::CONFLICT,
         InvoiceError::Usage(_) | InvoiceError::Closed(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, e.to_string())
+}
+
+/// Whether a store's error says the statement ran out of time: the SQL API's timeout,
+/// PostgreSQL's `statement_timeout` (57014), ClickHouse's `max_execution_time` (159).
+fn timed_out(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("timeout") || m.contains("timed out") || m.contains("code: 159")
 }
 
 async fn meters(State(state): State<BillingState>) -> Response {
@@ -193,6 +225,12 @@ fn tenant_and_period(
     let tenant = tenant
         .filter(|t| !t.is_empty())
         .ok_or_else(|| Refusal::new(StatusCode::BAD_REQUEST, "tenant: required"))?;
+    if tenant.len() > 128 {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("tenant: {} bytes, more than 128", tenant.len()),
+        ));
+    }
     let period = period
         .ok_or_else(|| {
             Refusal::new(
@@ -232,17 +270,16 @@ async fn invoice(
         }
     };
     let answer = match state
-        .billing
-        .invoice(
+        .within(state.billing.invoice(
             state.source.as_ref(),
             state.closed.as_ref(),
             &tenant,
             period,
-        )
+        ))
         .await
     {
         Ok(answer) => answer,
-        Err(e) => return invoice_error(e),
+        Err(r) => return r,
     };
     let invoice = match answer {
         // A closed invoice is answered as it was stored, byte for byte.
@@ -340,6 +377,10 @@ async fn close(
     .into_response()
 }
 
+/// The most price entries a preview may give: each distinct `effective_from` cuts the month
+/// into one more stretch read from the store.
+const MAX_PREVIEW_PRICES: usize = 256;
+
 /// `POST /v1/invoices/preview`: the invoice a plan or a price book would give; nothing changes.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -378,6 +419,15 @@ async fn preview(
         .map(serde_json::from_value::<Vec<PriceEntry>>)
     {
         None => None,
+        Some(Ok(entries)) if entries.len() > MAX_PREVIEW_PRICES => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "prices: {} entries, more than {MAX_PREVIEW_PRICES}",
+                    entries.len()
+                ),
+            );
+        }
         Some(Ok(entries)) => Some(entries),
         Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("prices: {e}")),
     };
@@ -407,7 +457,22 @@ async fn preview(
             Err(e) => return error(StatusCode::BAD_REQUEST, format!("plan: {e}")),
         },
         (None, Some(c)) => match billing.plans.get(c.plan) {
-            Some(p) => p,
+            Some(p) => {
+                if let Some(other) = prices
+                    .currencies()
+                    .into_iter()
+                    .find(|x| *x != p.currency.code())
+                {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "prices: priced in {other}, and the plan of {tenant:?} bills in {}",
+                            p.currency.code()
+                        ),
+                    );
+                }
+                p
+            }
             None => return invoice_error(InvoiceError::UnknownTenant(tenant)),
         },
         (None, None) => {
@@ -435,19 +500,19 @@ async fn preview(
         prices,
         status: Status::Preview,
     };
-    match billing
-        .preview(
+    match state
+        .within(billing.preview(
             state.source.as_ref(),
             state.closed.as_ref(),
             &tenant,
             tz,
             period,
             terms,
-        )
+        ))
         .await
     {
         Ok(invoice) => axum::Json(invoice).into_response(),
-        Err(e) => invoice_error(e),
+        Err(r) => r,
     }
 }
 

@@ -66,10 +66,10 @@ fn rewrite_refs(value: &mut Value) {
     }
 }
 
-/// The API's OpenAPI document, with examples timed `now`.
 /// A billing period: a calendar month from 1970 on.
 const PERIOD_PATTERN: &str = "^(19[7-9][0-9]|[2-9][0-9]{3})-(0[1-9]|1[0-2])$";
 
+/// The API's OpenAPI document, with examples timed `now`.
 pub fn document(now: DateTime<Utc>) -> Value {
     let (event, data_schemas) = event_components();
     let time = (now - chrono::Duration::seconds(1)).to_rfc3339_opts(SecondsFormat::Millis, true);
@@ -237,7 +237,7 @@ pub fn document(now: DateTime<Utc>) -> Value {
                     "401": err("Missing or unknown API key"),
                     "403": err("Key lacks the query scope, or is bound to another tenant"),
                     "404": err("The tenant is not a customer"),
-                    "409": err("Usage of a model without a price in force"),
+                    "409": err("Usage of a model without a price in force, or an amount past the decimal range"),
                     "503": err("The store did not answer"),
                     "504": err("The store timed out")}}},
             "/v1/invoices/preview": {"post": {
@@ -252,7 +252,7 @@ pub fn document(now: DateTime<Utc>) -> Value {
                     "401": err("Missing or unknown API key"),
                     "403": err("Key lacks the query scope, or is bound to another tenant"),
                     "404": err("The tenant is not a customer"),
-                    "409": err("Usage of a model without a price in force"),
+                    "409": err("Usage of a model without a price in force, or an amount past the decimal range"),
                     "413": err("Body too large"),
                     "415": err("Body is not JSON"),
                     "422": err("Body does not match the request's shape"),
@@ -274,7 +274,7 @@ pub fn document(now: DateTime<Utc>) -> Value {
                     "401": err("Missing or unknown API key"),
                     "403": err("Key lacks the query scope, or is bound to a tenant"),
                     "404": err("The tenant is not a customer"),
-                    "409": err("Usage of a model without a price in force"),
+                    "409": err("Usage of a model without a price in force, or an amount past the decimal range"),
                     "503": err("The store did not answer"),
                     "504": err("The store timed out")}}},
             "/healthz": {"get": {"operationId": "healthz", "summary": "Liveness",

@@ -179,8 +179,14 @@ pub fn router(
         .merge(meterd_ingest::http::router(Arc::clone(&ingest)).route_layer(guard(Scope::Ingest)))
         .merge(query.router().route_layer(guard(Scope::Query)))
         .merge(
-            crate::billing::router(Arc::clone(&settings.billing), usage, closed)
-                .route_layer(guard(Scope::Query)),
+            crate::billing::router(
+                Arc::clone(&settings.billing),
+                usage,
+                closed,
+                // Several statements per invoice, each within the SQL timeout.
+                settings.query.timeout.saturating_mul(4),
+            )
+            .route_layer(guard(Scope::Query)),
         )
         .route("/healthz", get(healthz))
         .route(

@@ -146,11 +146,98 @@ impl Filter {
         boolean(&expr, 0).map_err(FilterError)
     }
 
-    /// Renders the filter with `dialect`.
+    /// Renders the filter with `dialect`: true exactly where SQL's three-valued logic makes
+    /// it true (a comparison with NULL is unknown, and so is its negation).
     pub fn render(&self, dialect: &dyn FilterDialect) -> String {
+        if dialect.spells_out_null_logic() {
+            return self.truth(dialect, true);
+        }
         let mut out = String::new();
         self.render_into(dialect, &mut out);
         out
+    }
+
+    /// Where the filter is definitely true (`want`) or definitely false (`!want`), as an
+    /// expression of plain 0/1 conditions that never meet a NULL: for servers whose NULL logic
+    /// differs from SQL's (ClickHouse 18.16 answers `NULL NOT IN (...)` with true).
+    fn truth(&self, d: &dyn FilterDialect, want: bool) -> String {
+        let not_null = |c: &Column| format!("isNotNull({})", d.column(c.name));
+        match self {
+            Filter::And(a, b) | Filter::Or(a, b) => {
+                // A conjunction is true when both are, false when either is; dually for OR.
+                let both = matches!(self, Filter::And(..)) == want;
+                format!(
+                    "({}) {} ({})",
+                    a.truth(d, want),
+                    if both { "AND" } else { "OR" },
+                    b.truth(d, want)
+                )
+            }
+            Filter::Not(a) => a.truth(d, !want),
+            Filter::Compare { left, op, right } => {
+                let text = matches!(left, Operand::Column(c) if c.kind == Kind::Text)
+                    || matches!(left, Operand::Literal(Literal::Text(_)));
+                let side = |o: &Operand| match o {
+                    Operand::Column(c) if text && op.orders() => d.text_in_byte_order(c.name),
+                    Operand::Column(c) => d.column(c.name),
+                    Operand::Literal(l) => d.literal(l),
+                };
+                let mut guards = Vec::new();
+                for o in [left, right] {
+                    if let Operand::Column(c) = o {
+                        guards.push(not_null(c));
+                    }
+                }
+                let comparison = format!("{} {} {}", side(left), op.sql(), side(right));
+                let body = if want {
+                    comparison
+                } else {
+                    format!("NOT ({comparison})")
+                };
+                guards.push(body);
+                guards.join(" AND ")
+            }
+            Filter::IsNull { column, negated } => {
+                if want != *negated {
+                    format!("isNull({})", d.column(column.name))
+                } else {
+                    not_null(column)
+                }
+            }
+            Filter::InList {
+                column,
+                list,
+                negated,
+            } => {
+                let items: Vec<String> = list.iter().map(|l| d.literal(l)).collect();
+                format!(
+                    "{} AND {} {}IN ({})",
+                    not_null(column),
+                    d.column(column.name),
+                    if want == *negated { "NOT " } else { "" },
+                    items.join(", ")
+                )
+            }
+            Filter::Between {
+                column,
+                low,
+                high,
+                negated,
+            } => {
+                let c = if column.kind == Kind::Text {
+                    d.text_in_byte_order(column.name)
+                } else {
+                    d.column(column.name)
+                };
+                let (lo, hi) = (d.literal(low), d.literal(high));
+                if want != *negated {
+                    format!("{} AND {c} >= {lo} AND {c} <= {hi}", not_null(column))
+                } else {
+                    format!("{} AND ({c} < {lo} OR {c} > {hi})", not_null(column))
+                }
+            }
+            Filter::Bool(b) => d.boolean(*b == want).to_owned(),
+        }
     }
 
     fn render_into(&self, d: &dyn FilterDialect, out: &mut String) {
@@ -283,6 +370,12 @@ pub trait FilterDialect {
 
     fn boolean(&self, b: bool) -> &'static str {
         if b { "TRUE" } else { "FALSE" }
+    }
+
+    /// Whether the server's NULL logic differs from SQL's, so the filter is written as plain
+    /// true/false conditions guarded against NULL (see `Filter::render`).
+    fn spells_out_null_logic(&self) -> bool {
+        false
     }
 }
 
@@ -503,6 +596,37 @@ mod tests {
             "(((NOT ((status_code >= 500 AND status_code <= 599))) OR (route IN ('/a', 'it''s'))) \
              OR (model IS NOT NULL)) OR (-5 < duration_ms)"
         );
+    }
+
+    struct SpelledOut;
+    impl FilterDialect for SpelledOut {
+        fn spells_out_null_logic(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn null_logic_spelled_out_keeps_unknown_apart_from_false() {
+        let render = |sql: &str| Filter::parse(sql).expect(sql).render(&SpelledOut);
+        // Unknown where agent is NULL, so neither it nor its negation holds there.
+        assert_eq!(render("agent = 'a'"), "isNotNull(agent) AND agent = 'a'");
+        assert_eq!(
+            render("NOT (agent = 'a')"),
+            "isNotNull(agent) AND NOT (agent = 'a')"
+        );
+        assert_eq!(
+            render("agent NOT IN ('a', 'b')"),
+            "isNotNull(agent) AND agent NOT IN ('a', 'b')"
+        );
+        assert_eq!(
+            render("NOT (agent IN ('a') OR status_code > 5)"),
+            "(isNotNull(agent) AND agent NOT IN ('a')) AND (isNotNull(status_code) AND NOT (status_code > 5))"
+        );
+        assert_eq!(
+            render("NOT (steps BETWEEN 1 AND 2) AND model IS NULL"),
+            "(isNotNull(steps) AND (steps < 1 OR steps > 2)) AND (isNull(model))"
+        );
+        assert_eq!(render("NOT TRUE"), "FALSE");
     }
 
     #[test]

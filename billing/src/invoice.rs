@@ -340,6 +340,21 @@ impl Billing {
         terms: Terms<'_>,
         history: &History,
     ) -> Result<Invoice, InvoiceError> {
+        self.draft_with(source, tenant, tz, period, terms, history, true)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn draft_with(
+        &self,
+        source: &dyn UsageSource,
+        tenant: &str,
+        tz: Tz,
+        period: Period,
+        terms: Terms<'_>,
+        history: &History,
+        with_credits: bool,
+    ) -> Result<Invoice, InvoiceError> {
         let usage = self.gather(source, tenant, tz, period, terms).await?;
         let mut adjustments = Vec::new();
         for closed in history.adjusted_by(period) {
@@ -358,7 +373,11 @@ impl Billing {
             )?;
             adjustments.extend(history.adjustments(closed, &rerated.lines)?);
         }
-        let credits = self.available_credits(tenant, history, period);
+        let credits = if with_credits {
+            self.available_credits(tenant, history, period)
+        } else {
+            Vec::new()
+        };
         rate_invoice(
             self,
             tenant,
@@ -501,6 +520,16 @@ fn overflow(source: rate::Overflow) -> InvoiceError {
     }
 }
 
+/// The tokens of one provider's model priced by one price entry.
+#[derive(Debug)]
+struct LlmUse<'a> {
+    entry: &'a PriceEntry,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    events: u64,
+    tokens: Tokens,
+}
+
 /// Usage of one tenant-period, as gathered from a store.
 #[derive(Debug, Clone, Default)]
 pub struct Usage {
@@ -575,6 +604,14 @@ pub fn rate_invoice(
                 });
             }
             ChargeKind::LlmCost { markup } => {
+                let overflow = |source| InvoiceError::Overflow {
+                    charge: charge.name.clone(),
+                    source,
+                };
+                // One line per provider, model and price entry: the stretches a price change
+                // of another model cut are added up before the line is priced and rounded.
+                let mut by_entry: BTreeMap<(&str, &str, DateTime<Utc>), LlmUse<'_>> =
+                    BTreeMap::new();
                 for (from, to, t) in &usage.llm {
                     let entry: &PriceEntry = terms
                         .prices
@@ -585,38 +622,51 @@ pub fn rate_invoice(
                             from: instant(*from),
                             events: t.events,
                         })?;
-                    let prices = TokenPrices::of(entry);
-                    let cost = rate::token_cost(&t.tokens, &prices, *markup).map_err(|source| {
-                        InvoiceError::Overflow {
-                            charge: charge.name.clone(),
-                            source,
-                        }
-                    })?;
-                    let effective_from = instant(entry.effective_from);
-                    match price_inputs.iter_mut().find(|p| {
-                        p.provider == t.provider
-                            && p.model == t.model
+                    let key = (t.provider.as_str(), t.model.as_str(), entry.effective_from);
+                    let used = by_entry.entry(key).or_insert_with(|| LlmUse {
+                        entry,
+                        from: *from,
+                        to: *to,
+                        events: 0,
+                        tokens: Tokens::default(),
+                    });
+                    used.from = used.from.min(*from);
+                    used.to = used.to.max(*to);
+                    used.events = used.events.saturating_add(t.events);
+                    let sum = &mut used.tokens;
+                    sum.input = rate::add(sum.input, t.tokens.input).map_err(overflow)?;
+                    sum.output = rate::add(sum.output, t.tokens.output).map_err(overflow)?;
+                    sum.cached_input =
+                        rate::add(sum.cached_input, t.tokens.cached_input).map_err(overflow)?;
+                    sum.cache_write_input =
+                        rate::add(sum.cache_write_input, t.tokens.cache_write_input)
+                            .map_err(overflow)?;
+                }
+                for ((provider, model, _), used) in by_entry {
+                    let prices = TokenPrices::of(used.entry);
+                    let cost =
+                        rate::token_cost(&used.tokens, &prices, *markup).map_err(overflow)?;
+                    let effective_from = instant(used.entry.effective_from);
+                    if !price_inputs.iter().any(|p| {
+                        p.provider == provider
+                            && p.model == model
                             && p.effective_from == effective_from
                     }) {
-                        Some(p) => p.events += t.events,
-                        None => price_inputs.push(PriceInput {
-                            provider: t.provider.clone(),
-                            model: t.model.clone(),
+                        price_inputs.push(PriceInput {
+                            provider: provider.to_owned(),
+                            model: model.to_owned(),
                             effective_from: effective_from.clone(),
-                            events: t.events,
-                        }),
+                            events: used.events,
+                        });
                     }
-                    let tokens = &t.tokens;
+                    let tokens = &used.tokens;
                     let quantity = rate::total([
                         tokens.input,
                         tokens.output,
                         tokens.cached_input,
                         tokens.cache_write_input,
                     ])
-                    .map_err(|source| InvoiceError::Overflow {
-                        charge: charge.name.clone(),
-                        source,
-                    })?;
+                    .map_err(overflow)?;
                     lines.push(Line {
                         charge: charge.name.clone(),
                         model: "llm_cost".to_owned(),
@@ -628,12 +678,12 @@ pub fn rate_invoice(
                         unit_price: None,
                         breakdown: Vec::new(),
                         llm: Some(LlmLine {
-                            provider: t.provider.clone(),
-                            model: t.model.clone(),
+                            provider: provider.to_owned(),
+                            model: model.to_owned(),
                             price_effective_from: effective_from,
-                            from: instant(*from),
-                            to: instant(*to),
-                            tokens: t.tokens.clone(),
+                            from: instant(used.from),
+                            to: instant(used.to),
+                            tokens: used.tokens.clone(),
                             prices,
                             markup: *markup,
                             cost,

@@ -121,6 +121,7 @@ impl PriceBook {
                 .entries
                 .entry((e.provider.clone(), e.model.clone()))
                 .or_default();
+            // Entries are few per model; a request's price book is capped by the API.
             if list.iter().any(|o| o.effective_from == e.effective_from) {
                 return Err(fail(format!(
                     "a second entry for {}/{} from {}",
@@ -139,6 +140,8 @@ impl PriceBook {
                 )));
             }
             list.push(e.clone());
+        }
+        for list in book.entries.values_mut() {
             list.sort_by_key(|o| o.effective_from);
         }
         Ok(book)
@@ -165,7 +168,7 @@ impl PriceBook {
         set.into_iter().collect()
     }
 
-    fn currencies(&self) -> BTreeSet<&str> {
+    pub fn currencies(&self) -> BTreeSet<&str> {
         self.entries
             .values()
             .flatten()
@@ -306,6 +309,28 @@ fn plan(p: &PlanConfig, meters: &[Meter], prices: &PriceBook) -> Result<Plan, St
     };
     let base_fee = money("base_fee", p.base_fee)?;
     let minimum = money("minimum", p.minimum)?;
+    for (what, v) in [("base_fee", base_fee), ("minimum", minimum)] {
+        if currency.round(v) != v {
+            return Err(format!(
+                "{what} {v} has finer units than {}",
+                currency.code()
+            ));
+        }
+    }
+    if p.charges.len() > MAX_CHARGES {
+        return Err(format!(
+            "{} charges, more than {MAX_CHARGES}",
+            p.charges.len()
+        ));
+    }
+    if p.charges
+        .iter()
+        .filter(|c| c.model == ChargeModel::LlmCost)
+        .count()
+        > 1
+    {
+        return Err("two llm_cost charges would bill the same tokens twice".to_owned());
+    }
     let mut charges = Vec::with_capacity(p.charges.len());
     for (i, c) in p.charges.iter().enumerate() {
         let at = |reason: String| format!("charges[{i}]: {reason}");
@@ -429,9 +454,17 @@ fn plan(p: &PlanConfig, meters: &[Meter], prices: &PriceBook) -> Result<Plan, St
     })
 }
 
+/// The most charges of a plan and tiers of a charge: far more than price lists have, few
+/// enough that a plan in a preview request cannot make rating expensive.
+const MAX_CHARGES: usize = 64;
+const MAX_TIERS: usize = 100;
+
 fn tiers(config: &[TierConfig]) -> Result<Vec<Tier>, String> {
     if config.is_empty() {
         return Err("tiers are needed".to_owned());
+    }
+    if config.len() > MAX_TIERS {
+        return Err(format!("{} tiers, more than {MAX_TIERS}", config.len()));
     }
     let mut out = Vec::with_capacity(config.len());
     let mut below: Option<u64> = None;

@@ -29,6 +29,13 @@ effective_from = "2026-10-15T00:00:00Z"
 input_per_million = "2.00"
 output_per_million = "8.00"
 
+[[prices]]
+provider = "anthropic"
+model = "claude-x"
+effective_from = "2026-01-01T00:00:00Z"
+input_per_million = "1.00"
+output_per_million = "1.00"
+
 [[meters]]
 name = "agent_runs"
 type = "agent.run"
@@ -501,4 +508,41 @@ fn bad_configuration_names_the_entry() {
         e.contains("never a number") && e.contains("input_per_million"),
         "{e}"
     );
+}
+
+#[test]
+fn another_models_price_change_does_not_split_a_line() {
+    let b = billing();
+    let tokens = Tokens {
+        input: d("5000"),
+        ..Tokens::default()
+    };
+    let stretch = |from: &str, to: &str| {
+        (
+            at(from),
+            at(to),
+            ModelTokens {
+                provider: "anthropic".to_owned(),
+                model: "claude-x".to_owned(),
+                events: 1,
+                tokens: tokens.clone(),
+            },
+        )
+    };
+    // gpt-4o's price change on the 15th cuts the month; claude-x's price is the same in both.
+    let usage = Usage {
+        values: BTreeMap::new(),
+        llm: vec![
+            stretch("2026-10-01T03:00:00Z", "2026-10-15T00:00:00Z"),
+            stretch("2026-10-15T00:00:00Z", "2026-11-01T03:00:00Z"),
+        ],
+    };
+    let inv = rate(&b, "acme", "2026-10", &usage);
+    let llm: Vec<_> = inv.lines.iter().filter(|l| l.model == "llm_cost").collect();
+    // 10,000 tokens at 1.00 per million, plus 20%: 0.012, one line rounded once to 0.01 (two
+    // lines of 0.006 would round to 0.01 each).
+    assert_eq!(llm.len(), 1);
+    assert_eq!(llm[0].amount.to_string(), "0.01");
+    assert_eq!(llm[0].quantity, d("10000"));
+    assert_eq!(inv.inputs.prices[0].events, 2);
 }

@@ -252,13 +252,18 @@ impl QueryService {
     {
         let started = Instant::now();
         let engine = Arc::clone(&self.engine);
-        let (running, _caller) = engine.abandoned.start();
-        let task = self.runtime.spawn(async move {
+        let (running, caller) = engine.abandoned.start();
+        let mut task = self.runtime.spawn(async move {
             let _running = running;
+            // Twice at most: a query too large for the pool is refused, not run again and again.
+            let mut retries = 2;
             loop {
                 let mark = engine.abandoned.mark();
                 match work(Arc::clone(&engine)).await {
-                    Err(e @ Error::MemoryLimit { .. }) if engine.abandoned.any_since(mark) => {
+                    Err(e @ Error::MemoryLimit { .. })
+                        if retries > 0 && engine.abandoned.any_since(mark) =>
+                    {
+                        retries -= 1;
                         tracing::debug!(
                             error = %e,
                             "sql query refused memory while an abandoned query held some; \
@@ -270,12 +275,21 @@ impl QueryService {
                 }
             }
         });
-        let outcome = match tokio::time::timeout(self.timeout, task).await {
+        // Declared after the task, so dropped before it when the caller goes away (a client
+        // that disconnects): the query counts as abandoned before it is aborted.
+        let caller = caller;
+        let outcome = match tokio::time::timeout(self.timeout, &mut task).await {
             Ok(Ok(result)) => result,
             Ok(Err(join_error)) => Err(Error::Task(join_error)),
-            Err(_elapsed) => Err(Error::Timeout {
-                timeout: self.timeout,
-            }),
+            Err(_elapsed) => {
+                // Counted as abandoned before it is aborted, so a task that stops at once is
+                // counted and uncounted, never missed.
+                drop(caller);
+                drop(task);
+                Err(Error::Timeout {
+                    timeout: self.timeout,
+                })
+            }
         };
         let elapsed_ms = started.elapsed().as_millis();
         match &outcome {

@@ -26,18 +26,29 @@ impl FilterDialect for ClickHouseDialect {
         // 18.16 has no boolean literals.
         if b { "1" } else { "0" }
     }
+
+    /// 18.16 answers `NULL NOT IN (...)` with true and its AND/OR are not SQL's over NULL;
+    /// current servers answer `NOT (NULL IN (...))` with true.
+    fn spells_out_null_logic(&self) -> bool {
+        true
+    }
 }
 
 impl UsageDialect for ClickHouseDialect {
     /// Exact on `time_us`; the bounds on `time` (its second, or DateTime64 of it) are implied
     /// by them and let ClickHouse use its partitions and sorting key.
     fn time_range(&self, from_us: i64, to_us: i64) -> String {
-        let from_s = from_us.div_euclid(1_000_000);
-        let to_s = to_us.div_euclid(1_000_000) + 1;
-        format!(
-            "time_us >= {from_us} AND time_us < {to_us} \
-             AND time >= toDateTime({from_s}) AND time <= toDateTime({to_s})"
-        )
+        let mut sql = format!("time_us >= {from_us} AND time_us < {to_us}");
+        // `DateTime` holds seconds from 1970 to 2106 in 32 bits: a bound outside that range
+        // would wrap, so it is left to `time_us` alone.
+        let seconds = |us: i64| u32::try_from(us.div_euclid(1_000_000)).ok();
+        if let Some(from_s) = seconds(from_us) {
+            sql.push_str(&format!(" AND time >= toDateTime({from_s})"));
+        }
+        if let Some(to_s) = seconds(to_us).and_then(|s| s.checked_add(1)) {
+            sql.push_str(&format!(" AND time <= toDateTime({to_s})"));
+        }
+        sql
     }
 
     fn count(&self) -> String {

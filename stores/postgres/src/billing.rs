@@ -113,8 +113,10 @@ impl UsageSource for PostgresUsage {
             .start()
             .await
             .map_err(|e| failed(&e))?;
+        // Literals are quoted by doubling `'` only: backslashes must stay plain characters
+        // whatever the server's default.
         tx.batch_execute(&format!(
-            "SET LOCAL statement_timeout = {}",
+            "SET LOCAL statement_timeout = {}; SET LOCAL standard_conforming_strings = on",
             self.statement_timeout.as_millis().max(1)
         ))
         .await
