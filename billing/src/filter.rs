@@ -175,20 +175,13 @@ impl Filter {
             }
             Filter::Not(a) => a.truth(d, !want),
             Filter::Compare { left, op, right } => {
-                let text = matches!(left, Operand::Column(c) if c.kind == Kind::Text)
-                    || matches!(left, Operand::Literal(Literal::Text(_)));
-                let side = |o: &Operand| match o {
-                    Operand::Column(c) if text && op.orders() => d.text_in_byte_order(c.name),
-                    Operand::Column(c) => d.column(c.name),
-                    Operand::Literal(l) => d.literal(l),
-                };
                 let mut guards = Vec::new();
                 for o in [left, right] {
                     if let Operand::Column(c) = o {
                         guards.push(not_null(c));
                     }
                 }
-                let comparison = format!("{} {} {}", side(left), op.sql(), side(right));
+                let comparison = comparison_sql(d, left, *op, right);
                 let body = if want {
                     comparison
                 } else {
@@ -224,11 +217,7 @@ impl Filter {
                 high,
                 negated,
             } => {
-                let c = if column.kind == Kind::Text {
-                    d.text_in_byte_order(column.name)
-                } else {
-                    d.column(column.name)
-                };
+                let c = ordered_column(d, column);
                 let (lo, hi) = (d.literal(low), d.literal(high));
                 if want != *negated {
                     format!("{} AND {c} >= {lo} AND {c} <= {hi}", not_null(column))
@@ -259,14 +248,7 @@ impl Filter {
                 out.push(')');
             }
             Filter::Compare { left, op, right } => {
-                let text = matches!(left, Operand::Column(c) if c.kind == Kind::Text)
-                    || matches!(left, Operand::Literal(Literal::Text(_)));
-                let side = |o: &Operand| match o {
-                    Operand::Column(c) if text && op.orders() => d.text_in_byte_order(c.name),
-                    Operand::Column(c) => d.column(c.name),
-                    Operand::Literal(l) => d.literal(l),
-                };
-                out.push_str(&format!("{} {} {}", side(left), op.sql(), side(right)));
+                out.push_str(&comparison_sql(d, left, *op, right));
             }
             Filter::IsNull { column, negated } => out.push_str(&format!(
                 "{} IS {}NULL",
@@ -292,11 +274,7 @@ impl Filter {
                 high,
                 negated,
             } => {
-                let c = if column.kind == Kind::Text {
-                    d.text_in_byte_order(column.name)
-                } else {
-                    d.column(column.name)
-                };
+                let c = ordered_column(d, column);
                 // Spelled out: `BETWEEN` and `NOT BETWEEN` treat NULL alike everywhere, but
                 // the two comparisons leave no doubt.
                 let both = format!("{c} >= {} AND {c} <= {}", d.literal(low), d.literal(high));
@@ -340,6 +318,27 @@ impl Filter {
             | Filter::Between { column, .. } => f(column),
             Filter::Bool(_) => {}
         }
+    }
+}
+
+/// `left op right`, text compared by its bytes where the operator orders.
+fn comparison_sql(d: &dyn FilterDialect, left: &Operand, op: CompareOp, right: &Operand) -> String {
+    let text = matches!(left, Operand::Column(c) if c.kind == Kind::Text)
+        || matches!(left, Operand::Literal(Literal::Text(_)));
+    let side = |o: &Operand| match o {
+        Operand::Column(c) if text && op.orders() => d.text_in_byte_order(c.name),
+        Operand::Column(c) => d.column(c.name),
+        Operand::Literal(l) => d.literal(l),
+    };
+    format!("{} {} {}", side(left), op.sql(), side(right))
+}
+
+/// A column as a range bound compares it: text by its bytes.
+fn ordered_column(d: &dyn FilterDialect, column: &Column) -> String {
+    if column.kind == Kind::Text {
+        d.text_in_byte_order(column.name)
+    } else {
+        d.column(column.name)
     }
 }
 
