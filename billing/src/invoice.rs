@@ -204,11 +204,10 @@ impl Billing {
         period: Period,
     ) -> Result<Answer, InvoiceError> {
         let (customer, plan) = self.customer(tenant)?;
-        let stored = closed.load(tenant).await?;
+        let (stored, history) = History::load(closed, tenant).await?;
         if let Some(body) = stored.get(&period) {
             return Ok(Answer::Closed(body.clone()));
         }
-        let history = History::read(&stored)?;
         let terms = Terms {
             plan,
             prices: &self.prices,
@@ -234,11 +233,10 @@ impl Billing {
         if now < period.end(customer.timezone) {
             return Ok(Closing::NotEnded);
         }
-        let stored = closed.load(tenant).await?;
+        let (stored, history) = History::load(closed, tenant).await?;
         if let Some(body) = stored.get(&period) {
             return Ok(Closing::AlreadyClosed(body.clone()));
         }
-        let history = History::read(&stored)?;
         let terms = Terms {
             plan,
             prices: &self.prices,
@@ -270,9 +268,13 @@ impl Billing {
         period: Period,
         terms: Terms<'_>,
     ) -> Result<Invoice, InvoiceError> {
-        let stored = closed.load(tenant).await?;
-        let history = History::read(&stored)?;
-        self.draft(source, tenant, tz, period, terms, &history)
+        let (_, history) = History::load(closed, tenant).await?;
+        // Credits are granted in the currency of the tenant's plan; they pay only for a plan
+        // in that currency.
+        let same_currency = self
+            .customer(tenant)
+            .is_ok_and(|(_, plan)| plan.currency == terms.plan.currency);
+        self.draft_with(source, tenant, tz, period, terms, &history, same_currency)
             .await
     }
 
@@ -414,6 +416,16 @@ struct History {
 }
 
 impl History {
+    /// The tenant's closed invoices as stored, and read back.
+    async fn load(
+        closed: &dyn ClosedStore,
+        tenant: &str,
+    ) -> Result<(BTreeMap<Period, Vec<u8>>, History), InvoiceError> {
+        let stored = closed.load(tenant).await?;
+        let history = History::read(&stored)?;
+        Ok((stored, history))
+    }
+
     fn read(stored: &BTreeMap<Period, Vec<u8>>) -> Result<History, InvoiceError> {
         let mut invoices = BTreeMap::new();
         for (period, body) in stored {
