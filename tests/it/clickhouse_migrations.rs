@@ -171,7 +171,7 @@ async fn ensure_at_once(url: &str, db: &str, nodes: usize, insert_table: &str) {
         let schema = task
             .await
             .expect("task")
-            .unwrap_or_else(|e| panic!("ensure failed: {e}"));
+            .unwrap_or_else(|e| panic!("ensure failed: {e:?}"));
         assert_eq!(schema.entries.name("events_in"), insert_table);
     }
 }

@@ -587,10 +587,30 @@ struct Guard {
 /// ClickHouse's `QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING`: another node holds the guard.
 const SAME_ID_RUNNING: &str = "Code: 216";
 
+/// How many times the guard's query may end early (see [`guard_attempt_may_be_retried`])
+/// before the failure is reported: a server that is gone is not waited for.
+const GUARD_EARLY_ENDS: u32 = 5;
+
+/// ClickHouse's `QUERY_WAS_CANCELLED`.
+const CANCELLED: &str = "Code: 394";
+
+/// Whether the guard's query failed for a reason of the moment (the connection, a cancel)
+/// rather than one that another attempt would meet again (no right to run it, a readonly
+/// profile).
+fn guard_attempt_may_be_retried(e: &clickhouse::error::Error) -> bool {
+    use clickhouse::error::Error;
+    match e {
+        Error::Network(_) | Error::TimedOut => true,
+        Error::BadResponse(text) => text.contains(CANCELLED),
+        _ => false,
+    }
+}
+
 impl Guard {
     async fn acquire(client: &clickhouse::Client, db: &str) -> Result<Guard, ChError> {
         let query_id = format!("meterd-schema-{db}");
         let give_up = Instant::now() + GUARD_WAIT;
+        let mut early_ends = 0;
         loop {
             let token = uuid::Uuid::new_v4().simple().to_string();
             let query = client
@@ -619,6 +639,16 @@ impl Guard {
                     match (&mut holder).await {
                         // Refused because another node's query has the id: wait for it.
                         Ok(Err(e)) if e.to_string().contains(SAME_ID_RUNNING) => break,
+                        // The connection broke or the query was cancelled before it was
+                        // seen running: nothing was held, so try again.
+                        Ok(Err(e))
+                            if guard_attempt_may_be_retried(&e)
+                                && early_ends < GUARD_EARLY_ENDS =>
+                        {
+                            early_ends += 1;
+                            tracing::warn!(%query_id, error = %e, "the migration guard's query ended early; trying again");
+                            break;
+                        }
                         // Anything else (no right to run it, a readonly profile, the server
                         // gone) is this node's problem, not a wait.
                         Ok(Err(source)) => {
