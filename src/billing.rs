@@ -15,9 +15,10 @@ use chrono_tz::Tz;
 use meterd_billing::config::{PlanConfig, PriceEntry};
 use meterd_billing::filter::FilterDialect;
 use meterd_billing::invoice::{Status, Terms};
+use meterd_billing::usage::{UsageQuery, meter_windows};
 use meterd_billing::{
     Answer, Billing, ClosedStore, Closing, Invoice, InvoiceError, Period, PriceBook, UsageDialect,
-    UsageError, UsageSource,
+    UsageError, UsageSource, WindowSize, Windows,
 };
 use meterd_query::QueryService;
 use meterd_schemas::Principal;
@@ -52,6 +53,11 @@ impl UsageDialect for DataFusionDialect {
             "CAST(first_value({column} ORDER BY time DESC, id DESC) \
              FILTER (WHERE {column} IS NOT NULL) AS VARCHAR)"
         )
+    }
+
+    /// A microsecond timestamp cast to an integer is its microseconds since 1970.
+    fn time_us(&self) -> String {
+        "CAST(time AS BIGINT)".to_owned()
     }
 }
 
@@ -138,6 +144,7 @@ pub fn router(
 ) -> Router {
     Router::new()
         .route("/v1/meters", get(meters))
+        .route("/v1/usage", get(usage))
         .route("/v1/invoices", get(invoice))
         .route("/v1/invoices/preview", post(preview))
         .route("/v1/periods/{period}/close", post(close))
@@ -183,6 +190,7 @@ fn invoice_error(e: InvoiceError) -> Response {
             StatusCode::GATEWAY_TIMEOUT
         }
         InvoiceError::Usage(UsageError::Value { .. }) => StatusCode::CONFLICT,
+        InvoiceError::Usage(UsageError::TooManyRows(_)) => StatusCode::PAYLOAD_TOO_LARGE,
         InvoiceError::Usage(_) | InvoiceError::Closed(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, e.to_string())
@@ -198,6 +206,252 @@ fn timed_out(message: &str) -> bool {
 async fn meters(State(state): State<BillingState>) -> Response {
     let meters: Vec<_> = state.billing.meters.iter().map(|m| m.describe()).collect();
     axum::Json(json!({ "meters": meters })).into_response()
+}
+
+/// `GET /v1/usage`: a meter's values per window of a zone's clock, optionally split by
+/// columns, as OpenMeter's meter query answers them.
+#[derive(Debug, Deserialize)]
+struct UsageParams {
+    meter: Option<String>,
+    tenant: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    window: Option<String>,
+    tz: Option<String>,
+    /// Comma-separated column names: `tenant` or the meter's `group_by` columns.
+    group_by: Option<String>,
+}
+
+/// The most `group_by` columns one request may name.
+const MAX_USAGE_GROUP_BY: usize = 8;
+
+fn stamp(t: chrono::DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// An RFC 3339 instant of the years meterd stores (1970 to 9999), to the microsecond.
+fn instant(field: &str, text: &str) -> Result<chrono::DateTime<Utc>, Refusal> {
+    let bad = |why: String| Refusal::new(StatusCode::BAD_REQUEST, format!("{field}: {why}"));
+    let t = chrono::DateTime::parse_from_rfc3339(text)
+        .map_err(|e| bad(format!("{text:?} is not an RFC 3339 instant ({e})")))?
+        .with_timezone(&Utc);
+    let earliest = Utc.timestamp_opt(0, 0).single().unwrap_or_default();
+    let latest = Utc
+        .with_ymd_and_hms(9999, 12, 31, 0, 0, 0)
+        .single()
+        .unwrap_or_default();
+    if t < earliest || t > latest {
+        return Err(bad(format!("{text:?} is outside 1970 to 9999")));
+    }
+    Utc.timestamp_micros(t.timestamp_micros())
+        .single()
+        .ok_or_else(|| bad(format!("{text:?} is outside 1970 to 9999")))
+}
+
+/// What a usage request asks, checked before any work.
+struct UsageAsk<'a> {
+    meter: &'a meterd_billing::Meter,
+    tenant: Option<String>,
+    from: chrono::DateTime<Utc>,
+    to: chrono::DateTime<Utc>,
+    tz: Tz,
+    window: Option<(WindowSize, Windows)>,
+    group_by: Vec<&'static meterd_schemas::columns::Column>,
+}
+
+fn usage_ask<'a>(
+    billing: &'a Billing,
+    principal: Option<&Principal>,
+    params: UsageParams,
+) -> Result<UsageAsk<'a>, Refusal> {
+    let bad = |message: String| Refusal::new(StatusCode::BAD_REQUEST, message);
+    let name = params
+        .meter
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| bad("meter: required, the name of a meter".to_owned()))?;
+    let meter = billing.meter(&name).ok_or_else(|| {
+        Refusal::new(
+            StatusCode::NOT_FOUND,
+            format!("meter: there is no meter named {name:?}"),
+        )
+    })?;
+    let tenant = match (
+        params.tenant.filter(|t| !t.is_empty()),
+        principal.and_then(|p| p.tenant.clone()),
+    ) {
+        (Some(t), _) if t.len() > 128 => {
+            return Err(bad(format!("tenant: {} bytes, more than 128", t.len())));
+        }
+        (Some(t), Some(bound)) if t != bound => {
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                format!("this API key is bound to another tenant than {t:?}"),
+            ));
+        }
+        (Some(t), _) => Some(t),
+        // A key bound to a tenant reads that tenant's usage only.
+        (None, bound) => bound,
+    };
+    let from = instant(
+        "from",
+        params
+            .from
+            .as_deref()
+            .ok_or_else(|| bad("from: required, an RFC 3339 instant".to_owned()))?,
+    )?;
+    let to = match params.to.as_deref() {
+        Some(t) => instant("to", t)?,
+        None => Utc
+            .timestamp_micros(Utc::now().timestamp_micros())
+            .single()
+            .unwrap_or_default(),
+    };
+    if from >= to {
+        return Err(bad(format!(
+            "from: {} is not before to ({})",
+            stamp(from),
+            stamp(to)
+        )));
+    }
+    let tz = match params.tz.as_deref() {
+        None | Some("") => Tz::UTC,
+        Some(z) => z
+            .parse::<Tz>()
+            .map_err(|_| bad(format!("tz: {z:?} is not an IANA zone")))?,
+    };
+    let window = match params.window.as_deref() {
+        None | Some("") => None,
+        Some(w) => {
+            let size = w
+                .parse::<WindowSize>()
+                .map_err(|e| bad(format!("window: {e}")))?;
+            let windows =
+                Windows::new(size, tz, from, to).map_err(|e| bad(format!("window: {e}")))?;
+            Some((size, windows))
+        }
+    };
+    let mut group_by = Vec::new();
+    for name in params
+        .group_by
+        .as_deref()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+    {
+        let column = meter
+            .group_by
+            .iter()
+            .copied()
+            .find(|c| c.name == name)
+            .or_else(|| {
+                (name == "tenant")
+                    .then(|| meterd_billing::filter::filter_column("tenant").ok())
+                    .flatten()
+            })
+            .ok_or_else(|| {
+                let mut allowed: Vec<_> = meter.group_by.iter().map(|c| c.name).collect();
+                allowed.push("tenant");
+                bad(format!(
+                    "group_by: meter {:?} is not grouped by {name:?} (it may be: {})",
+                    meter.name,
+                    allowed.join(", ")
+                ))
+            })?;
+        if !group_by
+            .iter()
+            .any(|c: &&meterd_schemas::columns::Column| c.name == column.name)
+        {
+            group_by.push(column);
+        }
+        if group_by.len() > MAX_USAGE_GROUP_BY {
+            return Err(bad(format!(
+                "group_by: more than {MAX_USAGE_GROUP_BY} columns"
+            )));
+        }
+    }
+    Ok(UsageAsk {
+        meter,
+        tenant,
+        from,
+        to,
+        tz,
+        window,
+        group_by,
+    })
+}
+
+async fn usage(
+    State(state): State<BillingState>,
+    principal: Option<axum::Extension<Principal>>,
+    params: Result<Query<UsageParams>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(params) = match params {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let ask = match usage_ask(&state.billing, principal.as_deref(), params) {
+        Ok(ask) => ask,
+        Err(r) => return r.into_response(),
+    };
+    let query = UsageQuery {
+        meter: ask.meter,
+        tenant: ask.tenant.as_deref(),
+        from_us: ask.from.timestamp_micros(),
+        to_us: ask.to.timestamp_micros(),
+        windows: ask.window.as_ref().map(|(_, w)| w),
+        group_by: &ask.group_by,
+    };
+    let rows = match state
+        .within(async {
+            meter_windows(state.source.as_ref(), query)
+                .await
+                .map_err(InvoiceError::Usage)
+        })
+        .await
+    {
+        Ok(rows) => rows,
+        Err(r) => return r,
+    };
+    let data: Vec<_> = rows
+        .into_iter()
+        .map(|row| {
+            // The first and last windows are counted within from and to only.
+            let (start, end) = match &ask.window {
+                Some((_, windows)) => windows
+                    .get(row.window)
+                    .map(|(a, b)| (a.max(ask.from), b.min(ask.to)))
+                    .unwrap_or((ask.from, ask.to)),
+                None => (ask.from, ask.to),
+            };
+            let groups: serde_json::Map<_, _> = ask
+                .group_by
+                .iter()
+                .zip(row.groups)
+                .map(|(c, v)| (c.name.to_owned(), json!(v)))
+                .collect();
+            json!({
+                "window_start": stamp(start),
+                "window_end": stamp(end),
+                "group_by": groups,
+                "events": row.value.events,
+                "value": row.value.value,
+            })
+        })
+        .collect();
+    axum::Json(json!({
+        "meter": ask.meter.name,
+        "aggregation": ask.meter.aggregation.as_str(),
+        "tenant": ask.tenant,
+        "from": stamp(ask.from),
+        "to": stamp(ask.to),
+        "window": ask.window.as_ref().map(|(size, _)| size.as_str()),
+        "tz": ask.tz.name(),
+        "group_by": ask.group_by.iter().map(|c| c.name).collect::<Vec<_>>(),
+        "source": state.source.name(),
+        "data": data,
+    }))
+    .into_response()
 }
 
 #[derive(Debug, Deserialize)]

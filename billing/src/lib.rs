@@ -23,6 +23,7 @@ pub mod money;
 pub mod period;
 pub mod rate;
 pub mod usage;
+pub mod window;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -37,6 +38,7 @@ pub use meter::Meter;
 pub use money::Currency;
 pub use period::Period;
 pub use usage::{UsageDialect, UsageError, UsageSource};
+pub use window::{WindowSize, Windows};
 
 use config::{ChargeModel, CreditConfig, PlanConfig, PriceEntry, TierConfig};
 use rate::{Pricing, Tier, TokenPrices};

@@ -10,6 +10,8 @@ use rust_decimal::Decimal;
 use crate::config::Aggregation;
 use crate::filter::FilterDialect;
 use crate::meter::Meter;
+use crate::window::Windows;
+use meterd_schemas::columns::Column;
 
 /// How a store writes the parts of a usage statement a filter does not have.
 pub trait UsageDialect: FilterDialect + Send + Sync {
@@ -48,6 +50,19 @@ pub trait UsageDialect: FilterDialect + Send + Sync {
     fn events(&self) -> String {
         "events".to_owned()
     }
+
+    /// An event's time as an integer: microseconds since 1970, UTC.
+    fn time_us(&self) -> String;
+
+    /// Integer division of two non-negative integers, truncating.
+    fn int_div(&self, a: &str, b: &str) -> String {
+        format!("({a}) / ({b})")
+    }
+
+    /// An integer expression as text.
+    fn integer_text(&self, expr: &str) -> String {
+        format!("CAST({expr} AS VARCHAR)")
+    }
 }
 
 /// Runs usage statements where the events are.
@@ -71,6 +86,11 @@ pub enum UsageError {
     Store { store: String, message: String },
     #[error("the {store} store answered {value:?} where a number was expected")]
     Value { store: String, value: String },
+    #[error(
+        "the answer has more than {0} rows; ask for a shorter range, a larger window or fewer \
+         group_by columns"
+    )]
+    TooManyRows(usize),
 }
 
 /// `tenant` and `event type` and a time range: what every usage statement selects by.
@@ -82,19 +102,36 @@ pub struct Scope<'a> {
 }
 
 fn where_clause(d: &dyn UsageDialect, scope: Scope<'_>, event_type: &str) -> String {
-    format!(
-        "{} = {} AND {} = {} AND {}",
-        d.column("tenant"),
-        d.text_literal(scope.tenant),
-        d.column("type"),
-        d.text_literal(event_type),
-        d.time_range(scope.from_us, scope.to_us),
+    where_tenant(
+        d,
+        Some(scope.tenant),
+        scope.from_us,
+        scope.to_us,
+        event_type,
     )
 }
 
-/// One meter over one scope: `events counted, value`.
-pub fn meter_sql(d: &dyn UsageDialect, meter: &Meter, scope: Scope<'_>) -> String {
-    let value = match (meter.aggregation, meter.field) {
+fn where_tenant(
+    d: &dyn UsageDialect,
+    tenant: Option<&str>,
+    from_us: i64,
+    to_us: i64,
+    event_type: &str,
+) -> String {
+    let tenant = tenant
+        .map(|t| format!("{} = {} AND ", d.column("tenant"), d.text_literal(t)))
+        .unwrap_or_default();
+    format!(
+        "{tenant}{} = {} AND {}",
+        d.column("type"),
+        d.text_literal(event_type),
+        d.time_range(from_us, to_us),
+    )
+}
+
+/// The meter's aggregation.
+fn aggregate(d: &dyn UsageDialect, meter: &Meter) -> String {
+    match (meter.aggregation, meter.field) {
         (Aggregation::Count, _) => d.count(),
         (Aggregation::Sum, Some(f)) => d.sum(f.name),
         (Aggregation::UniqueCount, Some(f)) => d.unique_count(f.name),
@@ -102,18 +139,132 @@ pub fn meter_sql(d: &dyn UsageDialect, meter: &Meter, scope: Scope<'_>) -> Strin
         (Aggregation::Latest, Some(f)) => d.latest(f.name),
         // Validation gives every aggregation but count a field.
         (_, None) => d.count(),
-    };
-    let mut sql = format!(
-        "SELECT {} AS c0, {} AS c1 FROM {} WHERE {}",
-        d.count(),
-        value,
-        d.events(),
-        where_clause(d, scope, meter.event_type.as_str())
-    );
-    if let Some(filter) = &meter.filter {
-        sql.push_str(&format!(" AND ({})", filter.render(d)));
     }
-    sql
+}
+
+fn meter_filter(d: &dyn UsageDialect, meter: &Meter) -> String {
+    meter
+        .filter
+        .as_ref()
+        .map(|f| format!(" AND ({})", f.render(d)))
+        .unwrap_or_default()
+}
+
+/// One meter over one scope: `events counted, value`.
+pub fn meter_sql(d: &dyn UsageDialect, meter: &Meter, scope: Scope<'_>) -> String {
+    format!(
+        "SELECT {} AS c0, {} AS c1 FROM {} WHERE {}{}",
+        d.count(),
+        aggregate(d, meter),
+        d.events(),
+        where_clause(d, scope, meter.event_type.as_str()),
+        meter_filter(d, meter),
+    )
+}
+
+/// At most this many rows (windows times groups) in one answer of [`meter_windows`].
+pub const MAX_USAGE_ROWS: usize = 100_000;
+
+/// What `GET /v1/usage` asks of one meter.
+#[derive(Debug, Clone, Copy)]
+pub struct UsageQuery<'a> {
+    pub meter: &'a Meter,
+    /// `None`: every tenant's events.
+    pub tenant: Option<&'a str>,
+    pub from_us: i64,
+    pub to_us: i64,
+    /// `None`: one value over the whole range.
+    pub windows: Option<&'a Windows>,
+    /// Columns whose values split each window's value.
+    pub group_by: &'a [&'static Column],
+}
+
+/// [`UsageQuery`] as one statement: `window number, group values..., events, value`,
+/// grouped in the store, at most [`MAX_USAGE_ROWS`] + 1 rows.
+pub fn windows_sql(d: &dyn UsageDialect, q: UsageQuery<'_>) -> String {
+    let window = match q.windows {
+        Some(w) => w.number_sql(&d.time_us(), &|a, b| d.int_div(a, b)),
+        None => "0".to_owned(),
+    };
+    let mut select = vec![format!("{} AS c0", d.integer_text(&window))];
+    let mut keys = Vec::new();
+    // A single window is a constant, which would read as a column's position in GROUP BY.
+    if window.parse::<u64>().is_err() {
+        keys.push(window.clone());
+    }
+    for (i, column) in q.group_by.iter().enumerate() {
+        select.push(format!("{} AS c{}", d.text(column.name), i + 1));
+        keys.push(d.column(column.name));
+    }
+    let n = q.group_by.len();
+    select.push(format!("{} AS c{}", d.count(), n + 1));
+    select.push(format!("{} AS c{}", aggregate(d, q.meter), n + 2));
+    let group_by = if keys.is_empty() {
+        String::new()
+    } else {
+        format!(" GROUP BY {}", keys.join(", "))
+    };
+    format!(
+        "SELECT {} FROM {} WHERE {}{}{} LIMIT {}",
+        select.join(", "),
+        d.events(),
+        where_tenant(d, q.tenant, q.from_us, q.to_us, q.meter.event_type.as_str()),
+        meter_filter(d, q.meter),
+        group_by,
+        MAX_USAGE_ROWS + 1,
+    )
+}
+
+/// One row of [`meter_windows`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowValue {
+    /// The window's number in [`UsageQuery::windows`] (0 without windows).
+    pub window: usize,
+    /// The values of the group-by columns, in their order.
+    pub groups: Vec<Option<String>>,
+    pub value: MeterValue,
+}
+
+/// Runs [`windows_sql`]: the windows and groups that have events, ordered by window, then by
+/// the groups' values (bytes, NULL first).
+pub async fn meter_windows(
+    source: &dyn UsageSource,
+    q: UsageQuery<'_>,
+) -> Result<Vec<WindowValue>, UsageError> {
+    let rows = source.rows(&windows_sql(source.dialect(), q)).await?;
+    if rows.len() > MAX_USAGE_ROWS {
+        return Err(UsageError::TooManyRows(MAX_USAGE_ROWS));
+    }
+    let n = q.group_by.len();
+    let bad = |value: String| UsageError::Value {
+        store: source.name().to_owned(),
+        value,
+    };
+    let windows = q.windows.map_or(1, Windows::len);
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let cell = |i: usize| row.get(i).cloned().flatten();
+        let window = cell(0).unwrap_or_default();
+        let window = window
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|w| *w < windows)
+            .ok_or_else(|| bad(window))?;
+        let groups = (1..=n).map(cell).collect();
+        let value = meter_value_of(source, q.meter, cell(n + 1), cell(n + 2))?;
+        // A group of no events is no row (an aggregate without GROUP BY still answers one).
+        if value.events == 0 {
+            continue;
+        }
+        out.push(WindowValue {
+            window,
+            groups,
+            value,
+        });
+    }
+    out.sort_by(|a, b| (a.window, &a.groups).cmp(&(b.window, &b.groups)));
+    Ok(out)
 }
 
 /// Token sums per provider and model over one scope: `provider, model, events, input,
@@ -154,12 +305,27 @@ pub async fn meter_value(
         .rows(&meter_sql(source.dialect(), meter, scope))
         .await?;
     let row = rows.into_iter().next().unwrap_or_default();
-    let events = number(source, row.first().cloned().flatten())?.unwrap_or_default();
+    meter_value_of(
+        source,
+        meter,
+        row.first().cloned().flatten(),
+        row.get(1).cloned().flatten(),
+    )
+}
+
+/// A meter's value from the text of its events counted and its aggregate.
+fn meter_value_of(
+    source: &dyn UsageSource,
+    meter: &Meter,
+    events: Option<String>,
+    value: Option<String>,
+) -> Result<MeterValue, UsageError> {
+    let events = number(source, events)?.unwrap_or_default();
     let events = u64::try_from(events).map_err(|_| UsageError::Value {
         store: source.name().to_owned(),
         value: events.to_string(),
     })?;
-    let value = number(source, row.get(1).cloned().flatten())?;
+    let value = number(source, value)?;
     let value = match meter.aggregation {
         // A sum or count of nothing is zero everywhere.
         Aggregation::Sum | Aggregation::Count | Aggregation::UniqueCount => {

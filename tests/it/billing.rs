@@ -47,6 +47,7 @@ name = "agent_steps"
 type = "agent.run"
 aggregation = "sum"
 field = "steps"
+group_by = ["agent", "status"]
 
 [[meters]]
 name = "active_agents"
@@ -216,6 +217,12 @@ async fn invoice(server: &Server, tenant: &str, period: &str) -> Value {
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     serde_json::from_str(&body).expect("invoice JSON")
+}
+
+async fn usage(server: &Server, query: &str) -> Value {
+    let (status, body) = get(server, &format!("/v1/usage?{}", query.replace('+', "%2B"))).await;
+    assert_eq!(status, StatusCode::OK, "{query}: {body}");
+    serde_json::from_str(&body).expect("usage JSON")
 }
 
 fn amount(invoice: &Value, charge: &str) -> String {
@@ -596,6 +603,81 @@ async fn the_same_month_gives_the_same_invoice_on_every_store() {
         "--close-grace-hours",
         "0",
     ]);
+    // Windowed usage: every aggregation, zones with a clock change and a half hour, NULL
+    // groups, every tenant at once.
+    let (_, start, end) = last_month(Tz::America__Sao_Paulo);
+    let (from, to) = (
+        rfc3339(start - chrono::Duration::days(1)),
+        rfc3339(end + chrono::Duration::days(1)),
+    );
+    let day_after = rfc3339(start + chrono::Duration::days(1));
+    let asks = [
+        format!(
+            "meter=agent_steps&tenant=acme&from={from}&to={to}&window=day&tz=America/Sao_Paulo&group_by=agent,status"
+        ),
+        format!(
+            "meter=active_agents&tenant=initech&from={from}&to={to}&window=hour&tz=Asia/Kolkata"
+        ),
+        format!(
+            "meter=last_duration&from={from}&to={to}&window=month&tz=Asia/Kolkata&group_by=tenant"
+        ),
+        format!("meter=peak_tool_calls&from={from}&to={day_after}&window=minute&tz=Asia/Kolkata"),
+        format!("meter=not_support&from={from}&to={to}&group_by=tenant"),
+        format!(
+            "meter=agent_runs&tenant=acme&from={from}&to={to}&window=hour&tz=America/Sao_Paulo"
+        ),
+    ];
+    for ask in &asks {
+        let ask = ask.replace('+', "%2B");
+        let mut answers = Vec::new();
+        for server in [&writer, &from_postgres, &from_clickhouse] {
+            let (status, body) = get(server, &format!("/v1/usage?{ask}")).await;
+            assert_eq!(status, StatusCode::OK, "{ask}: {body}");
+            let mut answer: Value = serde_json::from_str(&body).expect("usage JSON");
+            answer["source"] = json!("any");
+            answers.push(answer);
+        }
+        let data = answers[0]["data"].as_array().expect("data");
+        assert!(!data.is_empty(), "{ask}: no data");
+        assert_eq!(
+            answers[1], answers[0],
+            "PostgreSQL and the embedded store: {ask}"
+        );
+        assert_eq!(
+            answers[2], answers[0],
+            "ClickHouse and the embedded store: {ask}"
+        );
+    }
+    // The windows of a range add up to the range's value.
+    let total = |v: &Value| -> (u64, u64) {
+        v["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .fold((0, 0), |(e, s), row| {
+                (
+                    e + row["events"].as_u64().expect("events"),
+                    s + row["value"]
+                        .as_str()
+                        .expect("value")
+                        .parse::<u64>()
+                        .expect("sum"),
+                )
+            })
+    };
+    let windowed = usage(
+        &from_clickhouse,
+        &format!("meter=agent_steps&tenant=acme&from={from}&to={to}&window=hour&tz=Asia/Kolkata"),
+    )
+    .await;
+    let whole = usage(
+        &from_postgres,
+        &format!("meter=agent_steps&tenant=acme&from={from}&to={to}"),
+    )
+    .await;
+    assert_eq!(total(&windowed), total(&whole));
+    assert_eq!(whole["data"].as_array().map(Vec::len), Some(1));
+
     for (tenant, tz) in [
         ("acme", Tz::America__Sao_Paulo),
         ("initech", Tz::Asia__Kolkata),
@@ -940,4 +1022,168 @@ async fn invoices_need_the_query_scope() {
         status_as("qk-secret-0123456789", true, close).await,
         StatusCode::OK
     );
+}
+
+/// `GET /v1/usage` by the zone's clock, worked out by hand: the hour New York's clock is set
+/// back is two windows, a +05:30 day starts at 18:30 UTC, the range's edges are exact, and
+/// bad requests are refused naming the parameter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_windows_follow_the_zones_clock() {
+    let cfg = config_file("");
+    let server = Server::start(&["--config", &path(&cfg), "--close-grace-hours", "0"]);
+    let at = |s: &str| {
+        DateTime::parse_from_rfc3339(s)
+            .expect("instant")
+            .with_timezone(&Utc)
+    };
+    let run = |tenant: &str, id: &str, t: &str, agent: &str, steps: i64| {
+        agent_run(tenant, id, at(t), agent, "succeeded", [steps, 0, 1])
+    };
+    // 2026-11-01 in New York: 02:00 EDT (06:00 UTC) is 01:00 EST again.
+    let events = vec![
+        run("acme", "before", "2026-11-01T03:59:59.999Z", "support", 64),
+        run("acme", "edt-0000", "2026-11-01T04:00:00Z", "support", 1),
+        run("acme", "edt-0159", "2026-11-01T05:59:59.999Z", "support", 2),
+        run("acme", "est-0100", "2026-11-01T06:00:00Z", "support", 4),
+        run("acme", "est-0130", "2026-11-01T06:30:00Z", "billing", 8),
+        run(
+            "acme",
+            "est-0259",
+            "2026-11-01T07:59:59.999Z",
+            "support",
+            16,
+        ),
+        run("acme", "after", "2026-11-01T08:00:00Z", "support", 32),
+        run("initech", "i-1", "2026-11-01T06:10:00Z", "support", 128),
+        // 23:59:59.999 and 00:00 in Kolkata.
+        run("initech", "i-2", "2026-11-01T18:29:59.999Z", "support", 256),
+        run("initech", "i-3", "2026-11-01T18:30:00Z", "support", 512),
+    ];
+    assert_eq!(server.post_ndjson(&events).await.accepted(), 10);
+
+    let rows = |v: &Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} {} {} {}",
+                    r["window_start"].as_str().expect("start"),
+                    r["window_end"].as_str().expect("end"),
+                    r["group_by"],
+                    r["events"],
+                    r["value"].as_str().expect("value")
+                )
+            })
+            .collect()
+    };
+    let range = "from=2026-11-01T04:00:00Z&to=2026-11-01T08:00:00Z";
+    let hours = usage(
+        &server,
+        &format!(
+            "meter=agent_steps&tenant=acme&{range}&window=hour&tz=America/New_York&group_by=agent"
+        ),
+    )
+    .await;
+    assert_eq!(
+        rows(&hours),
+        [
+            r#"2026-11-01T04:00:00.000000Z 2026-11-01T05:00:00.000000Z {"agent":"support"} 1 1"#,
+            r#"2026-11-01T05:00:00.000000Z 2026-11-01T06:00:00.000000Z {"agent":"support"} 1 2"#,
+            r#"2026-11-01T06:00:00.000000Z 2026-11-01T07:00:00.000000Z {"agent":"billing"} 1 8"#,
+            r#"2026-11-01T06:00:00.000000Z 2026-11-01T07:00:00.000000Z {"agent":"support"} 1 4"#,
+            r#"2026-11-01T07:00:00.000000Z 2026-11-01T08:00:00.000000Z {"agent":"support"} 1 16"#,
+        ]
+    );
+    assert_eq!(hours["window"], "hour");
+    assert_eq!(hours["tz"], "America/New_York");
+    // The day of the change is 25 hours long, cut to the range.
+    let day = usage(
+        &server,
+        &format!("meter=agent_steps&tenant=acme&{range}&window=day&tz=America/New_York"),
+    )
+    .await;
+    assert_eq!(
+        rows(&day),
+        ["2026-11-01T04:00:00.000000Z 2026-11-01T08:00:00.000000Z {} 5 31"]
+    );
+    // Every tenant, split by tenant, no windows.
+    let tenants = usage(
+        &server,
+        &format!("meter=agent_steps&{range}&group_by=tenant"),
+    )
+    .await;
+    assert_eq!(
+        rows(&tenants),
+        [
+            r#"2026-11-01T04:00:00.000000Z 2026-11-01T08:00:00.000000Z {"tenant":"acme"} 5 31"#,
+            r#"2026-11-01T04:00:00.000000Z 2026-11-01T08:00:00.000000Z {"tenant":"initech"} 1 128"#,
+        ]
+    );
+    let kolkata = usage(
+        &server,
+        "meter=agent_steps&tenant=initech&from=2026-11-01T00:00:00Z&to=2026-11-03T00:00:00Z&window=day&tz=Asia/Kolkata",
+    )
+    .await;
+    assert_eq!(
+        rows(&kolkata),
+        [
+            "2026-11-01T00:00:00.000000Z 2026-11-01T18:30:00.000000Z {} 2 384",
+            "2026-11-01T18:30:00.000000Z 2026-11-02T18:30:00.000000Z {} 1 512",
+        ]
+    );
+
+    for (query, status, names) in [
+        (
+            "from=2026-11-01T00:00:00Z",
+            StatusCode::BAD_REQUEST,
+            "meter:",
+        ),
+        (
+            "meter=nope&from=2026-11-01T00:00:00Z",
+            StatusCode::NOT_FOUND,
+            "meter:",
+        ),
+        ("meter=agent_steps", StatusCode::BAD_REQUEST, "from:"),
+        (
+            "meter=agent_steps&from=yesterday",
+            StatusCode::BAD_REQUEST,
+            "from:",
+        ),
+        (
+            "meter=agent_steps&from=2026-11-02T00:00:00Z&to=2026-11-01T00:00:00Z",
+            StatusCode::BAD_REQUEST,
+            "from:",
+        ),
+        (
+            "meter=agent_steps&from=2026-11-01T00:00:00Z&window=week",
+            StatusCode::BAD_REQUEST,
+            "window:",
+        ),
+        (
+            "meter=agent_steps&from=1970-01-01T00:00:00Z&to=2026-01-01T00:00:00Z&window=minute",
+            StatusCode::BAD_REQUEST,
+            "window:",
+        ),
+        (
+            "meter=agent_steps&from=2026-11-01T00:00:00Z&tz=Mars/Olympus",
+            StatusCode::BAD_REQUEST,
+            "tz:",
+        ),
+        (
+            "meter=agent_steps&from=2026-11-01T00:00:00Z&group_by=model",
+            StatusCode::BAD_REQUEST,
+            "group_by:",
+        ),
+        (
+            "meter=agent_runs&from=2026-11-01T00:00:00Z&group_by=agent",
+            StatusCode::BAD_REQUEST,
+            "group_by:",
+        ),
+    ] {
+        let (got, body) = get(&server, &format!("/v1/usage?{query}")).await;
+        assert_eq!(got, status, "{query}: {body}");
+        assert!(body.contains(names), "{query}: {body}");
+    }
 }

@@ -360,3 +360,208 @@ fn the_modern_form_runs_on_current_clickhouse_with_the_same_rollups() {
         );
     }
 }
+
+/// The billing statements (every aggregation, a filter meeting NULLs, token sums, and windows
+/// of a +05:30 zone split by a column) run on a current ClickHouse and give exactly what the
+/// events hold, worked out here without SQL.
+#[test]
+fn billing_statements_run_on_current_clickhouse() {
+    use meterd_billing::config::MeterConfig;
+    use meterd_billing::usage::{Scope, UsageQuery, meter_sql, tokens_sql, windows_sql};
+    use meterd_billing::{Meter, WindowSize, Windows};
+    use meterd_store_clickhouse::billing::ClickHouseDialect;
+
+    let events = unique(generated(
+        131,
+        6_000,
+        3,
+        Duration::from_secs(20 * 86_400),
+        0.0,
+    ));
+    let mut steps: Vec<Value> = schema::statements(DB, &Dialect::MODERN, Some(400))
+        .into_iter()
+        .map(|sql| json!({ "sql": sql }))
+        .collect();
+    for chunk in events.chunks(3_000) {
+        for sql in inserts(chunk, steps.len() as u64) {
+            steps.push(json!({ "sql": sql }));
+        }
+    }
+    let meter = |name: &str, aggregation: &str, field: Option<&str>, filter: Option<&str>| {
+        Meter::new(&MeterConfig {
+            name: name.to_owned(),
+            event_type: "agent.run".to_owned(),
+            aggregation: serde_json::from_value(json!(aggregation)).expect("aggregation"),
+            field: field.map(str::to_owned),
+            filter: filter.map(str::to_owned),
+            group_by: vec!["agent".to_owned()],
+            description: None,
+        })
+        .expect("meter")
+    };
+    let meters = [
+        meter("runs", "count", None, Some("status = 'succeeded'")),
+        meter(
+            "not_support",
+            "count",
+            None,
+            Some("agent NOT IN ('support')"),
+        ),
+        meter("steps", "sum", Some("steps"), None),
+        meter("agents", "unique_count", Some("agent"), None),
+        meter("peak", "max", Some("tool_calls"), None),
+        meter("last", "latest", Some("duration_ms"), None),
+    ];
+    let tenant = events[0]["tenant"].as_str().expect("tenant").to_owned();
+    let tz = chrono_tz::Tz::Asia__Kolkata;
+    let to = chrono::Utc::now();
+    let from = to - TimeDelta::days(10) + TimeDelta::minutes(17);
+    let scope = Scope {
+        tenant: &tenant,
+        from_us: from.timestamp_micros(),
+        to_us: to.timestamp_micros(),
+    };
+    let windows = Windows::new(WindowSize::Hour, tz, from, to).expect("windows");
+    let d = ClickHouseDialect::new(DB);
+    for m in &meters {
+        steps.push(json!({ "sql": meter_sql(&d, m, scope), "rows": true }));
+    }
+    steps.push(json!({ "sql": tokens_sql(&d, scope), "rows": true }));
+    let group_by = meters[2].group_by.clone();
+    steps.push(json!({
+        "sql": windows_sql(&d, UsageQuery {
+            meter: &meters[2],
+            tenant: Some(&tenant),
+            from_us: scope.from_us,
+            to_us: scope.to_us,
+            windows: Some(&windows),
+            group_by: &group_by,
+        }),
+        "rows": true,
+    }));
+    let results = run_chdb(steps);
+    let results = &results[results.len() - (meters.len() + 2)..];
+
+    // The same, from the events.
+    let in_scope: Vec<&Value> = events
+        .iter()
+        .filter(|e| {
+            let t = time_us(e);
+            e["tenant"] == tenant.as_str() && t >= scope.from_us && t < scope.to_us
+        })
+        .collect();
+    let runs: Vec<&Value> = in_scope
+        .iter()
+        .copied()
+        .filter(|e| e["type"] == "agent.run")
+        .collect();
+    let field = |e: &Value, f: &str| e["data"].get(f).filter(|v| !v.is_null()).cloned();
+    let int = |e: &Value, f: &str| field(e, f).and_then(|v| v.as_i64());
+    let text = |v: String| json!(v);
+    let count = |keep: &dyn Fn(&Value) -> bool| runs.iter().filter(|e| keep(e)).count();
+    let mut agents: Vec<String> = runs
+        .iter()
+        .filter_map(|e| field(e, "agent").and_then(|v| v.as_str().map(str::to_owned)))
+        .collect();
+    agents.sort();
+    agents.dedup();
+    let latest = runs
+        .iter()
+        .filter(|e| int(e, "duration_ms").is_some())
+        .max_by_key(|e| (time_us(e), e["id"].as_str().unwrap_or_default().to_owned()))
+        .and_then(|e| int(e, "duration_ms"));
+    let expected = [
+        (
+            count(&|e| field(e, "status") == Some(json!("succeeded"))),
+            None,
+        ),
+        (
+            count(&|e| field(e, "agent").is_some_and(|a| a != json!("support"))),
+            None,
+        ),
+        (
+            runs.len(),
+            Some(runs.iter().filter_map(|e| int(e, "steps")).sum::<i64>()),
+        ),
+        (runs.len(), Some(agents.len() as i64)),
+        (
+            runs.len(),
+            runs.iter().filter_map(|e| int(e, "tool_calls")).max(),
+        ),
+        (runs.len(), latest),
+    ];
+    assert!(runs.len() > 100, "{} runs in scope", runs.len());
+    for (i, (events, value)) in expected.iter().enumerate() {
+        let value = value.map_or_else(|| events.to_string(), |v| v.to_string());
+        assert_eq!(
+            results[i],
+            vec![vec![text(events.to_string()), text(value)]],
+            "meter {}",
+            meters[i].name
+        );
+    }
+    // Token sums per provider and model.
+    let mut tokens: BTreeMap<(String, String), [i64; 5]> = BTreeMap::new();
+    for e in in_scope.iter().filter(|e| e["type"] == "llm.usage") {
+        let key = (
+            e["data"]["provider"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            e["data"]["model"].as_str().unwrap_or_default().to_owned(),
+        );
+        let sums = tokens.entry(key).or_default();
+        sums[0] += 1;
+        for (j, f) in [
+            "input_tokens",
+            "output_tokens",
+            "cached_input_tokens",
+            "cache_write_input_tokens",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            sums[j + 1] += int(e, f).unwrap_or(0);
+        }
+    }
+    // A sum over only NULLs is NULL in SQL; meterd reads it as no tokens.
+    let mut got: Vec<Vec<String>> = normalised(results[meters.len()].clone())
+        .into_iter()
+        .map(|row| {
+            row.into_iter()
+                .map(|v| if v == "null" { "0".to_owned() } else { v })
+                .collect()
+        })
+        .collect();
+    got.sort();
+    let want: Vec<Vec<String>> = tokens
+        .iter()
+        .map(|((p, m), s)| {
+            let mut row = vec![p.clone(), m.clone()];
+            row.extend(s.iter().map(i64::to_string));
+            row
+        })
+        .collect();
+    assert_eq!(got, want, "token sums");
+    // Steps per hour of Kolkata's clock and agent.
+    let mut hours: BTreeMap<(usize, String), (usize, i64)> = BTreeMap::new();
+    for e in &runs {
+        let t = chrono::DateTime::from_timestamp_micros(time_us(e)).expect("time");
+        let window = (0..windows.len())
+            .find(|&i| windows.get(i).is_some_and(|(a, b)| a <= t && t < b))
+            .expect("a window holds every event");
+        let agent = field(e, "agent").map_or("null".to_owned(), |a| {
+            a.as_str().unwrap_or_default().to_owned()
+        });
+        let cell = hours.entry((window, agent)).or_default();
+        cell.0 += 1;
+        cell.1 += int(e, "steps").unwrap_or(0);
+    }
+    let mut got: Vec<Vec<String>> = normalised(results[meters.len() + 1].clone());
+    got.sort_by_key(|r| (r[0].parse::<usize>().unwrap_or(usize::MAX), r[1].clone()));
+    let want: Vec<Vec<String>> = hours
+        .iter()
+        .map(|((w, a), (n, s))| vec![w.to_string(), a.clone(), n.to_string(), s.to_string()])
+        .collect();
+    assert_eq!(got, want, "windows");
+}

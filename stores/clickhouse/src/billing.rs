@@ -16,6 +16,15 @@ pub struct ClickHouseDialect {
     events: String,
 }
 
+impl ClickHouseDialect {
+    /// The dialect for the tables of `database`.
+    pub fn new(database: &str) -> Self {
+        Self {
+            events: format!("{database}.events"),
+        }
+    }
+}
+
 impl FilterDialect for ClickHouseDialect {
     /// ClickHouse reads backslash escapes in string literals, so backslashes are doubled too.
     fn text_literal(&self, s: &str) -> String {
@@ -80,6 +89,18 @@ impl UsageDialect for ClickHouseDialect {
     fn events(&self) -> String {
         self.events.clone()
     }
+
+    fn time_us(&self) -> String {
+        "time_us".to_owned()
+    }
+
+    fn int_div(&self, a: &str, b: &str) -> String {
+        format!("intDiv({a}, {b})")
+    }
+
+    fn integer_text(&self, expr: &str) -> String {
+        format!("toString({expr})")
+    }
 }
 
 /// Runs usage statements over HTTP.
@@ -94,9 +115,7 @@ impl ClickHouseUsage {
     pub fn new(client: Client, database: &str, timeout: Duration) -> Self {
         Self {
             client,
-            dialect: ClickHouseDialect {
-                events: format!("{database}.events"),
-            },
+            dialect: ClickHouseDialect::new(database),
             timeout,
         }
     }

@@ -72,6 +72,11 @@ impl UsageDialect for PostgresDialect {
     fn events(&self) -> String {
         "meterd.events".to_owned()
     }
+
+    /// `extract` gives `numeric` (exact to the microsecond) from PostgreSQL 14 on.
+    fn time_us(&self) -> String {
+        "(extract(epoch FROM time) * 1000000)::bigint".to_owned()
+    }
 }
 
 /// Runs usage statements on a pool of connections.
