@@ -219,6 +219,7 @@ pub fn document(now: DateTime<Utc>) -> Value {
                         "properties": {"meters": {"type": "array", "items": {"type": "object"}}}}}}},
                     "401": err("Missing or unknown API key"),
                     "403": err("Key lacks the query scope")}}},
+            "/v1/usage": usage_path(),
             "/v1/invoices": {"get": {
                 "operationId": "getInvoice",
                 "summary": "The invoice of a tenant for a calendar month in its zone",
@@ -380,4 +381,66 @@ mod tests {
         let time = DateTime::parse_from_rfc3339(time).expect("RFC 3339");
         assert!((now - time.with_timezone(&Utc)).num_seconds().abs() < 5);
     }
+}
+
+/// `GET /v1/usage`, apart: one `json!` of the whole document would pass the macro's
+/// recursion limit.
+fn usage_path() -> Value {
+    let err = |description: &str| {
+        json!({"description": description, "content": {"application/json": {"schema": {
+            "$ref": "#/components/schemas/Error"}}}})
+    };
+    json!({"get": {
+                "operationId": "getUsage",
+                "summary": "A meter's values per window of a zone's clock, optionally split by columns",
+                "description": "Windows start where the zone's clock reads a whole minute, hour, day or month; the first and last are cut to from and to. Windows and groups without events are left out. At most 10,000 windows (1,200 months) and 100,000 rows.",
+                "parameters": [
+                    {"name": "meter", "in": "query", "required": true,
+                     "schema": {"type": "string", "minLength": 1}, "example": "agent_runs"},
+                    {"name": "tenant", "in": "query", "required": false,
+                     "description": "Default: every tenant (a key bound to a tenant: that tenant)",
+                     "schema": {"type": "string", "minLength": 1, "maxLength": 128}},
+                    {"name": "from", "in": "query", "required": true,
+                     "schema": {"type": "string", "format": "date-time"}, "example": "2026-10-01T00:00:00Z"},
+                    {"name": "to", "in": "query", "required": false,
+                     "description": "Default: now",
+                     "schema": {"type": "string", "format": "date-time"}, "example": "2026-10-02T00:00:00Z"},
+                    {"name": "window", "in": "query", "required": false,
+                     "schema": {"type": "string", "enum": ["minute", "hour", "day", "month"]}},
+                    {"name": "tz", "in": "query", "required": false,
+                     "description": "An IANA zone; default UTC",
+                     "schema": {"type": "string"}, "example": "America/Sao_Paulo"},
+                    {"name": "group_by", "in": "query", "required": false,
+                     "description": "Comma-separated: tenant, or columns of the meter's group_by",
+                     "schema": {"type": "string"}}],
+                "responses": {
+                    "200": {"description": "The meter's values", "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["meter", "from", "to", "tz", "data"],
+                        "properties": {
+                            "meter": {"type": "string"},
+                            "aggregation": {"type": "string"},
+                            "tenant": {"type": ["string", "null"]},
+                            "from": {"type": "string", "format": "date-time"},
+                            "to": {"type": "string", "format": "date-time"},
+                            "window": {"type": ["string", "null"]},
+                            "tz": {"type": "string"},
+                            "group_by": {"type": "array", "items": {"type": "string"}},
+                            "source": {"type": "string"},
+                            "data": {"type": "array", "items": {
+                                "type": "object",
+                                "required": ["window_start", "window_end", "group_by", "events", "value"],
+                                "properties": {
+                                    "window_start": {"type": "string", "format": "date-time"},
+                                    "window_end": {"type": "string", "format": "date-time"},
+                                    "group_by": {"type": "object"},
+                                    "events": {"type": "integer", "minimum": 0},
+                                    "value": {"type": ["string", "null"],
+                                              "description": "A decimal number as text (exact); null for max or latest of no value"}}}}}}}}},
+                    "400": err("Missing or invalid parameter"),
+                    "401": err("Missing or unknown API key"),
+                    "403": err("Key lacks the query scope, or is bound to another tenant"),
+                    "404": err("No meter of that name"),
+                    "413": err("More than 100,000 rows"),
+                    "503": err("The store did not answer"),
+                    "504": err("The store timed out")}}})
 }
