@@ -183,7 +183,11 @@ impl IntoResponse for Refusal {
 }
 
 fn invoice_error(e: InvoiceError) -> Response {
-    let status = match &e {
+    error(invoice_error_status(&e), e.to_string())
+}
+
+fn invoice_error_status(e: &InvoiceError) -> StatusCode {
+    match e {
         InvoiceError::UnknownTenant(_) => StatusCode::NOT_FOUND,
         InvoiceError::Unpriced { .. } | InvoiceError::Overflow { .. } => StatusCode::CONFLICT,
         InvoiceError::Usage(UsageError::Store { message, .. }) if timed_out(message) => {
@@ -192,8 +196,7 @@ fn invoice_error(e: InvoiceError) -> Response {
         InvoiceError::Usage(UsageError::Value { .. }) => StatusCode::CONFLICT,
         InvoiceError::Usage(UsageError::TooManyRows(_)) => StatusCode::PAYLOAD_TOO_LARGE,
         InvoiceError::Usage(_) | InvoiceError::Closed(_) => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    error(status, e.to_string())
+    }
 }
 
 /// Whether a store's error says the statement ran out of time: the SQL API's timeout,
@@ -396,7 +399,10 @@ async fn usage(
     };
     let query = UsageQuery {
         meter: ask.meter,
-        tenant: ask.tenant.as_deref(),
+        tenants: ask.tenant.as_deref().map_or(
+            meterd_billing::usage::Tenants::All,
+            meterd_billing::usage::Tenants::One,
+        ),
         from_us: ask.from.timestamp_micros(),
         to_us: ask.to.timestamp_micros(),
         windows: ask.window.as_ref().map(|(_, w)| w),
@@ -506,13 +512,6 @@ async fn invoice(
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
-    let (tenant, period) = match tenant_and_period(params.tenant, params.period.as_deref()) {
-        Ok(v) => v,
-        Err(r) => return r.into_response(),
-    };
-    if let Err(r) = allowed(principal.as_deref(), &tenant) {
-        return r.into_response();
-    }
     let csv = match params.format.as_deref() {
         None | Some("json") => false,
         Some("csv") => true,
@@ -523,6 +522,24 @@ async fn invoice(
             );
         }
     };
+    // A key bound to a tenant asks for that tenant's invoice; any other key without a tenant
+    // asks for every customer's: the invoice run.
+    let bound = principal.as_deref().and_then(|p| p.tenant.clone());
+    let tenant = params.tenant.filter(|t| !t.is_empty()).or(bound);
+    if tenant.is_none() {
+        let period = match tenant_and_period(Some("-".to_owned()), params.period.as_deref()) {
+            Ok((_, period)) => period,
+            Err(r) => return r.into_response(),
+        };
+        return invoice_run(&state, period, csv).await;
+    }
+    let (tenant, period) = match tenant_and_period(tenant, params.period.as_deref()) {
+        Ok(v) => v,
+        Err(r) => return r.into_response(),
+    };
+    if let Err(r) = allowed(principal.as_deref(), &tenant) {
+        return r.into_response();
+    }
     let answer = match state
         .within(state.billing.invoice(
             state.source.as_ref(),
@@ -562,6 +579,84 @@ async fn invoice(
     }
 }
 
+/// Every customer's invoice for `period`, the usage of all read at once: `{"period",
+/// "invoices": [...]}` with closed invoices as they were stored, or every line as CSV.
+async fn invoice_run(state: &BillingState, period: Period, csv: bool) -> Response {
+    let tenants: Vec<String> = state.billing.customers.keys().cloned().collect();
+    let answers = match state
+        .within(state.billing.invoices(
+            state.source.as_ref(),
+            state.closed.as_ref(),
+            &tenants,
+            period,
+        ))
+        .await
+    {
+        Ok(answers) => answers,
+        Err(r) => return r,
+    };
+    let mut bodies: Vec<Vec<u8>> = Vec::with_capacity(answers.len());
+    let mut lines = String::new();
+    for (tenant, answer) in answers {
+        let failed = |e: InvoiceError| {
+            let status = invoice_error_status(&e);
+            error(status, format!("the invoice of {tenant:?}: {e}"))
+        };
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => return failed(e),
+        };
+        if csv {
+            let invoice = match answer {
+                Answer::Closed(body) => match serde_json::from_slice::<Invoice>(&body) {
+                    Ok(i) => i,
+                    Err(e) => {
+                        return error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("the closed invoice of {tenant:?} does not read back: {e}"),
+                        );
+                    }
+                },
+                Answer::Draft(invoice) => *invoice,
+            };
+            let text = invoice.lines_csv();
+            // One header for the whole run.
+            let rows = if lines.is_empty() {
+                text.as_str()
+            } else {
+                text.split_once('\n').map_or("", |(_, rows)| rows)
+            };
+            lines.push_str(rows);
+        } else {
+            bodies.push(match answer {
+                Answer::Closed(body) => body,
+                Answer::Draft(invoice) => match serde_json::to_vec(&invoice) {
+                    Ok(body) => body,
+                    Err(e) => {
+                        return error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("encoding the invoice of {tenant:?}: {e}"),
+                        );
+                    }
+                },
+            });
+        }
+    }
+    if csv {
+        return ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], lines).into_response();
+    }
+    // Closed invoices go out byte for byte, so the document is put together here.
+    let mut body = format!("{{\"period\":\"{period}\",\"invoices\":[").into_bytes();
+    for (i, b) in bodies.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(b);
+    }
+    body.extend_from_slice(b"]}");
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
 /// `POST /v1/periods/{period}/close`: freezes the period's invoice of every customer whose
 /// period has ended in its zone (or of `?tenant=` only).
 #[derive(Debug, Deserialize)]
@@ -597,30 +692,40 @@ async fn close(
         None => state.billing.customers.keys().cloned().collect(),
     };
     let now = Utc::now();
+    // Not cut off at the read deadline: each statement has its own time limit, and a close
+    // stopped half way would leave part of the run closed.
+    let outcomes = match state
+        .billing
+        .close_many(
+            state.source.as_ref(),
+            state.closed.as_ref(),
+            &tenants,
+            period,
+            now,
+        )
+        .await
+    {
+        Ok(outcomes) => outcomes,
+        Err(e) => return invoice_error(e),
+    };
     let (mut closed, mut already, mut not_ended) = (Vec::new(), Vec::new(), Vec::new());
-    for tenant in tenants {
-        match state
-            .billing
-            .close(
-                state.source.as_ref(),
-                state.closed.as_ref(),
-                &tenant,
-                period,
-                now,
-            )
-            .await
-        {
+    let mut failed = None;
+    for (tenant, outcome) in outcomes {
+        match outcome {
             Ok(Closing::Closed(_)) => closed.push(tenant),
             Ok(Closing::AlreadyClosed(_)) => already.push(tenant),
             Ok(Closing::NotEnded) => not_ended.push(tenant),
             Err(e) => {
-                let message = format!(
-                    "closing {period} for {tenant:?}: {e} (closed so far: {closed:?}; closing \
-                     again finishes the rest)"
-                );
-                return error(invoice_error(e).status(), message);
+                failed.get_or_insert((tenant, e));
             }
         }
+    }
+    if let Some((tenant, e)) = failed {
+        let message = format!(
+            "closing {period} for {tenant:?}: {e} (closed now: {closed:?}; closing again \
+             finishes the rest)"
+        );
+        return error(invoice_error_status(&e), message);
     }
     axum::Json(json!({
         "period": period.to_string(),
@@ -789,27 +894,44 @@ pub fn spawn_auto_close(
                 _ = tick.tick() => {}
             }
             let now = Utc::now();
+            // The customers whose previous period is due, by period (zones differ).
+            let mut due: std::collections::BTreeMap<Period, Vec<String>> = Default::default();
             for (tenant, customer) in &billing.customers {
                 let Some(period) = Period::containing(now, customer.timezone).previous() else {
                     continue;
                 };
-                if now < period.end(customer.timezone) + grace {
-                    continue;
+                if now >= period.end(customer.timezone) + grace {
+                    due.entry(period).or_default().push(tenant.clone());
                 }
-                match billing
-                    .close(source.as_ref(), closed.as_ref(), tenant, period, now)
+            }
+            for (period, tenants) in due {
+                let outcomes = match billing
+                    .close_many(source.as_ref(), closed.as_ref(), &tenants, period, now)
                     .await
                 {
-                    Ok(Closing::Closed(_)) => {
-                        tracing::info!(%tenant, %period, "closed the billing period");
+                    Ok(outcomes) => outcomes,
+                    Err(e) => {
+                        tracing::warn!(
+                            %period,
+                            error = %e,
+                            "closing the billing period failed; trying again in a minute"
+                        );
+                        continue;
                     }
-                    Ok(Closing::AlreadyClosed(_) | Closing::NotEnded) => {}
-                    Err(e) => tracing::warn!(
-                        %tenant,
-                        %period,
-                        error = %e,
-                        "closing the billing period failed; trying again in a minute"
-                    ),
+                };
+                for (tenant, outcome) in outcomes {
+                    match outcome {
+                        Ok(Closing::Closed(_)) => {
+                            tracing::info!(%tenant, %period, "closed the billing period");
+                        }
+                        Ok(Closing::AlreadyClosed(_) | Closing::NotEnded) => {}
+                        Err(e) => tracing::warn!(
+                            %tenant,
+                            %period,
+                            error = %e,
+                            "closing the billing period failed; trying again in a minute"
+                        ),
+                    }
                 }
             }
         }

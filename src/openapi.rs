@@ -222,17 +222,22 @@ pub fn document(now: DateTime<Utc>) -> Value {
             "/v1/usage": usage_path(),
             "/v1/invoices": {"get": {
                 "operationId": "getInvoice",
-                "summary": "The invoice of a tenant for a calendar month in its zone",
+                "summary": "The invoice of a tenant for a calendar month in its zone, or without a tenant every customer's (the invoice run)",
                 "parameters": [
-                    {"name": "tenant", "in": "query", "required": true,
+                    {"name": "tenant", "in": "query", "required": false,
+                     "description": "Default: every customer (a key bound to a tenant: that tenant)",
                      "schema": {"type": "string", "minLength": 1, "maxLength": 128}},
                     {"name": "period", "in": "query", "required": true,
                      "schema": {"type": "string", "pattern": PERIOD_PATTERN}, "example": "2026-10"},
                     {"name": "format", "in": "query", "required": false,
                      "schema": {"type": "string", "enum": ["json", "csv"]}}],
                 "responses": {
-                    "200": {"description": "The invoice, or its lines as CSV", "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/Invoice"}},
+                    "200": {"description": "The invoice, or its lines as CSV; without a tenant, every customer's", "content": {
+                        "application/json": {"schema": {"oneOf": [
+                            {"$ref": "#/components/schemas/Invoice"},
+                            {"type": "object", "required": ["period", "invoices"], "properties": {
+                                "period": {"type": "string"},
+                                "invoices": {"type": "array", "items": {"$ref": "#/components/schemas/Invoice"}}}}]}},
                         "text/csv; charset=utf-8": {"schema": {"type": "string"}}}},
                     "400": err("Missing or invalid parameter"),
                     "401": err("Missing or unknown API key"),
@@ -330,59 +335,6 @@ fn cloudevent_schema() -> Value {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every `$ref` in the document points at something in the document.
-    #[test]
-    fn every_reference_resolves_from_the_root() {
-        let doc = document(Utc::now());
-        let mut refs = Vec::new();
-        fn collect(v: &Value, out: &mut Vec<String>) {
-            match v {
-                Value::Object(obj) => {
-                    for (k, v) in obj {
-                        match (k.as_str(), v.as_str()) {
-                            ("$ref", Some(r)) => out.push(r.to_owned()),
-                            _ => collect(v, out),
-                        }
-                    }
-                }
-                Value::Array(items) => items.iter().for_each(|v| collect(v, out)),
-                _ => {}
-            }
-        }
-        collect(&doc, &mut refs);
-        assert!(refs.len() > 10, "{refs:?}");
-        for r in refs {
-            let pointer = r
-                .strip_prefix('#')
-                .unwrap_or_else(|| panic!("external ref {r}"));
-            assert!(doc.pointer(pointer).is_some(), "{r} does not resolve");
-        }
-        assert!(doc.pointer("/components/schemas/Event/$defs").is_none());
-        assert!(doc.pointer("/components/schemas/Event/$id").is_none());
-    }
-
-    #[test]
-    fn tenant_is_required_and_examples_are_recent() {
-        let now = Utc::now();
-        let doc = document(now);
-        let required = doc
-            .pointer("/components/schemas/Event/required")
-            .and_then(Value::as_array)
-            .expect("required");
-        assert!(required.contains(&json!("tenant")));
-        let time = doc
-            .pointer("/paths/~1v1~1events/post/requestBody/content/application~1json/example/time")
-            .and_then(Value::as_str)
-            .expect("example time");
-        let time = DateTime::parse_from_rfc3339(time).expect("RFC 3339");
-        assert!((now - time.with_timezone(&Utc)).num_seconds().abs() < 5);
-    }
-}
-
 /// `GET /v1/usage`, apart: one `json!` of the whole document would pass the macro's
 /// recursion limit.
 fn usage_path() -> Value {
@@ -443,4 +395,57 @@ fn usage_path() -> Value {
                     "413": err("More than 100,000 rows"),
                     "503": err("The store did not answer"),
                     "504": err("The store timed out")}}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `$ref` in the document points at something in the document.
+    #[test]
+    fn every_reference_resolves_from_the_root() {
+        let doc = document(Utc::now());
+        let mut refs = Vec::new();
+        fn collect(v: &Value, out: &mut Vec<String>) {
+            match v {
+                Value::Object(obj) => {
+                    for (k, v) in obj {
+                        match (k.as_str(), v.as_str()) {
+                            ("$ref", Some(r)) => out.push(r.to_owned()),
+                            _ => collect(v, out),
+                        }
+                    }
+                }
+                Value::Array(items) => items.iter().for_each(|v| collect(v, out)),
+                _ => {}
+            }
+        }
+        collect(&doc, &mut refs);
+        assert!(refs.len() > 10, "{refs:?}");
+        for r in refs {
+            let pointer = r
+                .strip_prefix('#')
+                .unwrap_or_else(|| panic!("external ref {r}"));
+            assert!(doc.pointer(pointer).is_some(), "{r} does not resolve");
+        }
+        assert!(doc.pointer("/components/schemas/Event/$defs").is_none());
+        assert!(doc.pointer("/components/schemas/Event/$id").is_none());
+    }
+
+    #[test]
+    fn tenant_is_required_and_examples_are_recent() {
+        let now = Utc::now();
+        let doc = document(now);
+        let required = doc
+            .pointer("/components/schemas/Event/required")
+            .and_then(Value::as_array)
+            .expect("required");
+        assert!(required.contains(&json!("tenant")));
+        let time = doc
+            .pointer("/paths/~1v1~1events/post/requestBody/content/application~1json/example/time")
+            .and_then(Value::as_str)
+            .expect("example time");
+        let time = DateTime::parse_from_rfc3339(time).expect("RFC 3339");
+        assert!((now - time.with_timezone(&Utc)).num_seconds().abs() < 5);
+    }
 }

@@ -1,6 +1,6 @@
 //! Invoices: usage gathered from the store, rated by the plan, credits applied.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use chrono_tz::Tz;
@@ -229,32 +229,263 @@ impl Billing {
         period: Period,
         now: DateTime<Utc>,
     ) -> Result<Closing, InvoiceError> {
-        let (customer, plan) = self.customer(tenant)?;
-        if now < period.end(customer.timezone) {
-            return Ok(Closing::NotEnded);
-        }
-        let (stored, history) = History::load(closed, tenant).await?;
-        if let Some(body) = stored.get(&period) {
-            return Ok(Closing::AlreadyClosed(body.clone()));
-        }
-        let terms = Terms {
-            plan,
-            prices: &self.prices,
-            status: Status::Closed,
-        };
-        let mut invoice = self
-            .draft(source, tenant, customer.timezone, period, terms, &history)
+        self.customer(tenant)?;
+        let tenants = [tenant.to_owned()];
+        let mut done = self
+            .close_many(source, closed, &tenants, period, now)
             .await?;
-        invoice.closed_at = Some(instant(now));
-        let body = serde_json::to_vec(&invoice).map_err(|e| {
-            InvoiceError::Closed(ClosedError::Store(format!("encoding the invoice: {e}")))
-        })?;
-        let kept = closed.store(tenant, period, body.clone()).await?;
-        if kept == body {
-            Ok(Closing::Closed(kept))
-        } else {
-            Ok(Closing::AlreadyClosed(kept))
+        match done.pop() {
+            Some((_, outcome)) => outcome,
+            None => Err(InvoiceError::UnknownTenant(tenant.to_owned())),
         }
+    }
+
+    /// Closes `period` for each of `tenants` at `now`, as [`Billing::close`] does one by one,
+    /// with the usage of all of them read by one statement per meter (and per price stretch)
+    /// and zone. A failure to read usage fails them all; what goes wrong with one tenant (not
+    /// a customer, a model without a price, storing its invoice) is that tenant's outcome.
+    pub async fn close_many(
+        &self,
+        source: &dyn UsageSource,
+        closed: &dyn ClosedStore,
+        tenants: &[String],
+        period: Period,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<(String, Result<Closing, InvoiceError>)>, InvoiceError> {
+        let mut outcomes: Vec<(String, Option<Result<Closing, InvoiceError>>)> = Vec::new();
+        let mut open = Vec::new();
+        for tenant in tenants {
+            let outcome = match self.customer(tenant) {
+                Err(e) => Some(Err(e)),
+                Ok((customer, _)) if now < period.end(customer.timezone) => {
+                    Some(Ok(Closing::NotEnded))
+                }
+                Ok((customer, plan)) => match History::load(closed, tenant).await {
+                    Err(e) => Some(Err(e)),
+                    Ok((stored, _)) if stored.contains_key(&period) => Some(Ok(
+                        Closing::AlreadyClosed(stored.get(&period).cloned().unwrap_or_default()),
+                    )),
+                    Ok((_, history)) => {
+                        open.push((tenant.as_str(), customer.timezone, plan, history));
+                        None
+                    }
+                },
+            };
+            outcomes.push((tenant.clone(), outcome));
+        }
+        let gathered = self.gather_many(source, period, &open).await?;
+        let mut closed_now = BTreeMap::new();
+        for (tenant, tz, plan, history) in &open {
+            let terms = Terms {
+                plan,
+                prices: &self.prices,
+                status: Status::Closed,
+            };
+            let outcome = async {
+                let mut invoice = self
+                    .draft_with(
+                        source,
+                        tenant,
+                        *tz,
+                        period,
+                        terms,
+                        history,
+                        true,
+                        Some(&gathered),
+                    )
+                    .await?;
+                invoice.closed_at = Some(instant(now));
+                let body = serde_json::to_vec(&invoice).map_err(|e| {
+                    InvoiceError::Closed(ClosedError::Store(format!("encoding the invoice: {e}")))
+                })?;
+                let kept = closed.store(tenant, period, body.clone()).await?;
+                Ok(if kept == body {
+                    Closing::Closed(kept)
+                } else {
+                    Closing::AlreadyClosed(kept)
+                })
+            }
+            .await;
+            closed_now.insert((*tenant).to_owned(), outcome);
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|(tenant, outcome)| {
+                let outcome = match outcome {
+                    Some(o) => o,
+                    None => closed_now
+                        .remove(&tenant)
+                        .unwrap_or_else(|| Err(InvoiceError::UnknownTenant(tenant.clone()))),
+                };
+                (tenant, outcome)
+            })
+            .collect())
+    }
+
+    /// Each of `tenants`' invoice for `period`, as [`Billing::invoice`] answers it one by one,
+    /// with the usage of all of them read by one statement per meter (and per price stretch)
+    /// and zone: the invoice run. A failure to read usage fails them all; what goes wrong with
+    /// one tenant (not a customer, a model without a price) is that tenant's outcome.
+    pub async fn invoices(
+        &self,
+        source: &dyn UsageSource,
+        closed: &dyn ClosedStore,
+        tenants: &[String],
+        period: Period,
+    ) -> Result<Vec<(String, Result<Answer, InvoiceError>)>, InvoiceError> {
+        let mut outcomes: Vec<(String, Option<Result<Answer, InvoiceError>>)> = Vec::new();
+        let mut open = Vec::new();
+        for tenant in tenants {
+            let outcome = match self.customer(tenant) {
+                Err(e) => Some(Err(e)),
+                Ok((customer, plan)) => match History::load(closed, tenant).await {
+                    Err(e) => Some(Err(e)),
+                    Ok((stored, history)) => match stored.get(&period) {
+                        Some(body) => Some(Ok(Answer::Closed(body.clone()))),
+                        None => {
+                            open.push((tenant.as_str(), customer.timezone, plan, history));
+                            None
+                        }
+                    },
+                },
+            };
+            outcomes.push((tenant.clone(), outcome));
+        }
+        let gathered = self.gather_many(source, period, &open).await?;
+        let mut drafts = BTreeMap::new();
+        for (tenant, tz, plan, history) in &open {
+            let terms = Terms {
+                plan,
+                prices: &self.prices,
+                status: Status::Draft,
+            };
+            let draft = self
+                .draft_with(
+                    source,
+                    tenant,
+                    *tz,
+                    period,
+                    terms,
+                    history,
+                    true,
+                    Some(&gathered),
+                )
+                .await
+                .map(|i| Answer::Draft(Box::new(i)));
+            drafts.insert((*tenant).to_owned(), draft);
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|(tenant, outcome)| {
+                let outcome = match outcome {
+                    Some(o) => o,
+                    None => drafts
+                        .remove(&tenant)
+                        .unwrap_or_else(|| Err(InvoiceError::UnknownTenant(tenant.clone()))),
+                };
+                (tenant, outcome)
+            })
+            .collect())
+    }
+
+    /// The usage of `period` (and of the closed periods whose late events it carries) of each
+    /// open tenant, read by one statement per meter the plans use, and per price stretch for
+    /// tokens, for each zone (a zone gives the period its instants), naming at most
+    /// [`usage::MAX_TENANTS_PER_STATEMENT`] tenants at a time.
+    async fn gather_many(
+        &self,
+        source: &dyn UsageSource,
+        period: Period,
+        open: &[(&str, Tz, &Plan, History)],
+    ) -> Result<Gathered, InvoiceError> {
+        // (period, zone) -> (zone, tenants, meters, whether tokens are needed)
+        type Group<'a> = (Tz, Vec<&'a str>, BTreeSet<usize>, bool);
+        let mut groups: BTreeMap<(Period, &str), Group<'_>> = BTreeMap::new();
+        for (tenant, tz, plan, history) in open {
+            let mut periods = vec![period];
+            periods.extend(history.adjusted_by(period));
+            for p in periods {
+                let group = groups
+                    .entry((p, tz.name()))
+                    .or_insert_with(|| (*tz, Vec::new(), BTreeSet::new(), false));
+                group.1.push(tenant);
+                for charge in &plan.charges {
+                    match &charge.kind {
+                        ChargeKind::Metered { meter, .. } => {
+                            group.2.insert(*meter);
+                        }
+                        ChargeKind::LlmCost { .. } => group.3 = true,
+                    }
+                }
+            }
+        }
+        let store_error = |message: String| {
+            InvoiceError::Usage(UsageError::Store {
+                store: source.name().to_owned(),
+                message,
+            })
+        };
+        let tenant_column = crate::filter::filter_column("tenant").map_err(store_error)?;
+        let mut out = Gathered::new();
+        for ((p, _), (tz, mut tenants, meters, tokens)) in groups {
+            tenants.sort_unstable();
+            tenants.dedup();
+            let (start, end) = (p.start(tz), p.end(tz));
+            for chunk in tenants.chunks(usage::MAX_TENANTS_PER_STATEMENT) {
+                let mut usages: BTreeMap<&str, Usage> =
+                    chunk.iter().map(|t| (*t, Usage::default())).collect();
+                for &m in &meters {
+                    let Some(meter) = self.meters.get(m) else {
+                        continue;
+                    };
+                    let rows = usage::meter_windows(
+                        source,
+                        usage::UsageQuery {
+                            meter,
+                            tenants: usage::Tenants::Among(chunk),
+                            from_us: micros(start),
+                            to_us: micros(end),
+                            windows: None,
+                            group_by: &[tenant_column],
+                        },
+                    )
+                    .await?;
+                    for row in rows {
+                        let tenant = row.groups.first().cloned().flatten().unwrap_or_default();
+                        if let Some(u) = usages.get_mut(tenant.as_str()) {
+                            u.values.insert(m, row.value);
+                        }
+                    }
+                    for u in usages.values_mut() {
+                        u.values.entry(m).or_insert_with(|| usage::no_events(meter));
+                    }
+                }
+                if tokens {
+                    // One stretch per price in force, as for one tenant.
+                    let mut cuts = vec![start];
+                    cuts.extend(self.prices.changes_within(start, end));
+                    cuts.push(end);
+                    for w in cuts.windows(2) {
+                        for (tenant, t) in usage::tokens_by_tenant(
+                            source,
+                            usage::Tenants::Among(chunk),
+                            micros(w[0]),
+                            micros(w[1]),
+                        )
+                        .await?
+                        {
+                            if let Some(u) = usages.get_mut(tenant.as_str()) {
+                                u.llm.push((w[0], w[1], t));
+                            }
+                        }
+                    }
+                }
+                for (tenant, u) in usages {
+                    out.insert((tenant.to_owned(), p), u);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The invoice of `tenant` for `period` in zone `tz` under `terms` (a plan or prices given
@@ -274,11 +505,20 @@ impl Billing {
         let same_currency = self
             .customer(tenant)
             .is_ok_and(|(_, plan)| plan.currency == terms.plan.currency);
-        self.draft_with(source, tenant, tz, period, terms, &history, same_currency)
-            .await
+        self.draft_with(
+            source,
+            tenant,
+            tz,
+            period,
+            terms,
+            &history,
+            same_currency,
+            None,
+        )
+        .await
     }
 
-    /// Gathers the usage of one period from the store.
+    /// Gathers the usage of one period from the store, unless `gathered` holds it.
     async fn gather(
         &self,
         source: &dyn UsageSource,
@@ -286,7 +526,11 @@ impl Billing {
         tz: Tz,
         period: Period,
         terms: Terms<'_>,
+        gathered: Option<&Gathered>,
     ) -> Result<Usage, InvoiceError> {
+        if let Some(usage) = gathered.and_then(|g| g.get(&(tenant.to_owned(), period))) {
+            return Ok(usage.clone());
+        }
         let start = period.start(tz);
         let end = period.end(tz);
         let scope = Scope {
@@ -342,7 +586,7 @@ impl Billing {
         terms: Terms<'_>,
         history: &History,
     ) -> Result<Invoice, InvoiceError> {
-        self.draft_with(source, tenant, tz, period, terms, history, true)
+        self.draft_with(source, tenant, tz, period, terms, history, true, None)
             .await
     }
 
@@ -356,12 +600,17 @@ impl Billing {
         terms: Terms<'_>,
         history: &History,
         with_credits: bool,
+        gathered: Option<&Gathered>,
     ) -> Result<Invoice, InvoiceError> {
-        let usage = self.gather(source, tenant, tz, period, terms).await?;
+        let usage = self
+            .gather(source, tenant, tz, period, terms, gathered)
+            .await?;
         let mut adjustments = Vec::new();
         for closed in history.adjusted_by(period) {
             // The closed period rated again over the events there are now.
-            let again = self.gather(source, tenant, tz, closed, terms).await?;
+            let again = self
+                .gather(source, tenant, tz, closed, terms, gathered)
+                .await?;
             let rerated = rate_invoice(
                 self,
                 tenant,
@@ -541,6 +790,9 @@ struct LlmUse<'a> {
     events: u64,
     tokens: Tokens,
 }
+
+/// Usage gathered ahead for many tenant-periods by one statement per meter.
+type Gathered = BTreeMap<(String, Period), Usage>;
 
 /// Usage of one tenant-period, as gathered from a store.
 #[derive(Debug, Clone, Default)]

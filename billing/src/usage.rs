@@ -104,23 +104,45 @@ pub struct Scope<'a> {
 fn where_clause(d: &dyn UsageDialect, scope: Scope<'_>, event_type: &str) -> String {
     where_tenant(
         d,
-        Some(scope.tenant),
+        Tenants::One(scope.tenant),
         scope.from_us,
         scope.to_us,
         event_type,
     )
 }
 
+/// Whose events a statement reads.
+#[derive(Debug, Clone, Copy)]
+pub enum Tenants<'a> {
+    All,
+    One(&'a str),
+    /// These tenants' (at most [`MAX_TENANTS_PER_STATEMENT`]).
+    Among(&'a [&'a str]),
+}
+
+/// The most tenants one statement names: the list is part of the statement's text, and
+/// ClickHouse refuses statements past 256 KiB.
+pub const MAX_TENANTS_PER_STATEMENT: usize = 1_000;
+
 fn where_tenant(
     d: &dyn UsageDialect,
-    tenant: Option<&str>,
+    tenants: Tenants<'_>,
     from_us: i64,
     to_us: i64,
     event_type: &str,
 ) -> String {
-    let tenant = tenant
-        .map(|t| format!("{} = {} AND ", d.column("tenant"), d.text_literal(t)))
-        .unwrap_or_default();
+    let tenant = match tenants {
+        Tenants::All => String::new(),
+        Tenants::One(t) => format!("{} = {} AND ", d.column("tenant"), d.text_literal(t)),
+        Tenants::Among(ts) => format!(
+            "{} IN ({}) AND ",
+            d.column("tenant"),
+            ts.iter()
+                .map(|t| d.text_literal(t))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     format!(
         "{tenant}{} = {} AND {}",
         d.column("type"),
@@ -169,8 +191,7 @@ pub const MAX_USAGE_ROWS: usize = 100_000;
 #[derive(Debug, Clone, Copy)]
 pub struct UsageQuery<'a> {
     pub meter: &'a Meter,
-    /// `None`: every tenant's events.
-    pub tenant: Option<&'a str>,
+    pub tenants: Tenants<'a>,
     pub from_us: i64,
     pub to_us: i64,
     /// `None`: one value over the whole range.
@@ -208,7 +229,13 @@ pub fn windows_sql(d: &dyn UsageDialect, q: UsageQuery<'_>) -> String {
         "SELECT {} FROM {} WHERE {}{}{} LIMIT {}",
         select.join(", "),
         d.events(),
-        where_tenant(d, q.tenant, q.from_us, q.to_us, q.meter.event_type.as_str()),
+        where_tenant(
+            d,
+            q.tenants,
+            q.from_us,
+            q.to_us,
+            q.meter.event_type.as_str()
+        ),
         meter_filter(d, q.meter),
         group_by,
         MAX_USAGE_ROWS + 1,
@@ -287,6 +314,61 @@ pub fn tokens_sql(d: &dyn UsageDialect, scope: Scope<'_>) -> String {
     )
 }
 
+/// Token sums per tenant, provider and model over `[from_us, to_us)`: `tenant, provider,
+/// model, events, input, output, cached_input, cache_write_input`.
+pub fn tokens_by_tenant_sql(
+    d: &dyn UsageDialect,
+    tenants: Tenants<'_>,
+    from_us: i64,
+    to_us: i64,
+) -> String {
+    format!(
+        "SELECT {tn} AS c0, {p} AS c1, {m} AS c2, {n} AS c3, {i} AS c4, {o} AS c5, {c} AS c6, \
+         {w} AS c7 FROM {t} WHERE {wh} GROUP BY {tc}, {pc}, {mc}",
+        tn = d.text("tenant"),
+        p = d.text("provider"),
+        m = d.text("model"),
+        n = d.count(),
+        i = d.sum("input_tokens"),
+        o = d.sum("output_tokens"),
+        c = d.sum("cached_input_tokens"),
+        w = d.sum("cache_write_input_tokens"),
+        t = d.events(),
+        wh = where_tenant(d, tenants, from_us, to_us, "llm.usage"),
+        tc = d.column("tenant"),
+        pc = d.column("provider"),
+        mc = d.column("model"),
+    )
+}
+
+/// Runs [`tokens_by_tenant_sql`]: each tenant's models, ordered as [`model_tokens`] orders
+/// them.
+pub async fn tokens_by_tenant(
+    source: &dyn UsageSource,
+    tenants: Tenants<'_>,
+    from_us: i64,
+    to_us: i64,
+) -> Result<Vec<(String, ModelTokens)>, UsageError> {
+    let rows = source
+        .rows(&tokens_by_tenant_sql(
+            source.dialect(),
+            tenants,
+            from_us,
+            to_us,
+        ))
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let tenant = row.first().cloned().flatten().unwrap_or_default();
+        out.push((
+            tenant,
+            model_tokens_of(source, row.get(1..).unwrap_or_default())?,
+        ));
+    }
+    out.sort_by(|(ta, a), (tb, b)| (ta, &a.provider, &a.model).cmp(&(tb, &b.provider, &b.model)));
+    Ok(out)
+}
+
 /// A meter's value over a scope.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeterValue {
@@ -354,26 +436,46 @@ pub async fn model_tokens(
     let rows = source.rows(&tokens_sql(source.dialect(), scope)).await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        let cell = |i: usize| row.get(i).cloned().flatten();
-        let num = |i: usize| number(source, cell(i)).map(Option::unwrap_or_default);
-        let events = num(2)?;
-        out.push(ModelTokens {
-            provider: cell(0).unwrap_or_default(),
-            model: cell(1).unwrap_or_default(),
-            events: u64::try_from(events).map_err(|_| UsageError::Value {
-                store: source.name().to_owned(),
-                value: events.to_string(),
-            })?,
-            tokens: crate::rate::Tokens {
-                input: num(3)?,
-                output: num(4)?,
-                cached_input: num(5)?,
-                cache_write_input: num(6)?,
-            },
-        });
+        out.push(model_tokens_of(source, &row)?);
     }
     out.sort_by(|a, b| (&a.provider, &a.model).cmp(&(&b.provider, &b.model)));
     Ok(out)
+}
+
+/// A meter's value for no events: what [`meter_value`] answers for a scope without any.
+pub fn no_events(meter: &Meter) -> MeterValue {
+    MeterValue {
+        events: 0,
+        value: match meter.aggregation {
+            Aggregation::Sum | Aggregation::Count | Aggregation::UniqueCount => Some(Decimal::ZERO),
+            Aggregation::Max | Aggregation::Latest => None,
+        },
+    }
+}
+
+/// A model's tokens from the cells `provider, model, events, input, output, cached_input,
+/// cache_write_input`.
+fn model_tokens_of(
+    source: &dyn UsageSource,
+    row: &[Option<String>],
+) -> Result<ModelTokens, UsageError> {
+    let cell = |i: usize| row.get(i).cloned().flatten();
+    let num = |i: usize| number(source, cell(i)).map(Option::unwrap_or_default);
+    let events = num(2)?;
+    Ok(ModelTokens {
+        provider: cell(0).unwrap_or_default(),
+        model: cell(1).unwrap_or_default(),
+        events: u64::try_from(events).map_err(|_| UsageError::Value {
+            store: source.name().to_owned(),
+            value: events.to_string(),
+        })?,
+        tokens: crate::rate::Tokens {
+            input: num(3)?,
+            output: num(4)?,
+            cached_input: num(5)?,
+            cache_write_input: num(6)?,
+        },
+    })
 }
 
 fn number(source: &dyn UsageSource, cell: Option<String>) -> Result<Option<Decimal>, UsageError> {

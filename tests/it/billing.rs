@@ -422,9 +422,10 @@ async fn an_invoice_counts_the_month_in_the_customers_zone() {
     assert_eq!(amount(&inv, "quoted_agents"), "0.00");
     for (query, status, needle) in [
         (
-            "period=2026-10",
+            // Without a tenant: the invoice run of every customer, which needs a period too.
+            "format=csv",
             StatusCode::BAD_REQUEST,
-            "tenant: required",
+            "period: required",
         ),
         ("tenant=acme", StatusCode::BAD_REQUEST, "period: required"),
         (
@@ -709,6 +710,34 @@ async fn the_same_month_gives_the_same_invoice_on_every_store() {
             "ClickHouse and the embedded store, {tenant}"
         );
     }
+    // The invoice run reads every customer's usage at once, and gives each the invoice it gets
+    // alone.
+    let (period, _, _) = last_month(Tz::America__Sao_Paulo);
+    for server in [&writer, &from_postgres, &from_clickhouse] {
+        let (status, body) = get(server, &format!("/v1/invoices?period={period}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let run: Value = serde_json::from_str(&body).expect("run JSON");
+        let invoices = run["invoices"].as_array().expect("invoices");
+        assert_eq!(invoices.len(), 2);
+        for (i, tenant) in ["acme", "initech"].into_iter().enumerate() {
+            assert_eq!(
+                invoices[i],
+                invoice(server, tenant, &period).await,
+                "{tenant}"
+            );
+        }
+        let (status, csv) = get(server, &format!("/v1/invoices?period={period}&format=csv")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            csv.matches("tenant,period,currency").count(),
+            1,
+            "one header"
+        );
+        assert!(
+            csv.contains("\nacme,") && csv.contains("\ninitech,"),
+            "{csv}"
+        );
+    }
 }
 
 /// A billing entry that cannot be used stops `meterd serve` before it listens, with exit code
@@ -890,6 +919,31 @@ async fn a_closed_invoice_never_changes_and_late_events_adjust_the_next_one() {
             assert_eq!(adjustment[0]["quantity"], "31");
             // The closed invoice used the whole credit.
             assert_eq!(open["credits_applied"], json!([]));
+            // The invoice run of every customer answers the same: the closed invoice byte for
+            // byte, the open one with its adjustment.
+            let run = reqwest::get(format!("{url}/v1/invoices?period={period}"))
+                .await
+                .expect("request")
+                .bytes()
+                .await
+                .expect("body")
+                .to_vec();
+            assert!(
+                run.windows(closed.len()).any(|w| w == closed.as_slice()),
+                "the run holds the closed invoice verbatim: {}",
+                String::from_utf8_lossy(&run)
+            );
+            let run: Value = reqwest::get(format!("{url}/v1/invoices?period={next}"))
+                .await
+                .expect("request")
+                .json()
+                .await
+                .expect("json");
+            assert_eq!(run["period"], json!(next));
+            let invoices = run["invoices"].as_array().expect("invoices");
+            assert_eq!(invoices.len(), 2, "acme and initech");
+            assert_eq!(invoices[0], open);
+            assert_eq!(invoices[1]["tenant"], "initech");
             open
         }
     };

@@ -367,7 +367,7 @@ fn the_modern_form_runs_on_current_clickhouse_with_the_same_rollups() {
 #[test]
 fn billing_statements_run_on_current_clickhouse() {
     use meterd_billing::config::MeterConfig;
-    use meterd_billing::usage::{Scope, UsageQuery, meter_sql, tokens_sql, windows_sql};
+    use meterd_billing::usage::{Scope, Tenants, UsageQuery, meter_sql, tokens_sql, windows_sql};
     use meterd_billing::{Meter, WindowSize, Windows};
     use meterd_store_clickhouse::billing::ClickHouseDialect;
 
@@ -431,7 +431,7 @@ fn billing_statements_run_on_current_clickhouse() {
     steps.push(json!({
         "sql": windows_sql(&d, UsageQuery {
             meter: &meters[2],
-            tenant: Some(&tenant),
+            tenants: Tenants::One(&tenant),
             from_us: scope.from_us,
             to_us: scope.to_us,
             windows: Some(&windows),
