@@ -618,6 +618,19 @@ async fn a_tenant_scoped_role_sees_only_its_tenant() {
             "{relation}: the reader sees all of its own tenant's events"
         );
     }
+    // The tenant filter is evaluated once per query (InitPlans), not once per row.
+    for relation in ["meterd.events", "meterd.usage_hourly", "meterd.usage_daily"] {
+        let plan: Vec<String> = admin
+            .query(&format!("EXPLAIN SELECT count(*) FROM {relation}"), &[])
+            .await
+            .expect("explain")
+            .iter()
+            .map(|row| row.get::<_, String>(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(plan.contains("InitPlan"), "{relation}:\n{plan}");
+        assert!(!plan.contains("tenant_visible"), "{relation}:\n{plan}");
+    }
     // Switching the session's tenant to one not granted shows nothing.
     reader
         .batch_execute("SET meterd.tenant = 'someone-else'")

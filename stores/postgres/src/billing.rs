@@ -69,8 +69,10 @@ impl UsageDialect for PostgresDialect {
         )
     }
 
+    /// The table under `meterd.events`: meterd's own role sees every tenant, and the view's
+    /// tenant filter would keep PostgreSQL from scanning in parallel.
     fn events(&self) -> String {
-        "meterd.events".to_owned()
+        "meterd.events_data".to_owned()
     }
 
     /// `extract` gives `numeric` (exact to the microsecond) from PostgreSQL 14 on.

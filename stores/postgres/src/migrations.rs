@@ -108,6 +108,13 @@ pub const POSTGRES: &[Migration] = &[
         timescaledb: file!("0006_closed_invoices.sql"),
         timescaledb_after: &[],
     },
+    Migration {
+        version: 7,
+        name: "tenant_filter_once",
+        postgres: file!("0007_tenant_filter_once.sql"),
+        timescaledb: file!("0007_tenant_filter_once.sql"),
+        timescaledb_after: &[],
+    },
 ];
 
 #[cfg(test)]
