@@ -278,10 +278,12 @@ fn usage_ask<'a>(
             format!("meter: there is no meter named {name:?}"),
         )
     })?;
-    let tenant = match (
-        params.tenant.filter(|t| !t.is_empty()),
-        principal.and_then(|p| p.tenant.clone()),
-    ) {
+    let tenant = match (params.tenant, principal.and_then(|p| p.tenant.clone())) {
+        (Some(t), _) if t.is_empty() => {
+            return Err(bad(
+                "tenant: empty; leave it out for every tenant's usage".to_owned()
+            ));
+        }
         (Some(t), _) if t.len() > 128 => {
             return Err(bad(format!("tenant: {} bytes, more than 128", t.len())));
         }
@@ -525,7 +527,13 @@ async fn invoice(
     // A key bound to a tenant asks for that tenant's invoice; any other key without a tenant
     // asks for every customer's: the invoice run.
     let bound = principal.as_deref().and_then(|p| p.tenant.clone());
-    let tenant = params.tenant.filter(|t| !t.is_empty()).or(bound);
+    if params.tenant.as_deref() == Some("") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "tenant: empty; leave it out for every customer's invoice",
+        );
+    }
+    let tenant = params.tenant.or(bound);
     if tenant.is_none() {
         let period = match tenant_and_period(Some("-".to_owned()), params.period.as_deref()) {
             Ok((_, period)) => period,

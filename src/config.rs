@@ -157,6 +157,10 @@ pub struct ServeArgs {
     #[arg(skip)]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub credits: Vec<meterd_billing::config::CreditConfig>,
+    /// `[[slos]]`: service level objectives over events (file only).
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slos: Vec<meterd_slo::SloConfig>,
 }
 
 /// Flags of `meterd migrate`.
@@ -350,6 +354,8 @@ pub struct Settings {
     pub clickhouse: Option<ClickHouseConfig>,
     /// Meters, prices, plans, customers and credits, checked.
     pub billing: Arc<meterd_billing::Billing>,
+    /// SLOs, checked.
+    pub slos: Arc<Vec<meterd_slo::Slo>>,
     /// How long after a period ends it is closed automatically; `None`: never.
     pub close_grace: Option<chrono::Duration>,
 }
@@ -471,6 +477,8 @@ impl Settings {
             credits: given.credits.clone(),
         })
         .map_err(|e| ConfigError::Invalid(format!("billing: {e}")))?;
+        let slos =
+            meterd_slo::Slo::all(&given.slos).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let close_grace = match given.close_grace_hours.unwrap_or(72) {
             0 => None,
             hours => Some(
@@ -484,6 +492,7 @@ impl Settings {
         };
         Ok(Self {
             billing: Arc::new(billing),
+            slos: Arc::new(slos),
             close_grace,
             listen,
             ingest,

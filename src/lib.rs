@@ -12,6 +12,7 @@ pub mod loadgen;
 pub mod openapi;
 mod send;
 pub mod serve;
+mod slo;
 
 use std::process::ExitCode;
 

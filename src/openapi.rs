@@ -220,6 +220,7 @@ pub fn document(now: DateTime<Utc>) -> Value {
                     "401": err("Missing or unknown API key"),
                     "403": err("Key lacks the query scope")}}},
             "/v1/usage": usage_path(),
+            "/v1/slos": slos_path(),
             "/v1/invoices": {"get": {
                 "operationId": "getInvoice",
                 "summary": "The invoice of a tenant for a calendar month in its zone, or without a tenant every customer's (the invoice run)",
@@ -333,6 +334,56 @@ fn cloudevent_schema() -> Value {
         "not": {"required": ["data_base64"]},
         "allOf": by_type
     })
+}
+
+/// `GET /v1/slos`, apart (see [`usage_path`]).
+fn slos_path() -> Value {
+    let err = |description: &str| {
+        json!({"description": description, "content": {"application/json": {"schema": {
+            "$ref": "#/components/schemas/Error"}}}})
+    };
+    let rate = json!({"type": "number", "minimum": 0});
+    json!({"get": {
+        "operationId": "listSlos",
+        "summary": "Each SLO's SLI, error budget (in events), burn rates and alerts, counted now",
+        "parameters": [
+            {"name": "name", "in": "query", "required": false, "schema": {"type": "string"}},
+            {"name": "tenant", "in": "query", "required": false,
+             "description": "The SLOs per tenant (that tenant's entry) and of that tenant",
+             "schema": {"type": "string", "minLength": 1, "maxLength": 128}}],
+        "responses": {
+            "200": {"description": "The SLOs", "content": {"application/json": {"schema": {
+                "type": "object", "required": ["slos"],
+                "properties": {"slos": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["name", "tenant", "objective", "window", "valid_events",
+                                 "good_events", "sli", "error_budget", "burn_rates", "alerts"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "tenant": {"type": ["string", "null"]},
+                        "objective": {"type": "number"},
+                        "window": {"type": "string"},
+                        "valid_events": {"type": "integer", "minimum": 0},
+                        "good_events": {"type": "integer", "minimum": 0},
+                        "sli": {"type": ["number", "null"]},
+                        "error_budget": {"type": "object",
+                            "required": ["total", "used", "remaining", "remaining_ratio"],
+                            "properties": {"total": {"type": "number"}, "used": {"type": "integer"},
+                                           "remaining": {"type": "number"},
+                                           "remaining_ratio": {"type": "number"}}},
+                        "burn_rates": {"type": "object",
+                            "required": ["5m", "30m", "1h", "6h", "1d", "3d"],
+                            "properties": {"5m": rate, "30m": rate, "1h": rate, "6h": rate,
+                                           "1d": rate, "3d": rate}},
+                        "alerts": {"type": "object", "required": ["fast_burn", "slow_burn"],
+                            "properties": {"fast_burn": {"type": "boolean"},
+                                           "slow_burn": {"type": "boolean"}}}}}}}}}}},
+            "400": err("Invalid parameter"),
+            "401": err("Missing or unknown API key"),
+            "403": err("Key lacks the query scope, or is bound to another tenant"),
+            "404": err("No SLO of that name"),
+            "503": err("The store did not answer"),
+            "504": err("The store timed out")}}})
 }
 
 /// `GET /v1/usage`, apart: one `json!` of the whole document would pass the macro's

@@ -145,6 +145,7 @@ async fn openapi_json() -> impl IntoResponse {
 pub fn router(
     ingest: Arc<Ingest>,
     query: &Arc<QueryService>,
+    slo_source: Arc<dyn meterd_billing::UsageSource>,
     usage: Arc<dyn meterd_billing::UsageSource>,
     closed: Arc<dyn meterd_billing::ClosedStore>,
     stores: Stores,
@@ -184,6 +185,14 @@ pub fn router(
                 usage,
                 closed,
                 // Several statements per invoice, each within the SQL timeout.
+                settings.query.timeout.saturating_mul(4),
+            )
+            .route_layer(guard(Scope::Query)),
+        )
+        .merge(
+            crate::slo::router(
+                Arc::clone(&settings.slos),
+                slo_source,
                 settings.query.timeout.saturating_mul(4),
             )
             .route_layer(guard(Scope::Query)),
@@ -333,6 +342,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let app = router(
         Arc::clone(&ingest),
         &query,
+        Arc::clone(&usage),
         usage,
         closed,
         Stores(

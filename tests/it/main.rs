@@ -16,5 +16,6 @@ mod crash;
 mod ingest;
 mod postgres_store;
 mod rollups;
+mod slo;
 mod sql;
 mod timescaledb;

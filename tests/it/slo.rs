@@ -1,0 +1,336 @@
+//! SLOs end to end: `[[slos]]` in the config file, `GET /v1/slos` counted from the stored
+//! events, worked out by hand, and the same answer from the embedded store, PostgreSQL and
+//! ClickHouse.
+
+use crate::common;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::ch::{self, PrivateClickHouse};
+use common::pg::{self, TestDb};
+use common::{Server, rfc3339};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+const SLOS: &str = r#"
+[[slos]]
+name = "api-availability"
+type = "api.request"
+good = "status_code < 500"
+valid = "route <> '/healthz'"
+objective = 0.99
+window = "30d"
+
+[[slos]]
+name = "api-strict"
+type = "api.request"
+good = "status_code < 500"
+valid = "route <> '/healthz'"
+objective = "0.999"
+window = "30d"
+
+[[slos]]
+name = "agent-success"
+type = "agent.run"
+good = "status = 'succeeded'"
+objective = 0.9
+window = "1d"
+per_tenant = true
+
+[[slos]]
+name = "nobody-availability"
+type = "api.request"
+good = "status_code < 500"
+objective = 0.999
+window = "7d"
+tenant = "nobody"
+"#;
+
+fn config_file(extra: &str) -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(file.path(), format!("{extra}\n{SLOS}")).expect("write config");
+    file
+}
+
+fn path(f: &tempfile::NamedTempFile) -> String {
+    f.path().display().to_string()
+}
+
+fn request(tenant: &str, id: &str, t: DateTime<Utc>, route: &str, status: i64) -> Value {
+    json!({
+        "id": id, "tenant": tenant, "type": "api.request", "time": rfc3339(t),
+        "data": {"route": route, "method": "GET", "status_code": status, "latency_ms": 20}
+    })
+}
+
+fn run(tenant: &str, id: &str, t: DateTime<Utc>, status: Option<&str>) -> Value {
+    let mut data = json!({"agent": "support", "run_id": id, "duration_ms": 10, "steps": 1});
+    if let Some(s) = status {
+        data["status"] = json!(s);
+    }
+    json!({"id": id, "tenant": tenant, "type": "agent.run", "time": rfc3339(t), "data": data})
+}
+
+/// The events of the test, relative to `now`: each well inside the windows it is counted in.
+fn events(now: DateTime<Utc>) -> Vec<Value> {
+    let minutes = |m: i64| now - chrono::Duration::minutes(m);
+    let mut out = Vec::new();
+    // Two minutes ago: 97 good, 2 errors, and a health check that errs (not valid).
+    for i in 0..99 {
+        let status = if i < 97 { 200 } else { 503 };
+        out.push(request(
+            "acme",
+            &format!("a-{i}"),
+            minutes(2),
+            "/v1/chat",
+            status,
+        ));
+    }
+    out.push(request("acme", "health", minutes(2), "/healthz", 500));
+    // 45 minutes ago: 100 good.
+    for i in 0..100 {
+        out.push(request(
+            "initech",
+            &format!("b-{i}"),
+            minutes(45),
+            "/v1/chat",
+            201,
+        ));
+    }
+    // Two days ago: 90 good, 10 errors.
+    for i in 0..100 {
+        let status = if i < 90 { 200 } else { 500 };
+        out.push(request(
+            "acme",
+            &format!("c-{i}"),
+            minutes(2 * 24 * 60),
+            "/v1/embed",
+            status,
+        ));
+    }
+    // Agent runs: acme 8 succeeded, 1 failed, 1 without a status; initech 5 succeeded; and an
+    // acme run two days ago, outside the 1d window.
+    for i in 0..10 {
+        let status = match i {
+            0..8 => Some("succeeded"),
+            8 => Some("failed"),
+            _ => None,
+        };
+        out.push(run("acme", &format!("r-{i}"), minutes(10), status));
+    }
+    for i in 0..5 {
+        out.push(run(
+            "initech",
+            &format!("s-{i}"),
+            minutes(10),
+            Some("succeeded"),
+        ));
+    }
+    out.push(run("acme", "old", minutes(2 * 24 * 60), Some("failed")));
+    out
+}
+
+async fn slos(server: &Server, query: &str) -> Value {
+    let response = reqwest::get(format!("{}/v1/slos{query}", server.url))
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK, "{query}");
+    response.json().await.expect("json")
+}
+
+fn by_name<'a>(answer: &'a Value, name: &str, tenant: Option<&str>) -> &'a Value {
+    answer["slos"]
+        .as_array()
+        .expect("slos")
+        .iter()
+        .find(|s| s["name"] == name && s["tenant"].as_str() == tenant)
+        .unwrap_or_else(|| panic!("no {name} {tenant:?} in {answer}"))
+}
+
+fn close(a: &Value, b: f64) -> bool {
+    a.as_f64().is_some_and(|a| (a - b).abs() < 1e-9)
+}
+
+/// Every figure of `GET /v1/slos` worked out by hand, on the embedded store with the README's
+/// defaults otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slos_count_budgets_and_burn_rates_from_the_events() {
+    let cfg = config_file("");
+    let server = Server::start(&["--config", &path(&cfg)]);
+    let now = Utc::now();
+    let sent = events(now);
+    assert_eq!(
+        server.post_ndjson(&sent).await.accepted(),
+        sent.len() as u64
+    );
+
+    let all = slos(&server, "").await;
+    // 30d: valid 99 + 100 + 100 (the health check is not valid), good 97 + 100 + 90.
+    let a = by_name(&all, "api-availability", None);
+    assert_eq!(a["valid_events"], 299);
+    assert_eq!(a["good_events"], 287);
+    assert!(close(&a["sli"], 287.0 / 299.0), "{a}");
+    assert!(close(&a["error_budget"]["total"], 2.99), "{a}");
+    assert_eq!(a["error_budget"]["used"], 12);
+    assert!(close(&a["error_budget"]["remaining"], -9.01), "{a}");
+    // 5m and 30m: 2 bad of 99; 1h, 6h, 1d: 2 of 199; 3d: 12 of 299; over 1% allowed.
+    let rates = &a["burn_rates"];
+    for (window, bad, valid) in [
+        ("5m", 2.0, 99.0),
+        ("30m", 2.0, 99.0),
+        ("1h", 2.0, 199.0),
+        ("6h", 2.0, 199.0),
+        ("1d", 2.0, 199.0),
+        ("3d", 12.0, 299.0),
+    ] {
+        assert!(close(&rates[window], bad / valid / 0.01), "{window}: {a}");
+    }
+    assert_eq!(a["alerts"], json!({"fast_burn": false, "slow_burn": false}));
+    // At 99.9%: 5m and 30m burn at 20.2, 1h and 6h at 10.05: a ticket, not a page.
+    let strict = by_name(&all, "api-strict", None);
+    assert!(
+        close(&strict["burn_rates"]["5m"], 2.0 / 99.0 / 0.001),
+        "{strict}"
+    );
+    assert!(
+        close(&strict["burn_rates"]["1h"], 2.0 / 199.0 / 0.001),
+        "{strict}"
+    );
+    assert_eq!(
+        strict["alerts"],
+        json!({"fast_burn": false, "slow_burn": true})
+    );
+    // Per tenant: a run without a status is not good; the old run is outside the day.
+    let acme = by_name(&all, "agent-success", Some("acme"));
+    assert_eq!(
+        (acme["valid_events"].as_u64(), acme["good_events"].as_u64()),
+        (Some(10), Some(8))
+    );
+    assert!(close(&acme["error_budget"]["total"], 1.0), "{acme}");
+    assert_eq!(acme["error_budget"]["used"], 2);
+    assert!(close(&acme["burn_rates"]["5m"], 0.0), "{acme}");
+    assert!(close(&acme["burn_rates"]["30m"], 2.0), "{acme}");
+    assert!(close(&acme["burn_rates"]["3d"], 3.0 / 11.0 / 0.1), "{acme}");
+    let initech = by_name(&all, "agent-success", Some("initech"));
+    assert_eq!(initech["sli"], 1.0);
+    // No events: nothing burns, nothing is used.
+    let nobody = by_name(&all, "nobody-availability", Some("nobody"));
+    assert_eq!(nobody["valid_events"], 0);
+    assert_eq!(nobody["sli"], Value::Null);
+    assert_eq!(nobody["error_budget"]["remaining_ratio"], 1.0);
+    assert_eq!(nobody["burn_rates"]["1h"], 0.0);
+    assert_eq!(all["slos"].as_array().map(Vec::len), Some(5));
+
+    // One SLO; one tenant (the SLOs that can speak of it).
+    let one = slos(&server, "?name=api-strict").await;
+    assert_eq!(one["slos"].as_array().map(Vec::len), Some(1));
+    let acme_only = slos(&server, "?tenant=acme").await;
+    let names: Vec<(&str, &str)> = acme_only["slos"]
+        .as_array()
+        .expect("slos")
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap_or(""),
+                s["tenant"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(names, [("agent-success", "acme")]);
+    let (status, body) = {
+        let r = reqwest::get(format!("{}/v1/slos?name=nope", server.url))
+            .await
+            .expect("request");
+        (r.status(), r.text().await.expect("body"))
+    };
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.contains("name:"), "{body}");
+}
+
+/// The same events give the same SLOs from the embedded store, PostgreSQL and ClickHouse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slos_are_the_same_on_every_store() {
+    let clickhouse = PrivateClickHouse::start();
+    let url = clickhouse.url();
+    let db = ch::database("slo");
+    let pgdb = TestDb::create("slo").await;
+    let ch_section = format!(
+        "[clickhouse]\nurl = \"{url}\"\ndatabase = \"{db}\"\nbatch_rows = 700\nbatch_period_secs = 0.05\n"
+    );
+    let both = config_file(&ch_section);
+    let writer = Server::start(&[
+        "--config",
+        &path(&both),
+        "--postgres-url",
+        &pgdb.url,
+        "--sql-source",
+        "embedded",
+    ]);
+    let sent = events(Utc::now());
+    let accepted = writer.post_ndjson(&sent).await.accepted();
+    assert_eq!(accepted, sent.len() as u64);
+    let wait = Duration::from_secs(180);
+    pg::wait_for(
+        &pgdb.client().await,
+        "SELECT count(*) FROM meterd.events",
+        accepted as i64,
+        wait,
+    )
+    .await;
+    ch::wait_for(
+        &url,
+        &format!("SELECT count() FROM {db}.events"),
+        accepted as i64,
+        wait,
+    )
+    .await;
+    let pg_only = config_file("");
+    let from_postgres = Server::start(&[
+        "--config",
+        &path(&pg_only),
+        "--postgres-url",
+        &pgdb.url,
+        "--sql-source",
+        "postgres",
+    ]);
+    let ch_only = config_file(&ch_section);
+    let from_clickhouse =
+        Server::start(&["--config", &path(&ch_only), "--sql-source", "clickhouse"]);
+    let embedded = slos(&writer, "").await;
+    assert_eq!(embedded["slos"].as_array().map(Vec::len), Some(5));
+    assert_eq!(slos(&from_postgres, "").await, embedded, "PostgreSQL");
+    assert_eq!(slos(&from_clickhouse, "").await, embedded, "ClickHouse");
+}
+
+/// An SLO that cannot be used stops `meterd serve` with exit code 2, naming the entry.
+#[test]
+fn a_bad_slo_stops_startup_naming_the_entry() {
+    for (entry, needle) in [
+        (
+            "[[slos]]\nname = \"x\"\ntype = \"api.request\"\ngood = \"nope < 1\"\nobjective = 0.9\nwindow = \"1d\"\n",
+            "good:",
+        ),
+        (
+            "[[slos]]\nname = \"x\"\ntype = \"api.request\"\ngood = \"status_code < 500\"\nobjective = 1.5\nwindow = \"1d\"\n",
+            "objective:",
+        ),
+    ] {
+        let file = tempfile::NamedTempFile::new().expect("config");
+        std::fs::write(file.path(), entry).expect("write");
+        let dir = tempfile::tempdir().expect("dir");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_meterd"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(file.path())
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .expect("run meterd");
+        assert_eq!(out.status.code(), Some(2), "{entry}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("slos[0]") && stderr.contains(needle),
+            "{stderr}"
+        );
+    }
+}
