@@ -80,7 +80,11 @@ impl UsageSource for EmbeddedUsage {
             store: "embedded".to_owned(),
             message,
         };
-        let (_, batches) = self.0.query(sql).await.map_err(|e| failed(e.to_string()))?;
+        let (_, batches) = self.0.query(sql).await.map_err(|e| match e {
+            // The SQL API's row cap, which may be below meterd's own for usage answers.
+            meterd_query::Error::TooManyRows { max_rows } => UsageError::TooManyRows(max_rows),
+            e => failed(e.to_string()),
+        })?;
         let mut rows = Vec::new();
         for batch in batches {
             let columns = batch
@@ -588,31 +592,48 @@ async fn invoice(
 }
 
 /// Every customer's invoice for `period`, the usage of all read at once: `{"period",
-/// "invoices": [...]}` with closed invoices as they were stored, or every line as CSV.
+/// "invoices": [...], "errors": [...]}` with closed invoices as they were stored and, for each
+/// customer whose invoice could not be made, its status and why; or every line as CSV, which
+/// has no place for errors, so there any error answers the whole request.
 async fn invoice_run(state: &BillingState, period: Period, csv: bool) -> Response {
     let tenants: Vec<String> = state.billing.customers.keys().cloned().collect();
     let answers = match state
-        .within(state.billing.invoices(
-            state.source.as_ref(),
-            state.closed.as_ref(),
-            &tenants,
-            period,
-        ))
+        .within(async {
+            Ok(state
+                .billing
+                .invoices(
+                    state.source.as_ref(),
+                    state.closed.as_ref(),
+                    &tenants,
+                    period,
+                )
+                .await)
+        })
         .await
     {
         Ok(answers) => answers,
         Err(r) => return r,
     };
     let mut bodies: Vec<Vec<u8>> = Vec::with_capacity(answers.len());
+    let mut errors = Vec::new();
     let mut lines = String::new();
     for (tenant, answer) in answers {
-        let failed = |e: InvoiceError| {
-            let status = invoice_error_status(&e);
-            error(status, format!("the invoice of {tenant:?}: {e}"))
-        };
         let answer = match answer {
             Ok(a) => a,
-            Err(e) => return failed(e),
+            Err(e) if csv => {
+                return error(
+                    invoice_error_status(&e),
+                    format!("the invoice of {tenant:?}: {e}"),
+                );
+            }
+            Err(e) => {
+                errors.push(json!({
+                    "tenant": tenant,
+                    "status": invoice_error_status(&e).as_u16(),
+                    "error": e.to_string(),
+                }));
+                continue;
+            }
         };
         if csv {
             let invoice = match answer {
@@ -641,10 +662,12 @@ async fn invoice_run(state: &BillingState, period: Period, csv: bool) -> Respons
                 Answer::Draft(invoice) => match serde_json::to_vec(&invoice) {
                     Ok(body) => body,
                     Err(e) => {
-                        return error(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            format!("encoding the invoice of {tenant:?}: {e}"),
-                        );
+                        errors.push(json!({
+                            "tenant": tenant,
+                            "status": 500,
+                            "error": format!("encoding the invoice: {e}"),
+                        }));
+                        continue;
                     }
                 },
             });
@@ -661,7 +684,9 @@ async fn invoice_run(state: &BillingState, period: Period, csv: bool) -> Respons
         }
         body.extend_from_slice(b);
     }
-    body.extend_from_slice(b"]}");
+    body.extend_from_slice(b"],\"errors\":");
+    body.extend_from_slice(serde_json::Value::Array(errors).to_string().as_bytes());
+    body.push(b'}');
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
@@ -702,7 +727,7 @@ async fn close(
     let now = Utc::now();
     // Not cut off at the read deadline: each statement has its own time limit, and a close
     // stopped half way would leave part of the run closed.
-    let outcomes = match state
+    let outcomes = state
         .billing
         .close_many(
             state.source.as_ref(),
@@ -711,11 +736,7 @@ async fn close(
             period,
             now,
         )
-        .await
-    {
-        Ok(outcomes) => outcomes,
-        Err(e) => return invoice_error(e),
-    };
+        .await;
     let (mut closed, mut already, mut not_ended) = (Vec::new(), Vec::new(), Vec::new());
     let mut failed = None;
     for (tenant, outcome) in outcomes {
@@ -913,20 +934,9 @@ pub fn spawn_auto_close(
                 }
             }
             for (period, tenants) in due {
-                let outcomes = match billing
+                let outcomes = billing
                     .close_many(source.as_ref(), closed.as_ref(), &tenants, period, now)
-                    .await
-                {
-                    Ok(outcomes) => outcomes,
-                    Err(e) => {
-                        tracing::warn!(
-                            %period,
-                            error = %e,
-                            "closing the billing period failed; trying again in a minute"
-                        );
-                        continue;
-                    }
-                };
+                    .await;
                 for (tenant, outcome) in outcomes {
                     match outcome {
                         Ok(Closing::Closed(_)) => {

@@ -236,9 +236,11 @@ pub fn document(now: DateTime<Utc>) -> Value {
                     "200": {"description": "The invoice, or its lines as CSV; without a tenant, every customer's", "content": {
                         "application/json": {"schema": {"oneOf": [
                             {"$ref": "#/components/schemas/Invoice"},
-                            {"type": "object", "required": ["period", "invoices"], "properties": {
+                            {"type": "object", "required": ["period", "invoices", "errors"], "properties": {
                                 "period": {"type": "string"},
-                                "invoices": {"type": "array", "items": {"$ref": "#/components/schemas/Invoice"}}}}]}},
+                                "invoices": {"type": "array", "items": {"$ref": "#/components/schemas/Invoice"}},
+                                "errors": {"type": "array", "items": {"type": "object",
+                                    "required": ["tenant", "status", "error"]}}}}]}},
                         "text/csv; charset=utf-8": {"schema": {"type": "string"}}}},
                     "400": err("Missing or invalid parameter"),
                     "401": err("Missing or unknown API key"),

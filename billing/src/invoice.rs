@@ -231,9 +231,7 @@ impl Billing {
     ) -> Result<Closing, InvoiceError> {
         self.customer(tenant)?;
         let tenants = [tenant.to_owned()];
-        let mut done = self
-            .close_many(source, closed, &tenants, period, now)
-            .await?;
+        let mut done = self.close_many(source, closed, &tenants, period, now).await;
         match done.pop() {
             Some((_, outcome)) => outcome,
             None => Err(InvoiceError::UnknownTenant(tenant.to_owned())),
@@ -242,8 +240,8 @@ impl Billing {
 
     /// Closes `period` for each of `tenants` at `now`, as [`Billing::close`] does one by one,
     /// with the usage of all of them read by one statement per meter (and per price stretch)
-    /// and zone. A failure to read usage fails them all; what goes wrong with one tenant (not
-    /// a customer, a model without a price, storing its invoice) is that tenant's outcome.
+    /// and zone (tenant by tenant if those fail). What goes wrong with one tenant (not a
+    /// customer, a model without a price, storing its invoice) is that tenant's outcome.
     pub async fn close_many(
         &self,
         source: &dyn UsageSource,
@@ -251,7 +249,7 @@ impl Billing {
         tenants: &[String],
         period: Period,
         now: DateTime<Utc>,
-    ) -> Result<Vec<(String, Result<Closing, InvoiceError>)>, InvoiceError> {
+    ) -> Vec<(String, Result<Closing, InvoiceError>)> {
         let mut outcomes: Vec<(String, Option<Result<Closing, InvoiceError>>)> = Vec::new();
         let mut open = Vec::new();
         for tenant in tenants {
@@ -273,7 +271,7 @@ impl Billing {
             };
             outcomes.push((tenant.clone(), outcome));
         }
-        let gathered = self.gather_many(source, period, &open).await?;
+        let gathered = self.gather_or_each(source, period, &open).await;
         let mut closed_now = BTreeMap::new();
         for (tenant, tz, plan, history) in &open {
             let terms = Terms {
@@ -291,7 +289,7 @@ impl Billing {
                         terms,
                         history,
                         true,
-                        Some(&gathered),
+                        gathered.as_ref(),
                     )
                     .await?;
                 invoice.closed_at = Some(instant(now));
@@ -308,7 +306,7 @@ impl Billing {
             .await;
             closed_now.insert((*tenant).to_owned(), outcome);
         }
-        Ok(outcomes
+        outcomes
             .into_iter()
             .map(|(tenant, outcome)| {
                 let outcome = match outcome {
@@ -319,20 +317,20 @@ impl Billing {
                 };
                 (tenant, outcome)
             })
-            .collect())
+            .collect()
     }
 
     /// Each of `tenants`' invoice for `period`, as [`Billing::invoice`] answers it one by one,
     /// with the usage of all of them read by one statement per meter (and per price stretch)
-    /// and zone: the invoice run. A failure to read usage fails them all; what goes wrong with
-    /// one tenant (not a customer, a model without a price) is that tenant's outcome.
+    /// and zone (tenant by tenant if those fail): the invoice run. What goes wrong with one
+    /// tenant (not a customer, a model without a price) is that tenant's outcome.
     pub async fn invoices(
         &self,
         source: &dyn UsageSource,
         closed: &dyn ClosedStore,
         tenants: &[String],
         period: Period,
-    ) -> Result<Vec<(String, Result<Answer, InvoiceError>)>, InvoiceError> {
+    ) -> Vec<(String, Result<Answer, InvoiceError>)> {
         let mut outcomes: Vec<(String, Option<Result<Answer, InvoiceError>>)> = Vec::new();
         let mut open = Vec::new();
         for tenant in tenants {
@@ -351,7 +349,7 @@ impl Billing {
             };
             outcomes.push((tenant.clone(), outcome));
         }
-        let gathered = self.gather_many(source, period, &open).await?;
+        let gathered = self.gather_or_each(source, period, &open).await;
         let mut drafts = BTreeMap::new();
         for (tenant, tz, plan, history) in &open {
             let terms = Terms {
@@ -368,13 +366,13 @@ impl Billing {
                     terms,
                     history,
                     true,
-                    Some(&gathered),
+                    gathered.as_ref(),
                 )
                 .await
                 .map(|i| Answer::Draft(Box::new(i)));
             drafts.insert((*tenant).to_owned(), draft);
         }
-        Ok(outcomes
+        outcomes
             .into_iter()
             .map(|(tenant, outcome)| {
                 let outcome = match outcome {
@@ -385,7 +383,30 @@ impl Billing {
                 };
                 (tenant, outcome)
             })
-            .collect())
+            .collect()
+    }
+
+    /// [`Billing::gather_many`], or where its statements fail (a timeout over a large month),
+    /// `None`: each tenant's usage is then read on its own, as for one invoice, and what fails
+    /// there is that tenant's outcome.
+    async fn gather_or_each(
+        &self,
+        source: &dyn UsageSource,
+        period: Period,
+        open: &[(&str, Tz, &Plan, History)],
+    ) -> Option<Gathered> {
+        match self.gather_many(source, period, open).await {
+            Ok(gathered) => Some(gathered),
+            Err(e) => {
+                tracing::warn!(
+                    %period,
+                    tenants = open.len(),
+                    error = %e,
+                    "reading every tenant's usage at once failed; reading it tenant by tenant"
+                );
+                None
+            }
+        }
     }
 
     /// The usage of `period` (and of the closed periods whose late events it carries) of each

@@ -175,7 +175,11 @@ impl Windows {
         loop {
             let readings = starts(tz, local, size.both_readings());
             let first = readings[0];
-            bounds.extend(readings);
+            for r in readings {
+                if bounds.last() != Some(&r) {
+                    bounds.push(r);
+                }
+            }
             if first >= to {
                 break;
             }
@@ -183,8 +187,11 @@ impl Windows {
             if bounds.len() > max + 2 * margin + 64 {
                 return Err(too_many());
             }
+            // Past a gap in the clock, on from the window the clock reads after it, not
+            // through every start the gap skipped.
+            let resumed = size.floor(first.with_timezone(&tz).naive_local());
             match size.next(local) {
-                Some(next) => local = next,
+                Some(next) => local = next.max(resumed),
                 None => break,
             }
         }
@@ -426,6 +433,27 @@ mod tests {
         check_numbering(&days);
         // The day of the change is 23 hours: the days form three stretches.
         assert_eq!(days.stretches().len(), 3);
+    }
+
+    #[test]
+    fn a_skipped_day_is_crossed_at_once() {
+        // Samoa skipped 2011-12-30 (23:59:59 on the 29th was followed by 00:00 on the 31st).
+        let tz = Tz::Pacific__Apia;
+        let from = at("2011-12-30T08:00:00Z");
+        let to = from + Duration::hours(4);
+        let minutes = Windows::new(WindowSize::Minute, tz, from, to).expect("minutes");
+        assert_eq!(minutes.len(), 240);
+        check_numbering(&minutes);
+        let days = Windows::new(
+            WindowSize::Day,
+            tz,
+            at("2011-12-29T10:00:00Z"),
+            at("2012-01-01T10:00:00Z"),
+        )
+        .expect("days");
+        // The 29th, the 31st (the 30th never began), the 1st.
+        assert_eq!(days.len(), 3);
+        check_numbering(&days);
     }
 
     #[test]

@@ -717,6 +717,7 @@ async fn the_same_month_gives_the_same_invoice_on_every_store() {
         let (status, body) = get(server, &format!("/v1/invoices?period={period}")).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         let run: Value = serde_json::from_str(&body).expect("run JSON");
+        assert_eq!(run["errors"], json!([]));
         let invoices = run["invoices"].as_array().expect("invoices");
         assert_eq!(invoices.len(), 2);
         for (i, tenant) in ["acme", "initech"].into_iter().enumerate() {
@@ -851,6 +852,7 @@ async fn a_closed_invoice_never_changes_and_late_events_adjust_the_next_one() {
             .collect()
     };
     assert_eq!(server.post_ndjson(&runs(0, 10)).await.accepted(), 10);
+    let draft = invoice(&server, "acme", &period).await;
     let closing = close(&server, &period, "acme").await;
     assert_eq!(closing["closed"], json!(["acme"]));
     assert_eq!(
@@ -873,6 +875,14 @@ async fn a_closed_invoice_never_changes_and_late_events_adjust_the_next_one() {
     let closed_json: Value = serde_json::from_slice(&closed).expect("json");
     assert_eq!(closed_json["status"], "closed");
     assert!(closed_json["closed_at"].is_string());
+    // Closing (which reads usage for every tenant it closes at once) froze what the draft of
+    // the tenant alone said.
+    let mut frozen = closed_json.clone();
+    frozen["status"] = json!("draft");
+    if let Some(o) = frozen.as_object_mut() {
+        o.remove("closed_at");
+    }
+    assert_eq!(frozen, draft);
     // 10 runs: 5 free, 5 at 0.75.
     assert_eq!(amount(&closed_json, "agent_runs"), "3.75");
     assert_eq!(closed_json["credits_applied"][0]["amount"], "25.00");
@@ -1240,4 +1250,52 @@ async fn usage_windows_follow_the_zones_clock() {
         assert_eq!(got, status, "{query}: {body}");
         assert!(body.contains(names), "{query}: {body}");
     }
+}
+
+/// The invoice run answers every customer it can: one whose usage has a model without a price
+/// is listed in `errors` with a 409 and the reason, the others' invoices are there; the CSV run,
+/// which has no place for errors, is refused naming that customer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_invoice_run_answers_every_customer_it_can() {
+    let cfg = config_file("");
+    let server = Server::start(&["--config", &path(&cfg), "--close-grace-hours", "0"]);
+    let (period, start, _) = last_month(Tz::America__Sao_Paulo);
+    let middle = start + chrono::Duration::days(14);
+    let events = vec![
+        agent_run("acme", "r-1", middle, "support", "succeeded", [1, 1, 10]),
+        llm(
+            "initech",
+            "l-1",
+            middle,
+            "mystery",
+            "unpriced-1",
+            [10, 10, 0, 0],
+        ),
+    ];
+    assert_eq!(server.post_ndjson(&events).await.accepted(), 2);
+    let (status, body) = get(&server, &format!("/v1/invoices?period={period}")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let run: Value = serde_json::from_str(&body).expect("run JSON");
+    let invoices = run["invoices"].as_array().expect("invoices");
+    assert_eq!(invoices.len(), 1, "{run}");
+    assert_eq!(invoices[0], invoice(&server, "acme", &period).await);
+    let errors = run["errors"].as_array().expect("errors");
+    assert_eq!(errors.len(), 1, "{run}");
+    assert_eq!(errors[0]["tenant"], "initech");
+    assert_eq!(errors[0]["status"], 409);
+    assert!(
+        errors[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unpriced-1")),
+        "{run}"
+    );
+    let (status, _) = get(
+        &server,
+        &format!("/v1/invoices?tenant=initech&period={period}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, body) = get(&server, &format!("/v1/invoices?period={period}&format=csv")).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(body.contains("initech"), "{body}");
 }

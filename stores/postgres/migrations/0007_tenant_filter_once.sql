@@ -5,8 +5,8 @@
 -- meterd.tenant_roles) for every row, and, the function not being marked parallel safe, ran
 -- every query over the views in one process: a month's GROUP BY over meterd.events took 25
 -- times as long as over meterd.events_data. The views now compare each row's tenant with two
--- uncorrelated scalar subqueries, which PostgreSQL evaluates once per query (InitPlans) and
--- hands to parallel workers. Who sees what is unchanged:
+-- uncorrelated scalar subqueries, which PostgreSQL evaluates once per query (InitPlans); a
+-- security-barrier view still keeps its scan in one process. Who sees what is unchanged:
 --   a role not listed in meterd.tenant_roles sees every tenant;
 --   a listed role sees the tenant of its meterd.tenant setting, if it is granted that tenant.
 

@@ -12,7 +12,10 @@
 //!   (real-time aggregation).
 //!
 //! Either way users query the view `meterd.<name>`: the same columns in the same order, filtered
-//! by `meterd.tenant_visible(tenant)` so tenant-scoped database roles see only their rows.
+//! so tenant-scoped database roles see only their rows. Migrations 3 and 4 rendered the filter
+//! as `meterd.tenant_visible(tenant)`; migration 7 rewrote it in the views as two scalar
+//! subqueries evaluated once per query, and a migration rendering these views again must
+//! write it that way.
 //!
 //! The rendered SQL is committed under `stores/postgres/migrations/`; a test keeps the files
 //! and this renderer in step.
