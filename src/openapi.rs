@@ -286,6 +286,12 @@ pub fn document(now: DateTime<Utc>) -> Value {
                     "409": err("Usage of a model without a price in force, or an amount past the decimal range"),
                     "503": err("The store did not answer"),
                     "504": err("The store timed out")}}},
+            "/metrics": {"get": {"operationId": "metrics",
+                "summary": "Prometheus text exposition of meterd's metrics (meterd_ingest_*, meterd_sql_*)",
+                "responses": {
+                    "200": {"description": "The metrics", "content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}}},
+                    "401": err("Missing or unknown API key"),
+                    "403": err("Key lacks the query scope")}}},
             "/healthz": {"get": {"operationId": "healthz", "summary": "Liveness",
                 "responses": {"200": {"description": "alive", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Status"}}}}}}},
             "/readyz": {"get": {"operationId": "readyz", "summary": "Readiness: stores reachable, log not full",

@@ -137,6 +137,32 @@ async fn readyz(State(state): State<Readiness>, headers: header::HeaderMap) -> R
     (status, axum::Json(body)).into_response()
 }
 
+/// What `GET /metrics` gathers: each crate keeps its families in a registry of its own.
+#[derive(Clone)]
+struct Metrics {
+    ingest: Arc<Ingest>,
+    query: Arc<QueryService>,
+}
+
+/// `GET /metrics`: the Prometheus text exposition of every family.
+async fn metrics(State(m): State<Metrics>) -> Response {
+    let mut families = m.ingest.metrics_registry().gather();
+    families.extend(m.query.metrics_registry().gather());
+    let mut body = String::new();
+    match prometheus::TextEncoder::new().encode_utf8(&families, &mut body) {
+        Ok(()) => (
+            [(axum::http::header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+            body,
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(json!({ "error": format!("encoding the metrics: {e}") })),
+        )
+            .into_response(),
+    }
+}
+
 async fn openapi_json() -> impl IntoResponse {
     axum::Json(openapi::document(chrono::Utc::now()))
 }
@@ -196,6 +222,17 @@ pub fn router(
                 settings.query.timeout.saturating_mul(4),
             )
             .route_layer(guard(Scope::Query)),
+        )
+        .merge(
+            Router::new()
+                .route(
+                    "/metrics",
+                    get(metrics).with_state(Metrics {
+                        ingest: Arc::clone(&ingest),
+                        query: Arc::clone(query),
+                    }),
+                )
+                .route_layer(guard(Scope::Query)),
         )
         .route("/healthz", get(healthz))
         .route(

@@ -8,6 +8,8 @@ use crate::log::Lsn;
 /// here: they are answered as 4xx by [`crate::http`].
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("registering ingest's metrics")]
+    Metrics(#[source] prometheus::Error),
     #[error("log I/O on {path}")]
     LogIo {
         path: PathBuf,

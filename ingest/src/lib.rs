@@ -13,6 +13,7 @@ pub mod error;
 pub mod http;
 pub mod lock;
 pub mod log;
+pub mod metrics;
 pub mod record;
 pub mod sink;
 mod state_file;
@@ -122,6 +123,7 @@ pub struct Ingest {
     threads: Mutex<Vec<JoinHandle<()>>>,
     maintenance_error: Mutex<Option<String>>,
     flush_error: Mutex<Option<String>>,
+    metrics: metrics::IngestMetrics,
 }
 
 fn now_us() -> i64 {
@@ -189,6 +191,7 @@ impl Ingest {
             "ingest recovered"
         );
 
+        let metrics = metrics::IngestMetrics::new().map_err(Error::Metrics)?;
         let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
         let failed = Arc::new(AtomicBool::new(false));
         let writer = Writer {
@@ -220,6 +223,7 @@ impl Ingest {
             threads: Mutex::new(vec![writer_thread]),
             maintenance_error: Mutex::new(None),
             flush_error: Mutex::new(None),
+            metrics,
         });
         let weak = Arc::downgrade(&ingest);
         let stopping = Arc::clone(&ingest.stopping);
@@ -275,6 +279,36 @@ impl Ingest {
 
     /// Submits validated events; resolves once they are durable (or known duplicates).
     pub async fn submit(&self, events: Vec<Event>) -> Result<Outcome, SubmitError> {
+        let started = std::time::Instant::now();
+        let result = self.submit_counted(events).await;
+        match &result {
+            Ok(outcome) => {
+                self.metrics.batch("ok");
+                self.metrics
+                    .acknowledged(outcome, started.elapsed().as_secs_f64());
+            }
+            Err(SubmitError::LogFull { .. }) => self.metrics.batch("log_full"),
+            Err(SubmitError::Overloaded { .. }) => self.metrics.batch("overloaded"),
+            Err(SubmitError::ShuttingDown) => self.metrics.batch("shutting_down"),
+            Err(SubmitError::Failed(_)) => self.metrics.batch("failed"),
+        }
+        result
+    }
+
+    /// Ingest's Prometheus families (`meterd_ingest_*`), the gauges read now.
+    pub fn metrics_registry(&self) -> &prometheus::Registry {
+        let r = self.readiness();
+        let m = &self.metrics;
+        m.log_bytes
+            .set(i64::try_from(r.log_bytes).unwrap_or(i64::MAX));
+        m.log_limit_bytes
+            .set(i64::try_from(self.config.max_log_bytes).unwrap_or(i64::MAX));
+        m.unflushed_rows
+            .set(i64::try_from(r.unflushed_rows).unwrap_or(i64::MAX));
+        m.registry()
+    }
+
+    async fn submit_counted(&self, events: Vec<Event>) -> Result<Outcome, SubmitError> {
         let retained = self.log.retained_bytes();
         if retained > self.config.max_log_bytes {
             return Err(SubmitError::LogFull { retained });

@@ -22,6 +22,7 @@ mod error;
 mod exact_sum;
 mod format;
 mod http;
+pub mod metrics;
 pub mod pushdown;
 mod rebatch;
 pub mod remote;
@@ -107,6 +108,7 @@ impl Default for QueryConfig {
 pub struct QueryService {
     engine: Arc<Engine>,
     timeout: Duration,
+    metrics: metrics::QueryMetrics,
     /// The embedded store's directory, as given and canonical: never shown in an answer.
     hidden_paths: Vec<String>,
     // Declared last: the runtime is shut down after everything that might still refer to it.
@@ -192,9 +194,17 @@ impl QueryService {
         Ok(Arc::new(Self {
             engine,
             timeout: config.timeout,
+            metrics: metrics::QueryMetrics::new().map_err(|e| {
+                Error::Setup(datafusion::error::DataFusionError::External(Box::new(e)))
+            })?,
             hidden_paths,
             runtime: QueryRuntime::new(config.threads.max(1))?,
         }))
+    }
+
+    /// The service's Prometheus families (`meterd_sql_*`).
+    pub fn metrics_registry(&self) -> &prometheus::Registry {
+        self.metrics.registry()
     }
 
     /// An axum `Router` serving `POST /v1/sql`, with its state applied so the binary can
@@ -291,6 +301,8 @@ impl QueryService {
                 })
             }
         };
+        self.metrics
+            .observe(&outcome, started.elapsed().as_secs_f64());
         let elapsed_ms = started.elapsed().as_millis();
         match &outcome {
             Ok(_) => tracing::debug!(elapsed_ms, "sql query answered"),

@@ -14,6 +14,7 @@ mod clickhouse_modern;
 mod clickhouse_store;
 mod crash;
 mod ingest;
+mod metrics;
 mod postgres_store;
 mod rollups;
 mod slo;
