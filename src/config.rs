@@ -95,6 +95,23 @@ pub struct ServeArgs {
     #[arg(long, env = "METERD_CLOSE_GRACE_HOURS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub close_grace_hours: Option<u64>,
+    /// Tenants with series of their own in the usage metrics; the rest are "other" [default: 20].
+    #[arg(long, env = "METERD_METRICS_TOP_TENANTS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_top_tenants: Option<usize>,
+    /// Providers, models and agents with series of their own in the usage metrics, each
+    /// [default: 10].
+    #[arg(long, env = "METERD_METRICS_TOP_VALUES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_top_values: Option<usize>,
+    /// The most series one usage metric family may have [default: 1000].
+    #[arg(long, env = "METERD_METRICS_MAX_SERIES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_max_series: Option<usize>,
+    /// `metrics_tenants = [...]`: exactly these tenants get series of their own (file only).
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_tenants: Option<Vec<String>>,
     /// Deadline for a graceful shutdown, in seconds [default: 30].
     #[arg(long, env = "METERD_SHUTDOWN_TIMEOUT_SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -375,6 +392,19 @@ impl Settings {
         if let Some(v) = given.max_body_bytes {
             ingest.max_body_bytes = positive(v, "max_body_bytes")?;
         }
+        let defaults = meterd_ingest::metrics::LabelLimits::default();
+        ingest.metric_labels = meterd_ingest::metrics::LabelLimits {
+            top_tenants: given.metrics_top_tenants.unwrap_or(defaults.top_tenants),
+            top_values: given.metrics_top_values.unwrap_or(defaults.top_values),
+            tenant_allowlist: given
+                .metrics_tenants
+                .clone()
+                .map(|t| t.into_iter().collect()),
+            max_series: positive(
+                given.metrics_max_series.unwrap_or(defaults.max_series),
+                "metrics_max_series",
+            )?,
+        };
         if let Some(v) = given.max_log_bytes {
             ingest.max_log_bytes = v;
             // The log frees whole segments only: keep several per budget, so a store that caught

@@ -61,6 +61,8 @@ pub struct IngestConfig {
     /// log consumer whose checkpoint is kept under `sinks/`, so the log keeps what it has not
     /// confirmed across restarts.
     pub sinks: Vec<String>,
+    /// How many label values the usage metrics give series of their own.
+    pub metric_labels: metrics::LabelLimits,
 }
 
 impl IngestConfig {
@@ -77,6 +79,7 @@ impl IngestConfig {
             max_tail_rows: 2_000_000,
             embedded: EmbeddedOptions::default(),
             sinks: Vec::new(),
+            metric_labels: metrics::LabelLimits::default(),
         }
     }
 }
@@ -191,7 +194,7 @@ impl Ingest {
             "ingest recovered"
         );
 
-        let metrics = metrics::IngestMetrics::new().map_err(Error::Metrics)?;
+        let metrics = metrics::IngestMetrics::new(&config.metric_labels).map_err(Error::Metrics)?;
         let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
         let failed = Arc::new(AtomicBool::new(false));
         let writer = Writer {
@@ -200,6 +203,7 @@ impl Ingest {
             store: Arc::clone(&store),
             failed: Arc::clone(&failed),
             clock: now_us,
+            usage: metrics.usage.clone(),
         };
         let writer_thread = std::thread::Builder::new()
             .name("meterd-log-writer".into())

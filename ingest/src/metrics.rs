@@ -13,6 +13,7 @@ pub struct IngestMetrics {
     pub(crate) log_bytes: IntGauge,
     pub(crate) log_limit_bytes: IntGauge,
     pub(crate) unflushed_rows: IntGauge,
+    pub(crate) usage: UsageMetrics,
 }
 
 /// Every `outcome` of an event.
@@ -21,8 +22,9 @@ const OUTCOMES: [&str; 3] = ["accepted", "duplicate", "conflict"];
 pub(crate) const RESULTS: [&str; 5] = ["ok", "log_full", "overloaded", "shutting_down", "failed"];
 
 impl IngestMetrics {
-    pub fn new() -> prometheus::Result<Self> {
+    pub fn new(limits: &LabelLimits) -> prometheus::Result<Self> {
         let registry = Registry::new();
+        let usage = UsageMetrics::new(&registry, limits)?;
         let events = IntCounterVec::new(
             Opts::new(
                 "meterd_ingest_events_total",
@@ -80,6 +82,7 @@ impl IngestMetrics {
             log_bytes,
             log_limit_bytes,
             unflushed_rows,
+            usage,
         })
     }
 
@@ -103,5 +106,380 @@ impl IngestMetrics {
                 .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
         }
         self.ack.observe(seconds);
+    }
+}
+
+/// The label value that stands for every value without a series of its own.
+pub const OTHER: &str = "other";
+
+/// How many label values get series of their own in the usage families; the rest fold into
+/// [`OTHER`], so the families' sums stay the true totals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelLimits {
+    /// Tenants with series of their own (the `tenant` label).
+    pub top_tenants: usize,
+    /// Providers, models and agents with series of their own, each.
+    pub top_values: usize,
+    /// If given, exactly these tenants have series of their own.
+    pub tenant_allowlist: Option<std::collections::BTreeSet<String>>,
+    /// The most series one usage family may have; past it new label combinations fold whole.
+    pub max_series: usize,
+}
+
+impl Default for LabelLimits {
+    /// At 10,000 tenants: 21 tenant values, 11 of each other kind, under 2,000 series in all.
+    fn default() -> Self {
+        Self {
+            top_tenants: 20,
+            top_values: 10,
+            tenant_allowlist: None,
+            max_series: 1_000,
+        }
+    }
+}
+
+/// Values of one label tracked for admission at most: beyond, new values are never admitted.
+const TRACKED: usize = 100_000;
+
+/// One label's values: which have series of their own. A value is admitted, for good, once it
+/// carries at least 1/`top` of the events seen so far (at most `top` values can at any time)
+/// while fewer than `top` are admitted; from then on its series counts, and what it carried
+/// before stays in [`OTHER`]. So every counter only grows, and the sum over a label's values
+/// is the true total.
+// Written here rather than taken from a crate: folding has to keep Prometheus counters
+// monotonic and their sums exact, which generic cardinality limiters do not promise.
+#[derive(Debug, Default)]
+struct Dimension {
+    top: usize,
+    allow: Option<std::collections::BTreeSet<String>>,
+    admitted: std::collections::HashSet<String>,
+    counts: std::collections::HashMap<String, u64>,
+    total: u64,
+}
+
+impl Dimension {
+    fn new(top: usize, allow: Option<std::collections::BTreeSet<String>>) -> Self {
+        Self {
+            top,
+            allow,
+            ..Self::default()
+        }
+    }
+
+    /// The label value to count one event of `value` under.
+    fn fold(&mut self, value: &str) -> String {
+        self.total = self.total.saturating_add(1);
+        if let Some(allow) = &self.allow {
+            return if allow.contains(value) { value } else { OTHER }.to_owned();
+        }
+        if self.admitted.contains(value) {
+            return value.to_owned();
+        }
+        let tracked = self.counts.len();
+        let count = match self.counts.get_mut(value) {
+            Some(c) => {
+                *c = c.saturating_add(1);
+                *c
+            }
+            None if tracked < TRACKED => {
+                self.counts.insert(value.to_owned(), 1);
+                1
+            }
+            None => return OTHER.to_owned(),
+        };
+        let top = u64::try_from(self.top).unwrap_or(u64::MAX);
+        if self.admitted.len() < self.top && count.saturating_mul(top) >= self.total {
+            self.counts.remove(value);
+            self.admitted.insert(value.to_owned());
+            return value.to_owned();
+        }
+        OTHER.to_owned()
+    }
+}
+
+/// A usage family's series, capped at [`LabelLimits::max_series`].
+#[derive(Debug)]
+struct Family {
+    counter: IntCounterVec,
+    /// Which labels fold whole once the family is full (the others are small closed sets).
+    open: Vec<bool>,
+    series: std::collections::HashSet<Vec<String>>,
+    max: usize,
+}
+
+impl Family {
+    fn add(&mut self, mut labels: Vec<String>, n: u64) {
+        if !self.series.contains(&labels) && self.series.len() >= self.max {
+            for (l, open) in labels.iter_mut().zip(&self.open) {
+                if *open {
+                    *l = OTHER.to_owned();
+                }
+            }
+        }
+        let values: Vec<&str> = labels.iter().map(String::as_str).collect();
+        self.counter.with_label_values(&values).inc_by(n);
+        self.series.insert(labels);
+    }
+}
+
+#[derive(Debug)]
+struct UsageState {
+    tenants: Dimension,
+    providers: Dimension,
+    models: Dimension,
+    agents: Dimension,
+    events: Family,
+    tokens: Family,
+    runs: Family,
+}
+
+/// The usage families, counted once per accepted event (never for a duplicate or a
+/// conflict): `meterd_usage_events_total{tenant,type}`,
+/// `meterd_usage_tokens_total{tenant,provider,model,direction}`,
+/// `meterd_agent_runs_total{tenant,agent,status}`.
+#[derive(Debug, Clone)]
+pub struct UsageMetrics(std::sync::Arc<std::sync::Mutex<UsageState>>);
+
+impl UsageMetrics {
+    pub fn new(registry: &Registry, limits: &LabelLimits) -> prometheus::Result<Self> {
+        let family = |name: &str, help: &str, labels: &[&str], open: &[bool]| {
+            let counter = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(counter.clone()))?;
+            Ok::<_, prometheus::Error>(Family {
+                counter,
+                open: open.to_vec(),
+                series: Default::default(),
+                max: limits.max_series.max(1),
+            })
+        };
+        let state = UsageState {
+            tenants: Dimension::new(limits.top_tenants, limits.tenant_allowlist.clone()),
+            providers: Dimension::new(limits.top_values, None),
+            models: Dimension::new(limits.top_values, None),
+            agents: Dimension::new(limits.top_values, None),
+            events: family(
+                "meterd_usage_events_total",
+                "Events accepted, by tenant and type (tenants beyond the limits are \"other\")",
+                &["tenant", "type"],
+                &[true, false],
+            )?,
+            tokens: family(
+                "meterd_usage_tokens_total",
+                "Tokens of accepted llm.usage events, by tenant, provider, model and direction \
+                 (input, output, cached_input, cache_write_input)",
+                &["tenant", "provider", "model", "direction"],
+                &[true, true, true, false],
+            )?,
+            runs: family(
+                "meterd_agent_runs_total",
+                "Accepted agent.run events, by tenant, agent and status",
+                &["tenant", "agent", "status"],
+                &[true, true, false],
+            )?,
+        };
+        Ok(Self(std::sync::Arc::new(std::sync::Mutex::new(state))))
+    }
+
+    /// Counts events just made durable.
+    pub(crate) fn accepted<'a>(&self, events: impl IntoIterator<Item = &'a meterd_schemas::Event>) {
+        use meterd_schemas::EventData;
+        let mut s = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let s = &mut *s;
+        for e in events {
+            let tenant = s.tenants.fold(&e.tenant);
+            let event_type = e.data.event_type().as_str().to_owned();
+            s.events.add(vec![tenant.clone(), event_type], 1);
+            match &e.data {
+                EventData::LlmUsage(u) => {
+                    let provider = s.providers.fold(&u.provider);
+                    let model = s.models.fold(&u.model);
+                    for (direction, n) in [
+                        ("input", Some(u.input_tokens)),
+                        ("output", Some(u.output_tokens)),
+                        ("cached_input", u.cached_input_tokens),
+                        ("cache_write_input", u.cache_write_input_tokens),
+                    ] {
+                        let n = n.and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
+                        if n > 0 {
+                            s.tokens.add(
+                                vec![
+                                    tenant.clone(),
+                                    provider.clone(),
+                                    model.clone(),
+                                    direction.to_owned(),
+                                ],
+                                n,
+                            );
+                        }
+                    }
+                }
+                EventData::AgentRun(r) => {
+                    let agent = s.agents.fold(r.agent.as_deref().unwrap_or(""));
+                    let status = r.status.clone().unwrap_or_default();
+                    s.runs.add(vec![tenant.clone(), agent, status], 1);
+                }
+                EventData::ApiRequest(_) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use meterd_schemas::{AgentRun, Event, EventData, LlmUsage};
+
+    use super::*;
+
+    fn llm(tenant: &str, provider: &str, model: &str, tokens: i64) -> Event {
+        Event {
+            tenant: tenant.to_owned(),
+            id: "x".to_owned(),
+            time_us: 0,
+            subject: None,
+            source: None,
+            dimensions: BTreeMap::new(),
+            data: EventData::LlmUsage(LlmUsage {
+                provider: provider.to_owned(),
+                model: model.to_owned(),
+                input_tokens: tokens,
+                output_tokens: 1,
+                cached_input_tokens: Some(2),
+                cache_write_input_tokens: None,
+                reasoning_tokens: None,
+                latency_ms: None,
+                status: None,
+                run_id: None,
+            }),
+        }
+    }
+
+    fn run(tenant: &str, agent: &str) -> Event {
+        Event {
+            data: EventData::AgentRun(AgentRun {
+                agent: Some(agent.to_owned()),
+                run_id: "r".to_owned(),
+                parent_run_id: None,
+                status: Some("succeeded".to_owned()),
+                duration_ms: 5,
+                steps: None,
+                tool_calls: None,
+            }),
+            ..llm(tenant, "", "", 0)
+        }
+    }
+
+    /// Each family's samples: labels to value.
+    fn samples(registry: &Registry, family: &str) -> Vec<(HashMap<String, String>, u64)> {
+        registry
+            .gather()
+            .into_iter()
+            .filter(|f| f.name() == family)
+            .flat_map(|f| {
+                f.get_metric()
+                    .iter()
+                    .map(|m| {
+                        let labels = m
+                            .get_label()
+                            .iter()
+                            .map(|l| (l.name().to_owned(), l.value().to_owned()))
+                            .collect();
+                        (labels, m.get_counter().get_value() as u64)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ten_thousand_tenants_stay_under_two_thousand_series_and_sum_exactly() {
+        let registry = Registry::new();
+        let usage = UsageMetrics::new(&registry, &LabelLimits::default()).expect("metrics");
+        let mut events = Vec::new();
+        let (mut total_events, mut total_input) = (0u64, 0u64);
+        // Tenant 0 is heavy throughout; 10,000 tenants, 40 models, 40 agents.
+        for i in 0..60_000u64 {
+            let tenant = if i % 3 == 0 {
+                "heavy".to_owned()
+            } else {
+                format!("tenant-{}", i % 10_000)
+            };
+            let e = if i % 2 == 0 {
+                total_input += i % 1000;
+                llm(
+                    &tenant,
+                    &format!("p{}", i % 7),
+                    &format!("m{}", i % 40),
+                    (i % 1000) as i64,
+                )
+            } else {
+                run(&tenant, &format!("agent-{}", i % 40))
+            };
+            total_events += 1;
+            events.push(e);
+        }
+        usage.accepted(events.iter());
+        let families = [
+            "meterd_usage_events_total",
+            "meterd_usage_tokens_total",
+            "meterd_agent_runs_total",
+        ];
+        let series: usize = families.iter().map(|f| samples(&registry, f).len()).sum();
+        assert!(series < 2_000, "{series} series");
+        let events_sum: u64 = samples(&registry, families[0]).iter().map(|(_, v)| v).sum();
+        assert_eq!(events_sum, total_events);
+        let input: u64 = samples(&registry, families[1])
+            .iter()
+            .filter(|(l, _)| l["direction"] == "input")
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(input, total_input);
+        let runs: u64 = samples(&registry, families[2]).iter().map(|(_, v)| v).sum();
+        assert_eq!(runs, total_events / 2);
+        // The heavy tenant has a series of its own; most tenants are "other".
+        let tenants: std::collections::BTreeSet<String> = samples(&registry, families[0])
+            .into_iter()
+            .map(|(l, _)| l["tenant"].clone())
+            .collect();
+        assert!(tenants.contains("heavy") && tenants.contains(OTHER));
+        assert!(tenants.len() <= 21, "{tenants:?}");
+    }
+
+    #[test]
+    fn an_allowlist_names_exactly_its_tenants() {
+        let registry = Registry::new();
+        let limits = LabelLimits {
+            tenant_allowlist: Some(["acme".to_owned()].into()),
+            ..LabelLimits::default()
+        };
+        let usage = UsageMetrics::new(&registry, &limits).expect("metrics");
+        let events = [run("acme", "a"), run("initech", "a"), run("globex", "a")];
+        usage.accepted(events.iter());
+        let mut got: Vec<(String, u64)> = samples(&registry, "meterd_usage_events_total")
+            .into_iter()
+            .map(|(l, v)| (l["tenant"].clone(), v))
+            .collect();
+        got.sort();
+        assert_eq!(got, [("acme".to_owned(), 1), (OTHER.to_owned(), 2)]);
+    }
+
+    #[test]
+    fn a_full_family_folds_new_combinations_whole() {
+        let registry = Registry::new();
+        let limits = LabelLimits {
+            top_tenants: 1_000,
+            max_series: 5,
+            ..LabelLimits::default()
+        };
+        let usage = UsageMetrics::new(&registry, &limits).expect("metrics");
+        let events: Vec<Event> = (0..50).map(|i| run(&format!("t{i}"), "a")).collect();
+        usage.accepted(events.iter());
+        let s = samples(&registry, "meterd_usage_events_total");
+        assert!(s.len() <= 6, "{s:?}");
+        assert_eq!(s.iter().map(|(_, v)| v).sum::<u64>(), 50);
     }
 }

@@ -59,6 +59,8 @@ pub(crate) struct Writer {
     pub store: Arc<EmbeddedStore>,
     pub failed: Arc<AtomicBool>,
     pub clock: fn() -> i64,
+    /// Counts what is accepted, once it is durable.
+    pub usage: crate::metrics::UsageMetrics,
 }
 
 impl Writer {
@@ -149,6 +151,7 @@ impl Writer {
         push_to_store(&self.store, &stored, end)?;
         self.index
             .insert_batch(fresh.iter().map(|(k, s)| (k.as_slice(), *s)), end)?;
+        self.usage.accepted(stored.iter().map(|s| &s.event));
         Ok(outcomes)
     }
 }
@@ -217,6 +220,11 @@ mod tests {
             store,
             failed: Arc::clone(&failed),
             clock: panicking_clock,
+            usage: crate::metrics::UsageMetrics::new(
+                &prometheus::Registry::new(),
+                &crate::metrics::LabelLimits::default(),
+            )
+            .expect("metrics"),
         };
         let (tx, rx) = mpsc::channel(4);
         let thread = std::thread::spawn(move || writer.run(rx));

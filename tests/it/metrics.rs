@@ -141,3 +141,65 @@ async fn metrics_count_what_happened_and_pass_promtool() {
     );
     promtool_check(&text);
 }
+
+/// The sum of every series of a family (optionally only samples whose labels contain `with`).
+fn family_sum(scrape: &str, family: &str, with: &str) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) && l.contains(with))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// The usage families count a generated stream exactly (their folded series add up to what SQL
+/// counts), a replay moves none of them, and 300 tenants stay within the default limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counters_equal_the_stored_totals() {
+    let server = Server::start(&[]);
+    let events = common::generated(21, 3_000, 300, std::time::Duration::from_secs(86_400), 0.05);
+    let accepted = server.post_ndjson(&events).await.accepted();
+    let again = server.post_ndjson(&events).await.accepted();
+    assert_eq!(again, 0);
+    let text = scrape(&server).await;
+    let stored = server
+        .sql(
+            "SELECT count(*) AS n, sum(input_tokens) AS i, sum(cached_input_tokens) AS c, \
+              count(*) FILTER (WHERE type = 'agent.run') AS r FROM events",
+        )
+        .await;
+    let row = &stored["rows"][0];
+    let number = |v: &serde_json::Value| -> f64 {
+        v.as_f64()
+            .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+            .unwrap_or(0.0)
+    };
+    assert_eq!(number(&row[0]), accepted as f64);
+    assert_eq!(
+        family_sum(&text, "meterd_usage_events_total", ""),
+        accepted as f64
+    );
+    assert_eq!(
+        family_sum(&text, "meterd_usage_tokens_total", r#"direction="input""#),
+        number(&row[1])
+    );
+    assert_eq!(
+        family_sum(
+            &text,
+            "meterd_usage_tokens_total",
+            r#"direction="cached_input""#
+        ),
+        number(&row[2])
+    );
+    assert_eq!(
+        family_sum(&text, "meterd_agent_runs_total", ""),
+        number(&row[3])
+    );
+    let tenants: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("meterd_usage_events_total{"))
+        .filter_map(|l| l.split("tenant=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(tenants.contains("other"), "{tenants:?}");
+    assert!(tenants.len() <= 21, "{tenants:?}");
+    promtool_check(&text);
+}
