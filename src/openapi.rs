@@ -287,7 +287,7 @@ pub fn document(now: DateTime<Utc>) -> Value {
                     "503": err("The store did not answer"),
                     "504": err("The store timed out")}}},
             "/metrics": {"get": {"operationId": "metrics",
-                "summary": "Prometheus text exposition of meterd's metrics (meterd_ingest_*, meterd_sql_*)",
+                "summary": "Prometheus text exposition of meterd's metrics (usage, SLOs, ingest, stores, SQL)",
                 "responses": {
                     "200": {"description": "The metrics", "content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}}},
                     "401": err("Missing or unknown API key"),

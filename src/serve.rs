@@ -137,17 +137,92 @@ async fn readyz(State(state): State<Readiness>, headers: header::HeaderMap) -> R
     (status, axum::Json(body)).into_response()
 }
 
+/// How often the SLO gauges of `/metrics` are counted again.
+const SLO_METRICS_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What `GET /metrics` gathers: each crate keeps its families in a registry of its own.
 #[derive(Clone)]
 struct Metrics {
     ingest: Arc<Ingest>,
     query: Arc<QueryService>,
+    slos: prometheus::Registry,
+    stores: StoreGauges,
+}
+
+/// Each external store's delivery: `meterd_store_delivery_lag_bytes` (the log not yet
+/// confirmed by it), `meterd_store_connected`, `meterd_store_delivery_errors_total`.
+#[derive(Clone)]
+struct StoreGauges {
+    registry: prometheus::Registry,
+    lag: prometheus::IntGaugeVec,
+    connected: prometheus::IntGaugeVec,
+    errors: prometheus::IntCounterVec,
+    stores: Arc<Stores>,
+}
+
+impl StoreGauges {
+    fn new(stores: Stores) -> prometheus::Result<Self> {
+        let registry = prometheus::Registry::new();
+        let lag = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "meterd_store_delivery_lag_bytes",
+                "Bytes of the durable log the store has not confirmed yet",
+            ),
+            &["store"],
+        )?;
+        let connected = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "meterd_store_connected",
+                "1 while the store's sink holds a working connection",
+            ),
+            &["store"],
+        )?;
+        let errors = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "meterd_store_delivery_errors_total",
+                "Failed delivery attempts to the store (each is retried)",
+            ),
+            &["store"],
+        )?;
+        registry.register(Box::new(lag.clone()))?;
+        registry.register(Box::new(connected.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        Ok(Self {
+            registry,
+            lag,
+            connected,
+            errors,
+            stores: Arc::new(stores),
+        })
+    }
+
+    /// The registry with the stores' state read now.
+    fn read(&self, ingest: &Ingest) -> &prometheus::Registry {
+        let end = ingest.log().durable_end();
+        for (store, status) in &self.stores.0 {
+            let name = [store.name()];
+            self.lag
+                .with_label_values(&name)
+                .set(i64::try_from(end.saturating_sub(status.delivered())).unwrap_or(i64::MAX));
+            self.connected
+                .with_label_values(&name)
+                .set(i64::from(status.connected()));
+            let counter = self.errors.with_label_values(&name);
+            let seen = status.errors();
+            if seen > counter.get() {
+                counter.inc_by(seen - counter.get());
+            }
+        }
+        &self.registry
+    }
 }
 
 /// `GET /metrics`: the Prometheus text exposition of every family.
 async fn metrics(State(m): State<Metrics>) -> Response {
     let mut families = m.ingest.metrics_registry().gather();
     families.extend(m.query.metrics_registry().gather());
+    families.extend(m.slos.gather());
+    families.extend(m.stores.read(&m.ingest).gather());
     let mut body = String::new();
     match prometheus::TextEncoder::new().encode_utf8(&families, &mut body) {
         Ok(()) => (
@@ -171,12 +246,12 @@ async fn openapi_json() -> impl IntoResponse {
 pub fn router(
     ingest: Arc<Ingest>,
     query: &Arc<QueryService>,
-    slo_source: Arc<dyn meterd_billing::UsageSource>,
     usage: Arc<dyn meterd_billing::UsageSource>,
     closed: Arc<dyn meterd_billing::ClosedStore>,
     stores: Stores,
+    slo_gauges: prometheus::Registry,
     settings: &Settings,
-) -> Router {
+) -> anyhow::Result<Router> {
     let mut keys = Keys::default();
     for k in &settings.api_keys {
         keys.0.insert(
@@ -202,13 +277,13 @@ pub fn router(
     };
     // `route_layer`, not `layer`: a path that matches no route is a 404 for everyone, not a
     // 401 that tells a prober nothing and a client with a typo the wrong thing.
-    Router::new()
+    let app = Router::new()
         .merge(meterd_ingest::http::router(Arc::clone(&ingest)).route_layer(guard(Scope::Ingest)))
         .merge(query.router().route_layer(guard(Scope::Query)))
         .merge(
             crate::billing::router(
                 Arc::clone(&settings.billing),
-                usage,
+                Arc::clone(&usage),
                 closed,
                 // Several statements per invoice, each within the SQL timeout.
                 settings.query.timeout.saturating_mul(4),
@@ -218,7 +293,7 @@ pub fn router(
         .merge(
             crate::slo::router(
                 Arc::clone(&settings.slos),
-                slo_source,
+                usage,
                 settings.query.timeout.saturating_mul(4),
             )
             .route_layer(guard(Scope::Query)),
@@ -230,6 +305,9 @@ pub fn router(
                     get(metrics).with_state(Metrics {
                         ingest: Arc::clone(&ingest),
                         query: Arc::clone(query),
+                        slos: slo_gauges,
+                        stores: StoreGauges::new(stores.clone())
+                            .context("registering the stores' metrics")?,
                     }),
                 )
                 .route_layer(guard(Scope::Query)),
@@ -243,7 +321,8 @@ pub fn router(
                 keys: Arc::clone(&keys),
             }),
         )
-        .route("/openapi.json", get(openapi_json))
+        .route("/openapi.json", get(openapi_json));
+    Ok(app)
 }
 
 /// SQL over the embedded store.
@@ -376,10 +455,18 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             stores_stop.clone(),
         )
     });
+    let slo_gauges = crate::slo::SloGauges::new().context("registering the SLO metrics")?;
+    let slo_metrics = crate::slo::spawn_slo_metrics(
+        Arc::clone(&settings.slos),
+        Arc::clone(&usage),
+        slo_gauges.clone(),
+        SLO_METRICS_EVERY,
+        settings.ingest.metric_labels.top_tenants,
+        stores_stop.clone(),
+    );
     let app = router(
         Arc::clone(&ingest),
         &query,
-        Arc::clone(&usage),
         usage,
         closed,
         Stores(
@@ -388,8 +475,9 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
                 .map(|(store, handle)| (Arc::clone(store), Arc::clone(&handle.status)))
                 .collect(),
         ),
+        slo_gauges.registry().clone(),
         &settings,
-    );
+    )?;
 
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -429,6 +517,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             && let Err(e) = task.await
         {
             tracing::error!(error = %e, "the billing closer task failed");
+        }
+        if let Some(task) = slo_metrics
+            && let Err(e) = task.await
+        {
+            tracing::error!(error = %e, "the SLO metrics task failed");
         }
         flushed
     })

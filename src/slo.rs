@@ -122,3 +122,140 @@ async fn slos_handler(
         ),
     }
 }
+
+/// The SLO gauges of `/metrics`: `meterd_slo_sli`, `meterd_slo_error_budget_remaining_ratio`,
+/// `meterd_slo_burn_rate{window}` and the window's `meterd_slo_valid_events` and
+/// `meterd_slo_good_events` (labels `slo`, `tenant`), as of the last evaluation.
+#[derive(Debug, Clone)]
+pub struct SloGauges {
+    registry: prometheus::Registry,
+    sli: prometheus::GaugeVec,
+    remaining: prometheus::GaugeVec,
+    burn: prometheus::GaugeVec,
+    valid: prometheus::GaugeVec,
+    good: prometheus::GaugeVec,
+}
+
+impl SloGauges {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = prometheus::Registry::new();
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = prometheus::GaugeVec::new(prometheus::Opts::new(name, help), labels)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok::<_, prometheus::Error>(g)
+        };
+        Ok(Self {
+            sli: gauge(
+                "meterd_slo_sli",
+                "Good over valid events in the SLO's window (no sample without valid events)",
+                &["slo", "tenant"],
+            )?,
+            remaining: gauge(
+                "meterd_slo_error_budget_remaining_ratio",
+                "What is left of the SLO's error budget, as a share of it (negative once spent)",
+                &["slo", "tenant"],
+            )?,
+            burn: gauge(
+                "meterd_slo_burn_rate",
+                "The bad share of a trailing window over (1 - objective)",
+                &["slo", "tenant", "window"],
+            )?,
+            valid: gauge(
+                "meterd_slo_valid_events",
+                "Valid events in the SLO's window",
+                &["slo", "tenant"],
+            )?,
+            good: gauge(
+                "meterd_slo_good_events",
+                "Good events in the SLO's window",
+                &["slo", "tenant"],
+            )?,
+            registry,
+        })
+    }
+
+    pub fn registry(&self) -> &prometheus::Registry {
+        &self.registry
+    }
+
+    /// Replaces every sample with `statuses`.
+    fn set(&self, statuses: &[SloStatus]) {
+        for g in [
+            &self.sli,
+            &self.remaining,
+            &self.burn,
+            &self.valid,
+            &self.good,
+        ] {
+            g.reset();
+        }
+        for s in statuses {
+            let tenant = s.tenant.as_deref().unwrap_or("");
+            let labels = [s.name.as_str(), tenant];
+            if let Some(sli) = s.sli {
+                self.sli.with_label_values(&labels).set(sli);
+            }
+            self.remaining
+                .with_label_values(&labels)
+                .set(s.error_budget.remaining_ratio);
+            self.valid
+                .with_label_values(&labels)
+                .set(s.valid_events as f64);
+            self.good
+                .with_label_values(&labels)
+                .set(s.good_events as f64);
+            for (window, rate) in s.burn_rates.each() {
+                self.burn
+                    .with_label_values(&[s.name.as_str(), tenant, window])
+                    .set(rate);
+            }
+        }
+    }
+}
+
+/// Evaluates every SLO now and every `every` until `stop`, into `gauges`; a per-tenant SLO
+/// keeps the `top` tenants with the most valid events (the series stay bounded). A store that
+/// does not answer leaves the last values and is tried again at the next round.
+pub fn spawn_slo_metrics(
+    slos: Arc<Vec<Slo>>,
+    source: Arc<dyn UsageSource>,
+    gauges: SloGauges,
+    every: std::time::Duration,
+    top: usize,
+    stop: tokio_util::sync::CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if slos.is_empty() {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now_us = chrono::Utc::now().timestamp_micros();
+            let mut all = Vec::new();
+            let mut failed = false;
+            for slo in slos.iter() {
+                match meterd_slo::evaluate(source.as_ref(), slo, now_us, None).await {
+                    Ok(mut statuses) => {
+                        if slo.scope == SloScope::PerTenant {
+                            statuses.sort_by_key(|s| std::cmp::Reverse(s.valid_events));
+                            statuses.truncate(top);
+                        }
+                        all.extend(statuses);
+                    }
+                    Err(e) => {
+                        failed = true;
+                        tracing::warn!(slo = %slo.name, error = %e, "evaluating the SLO for /metrics failed; trying again next round");
+                    }
+                }
+            }
+            if !failed {
+                gauges.set(&all);
+            }
+        }
+    }))
+}

@@ -205,6 +205,7 @@ pub struct SinkStatus {
     delivered: AtomicU64,
     last_error: Mutex<Option<String>>,
     refresher_error: Mutex<Option<String>>,
+    errors: AtomicU64,
 }
 
 impl SinkStatus {
@@ -256,7 +257,13 @@ impl SinkStatus {
         }
     }
 
+    /// Failed delivery attempts so far.
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Acquire)
+    }
+
     pub fn set_error(&self, error: String) {
+        self.errors.fetch_add(1, Ordering::AcqRel);
         self.connected.store(false, Ordering::Release);
         *self
             .last_error

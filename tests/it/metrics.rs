@@ -14,7 +14,7 @@ fn promtool() -> String {
     std::env::var("METERD_TEST_PROMTOOL").unwrap_or_else(|_| "promtool".to_owned())
 }
 
-async fn scrape(server: &Server) -> String {
+pub(crate) async fn scrape(server: &Server) -> String {
     let response = reqwest::get(format!("{}/metrics", server.url))
         .await
         .expect("scrape");
@@ -42,7 +42,7 @@ fn sample(scrape: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {series} in:\n{scrape}"))
 }
 
-fn promtool_check(scrape: &str) {
+pub(crate) fn promtool_check(scrape: &str) {
     let mut child = Command::new(promtool())
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -201,5 +201,49 @@ async fn usage_counters_equal_the_stored_totals() {
         .collect();
     assert!(tenants.contains("other"), "{tenants:?}");
     assert!(tenants.len() <= 21, "{tenants:?}");
+    promtool_check(&text);
+}
+
+/// An external store's delivery in the metrics: connected, and no lag once everything is
+/// delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_delivery_is_in_the_metrics() {
+    let db = common::pg::TestDb::create("metrics").await;
+    let server = Server::start(&["--postgres-url", &db.url]);
+    let events = common::generated(22, 500, 5, std::time::Duration::from_secs(3_600), 0.0);
+    let accepted = server.post_ndjson(&events).await.accepted();
+    common::pg::wait_for(
+        &db.client().await,
+        "SELECT count(*) FROM meterd.events",
+        accepted as i64,
+        std::time::Duration::from_secs(120),
+    )
+    .await;
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = scrape(&server).await;
+        if text.contains(r#"meterd_store_delivery_lag_bytes{store="postgres"} 0"#) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        sample(
+            &text,
+            r#"meterd_store_delivery_lag_bytes{store="postgres"}"#
+        ),
+        0.0
+    );
+    assert_eq!(
+        sample(&text, r#"meterd_store_connected{store="postgres"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"meterd_store_delivery_errors_total{store="postgres"}"#
+        ),
+        0.0
+    );
     promtool_check(&text);
 }

@@ -157,7 +157,7 @@ fn close(a: &Value, b: f64) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slos_count_budgets_and_burn_rates_from_the_events() {
     let cfg = config_file("");
-    let server = Server::start(&["--config", &path(&cfg)]);
+    let mut server = Server::start(&["--config", &path(&cfg)]);
     let now = Utc::now();
     let sent = events(now);
     assert_eq!(
@@ -246,6 +246,40 @@ async fn slos_count_budgets_and_burn_rates_from_the_events() {
     };
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body.contains("name:"), "{body}");
+
+    // The SLO gauges of /metrics: counted when meterd starts and every 30 s after.
+    server.stop();
+    server.restart();
+    let wanted = r#"meterd_slo_valid_events{slo="api-availability",tenant=""} 299"#;
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = crate::metrics::scrape(&server).await;
+        if text.contains(wanted) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(text.contains(wanted), "{text}");
+    for line in [
+        r#"meterd_slo_good_events{slo="api-availability",tenant=""} 287"#,
+        r#"meterd_slo_valid_events{slo="agent-success",tenant="acme"} 10"#,
+        r#"meterd_slo_sli{slo="agent-success",tenant="initech"} 1"#,
+        r#"meterd_slo_error_budget_remaining_ratio{slo="nobody-availability",tenant="nobody"} 1"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
+    let burn = text
+        .lines()
+        .find(|l| l.starts_with(r#"meterd_slo_burn_rate{slo="api-strict",tenant="",window="5m"}"#))
+        .and_then(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .expect("the 5m burn rate of api-strict");
+    assert!((burn - 2.0 / 99.0 / 0.001).abs() < 1e-6, "{burn}");
+    // No SLI without valid events.
+    assert!(
+        !text.contains(r#"meterd_slo_sli{slo="nobody-availability""#),
+        "{text}"
+    );
+    crate::metrics::promtool_check(&text);
 }
 
 /// The same events give the same SLOs from the embedded store, PostgreSQL and ClickHouse.
