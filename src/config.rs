@@ -104,7 +104,7 @@ pub struct ServeArgs {
     #[arg(long, env = "METERD_METRICS_TOP_VALUES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_top_values: Option<usize>,
-    /// The most series one usage metric family may have [default: 1000].
+    /// The most series one usage metric family may have [default: 500].
     #[arg(long, env = "METERD_METRICS_MAX_SERIES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_max_series: Option<usize>,
@@ -393,9 +393,24 @@ impl Settings {
             ingest.max_body_bytes = positive(v, "max_body_bytes")?;
         }
         let defaults = meterd_ingest::metrics::LabelLimits::default();
+        let at_most_1000 = |v: usize, name: &str| {
+            if v > 1_000 {
+                Err(ConfigError::Invalid(format!(
+                    "{name} {v} is more than 1000 (each value is a set of series)"
+                )))
+            } else {
+                Ok(v)
+            }
+        };
         ingest.metric_labels = meterd_ingest::metrics::LabelLimits {
-            top_tenants: given.metrics_top_tenants.unwrap_or(defaults.top_tenants),
-            top_values: given.metrics_top_values.unwrap_or(defaults.top_values),
+            top_tenants: at_most_1000(
+                given.metrics_top_tenants.unwrap_or(defaults.top_tenants),
+                "metrics_top_tenants",
+            )?,
+            top_values: at_most_1000(
+                given.metrics_top_values.unwrap_or(defaults.top_values),
+                "metrics_top_values",
+            )?,
             tenant_allowlist: given
                 .metrics_tenants
                 .clone()

@@ -137,6 +137,75 @@ async fn readyz(State(state): State<Readiness>, headers: header::HeaderMap) -> R
     (status, axum::Json(body)).into_response()
 }
 
+/// `meterd_http_requests_total{method,route,code}` and
+/// `meterd_http_request_duration_seconds{route}`: every request, by its route's pattern (not
+/// its path, so the label values are the routes meterd has), method and status code.
+#[derive(Clone)]
+struct HttpMetrics {
+    registry: prometheus::Registry,
+    requests: prometheus::IntCounterVec,
+    duration: prometheus::HistogramVec,
+}
+
+impl HttpMetrics {
+    fn new() -> prometheus::Result<Self> {
+        let registry = prometheus::Registry::new();
+        let requests = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "meterd_http_requests_total",
+                "HTTP requests answered, by method, route pattern and status code",
+            ),
+            &["method", "route", "code"],
+        )?;
+        let duration = prometheus::HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "meterd_http_request_duration_seconds",
+                "How long requests took to answer, by route pattern",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["route"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        Ok(Self {
+            registry,
+            requests,
+            duration,
+        })
+    }
+}
+
+async fn count_requests(
+    State(m): State<HttpMetrics>,
+    matched: Option<axum::extract::MatchedPath>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = matched.map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    // Methods are any token a client sends: the known ones, else "other".
+    let method = match request.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        "PATCH" => "PATCH",
+        _ => "other",
+    };
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    m.requests
+        .with_label_values(&[method, &route, response.status().as_str()])
+        .inc();
+    m.duration
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
 /// How often the SLO gauges of `/metrics` are counted again.
 const SLO_METRICS_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -147,6 +216,7 @@ struct Metrics {
     query: Arc<QueryService>,
     slos: prometheus::Registry,
     stores: StoreGauges,
+    http: prometheus::Registry,
 }
 
 /// Each external store's delivery: `meterd_store_delivery_lag_bytes` (the log not yet
@@ -158,6 +228,8 @@ struct StoreGauges {
     connected: prometheus::IntGaugeVec,
     errors: prometheus::IntCounterVec,
     stores: Arc<Stores>,
+    /// Each store's error count as last read: scrapes add what is new, one at a time.
+    seen_errors: Arc<std::sync::Mutex<HashMap<&'static str, u64>>>,
 }
 
 impl StoreGauges {
@@ -193,36 +265,60 @@ impl StoreGauges {
             connected,
             errors,
             stores: Arc::new(stores),
+            seen_errors: Arc::default(),
         })
     }
 
     /// The registry with the stores' state read now.
     fn read(&self, ingest: &Ingest) -> &prometheus::Registry {
-        let end = ingest.log().durable_end();
+        let log = ingest.log();
+        let end = log.durable_end();
+        let mut seen_errors = self
+            .seen_errors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (store, status) in &self.stores.0 {
             let name = [store.name()];
+            // Before a sink first connects it has confirmed nothing it knows of; what the log
+            // still retains is then the most it can lag.
+            let lag = end
+                .saturating_sub(status.delivered())
+                .min(log.retained_bytes());
             self.lag
                 .with_label_values(&name)
-                .set(i64::try_from(end.saturating_sub(status.delivered())).unwrap_or(i64::MAX));
+                .set(i64::try_from(lag).unwrap_or(i64::MAX));
             self.connected
                 .with_label_values(&name)
                 .set(i64::from(status.connected()));
-            let counter = self.errors.with_label_values(&name);
-            let seen = status.errors();
-            if seen > counter.get() {
-                counter.inc_by(seen - counter.get());
-            }
+            let errors = status.errors();
+            let seen = seen_errors.entry(store.name()).or_default();
+            self.errors
+                .with_label_values(&name)
+                .inc_by(errors.saturating_sub(*seen));
+            *seen = (*seen).max(errors);
         }
         &self.registry
     }
 }
 
-/// `GET /metrics`: the Prometheus text exposition of every family.
-async fn metrics(State(m): State<Metrics>) -> Response {
+/// `GET /metrics`: the Prometheus text exposition of every family. Its labels name every
+/// tenant with a series of its own, so a key bound to one tenant may not read it.
+async fn metrics(
+    State(m): State<Metrics>,
+    principal: Option<axum::Extension<Principal>>,
+) -> Response {
+    if principal.as_deref().is_some_and(|p| p.tenant.is_some()) {
+        return (
+            StatusCode::FORBIDDEN,
+            axum::Json(json!({ "error": "the metrics name every tenant: they are for keys not bound to a tenant" })),
+        )
+            .into_response();
+    }
     let mut families = m.ingest.metrics_registry().gather();
     families.extend(m.query.metrics_registry().gather());
     families.extend(m.slos.gather());
     families.extend(m.stores.read(&m.ingest).gather());
+    families.extend(m.http.gather());
     let mut body = String::new();
     match prometheus::TextEncoder::new().encode_utf8(&families, &mut body) {
         Ok(()) => (
@@ -266,6 +362,7 @@ pub fn router(
         );
     }
     let keys = Arc::new(keys);
+    let http = HttpMetrics::new().context("registering the HTTP metrics")?;
     let guard = |scope| {
         axum::middleware::from_fn_with_state(
             AuthState {
@@ -308,6 +405,7 @@ pub fn router(
                         slos: slo_gauges,
                         stores: StoreGauges::new(stores.clone())
                             .context("registering the stores' metrics")?,
+                        http: http.registry.clone(),
                     }),
                 )
                 .route_layer(guard(Scope::Query)),
@@ -321,7 +419,8 @@ pub fn router(
                 keys: Arc::clone(&keys),
             }),
         )
-        .route("/openapi.json", get(openapi_json));
+        .route("/openapi.json", get(openapi_json))
+        .layer(axum::middleware::from_fn_with_state(http, count_requests));
     Ok(app)
 }
 

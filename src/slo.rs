@@ -134,6 +134,9 @@ pub struct SloGauges {
     burn: prometheus::GaugeVec,
     valid: prometheus::GaugeVec,
     good: prometheus::GaugeVec,
+    updated: prometheus::GaugeVec,
+    /// The tenants each SLO has samples for, so those no longer there can be removed.
+    shown: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>>,
 }
 
 impl SloGauges {
@@ -170,6 +173,12 @@ impl SloGauges {
                 "Good events in the SLO's window",
                 &["slo", "tenant"],
             )?,
+            updated: gauge(
+                "meterd_slo_last_evaluation_timestamp_seconds",
+                "When the SLO's gauges were last counted (a store that does not answer leaves them as they were)",
+                &["slo"],
+            )?,
+            shown: Arc::default(),
             registry,
         })
     }
@@ -178,22 +187,19 @@ impl SloGauges {
         &self.registry
     }
 
-    /// Replaces every sample with `statuses`.
-    fn set(&self, statuses: &[SloStatus]) {
-        for g in [
-            &self.sli,
-            &self.remaining,
-            &self.burn,
-            &self.valid,
-            &self.good,
-        ] {
-            g.reset();
-        }
+    /// Replaces the samples of SLO `slo` with `statuses`: the new values are set first, then
+    /// the tenants no longer there removed, so a scrape never finds the SLO without samples.
+    fn set(&self, slo: &str, statuses: &[SloStatus], now: f64) {
+        let mut tenants = Vec::with_capacity(statuses.len());
         for s in statuses {
             let tenant = s.tenant.as_deref().unwrap_or("");
-            let labels = [s.name.as_str(), tenant];
-            if let Some(sli) = s.sli {
-                self.sli.with_label_values(&labels).set(sli);
+            tenants.push(tenant.to_owned());
+            let labels = [slo, tenant];
+            match s.sli {
+                Some(sli) => self.sli.with_label_values(&labels).set(sli),
+                None => {
+                    let _ = self.sli.remove_label_values(&labels);
+                }
             }
             self.remaining
                 .with_label_values(&labels)
@@ -206,8 +212,26 @@ impl SloGauges {
                 .set(s.good_events as f64);
             for (window, rate) in s.burn_rates.each() {
                 self.burn
-                    .with_label_values(&[s.name.as_str(), tenant, window])
+                    .with_label_values(&[slo, tenant, window])
                     .set(rate);
+            }
+        }
+        self.updated.with_label_values(&[slo]).set(now);
+        let mut shown = self
+            .shown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = shown
+            .insert(slo.to_owned(), tenants.clone())
+            .unwrap_or_default();
+        for gone in before.iter().filter(|t| !tenants.contains(t)) {
+            let labels = [slo, gone.as_str()];
+            // Absent already is fine: nothing to remove.
+            for g in [&self.sli, &self.remaining, &self.valid, &self.good] {
+                let _ = g.remove_label_values(&labels);
+            }
+            for (window, _) in meterd_slo::BURN_WINDOWS {
+                let _ = self.burn.remove_label_values(&[slo, gone.as_str(), window]);
             }
         }
     }
@@ -235,26 +259,22 @@ pub fn spawn_slo_metrics(
                 () = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let now_us = chrono::Utc::now().timestamp_micros();
-            let mut all = Vec::new();
-            let mut failed = false;
             for slo in slos.iter() {
-                match meterd_slo::evaluate(source.as_ref(), slo, now_us, None).await {
+                let now = chrono::Utc::now();
+                match meterd_slo::evaluate(source.as_ref(), slo, now.timestamp_micros(), None).await
+                {
                     Ok(mut statuses) => {
                         if slo.scope == SloScope::PerTenant {
                             statuses.sort_by_key(|s| std::cmp::Reverse(s.valid_events));
                             statuses.truncate(top);
                         }
-                        all.extend(statuses);
+                        let seconds = now.timestamp_micros() as f64 / 1e6;
+                        gauges.set(&slo.name, &statuses, seconds);
                     }
                     Err(e) => {
-                        failed = true;
                         tracing::warn!(slo = %slo.name, error = %e, "evaluating the SLO for /metrics failed; trying again next round");
                     }
                 }
-            }
-            if !failed {
-                gauges.set(&all);
             }
         }
     }))

@@ -203,7 +203,7 @@ impl Ingest {
             store: Arc::clone(&store),
             failed: Arc::clone(&failed),
             clock: now_us,
-            usage: metrics.usage.clone(),
+            metrics: metrics.clone(),
         };
         let writer_thread = std::thread::Builder::new()
             .name("meterd-log-writer".into())
@@ -286,10 +286,9 @@ impl Ingest {
         let started = std::time::Instant::now();
         let result = self.submit_counted(events).await;
         match &result {
-            Ok(outcome) => {
+            Ok(_) => {
                 self.metrics.batch("ok");
-                self.metrics
-                    .acknowledged(outcome, started.elapsed().as_secs_f64());
+                self.metrics.acknowledged(started.elapsed().as_secs_f64());
             }
             Err(SubmitError::LogFull { .. }) => self.metrics.batch("log_full"),
             Err(SubmitError::Overloaded { .. }) => self.metrics.batch("overloaded"),

@@ -94,7 +94,13 @@ impl IngestMetrics {
         self.batches.with_label_values(&[result]).inc();
     }
 
-    pub(crate) fn acknowledged(&self, outcome: &crate::writer::Outcome, seconds: f64) {
+    pub(crate) fn acknowledged(&self, seconds: f64) {
+        self.ack.observe(seconds);
+    }
+
+    /// Counts a batch's events by outcome, once the writer has decided (and made durable)
+    /// them, whether or not its client still waits for the answer.
+    pub(crate) fn outcome(&self, outcome: &crate::writer::Outcome) {
         let counts = [
             outcome.accepted,
             outcome.duplicates,
@@ -105,12 +111,15 @@ impl IngestMetrics {
                 .with_label_values(&[o])
                 .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
         }
-        self.ack.observe(seconds);
     }
 }
 
 /// The label value that stands for every value without a series of its own.
 pub const OTHER: &str = "other";
+
+/// The label value of an optional field an event leaves out (an empty value would read as no
+/// label at all in Prometheus).
+pub const NONE: &str = "none";
 
 /// How many label values get series of their own in the usage families; the rest fold into
 /// [`OTHER`], so the families' sums stay the true totals.
@@ -122,7 +131,9 @@ pub struct LabelLimits {
     pub top_values: usize,
     /// If given, exactly these tenants have series of their own.
     pub tenant_allowlist: Option<std::collections::BTreeSet<String>>,
-    /// The most series one usage family may have; past it new label combinations fold whole.
+    /// The series one usage family may have; past it new label combinations fold whole (so a
+    /// family has at most this many plus one per combination of its closed labels: type,
+    /// direction, status).
     pub max_series: usize,
 }
 
@@ -133,19 +144,24 @@ impl Default for LabelLimits {
             top_tenants: 20,
             top_values: 10,
             tenant_allowlist: None,
-            max_series: 1_000,
+            max_series: 500,
         }
     }
 }
 
-/// Values of one label tracked for admission at most: beyond, new values are never admitted.
-const TRACKED: usize = 100_000;
+/// Events of a label seen before any value is admitted: a value must show its share first.
+const WARM_UP: u64 = 1_000;
 
-/// One label's values: which have series of their own. A value is admitted, for good, once it
-/// carries at least 1/`top` of the events seen so far (at most `top` values can at any time)
-/// while fewer than `top` are admitted; from then on its series counts, and what it carried
-/// before stays in [`OTHER`]. So every counter only grows, and the sum over a label's values
-/// is the true total.
+/// One label's values: which have series of their own, the `top` heaviest by volume.
+///
+/// Volumes are estimated with the Space-Saving algorithm over `10 x top` counters (memory stays
+/// bounded whatever values clients send; any value carrying more than 1/(10 x top) of the
+/// events is tracked). After a warm-up, a value carrying at least 1/`top` of the events is
+/// admitted while fewer than `top` are; once all slots are taken, a tracked value counted
+/// twice as often as the lightest admitted one takes its slot. A value's series only counts
+/// while it is admitted: what it carried before, or after losing its slot, is counted under
+/// [`OTHER`]. So every counter only grows, and the sum over a label's values is the true
+/// total.
 // Written here rather than taken from a crate: folding has to keep Prometheus counters
 // monotonic and their sums exact, which generic cardinality limiters do not promise.
 #[derive(Debug, Default)]
@@ -153,6 +169,7 @@ struct Dimension {
     top: usize,
     allow: Option<std::collections::BTreeSet<String>>,
     admitted: std::collections::HashSet<String>,
+    /// Space-Saving counters, at most `10 x top` (admitted values among them).
     counts: std::collections::HashMap<String, u64>,
     total: u64,
 }
@@ -166,34 +183,74 @@ impl Dimension {
         }
     }
 
+    fn capacity(&self) -> usize {
+        self.top.saturating_mul(10).max(1)
+    }
+
     /// The label value to count one event of `value` under.
     fn fold(&mut self, value: &str) -> String {
         self.total = self.total.saturating_add(1);
         if let Some(allow) = &self.allow {
             return if allow.contains(value) { value } else { OTHER }.to_owned();
         }
+        if self.top == 0 {
+            return OTHER.to_owned();
+        }
+        let count = self.count(value);
         if self.admitted.contains(value) {
             return value.to_owned();
         }
-        let tracked = self.counts.len();
-        let count = match self.counts.get_mut(value) {
-            Some(c) => {
-                *c = c.saturating_add(1);
-                *c
-            }
-            None if tracked < TRACKED => {
-                self.counts.insert(value.to_owned(), 1);
-                1
-            }
-            None => return OTHER.to_owned(),
-        };
         let top = u64::try_from(self.top).unwrap_or(u64::MAX);
-        if self.admitted.len() < self.top && count.saturating_mul(top) >= self.total {
-            self.counts.remove(value);
-            self.admitted.insert(value.to_owned());
-            return value.to_owned();
+        if self.total < WARM_UP || count.saturating_mul(top) < self.total {
+            return OTHER.to_owned();
         }
-        OTHER.to_owned()
+        if self.admitted.len() >= self.top {
+            // Full: the lightest admitted value gives way to one counted twice as often.
+            let lightest = self
+                .admitted
+                .iter()
+                .map(|v| (self.counts.get(v).copied().unwrap_or(0), v.clone()))
+                .min();
+            match lightest {
+                Some((c, v)) if count >= c.saturating_mul(2) => {
+                    self.admitted.remove(&v);
+                }
+                _ => return OTHER.to_owned(),
+            }
+        }
+        self.admitted.insert(value.to_owned());
+        value.to_owned()
+    }
+
+    /// Space-Saving: counts `value` once; a value not tracked while every counter is taken
+    /// replaces the smallest one not admitted (inheriting its count, an overestimate).
+    fn count(&mut self, value: &str) -> u64 {
+        if let Some(c) = self.counts.get_mut(value) {
+            *c = c.saturating_add(1);
+            return *c;
+        }
+        if self.counts.len() < self.capacity() {
+            self.counts.insert(value.to_owned(), 1);
+            return 1;
+        }
+        // Admitted values keep their counters. The admitted check (a hash) runs only for a
+        // counter smaller than the smallest so far, so the scan costs a comparison a counter.
+        let mut smallest: Option<(&String, u64)> = None;
+        for (v, c) in &self.counts {
+            if smallest.is_none_or(|(_, s)| *c < s) && !self.admitted.contains(v) {
+                smallest = Some((v, *c));
+            }
+        }
+        let smallest = smallest.map(|(v, c)| (v.clone(), c));
+        match smallest {
+            Some((v, c)) => {
+                self.counts.remove(&v);
+                let c = c.saturating_add(1);
+                self.counts.insert(value.to_owned(), c);
+                c
+            }
+            None => 0,
+        }
     }
 }
 
@@ -317,8 +374,8 @@ impl UsageMetrics {
                     }
                 }
                 EventData::AgentRun(r) => {
-                    let agent = s.agents.fold(r.agent.as_deref().unwrap_or(""));
-                    let status = r.status.clone().unwrap_or_default();
+                    let agent = s.agents.fold(r.agent.as_deref().unwrap_or(NONE));
+                    let status = r.status.clone().unwrap_or_else(|| NONE.to_owned());
                     s.runs.add(vec![tenant.clone(), agent, status], 1);
                 }
                 EventData::ApiRequest(_) => {}
@@ -476,10 +533,62 @@ mod tests {
             ..LabelLimits::default()
         };
         let usage = UsageMetrics::new(&registry, &limits).expect("metrics");
-        let events: Vec<Event> = (0..50).map(|i| run(&format!("t{i}"), "a")).collect();
+        let events: Vec<Event> = (0..5_000)
+            .map(|i| run(&format!("t{}", i % 50), "a"))
+            .collect();
         usage.accepted(events.iter());
         let s = samples(&registry, "meterd_usage_events_total");
+        // At most five combinations, and the folded one.
         assert!(s.len() <= 6, "{s:?}");
-        assert_eq!(s.iter().map(|(_, v)| v).sum::<u64>(), 50);
+        assert!(s.iter().any(|(l, _)| l["tenant"] == OTHER), "{s:?}");
+        assert_eq!(s.iter().map(|(_, v)| v).sum::<u64>(), 5_000);
+    }
+
+    #[test]
+    fn a_tenant_that_grows_late_gets_a_series_and_junk_cannot_fill_the_counters() {
+        let registry = Registry::new();
+        let usage = UsageMetrics::new(&registry, &LabelLimits::default()).expect("metrics");
+        // 20 tenants share the first 20,000 events evenly: each takes a slot.
+        let early: Vec<Event> = (0..20_000)
+            .map(|i| run(&format!("early-{}", i % 20), "a"))
+            .collect();
+        usage.accepted(early.iter());
+        // 200,000 distinct junk tenants, one event each: the counters stay bounded.
+        let junk: Vec<Event> = (0..200_000)
+            .map(|i| run(&format!("junk-{i}"), "a"))
+            .collect();
+        usage.accepted(junk.iter());
+        {
+            let state = usage.0.lock().expect("lock");
+            assert!(
+                state.tenants.counts.len() <= 200,
+                "{}",
+                state.tenants.counts.len()
+            );
+        }
+        // Then a tenant sends half of everything: it takes the lightest slot.
+        let late: Vec<Event> = (0..400_000)
+            .map(|i| {
+                if i % 2 == 0 {
+                    run("late", "a")
+                } else {
+                    run(&format!("early-{}", i % 20), "a")
+                }
+            })
+            .collect();
+        usage.accepted(late.iter());
+        let s = samples(&registry, "meterd_usage_events_total");
+        let late_count = s
+            .iter()
+            .find(|(l, _)| l["tenant"] == "late")
+            .map(|(_, v)| *v)
+            .expect("the late tenant has a series");
+        assert!(late_count > 150_000, "{late_count}");
+        assert_eq!(s.iter().map(|(_, v)| v).sum::<u64>(), 620_000);
+        // No junk tenant has one.
+        assert!(
+            !s.iter().any(|(l, _)| l["tenant"].starts_with("junk-")),
+            "{s:?}"
+        );
     }
 }

@@ -59,8 +59,8 @@ pub(crate) struct Writer {
     pub store: Arc<EmbeddedStore>,
     pub failed: Arc<AtomicBool>,
     pub clock: fn() -> i64,
-    /// Counts what is accepted, once it is durable.
-    pub usage: crate::metrics::UsageMetrics,
+    /// Counts outcomes and what is accepted, once it is durable.
+    pub metrics: crate::metrics::IngestMetrics,
 }
 
 impl Writer {
@@ -143,6 +143,9 @@ impl Writer {
             outcomes.push(o);
         }
         if stored.is_empty() {
+            for o in &outcomes {
+                self.metrics.outcome(o);
+            }
             return Ok(outcomes);
         }
         let payload = crate::record::encode(&stored)?;
@@ -151,7 +154,10 @@ impl Writer {
         push_to_store(&self.store, &stored, end)?;
         self.index
             .insert_batch(fresh.iter().map(|(k, s)| (k.as_slice(), *s)), end)?;
-        self.usage.accepted(stored.iter().map(|s| &s.event));
+        self.metrics.usage.accepted(stored.iter().map(|s| &s.event));
+        for o in &outcomes {
+            self.metrics.outcome(o);
+        }
         Ok(outcomes)
     }
 }
@@ -220,11 +226,8 @@ mod tests {
             store,
             failed: Arc::clone(&failed),
             clock: panicking_clock,
-            usage: crate::metrics::UsageMetrics::new(
-                &prometheus::Registry::new(),
-                &crate::metrics::LabelLimits::default(),
-            )
-            .expect("metrics"),
+            metrics: crate::metrics::IngestMetrics::new(&crate::metrics::LabelLimits::default())
+                .expect("metrics"),
         };
         let (tx, rx) = mpsc::channel(4);
         let thread = std::thread::spawn(move || writer.run(rx));

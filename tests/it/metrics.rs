@@ -123,6 +123,20 @@ async fn metrics_count_what_happened_and_pass_promtool() {
     );
     assert!(sample(&text, r#"meterd_sql_queries_total{result="ok"}"#) >= 1.0);
     assert!(sample(&text, r#"meterd_sql_queries_total{result="bad_request"}"#) >= 1.0);
+    assert_eq!(
+        sample(
+            &text,
+            r#"meterd_http_requests_total{code="200",method="POST",route="/v1/events"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"meterd_http_requests_total{code="400",method="POST",route="/v1/sql"}"#
+        ),
+        1.0
+    );
     promtool_check(&text);
 
     // After a restart the counters start again; a replay of what is stored moves only the
@@ -158,13 +172,23 @@ async fn usage_counters_equal_the_stored_totals() {
     let server = Server::start(&[]);
     let events = common::generated(21, 3_000, 300, std::time::Duration::from_secs(86_400), 0.05);
     let accepted = server.post_ndjson(&events).await.accepted();
+    let before = scrape(&server).await;
     let again = server.post_ndjson(&events).await.accepted();
     assert_eq!(again, 0);
     let text = scrape(&server).await;
+    // The replay moved no usage series.
+    let usage = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| l.starts_with("meterd_usage_") || l.starts_with("meterd_agent_runs_"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(usage(&text), usage(&before));
     let stored = server
         .sql(
             "SELECT count(*) AS n, sum(input_tokens) AS i, sum(cached_input_tokens) AS c, \
-              count(*) FILTER (WHERE type = 'agent.run') AS r FROM events",
+             count(*) FILTER (WHERE type = 'agent.run') AS r, sum(output_tokens) AS o, \
+             sum(cache_write_input_tokens) AS w FROM events",
         )
         .await;
     let row = &stored["rows"][0];
@@ -193,6 +217,18 @@ async fn usage_counters_equal_the_stored_totals() {
     assert_eq!(
         family_sum(&text, "meterd_agent_runs_total", ""),
         number(&row[3])
+    );
+    assert_eq!(
+        family_sum(&text, "meterd_usage_tokens_total", r#"direction="output""#),
+        number(&row[4])
+    );
+    assert_eq!(
+        family_sum(
+            &text,
+            "meterd_usage_tokens_total",
+            r#"direction="cache_write_input""#
+        ),
+        number(&row[5])
     );
     let tenants: std::collections::BTreeSet<&str> = text
         .lines()
@@ -246,4 +282,34 @@ async fn store_delivery_is_in_the_metrics() {
         0.0
     );
     promtool_check(&text);
+}
+
+/// The metrics name every tenant with a series of its own: a key bound to one tenant may not
+/// read them; a key with the query scope may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_bound_to_a_tenant_may_not_read_the_metrics() {
+    let config = tempfile::NamedTempFile::new().expect("config");
+    std::fs::write(
+        config.path(),
+        "[[api_keys]]\nname = \"prometheus\"\nkey = \"pk-scrape-0123456789\"\nscopes = [\"query\"]\n\
+         [[api_keys]]\nname = \"acme\"\nkey = \"ak-acme-0123456789\"\ntenant = \"acme\"\n\
+         scopes = [\"ingest\"]\n",
+    )
+    .expect("write");
+    let server = Server::start(&["--config", &config.path().display().to_string()]);
+    let status = |key: &'static str| {
+        let request = server
+            .client
+            .get(format!("{}/metrics", server.url))
+            .bearer_auth(key);
+        async move { request.send().await.expect("request").status() }
+    };
+    assert_eq!(status("pk-scrape-0123456789").await, StatusCode::OK);
+    // Lacking the query scope, and bound to a tenant: refused either way.
+    assert_eq!(status("ak-acme-0123456789").await, StatusCode::FORBIDDEN);
+    let anonymous = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .expect("request")
+        .status();
+    assert_eq!(anonymous, StatusCode::UNAUTHORIZED);
 }
