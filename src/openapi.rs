@@ -351,6 +351,10 @@ fn slos_path() -> Value {
             "$ref": "#/components/schemas/Error"}}}})
     };
     let rate = json!({"type": "number", "minimum": 0});
+    let burn_rates = json!({"type": "object",
+        "required": ["5m", "30m", "1h", "6h", "1d", "3d"],
+        "properties": {"5m": rate, "30m": rate, "1h": rate, "2h": rate,
+                       "6h": rate, "1d": rate, "3d": rate}});
     json!({"get": {
         "operationId": "listSlos",
         "summary": "Each SLO's SLI, error budget (in events), burn rates and alerts, counted now",
@@ -379,10 +383,7 @@ fn slos_path() -> Value {
                             "properties": {"total": {"type": "number"}, "used": {"type": "integer"},
                                            "remaining": {"type": "number"},
                                            "remaining_ratio": {"type": "number"}}},
-                        "burn_rates": {"type": "object",
-                            "required": ["5m", "30m", "1h", "6h", "1d", "3d"],
-                            "properties": {"5m": rate, "30m": rate, "1h": rate, "6h": rate,
-                                           "1d": rate, "3d": rate}},
+                        "burn_rates": burn_rates,
                         "alerts": {"type": "object", "required": ["fast_burn", "slow_burn"],
                             "properties": {"fast_burn": {"type": "boolean"},
                                            "slow_burn": {"type": "boolean"}}}}}}}}}}},

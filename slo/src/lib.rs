@@ -15,10 +15,12 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 /// The trailing windows burn rates are reported for, with their lengths in seconds.
-pub const BURN_WINDOWS: [(&str, i64); 6] = [
+/// (2h is the short window of the slow ticket alert: 3 over 1d and 2h.)
+pub const BURN_WINDOWS: [(&str, i64); 7] = [
     ("5m", 300),
     ("30m", 1_800),
     ("1h", 3_600),
+    ("2h", 7_200),
     ("6h", 21_600),
     ("1d", 86_400),
     ("3d", 259_200),
@@ -310,6 +312,8 @@ pub struct BurnRates {
     pub m30: f64,
     #[serde(rename = "1h")]
     pub h1: f64,
+    #[serde(rename = "2h")]
+    pub h2: f64,
     #[serde(rename = "6h")]
     pub h6: f64,
     #[serde(rename = "1d")]
@@ -320,11 +324,12 @@ pub struct BurnRates {
 
 impl BurnRates {
     /// `(name, rate)` in the order of [`BURN_WINDOWS`].
-    pub fn each(&self) -> [(&'static str, f64); 6] {
+    pub fn each(&self) -> [(&'static str, f64); 7] {
         [
             ("5m", self.m5),
             ("30m", self.m30),
             ("1h", self.h1),
+            ("2h", self.h2),
             ("6h", self.h6),
             ("1d", self.d1),
             ("3d", self.d3),
@@ -347,7 +352,7 @@ fn to_f64(d: Decimal) -> f64 {
 
 /// An SLO's state from its counts: `counts[0]` over the SLO's window, then each burn window in
 /// the order of [`BURN_WINDOWS`].
-pub fn status(slo: &Slo, tenant: Option<String>, counts: &[Counts; 7]) -> SloStatus {
+pub fn status(slo: &Slo, tenant: Option<String>, counts: &[Counts; 8]) -> SloStatus {
     let allowed = Decimal::ONE - slo.objective;
     let whole = counts[0];
     let total = allowed * Decimal::from(whole.valid);
@@ -368,7 +373,7 @@ pub fn status(slo: &Slo, tenant: Option<String>, counts: &[Counts; 7]) -> SloSta
             .unwrap_or(Decimal::ZERO)
     };
     let rates: Vec<Decimal> = counts[1..].iter().map(|c| burn(*c)).collect();
-    let (m5, m30, h1, h6) = (rates[0], rates[1], rates[2], rates[3]);
+    let (m5, m30, h1, h6) = (rates[0], rates[1], rates[2], rates[4]);
     SloStatus {
         name: slo.name.clone(),
         tenant,
@@ -388,9 +393,10 @@ pub fn status(slo: &Slo, tenant: Option<String>, counts: &[Counts; 7]) -> SloSta
             m5: to_f64(m5),
             m30: to_f64(m30),
             h1: to_f64(h1),
+            h2: to_f64(rates[3]),
             h6: to_f64(h6),
-            d1: to_f64(rates[4]),
-            d3: to_f64(rates[5]),
+            d1: to_f64(rates[5]),
+            d3: to_f64(rates[6]),
         },
         alerts: Alerts {
             fast_burn: h1 > FAST_BURN && m5 > FAST_BURN,
@@ -416,7 +422,7 @@ pub async fn evaluate(
     };
     let mut out = Vec::new();
     for row in rows {
-        let mut counts = [Counts::default(); 7];
+        let mut counts = [Counts::default(); 8];
         for (i, c) in counts.iter_mut().enumerate() {
             let read = |cell: Option<&Option<String>>| -> Result<u64, UsageError> {
                 match cell.cloned().flatten() {
@@ -450,7 +456,7 @@ pub async fn evaluate(
                 SloScope::Tenant(t) => Some(t.clone()),
                 _ => None,
             },
-            &[Counts::default(); 7],
+            &[Counts::default(); 8],
         ));
     }
     out.sort_by(|a, b| a.tenant.cmp(&b.tenant));
@@ -482,7 +488,7 @@ mod tests {
 
     #[test]
     fn a_budget_exactly_used_up() {
-        let s = status(&slo("0.99", "30d"), None, &[c(1000, 990); 7]);
+        let s = status(&slo("0.99", "30d"), None, &[c(1000, 990); 8]);
         assert_eq!(s.sli, Some(0.99));
         assert_eq!(s.error_budget.total, 10.0);
         assert_eq!(s.error_budget.used, 10);
@@ -507,6 +513,7 @@ mod tests {
             c(100, 98),         // 5m: 2% bad, 20
             c(1_000, 993),      // 30m: 7
             c(1_000, 985),      // 1h: 15
+            c(2_000, 1_990),    // 2h: 5
             c(10_000, 9_935),   // 6h: 6.5
             c(20_000, 19_980),  // 1d: 1
             c(0, 0),            // 3d: no events, 0
@@ -518,6 +525,7 @@ mod tests {
                 ("5m", 20.0),
                 ("30m", 7.0),
                 ("1h", 15.0),
+                ("2h", 5.0),
                 ("6h", 6.5),
                 ("1d", 1.0),
                 ("3d", 0.0)
@@ -541,7 +549,7 @@ mod tests {
 
     #[test]
     fn no_events_burn_nothing() {
-        let s = status(&slo("0.999", "7d"), None, &[Counts::default(); 7]);
+        let s = status(&slo("0.999", "7d"), None, &[Counts::default(); 8]);
         assert_eq!(s.sli, None);
         assert_eq!(s.valid_events, 0);
         assert_eq!(s.error_budget.total, 0.0);
@@ -553,7 +561,7 @@ mod tests {
 
     #[test]
     fn a_spent_budget_goes_negative() {
-        let s = status(&slo("0.9", "1d"), None, &[c(100, 70); 7]);
+        let s = status(&slo("0.9", "1d"), None, &[c(100, 70); 8]);
         assert_eq!(s.error_budget.total, 10.0);
         assert_eq!(s.error_budget.used, 30);
         assert_eq!(s.error_budget.remaining, -20.0);

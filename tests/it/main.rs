@@ -13,6 +13,7 @@ mod clickhouse_migrations;
 mod clickhouse_modern;
 mod clickhouse_store;
 mod crash;
+mod dashboards;
 mod ingest;
 mod metrics;
 mod postgres_store;
