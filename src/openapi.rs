@@ -352,7 +352,7 @@ fn slos_path() -> Value {
     };
     let rate = json!({"type": "number", "minimum": 0});
     let burn_rates = json!({"type": "object",
-        "required": ["5m", "30m", "1h", "6h", "1d", "3d"],
+        "required": ["5m", "30m", "1h", "2h", "6h", "1d", "3d"],
         "properties": {"5m": rate, "30m": rate, "1h": rate, "2h": rate,
                        "6h": rate, "1d": rate, "3d": rate}});
     json!({"get": {

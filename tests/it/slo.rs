@@ -174,12 +174,13 @@ async fn slos_count_budgets_and_burn_rates_from_the_events() {
     assert!(close(&a["error_budget"]["total"], 2.99), "{a}");
     assert_eq!(a["error_budget"]["used"], 12);
     assert!(close(&a["error_budget"]["remaining"], -9.01), "{a}");
-    // 5m and 30m: 2 bad of 99; 1h, 6h, 1d: 2 of 199; 3d: 12 of 299; over 1% allowed.
+    // 5m and 30m: 2 bad of 99; 1h, 2h, 6h, 1d: 2 of 199; 3d: 12 of 299; over 1% allowed.
     let rates = &a["burn_rates"];
     for (window, bad, valid) in [
         ("5m", 2.0, 99.0),
         ("30m", 2.0, 99.0),
         ("1h", 2.0, 199.0),
+        ("2h", 2.0, 199.0),
         ("6h", 2.0, 199.0),
         ("1d", 2.0, 199.0),
         ("3d", 12.0, 299.0),
