@@ -338,7 +338,7 @@ impl UsageMetrics {
     }
 
     /// Counts events just made durable.
-    pub(crate) fn accepted<'a>(&self, events: impl IntoIterator<Item = &'a meterd_schemas::Event>) {
+    pub fn accepted<'a>(&self, events: impl IntoIterator<Item = &'a meterd_schemas::Event>) {
         use meterd_schemas::EventData;
         let mut s = self
             .0
