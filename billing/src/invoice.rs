@@ -272,7 +272,7 @@ impl Billing {
             outcomes.push((tenant.clone(), outcome));
         }
         let gathered = self.gather_or_each(source, period, &open).await;
-        let mut closed_now = BTreeMap::new();
+        let mut closed_now = Vec::with_capacity(open.len());
         for (tenant, tz, plan, history) in &open {
             let terms = Terms {
                 plan,
@@ -304,20 +304,9 @@ impl Billing {
                 })
             }
             .await;
-            closed_now.insert((*tenant).to_owned(), outcome);
+            closed_now.push(outcome);
         }
-        outcomes
-            .into_iter()
-            .map(|(tenant, outcome)| {
-                let outcome = match outcome {
-                    Some(o) => o,
-                    None => closed_now
-                        .remove(&tenant)
-                        .unwrap_or_else(|| Err(InvoiceError::UnknownTenant(tenant.clone()))),
-                };
-                (tenant, outcome)
-            })
-            .collect()
+        fill_in(outcomes, closed_now)
     }
 
     /// Each of `tenants`' invoice for `period`, as [`Billing::invoice`] answers it one by one,
@@ -350,7 +339,7 @@ impl Billing {
             outcomes.push((tenant.clone(), outcome));
         }
         let gathered = self.gather_or_each(source, period, &open).await;
-        let mut drafts = BTreeMap::new();
+        let mut drafts = Vec::with_capacity(open.len());
         for (tenant, tz, plan, history) in &open {
             let terms = Terms {
                 plan,
@@ -370,20 +359,9 @@ impl Billing {
                 )
                 .await
                 .map(|i| Answer::Draft(Box::new(i)));
-            drafts.insert((*tenant).to_owned(), draft);
+            drafts.push(draft);
         }
-        outcomes
-            .into_iter()
-            .map(|(tenant, outcome)| {
-                let outcome = match outcome {
-                    Some(o) => o,
-                    None => drafts
-                        .remove(&tenant)
-                        .unwrap_or_else(|| Err(InvoiceError::UnknownTenant(tenant.clone()))),
-                };
-                (tenant, outcome)
-            })
-            .collect()
+        fill_in(outcomes, drafts)
     }
 
     /// [`Billing::gather_many`], or where its statements fail (a timeout over a large month),
@@ -810,6 +788,25 @@ struct LlmUse<'a> {
     to: DateTime<Utc>,
     events: u64,
     tokens: Tokens,
+}
+
+/// Each tenant's outcome: the one decided before reading usage, else the next of `computed`,
+/// which holds those of the undecided tenants in their order.
+fn fill_in<T>(
+    decided: Vec<(String, Option<Result<T, InvoiceError>>)>,
+    computed: Vec<Result<T, InvoiceError>>,
+) -> Vec<(String, Result<T, InvoiceError>)> {
+    let mut computed = computed.into_iter();
+    decided
+        .into_iter()
+        .map(|(tenant, outcome)| {
+            let outcome = outcome.or_else(|| computed.next()).unwrap_or_else(|| {
+                // Every undecided tenant was computed, in order: not reached.
+                Err(InvoiceError::UnknownTenant(tenant.clone()))
+            });
+            (tenant, outcome)
+        })
+        .collect()
 }
 
 /// Usage gathered ahead for many tenant-periods by one statement per meter.

@@ -19,19 +19,20 @@ pub struct Meter {
     pub description: Option<String>,
 }
 
+/// The event type named `name` in a configuration entry; the error lists the types.
+pub fn event_type(name: &str) -> Result<EventType, String> {
+    EventType::parse(name).ok_or_else(|| {
+        format!(
+            "type {name:?} is not an event type ({})",
+            EventType::ALL.map(EventType::as_str).join(", ")
+        )
+    })
+}
+
 impl Meter {
     /// Checks one `[[meters]]` entry; the error says what is wrong with it.
     pub fn new(config: &MeterConfig) -> Result<Meter, String> {
-        let event_type = EventType::ALL
-            .into_iter()
-            .find(|t| t.as_str() == config.event_type)
-            .ok_or_else(|| {
-                format!(
-                    "type {:?} is not an event type ({})",
-                    config.event_type,
-                    EventType::ALL.map(EventType::as_str).join(", ")
-                )
-            })?;
+        let event_type = event_type(&config.event_type)?;
         let field = match (&config.field, config.aggregation) {
             (None, Aggregation::Count) => None,
             (Some(_), Aggregation::Count) => {

@@ -297,20 +297,12 @@ pub async fn meter_windows(
 /// Token sums per provider and model over one scope: `provider, model, events, input,
 /// output, cached_input, cache_write_input`.
 pub fn tokens_sql(d: &dyn UsageDialect, scope: Scope<'_>) -> String {
-    format!(
-        "SELECT {p} AS c0, {m} AS c1, {n} AS c2, {i} AS c3, {o} AS c4, {c} AS c5, {w} AS c6 \
-         FROM {t} WHERE {wh} GROUP BY {pc}, {mc}",
-        p = d.text("provider"),
-        m = d.text("model"),
-        n = d.count(),
-        i = d.sum("input_tokens"),
-        o = d.sum("output_tokens"),
-        c = d.sum("cached_input_tokens"),
-        w = d.sum("cache_write_input_tokens"),
-        t = d.events(),
-        wh = where_clause(d, scope, "llm.usage"),
-        pc = d.column("provider"),
-        mc = d.column("model"),
+    tokens_statement(
+        d,
+        Tenants::One(scope.tenant),
+        scope.from_us,
+        scope.to_us,
+        false,
     )
 }
 
@@ -322,22 +314,45 @@ pub fn tokens_by_tenant_sql(
     from_us: i64,
     to_us: i64,
 ) -> String {
+    tokens_statement(d, tenants, from_us, to_us, true)
+}
+
+/// The token sums of `llm.usage` events grouped by provider and model, and by tenant first
+/// when `by_tenant`; the select list's items are named `c0`, `c1`, ... in that order.
+fn tokens_statement(
+    d: &dyn UsageDialect,
+    tenants: Tenants<'_>,
+    from_us: i64,
+    to_us: i64,
+    by_tenant: bool,
+) -> String {
+    let keys: Vec<&str> = if by_tenant {
+        vec!["tenant", "provider", "model"]
+    } else {
+        vec!["provider", "model"]
+    };
+    let mut items: Vec<String> = keys.iter().map(|k| d.text(k)).collect();
+    items.push(d.count());
+    for column in [
+        "input_tokens",
+        "output_tokens",
+        "cached_input_tokens",
+        "cache_write_input_tokens",
+    ] {
+        items.push(d.sum(column));
+    }
+    let select: Vec<String> = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| format!("{item} AS c{i}"))
+        .collect();
+    let group_by: Vec<String> = keys.iter().map(|k| d.column(k)).collect();
     format!(
-        "SELECT {tn} AS c0, {p} AS c1, {m} AS c2, {n} AS c3, {i} AS c4, {o} AS c5, {c} AS c6, \
-         {w} AS c7 FROM {t} WHERE {wh} GROUP BY {tc}, {pc}, {mc}",
-        tn = d.text("tenant"),
-        p = d.text("provider"),
-        m = d.text("model"),
-        n = d.count(),
-        i = d.sum("input_tokens"),
-        o = d.sum("output_tokens"),
-        c = d.sum("cached_input_tokens"),
-        w = d.sum("cache_write_input_tokens"),
-        t = d.events(),
-        wh = where_tenant(d, tenants, from_us, to_us, "llm.usage"),
-        tc = d.column("tenant"),
-        pc = d.column("provider"),
-        mc = d.column("model"),
+        "SELECT {} FROM {} WHERE {} GROUP BY {}",
+        select.join(", "),
+        d.events(),
+        where_tenant(d, tenants, from_us, to_us, "llm.usage"),
+        group_by.join(", ")
     )
 }
 
@@ -402,11 +417,7 @@ fn meter_value_of(
     events: Option<String>,
     value: Option<String>,
 ) -> Result<MeterValue, UsageError> {
-    let events = number(source, events)?.unwrap_or_default();
-    let events = u64::try_from(events).map_err(|_| UsageError::Value {
-        store: source.name().to_owned(),
-        value: events.to_string(),
-    })?;
+    let events = event_count(source, number(source, events)?.unwrap_or_default())?;
     let value = number(source, value)?;
     let value = match meter.aggregation {
         // A sum or count of nothing is zero everywhere.
@@ -465,16 +476,21 @@ fn model_tokens_of(
     Ok(ModelTokens {
         provider: cell(0).unwrap_or_default(),
         model: cell(1).unwrap_or_default(),
-        events: u64::try_from(events).map_err(|_| UsageError::Value {
-            store: source.name().to_owned(),
-            value: events.to_string(),
-        })?,
+        events: event_count(source, events)?,
         tokens: crate::rate::Tokens {
             input: num(3)?,
             output: num(4)?,
             cached_input: num(5)?,
             cache_write_input: num(6)?,
         },
+    })
+}
+
+/// A count of events as the store answered it: a whole number of events.
+fn event_count(source: &dyn UsageSource, n: Decimal) -> Result<u64, UsageError> {
+    u64::try_from(n).map_err(|_| UsageError::Value {
+        store: source.name().to_owned(),
+        value: n.to_string(),
     })
 }
 

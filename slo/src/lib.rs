@@ -109,16 +109,7 @@ impl Slo {
         if config.name.is_empty() || config.name.len() > 128 {
             return Err("name: 1 to 128 bytes".to_owned());
         }
-        let event_type = EventType::ALL
-            .into_iter()
-            .find(|t| t.as_str() == config.event_type)
-            .ok_or_else(|| {
-                format!(
-                    "type {:?} is not an event type ({})",
-                    config.event_type,
-                    EventType::ALL.map(EventType::as_str).join(", ")
-                )
-            })?;
+        let event_type = meterd_billing::meter::event_type(&config.event_type)?;
         let good = Filter::parse(&config.good).map_err(|e| format!("good: {e}"))?;
         let valid = config
             .valid
