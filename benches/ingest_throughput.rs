@@ -11,8 +11,12 @@
 //! interleaved with the sent ones), so the bench shows how ingest holds up as history grows,
 //! beside the empty-index run as its baseline.
 //!
+//! With `--usage-metrics-ab R`, R rounds then each run two more fresh servers, one counting
+//! usage for `/metrics` (the default) and one with `--usage-metrics false`, in alternating
+//! order, and the bench reports the median rate of each and the exporter's cost.
+//!
 //! ```text
-//! cargo bench --bench ingest_throughput -- [--events N] [--batch N] [--concurrency N] [--prefill-keys N]
+//! cargo bench --bench ingest_throughput -- [--events N] [--batch N] [--concurrency N] [--tenants N] [--prefill-keys N] [--usage-metrics-ab R]
 //! ```
 
 use std::io::{BufRead, BufReader, Write};
@@ -27,6 +31,8 @@ struct Options {
     batch: usize,
     concurrency: usize,
     prefill_keys: usize,
+    tenants: usize,
+    usage_metrics_ab: usize,
 }
 
 fn options() -> Result<Options> {
@@ -35,6 +41,8 @@ fn options() -> Result<Options> {
         batch: 1_000,
         concurrency: 8,
         prefill_keys: 0,
+        tenants: 50,
+        usage_metrics_ab: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -49,6 +57,8 @@ fn options() -> Result<Options> {
             "--batch" => o.batch = value("--batch")?,
             "--concurrency" => o.concurrency = value("--concurrency")?,
             "--prefill-keys" => o.prefill_keys = value("--prefill-keys")?,
+            "--tenants" => o.tenants = value("--tenants")?,
+            "--usage-metrics-ab" => o.usage_metrics_ab = value("--usage-metrics-ab")?,
             // cargo bench passes --bench to harness-less benches.
             "--bench" => {}
             other => bail!("unknown argument {other}"),
@@ -69,10 +79,11 @@ impl Drop for Server {
     }
 }
 
-fn start_server(data_dir: &std::path::Path) -> Result<Server> {
+fn start_server(data_dir: &std::path::Path, extra: &[&str]) -> Result<Server> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_meterd"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
+        .args(extra)
         .env("METERD_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -135,8 +146,9 @@ fn measure(
     batches: &[bytes::Bytes],
     events: usize,
     o: &Options,
+    extra: &[&str],
 ) -> Result<Run> {
-    let server = start_server(data_dir)?;
+    let server = start_server(data_dir, extra)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -250,7 +262,8 @@ fn main() -> Result<()> {
     let start = end - chrono::Duration::hours(6);
     let ndjson_path = dir.path().join("events.ndjson");
     let status = Command::new(env!("CARGO_BIN_EXE_meterd"))
-        .args(["gen", "--seed", "7", "--duplicates", "0", "--tenants", "50"])
+        .args(["gen", "--seed", "7", "--duplicates", "0"])
+        .args(["--tenants", &o.tenants.to_string()])
         .args(["--events", &o.events.to_string()])
         .args(["--start", &start.to_rfc3339(), "--end", &end.to_rfc3339()])
         .arg("--out")
@@ -302,7 +315,7 @@ fn main() -> Result<()> {
     let fsync_rate = events as f64 / t.elapsed().as_secs_f64();
 
     // The measurement: meterd serve over loopback.
-    let empty = measure(&dir.path().join("data"), &batches, events, &o)?;
+    let empty = measure(&dir.path().join("data"), &batches, events, &o, &[])?;
     println!(
         "ingest_throughput: {events} events in batches of {}, {} connections, fsync on",
         o.batch, o.concurrency
@@ -317,11 +330,42 @@ fn main() -> Result<()> {
             o.prefill_keys,
             t.elapsed().as_secs_f64()
         );
-        let full = measure(&data, &batches, events, &o)?;
+        let full = measure(&data, &batches, events, &o, &[])?;
         full.print("  with prefilled index", total_bytes);
         println!(
             "  prefilled / empty index: {:.2}x the rate",
             full.rate / empty.rate
+        );
+    }
+    if o.usage_metrics_ab > 0 {
+        // Alternating order, so drift on a shared machine falls on both sides.
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        for round in 0..o.usage_metrics_ab {
+            for counting in [round % 2 == 0, round % 2 != 0] {
+                let data = dir.path().join(format!("data-ab-{round}-{counting}"));
+                let extra: &[&str] = if counting {
+                    &[]
+                } else {
+                    &["--usage-metrics", "false"]
+                };
+                let run = measure(&data, &batches, events, &o, extra)?;
+                println!(
+                    "  round {round}, usage metrics {}: {:.0} events/s",
+                    if counting { "on " } else { "off" },
+                    run.rate
+                );
+                if counting { &mut on } else { &mut off }.push(run.rate);
+                std::fs::remove_dir_all(&data)?;
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (on, off) = (median(&mut on), median(&mut off));
+        println!(
+            "  usage metrics on: {on:.0} events/s, off: {off:.0} events/s (medians); cost {:.1}%",
+            (1.0 - on / off) * 100.0
         );
     }
     println!("  baseline serde_json: {parse_rate:>12.0} events/s  (parse into Value, 1 core)");

@@ -115,6 +115,7 @@ struct BillingState {
     billing: Arc<Billing>,
     source: Arc<dyn UsageSource>,
     closed: Arc<dyn ClosedStore>,
+    metrics: meterd_billing::metrics::BillingMetrics,
     /// How long one request may read usage, all its statements together.
     deadline: std::time::Duration,
 }
@@ -144,6 +145,7 @@ pub fn router(
     billing: Arc<Billing>,
     source: Arc<dyn UsageSource>,
     closed: Arc<dyn ClosedStore>,
+    metrics: meterd_billing::metrics::BillingMetrics,
     deadline: std::time::Duration,
 ) -> Router {
     Router::new()
@@ -156,6 +158,7 @@ pub fn router(
             billing,
             source,
             closed,
+            metrics,
             deadline,
         })
 }
@@ -737,6 +740,7 @@ async fn close(
             now,
         )
         .await;
+    state.metrics.closings(outcomes.iter().map(|(_, o)| o));
     let (mut closed, mut already, mut not_ended) = (Vec::new(), Vec::new(), Vec::new());
     let mut failed = None;
     for (tenant, outcome) in outcomes {
@@ -911,6 +915,7 @@ pub fn spawn_auto_close(
     billing: Arc<Billing>,
     source: Arc<dyn UsageSource>,
     closed: Arc<dyn ClosedStore>,
+    metrics: meterd_billing::metrics::BillingMetrics,
     grace: chrono::Duration,
     stop: tokio_util::sync::CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
@@ -937,6 +942,7 @@ pub fn spawn_auto_close(
                 let outcomes = billing
                     .close_many(source.as_ref(), closed.as_ref(), &tenants, period, now)
                     .await;
+                metrics.closings(outcomes.iter().map(|(_, o)| o));
                 for (tenant, outcome) in outcomes {
                     match outcome {
                         Ok(Closing::Closed(_)) => {

@@ -95,6 +95,11 @@ pub struct ServeArgs {
     #[arg(long, env = "METERD_CLOSE_GRACE_HOURS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub close_grace_hours: Option<u64>,
+    /// Count every accepted event into the per-tenant metrics of `/metrics` (usage, cost,
+    /// SLO events); `false` leaves ingest without per-event counting [default: true].
+    #[arg(long, env = "METERD_USAGE_METRICS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage_metrics: Option<bool>,
     /// Tenants with series of their own in the usage metrics; the rest are "other" [default: 20].
     #[arg(long, env = "METERD_METRICS_TOP_TENANTS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -420,6 +425,7 @@ impl Settings {
                 "metrics_max_series",
             )?,
         };
+        ingest.usage_metrics = given.usage_metrics.unwrap_or(true);
         if let Some(v) = given.max_log_bytes {
             ingest.max_log_bytes = v;
             // The log frees whole segments only: keep several per budget, so a store that caught

@@ -214,7 +214,8 @@ const SLO_METRICS_EVERY: std::time::Duration = std::time::Duration::from_secs(30
 struct Metrics {
     ingest: Arc<Ingest>,
     query: Arc<QueryService>,
-    slos: prometheus::Registry,
+    /// Registries of other crates (SLO gauges and counters, billing).
+    more: Vec<prometheus::Registry>,
     stores: StoreGauges,
     http: prometheus::Registry,
 }
@@ -316,7 +317,9 @@ async fn metrics(
     }
     let mut families = m.ingest.metrics_registry().gather();
     families.extend(m.query.metrics_registry().gather());
-    families.extend(m.slos.gather());
+    for r in &m.more {
+        families.extend(r.gather());
+    }
     families.extend(m.stores.read(&m.ingest).gather());
     families.extend(m.http.gather());
     let mut body = String::new();
@@ -345,7 +348,8 @@ pub fn router(
     usage: Arc<dyn meterd_billing::UsageSource>,
     closed: Arc<dyn meterd_billing::ClosedStore>,
     stores: Stores,
-    slo_gauges: prometheus::Registry,
+    registries: Vec<prometheus::Registry>,
+    billing_metrics: meterd_billing::metrics::BillingMetrics,
     settings: &Settings,
 ) -> anyhow::Result<Router> {
     let mut keys = Keys::default();
@@ -382,6 +386,7 @@ pub fn router(
                 Arc::clone(&settings.billing),
                 Arc::clone(&usage),
                 closed,
+                billing_metrics,
                 // Several statements per invoice, each within the SQL timeout.
                 settings.query.timeout.saturating_mul(4),
             )
@@ -402,7 +407,7 @@ pub fn router(
                     get(metrics).with_state(Metrics {
                         ingest: Arc::clone(&ingest),
                         query: Arc::clone(query),
-                        slos: slo_gauges,
+                        more: registries,
                         stores: StoreGauges::new(stores.clone())
                             .context("registering the stores' metrics")?,
                         http: http.registry.clone(),
@@ -468,7 +473,18 @@ async fn store_query(store: &dyn Store, settings: &Settings) -> anyhow::Result<A
 
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
-    let ingest_config = settings.ingest.clone();
+    // Counted as events are accepted: each SLO's valid and good events, and list cost.
+    let slo_counters = prometheus::Registry::new();
+    let billing_metrics = meterd_billing::metrics::BillingMetrics::new()
+        .context("registering the billing metrics")?;
+    let mut ingest_config = settings.ingest.clone();
+    ingest_config.observers.0.push(Arc::new(
+        meterd_slo::metrics::SloCounters::new(&slo_counters, settings.slos.as_ref().clone())
+            .context("registering the SLO counters")?,
+    ));
+    ingest_config.observers.0.push(Arc::new(
+        billing_metrics.cost_observer(settings.billing.prices.clone()),
+    ));
     let ingest = tokio::task::spawn_blocking(move || Ingest::open(ingest_config))
         .await
         .context("opening ingest panicked")?
@@ -550,6 +566,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             Arc::clone(&settings.billing),
             Arc::clone(&usage),
             Arc::clone(&closed),
+            billing_metrics.clone(),
             grace,
             stores_stop.clone(),
         )
@@ -574,7 +591,12 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
                 .map(|(store, handle)| (Arc::clone(store), Arc::clone(&handle.status)))
                 .collect(),
         ),
-        slo_gauges.registry().clone(),
+        vec![
+            slo_gauges.registry().clone(),
+            slo_counters,
+            billing_metrics.registry().clone(),
+        ],
+        billing_metrics,
         &settings,
     )?;
 

@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use meterd_schemas::columns::{COLUMNS, Column, Kind};
+use meterd_schemas::columns::{COLUMNS, Column, Kind, Value};
 use sqlparser::ast::{self, BinaryOperator, UnaryOperator};
 use sqlparser::dialect::GenericDialect;
 use sqlparser::parser::Parser;
@@ -288,6 +288,61 @@ impl Filter {
         }
     }
 
+    /// The filter on one event, by SQL's three-valued logic: `None` where SQL says unknown (a
+    /// comparison with NULL). Text is ordered by its UTF-8 bytes, as every store orders it.
+    /// Counting in Rust (the SLO counters of `/metrics`) agrees with the stores' counts.
+    pub fn eval(&self, e: &meterd_schemas::StoredEvent) -> Option<bool> {
+        match self {
+            Filter::And(a, b) => match (a.eval(e), b.eval(e)) {
+                (Some(false), _) | (_, Some(false)) => Some(false),
+                (Some(true), Some(true)) => Some(true),
+                _ => None,
+            },
+            Filter::Or(a, b) => match (a.eval(e), b.eval(e)) {
+                (Some(true), _) | (_, Some(true)) => Some(true),
+                (Some(false), Some(false)) => Some(false),
+                _ => None,
+            },
+            Filter::Not(a) => a.eval(e).map(|b| !b),
+            Filter::Compare { left, op, right } => {
+                let ordering = compare(operand_value(left, e)?, operand_value(right, e)?)?;
+                Some(match op {
+                    CompareOp::Eq => ordering.is_eq(),
+                    CompareOp::NotEq => ordering.is_ne(),
+                    CompareOp::Lt => ordering.is_lt(),
+                    CompareOp::LtEq => ordering.is_le(),
+                    CompareOp::Gt => ordering.is_gt(),
+                    CompareOp::GtEq => ordering.is_ge(),
+                })
+            }
+            Filter::IsNull { column, negated } => {
+                Some(column_value(column, e).is_none() != *negated)
+            }
+            Filter::InList {
+                column,
+                list,
+                negated,
+            } => {
+                let v = column_value(column, e)?;
+                let found = list
+                    .iter()
+                    .any(|l| compare(v, l.into()) == Some(std::cmp::Ordering::Equal));
+                Some(found != *negated)
+            }
+            Filter::Between {
+                column,
+                low,
+                high,
+                negated,
+            } => {
+                let v = column_value(column, e)?;
+                let within = compare(v, low.into())?.is_ge() && compare(v, high.into())?.is_le();
+                Some(within != *negated)
+            }
+            Filter::Bool(b) => Some(*b),
+        }
+    }
+
     /// The columns the filter names.
     pub fn columns(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
@@ -318,6 +373,49 @@ impl Filter {
             | Filter::Between { column, .. } => f(column),
             Filter::Bool(_) => {}
         }
+    }
+}
+
+/// A value a filter compares, borrowed from an event or a literal.
+#[derive(Clone, Copy)]
+enum Scalar<'a> {
+    Text(&'a str),
+    Int(i64),
+}
+
+impl<'a> From<&'a Literal> for Scalar<'a> {
+    fn from(l: &'a Literal) -> Self {
+        match l {
+            Literal::Text(t) => Scalar::Text(t),
+            Literal::Int(i) => Scalar::Int(*i),
+        }
+    }
+}
+
+/// A column's value for one event; `None` for NULL.
+fn column_value<'a>(column: &Column, e: &'a meterd_schemas::StoredEvent) -> Option<Scalar<'a>> {
+    match (column.read)(e) {
+        Value::Text(t) => t.map(Scalar::Text),
+        Value::Int(i) => i.map(Scalar::Int),
+        // Filters name text and integer columns only (`filter_column`).
+        Value::Time(_) | Value::Dimensions(_) => None,
+    }
+}
+
+fn operand_value<'a>(o: &'a Operand, e: &'a meterd_schemas::StoredEvent) -> Option<Scalar<'a>> {
+    match o {
+        Operand::Column(c) => column_value(c, e),
+        Operand::Literal(l) => Some(l.into()),
+    }
+}
+
+/// Two values of one kind in order (text by its bytes); `None` across kinds, which parsing
+/// refuses.
+fn compare(a: Scalar<'_>, b: Scalar<'_>) -> Option<std::cmp::Ordering> {
+    match (a, b) {
+        (Scalar::Text(a), Scalar::Text(b)) => Some(a.as_bytes().cmp(b.as_bytes())),
+        (Scalar::Int(a), Scalar::Int(b)) => Some(a.cmp(&b)),
+        _ => None,
     }
 }
 
@@ -576,6 +674,62 @@ mod tests {
 
     struct Standard;
     impl FilterDialect for Standard {}
+
+    #[test]
+    fn eval_follows_sql_three_valued_logic() {
+        use meterd_schemas::{AgentRun, Event, EventData, StoredEvent};
+        let run = |agent: Option<&str>, status: Option<&str>| StoredEvent {
+            ingested_at_us: 0,
+            event: Event {
+                tenant: "acme".to_owned(),
+                id: "x".to_owned(),
+                time_us: 0,
+                subject: None,
+                source: None,
+                dimensions: Default::default(),
+                data: EventData::AgentRun(AgentRun {
+                    agent: agent.map(str::to_owned),
+                    run_id: "r".to_owned(),
+                    parent_run_id: None,
+                    status: status.map(str::to_owned),
+                    duration_ms: 1500,
+                    steps: None,
+                    tool_calls: None,
+                }),
+            },
+        };
+        let eval = |sql: &str, e: &StoredEvent| Filter::parse(sql).expect(sql).eval(e);
+        let none = run(None, Some("succeeded"));
+        let named = run(Some("Bot"), Some("failed"));
+        for (sql, on_none, on_named) in [
+            ("agent = 'Bot'", None, Some(true)),
+            ("NOT (agent = 'Bot')", None, Some(false)),
+            ("agent IS NULL", Some(true), Some(false)),
+            ("agent IS NOT NULL", Some(false), Some(true)),
+            ("agent NOT IN ('x', 'y')", None, Some(true)),
+            ("agent IN ('Bot')", None, Some(true)),
+            (
+                "agent = 'Bot' OR status = 'succeeded'",
+                Some(true),
+                Some(true),
+            ),
+            ("agent = 'Bot' AND status = 'succeeded'", None, Some(false)),
+            ("agent = 'Bot' OR status = 'failed'", None, Some(true)),
+            // Text in byte order: 'B' (66) sorts before 'b' (98).
+            ("agent < 'b'", None, Some(true)),
+            ("agent BETWEEN 'A' AND 'C'", None, Some(true)),
+            ("agent NOT BETWEEN 'A' AND 'C'", None, Some(false)),
+            (
+                "duration_ms >= 1500 AND duration_ms < 1501",
+                Some(true),
+                Some(true),
+            ),
+            ("FALSE", Some(false), Some(false)),
+        ] {
+            assert_eq!(eval(sql, &none), on_none, "{sql} without an agent");
+            assert_eq!(eval(sql, &named), on_named, "{sql} with agent Bot");
+        }
+    }
 
     #[test]
     fn plain_conditions_parse_and_render() {

@@ -19,6 +19,7 @@ pub mod config;
 pub mod filter;
 pub mod invoice;
 pub mod meter;
+pub mod metrics;
 pub mod money;
 pub mod period;
 pub mod rate;
@@ -147,6 +148,13 @@ impl PriceBook {
             list.sort_by_key(|o| o.effective_from);
         }
         Ok(book)
+    }
+
+    /// A model's entries, by `effective_from`.
+    pub fn entries(&self, provider: &str, model: &str) -> Option<&[PriceEntry]> {
+        self.entries
+            .get(&(provider.to_owned(), model.to_owned()))
+            .map(Vec::as_slice)
     }
 
     /// The entry in force for a model at `at`.

@@ -2,18 +2,18 @@
 //! Prometheus text, and how large the exposition is, with the default label limits. Beside it,
 //! the plain baseline measured in the same run: the same events counted with a series for every
 //! tenant (no folding), gathered and encoded the same way. Also the cost of counting an event
-//! on the log writer's thread.
+//! on the log writer's thread, in batches as the writer counts them.
 //!
 //! ```text
-//! cargo bench -p meterd-ingest --bench metrics_render -- [--events N] [--tenants N]
+//! cargo bench -p meterd-ingest --bench metrics_render -- [--events N] [--tenants N] [--batch N]
 //! ```
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use meterd_ingest::metrics::{LabelLimits, UsageMetrics};
-use meterd_schemas::{AgentRun, Event, EventData, LlmUsage};
-use prometheus::{IntCounterVec, Opts, Registry, TextEncoder};
+use meterd_schemas::{AgentRun, ApiRequest, Event, EventData, LlmUsage};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -61,7 +61,19 @@ fn events(n: usize, tenants: usize) -> Vec<Event> {
                     tool_calls: None,
                 }),
             };
-            if i % 2 == 0 {
+            if i % 3 == 2 {
+                Event {
+                    data: EventData::ApiRequest(ApiRequest {
+                        route: Some("/v1/chat".to_owned()),
+                        method: Some("POST".to_owned()),
+                        status_code: 200,
+                        latency_ms: (rng.next() * 2_000.0) as i64,
+                        request_bytes: None,
+                        response_bytes: None,
+                    }),
+                    ..base
+                }
+            } else if i % 3 == 0 {
                 Event {
                     data: EventData::LlmUsage(LlmUsage {
                         provider: ["openai", "anthropic", "google", "mistral"][i % 4].to_owned(),
@@ -110,12 +122,15 @@ fn median_render(registry: &Registry, rounds: usize) -> (Duration, usize, usize)
 fn main() {
     let n = arg("--events", 1_000_000);
     let tenants = arg("--tenants", 10_000);
+    let batch = arg("--batch", 1_000).max(1);
     let events = events(n, tenants);
 
     let registry = Registry::new();
     let usage = UsageMetrics::new(&registry, &LabelLimits::default()).expect("metrics");
     let t = Instant::now();
-    usage.accepted(events.iter());
+    for chunk in events.chunks(batch) {
+        usage.accepted(chunk.iter());
+    }
     let counting = t.elapsed();
     let (folded, folded_bytes, folded_series) = median_render(&registry, 51);
 
@@ -137,6 +152,12 @@ fn main() {
     for c in [&ev, &tok, &runs] {
         plain.register(Box::new(c.clone())).expect("register");
     }
+    let latency = HistogramVec::new(
+        HistogramOpts::new("plain_api_request_duration_seconds", "x"),
+        &["tenant"],
+    )
+    .expect("family");
+    plain.register(Box::new(latency.clone())).expect("register");
     let t = Instant::now();
     for e in &events {
         ev.with_label_values(&[&e.tenant, e.data.event_type().as_str()])
@@ -156,13 +177,17 @@ fn main() {
                 ])
                 .inc();
             }
-            EventData::ApiRequest(_) => {}
+            EventData::ApiRequest(a) => latency
+                .with_label_values(&[&e.tenant])
+                .observe(a.latency_ms as f64 / 1000.0),
         }
     }
     let plain_counting = t.elapsed();
     let (unfolded, unfolded_bytes, unfolded_series) = median_render(&plain, 11);
 
-    println!("{n} events over {tenants} tenants (40 models, 40 agents, 4 statuses)");
+    println!(
+        "{n} events over {tenants} tenants (40 models, 40 agents, 4 statuses), counted in batches of {batch}"
+    );
     println!(
         "{:<34} {:>10} {:>12} {:>10} {:>16}",
         "", "series", "bytes", "render", "counting/event"

@@ -63,6 +63,11 @@ pub struct IngestConfig {
     pub sinks: Vec<String>,
     /// How many label values the usage metrics give series of their own.
     pub metric_labels: metrics::LabelLimits,
+    /// Count every accepted event into the per-tenant usage families and tell `observers`;
+    /// off, ingest does no per-event counting.
+    pub usage_metrics: bool,
+    /// Told of every accepted batch (SLO events, cost), when `usage_metrics` is on.
+    pub observers: metrics::Observers,
 }
 
 impl IngestConfig {
@@ -80,6 +85,8 @@ impl IngestConfig {
             embedded: EmbeddedOptions::default(),
             sinks: Vec::new(),
             metric_labels: metrics::LabelLimits::default(),
+            usage_metrics: true,
+            observers: metrics::Observers::default(),
         }
     }
 }
@@ -194,7 +201,12 @@ impl Ingest {
             "ingest recovered"
         );
 
-        let metrics = metrics::IngestMetrics::new(&config.metric_labels).map_err(Error::Metrics)?;
+        let metrics = metrics::IngestMetrics::new(
+            &config.metric_labels,
+            config.usage_metrics,
+            config.observers.clone(),
+        )
+        .map_err(Error::Metrics)?;
         let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
         let failed = Arc::new(AtomicBool::new(false));
         let writer = Writer {

@@ -1,6 +1,7 @@
 //! Ingest's Prometheus families: events by outcome, batches by result, how long a batch takes
 //! to be durable, and the log's size against its limit.
 
+use meterd_schemas::StoredEvent;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Registered in ingest's own registry; the binary gathers every crate's.
@@ -13,7 +14,9 @@ pub struct IngestMetrics {
     pub(crate) log_bytes: IntGauge,
     pub(crate) log_limit_bytes: IntGauge,
     pub(crate) unflushed_rows: IntGauge,
-    pub(crate) usage: UsageMetrics,
+    /// None when per-event counting is off.
+    usage: Option<UsageMetrics>,
+    observers: Observers,
 }
 
 /// Every `outcome` of an event.
@@ -22,9 +25,16 @@ const OUTCOMES: [&str; 3] = ["accepted", "duplicate", "conflict"];
 pub(crate) const RESULTS: [&str; 5] = ["ok", "log_full", "overloaded", "shutting_down", "failed"];
 
 impl IngestMetrics {
-    pub fn new(limits: &LabelLimits) -> prometheus::Result<Self> {
+    /// `usage`: count every accepted event into the usage families and tell `observers`.
+    pub fn new(
+        limits: &LabelLimits,
+        usage: bool,
+        observers: Observers,
+    ) -> prometheus::Result<Self> {
         let registry = Registry::new();
-        let usage = UsageMetrics::new(&registry, limits)?;
+        let usage = usage
+            .then(|| UsageMetrics::new(&registry, limits))
+            .transpose()?;
         let events = IntCounterVec::new(
             Opts::new(
                 "meterd_ingest_events_total",
@@ -83,11 +93,23 @@ impl IngestMetrics {
             log_limit_bytes,
             unflushed_rows,
             usage,
+            observers,
         })
     }
 
     pub(crate) fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Counts events just made durable.
+    pub(crate) fn accepted(&self, stored: &[StoredEvent]) {
+        let Some(usage) = &self.usage else {
+            return;
+        };
+        let tenants = usage.accepted(stored.iter().map(|s| &s.event));
+        for o in &self.observers.0 {
+            o.accepted(stored, &tenants);
+        }
     }
 
     pub(crate) fn batch(&self, result: &str) {
@@ -168,10 +190,19 @@ const WARM_UP: u64 = 1_000;
 struct Dimension {
     top: usize,
     allow: Option<std::collections::BTreeSet<String>>,
-    admitted: std::collections::HashSet<String>,
+    /// Values are kept by a 64-bit hash (see [`value_key`]): counting a new value allocates
+    /// nothing.
+    admitted: std::collections::HashSet<u64, foldhash::fast::RandomState>,
     /// Space-Saving counters, at most `10 x top` (admitted values among them).
-    counts: std::collections::HashMap<String, u64>,
+    counts: std::collections::HashMap<u64, u64, foldhash::fast::RandomState>,
     total: u64,
+}
+
+/// A label value's key in a [`Dimension`]. Two values sharing a 64-bit hash would share a
+/// volume estimate (only the estimate: each keeps its own series or folds on its own).
+fn value_key(value: &str) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0x6d65_7465_7264).hash_one(value)
 }
 
 impl Dimension {
@@ -187,97 +218,229 @@ impl Dimension {
         self.top.saturating_mul(10).max(1)
     }
 
-    /// The label value to count one event of `value` under.
-    fn fold(&mut self, value: &str) -> String {
-        self.total = self.total.saturating_add(1);
+    /// The label values to count a batch's events under, given how many events carry each
+    /// value. The batch counts toward the volumes before any of its values is decided.
+    fn fold_batch<'a>(&mut self, counts: Map<&'a str, u64>) -> Map<&'a str, &'a str> {
+        self.total = self.total.saturating_add(counts.values().sum());
         if let Some(allow) = &self.allow {
-            return if allow.contains(value) { value } else { OTHER }.to_owned();
+            return counts
+                .into_keys()
+                .map(|v| (v, if allow.contains(v) { v } else { OTHER }))
+                .collect();
         }
         if self.top == 0 {
-            return OTHER.to_owned();
+            return counts.into_keys().map(|v| (v, OTHER)).collect();
         }
-        let count = self.count(value);
-        if self.admitted.contains(value) {
-            return value.to_owned();
+        let keyed: Vec<(&'a str, u64, u64)> = counts
+            .into_iter()
+            .map(|(v, n)| (v, value_key(v), n))
+            .collect();
+        self.count_batch(keyed.iter().map(|(_, k, n)| (*k, *n)));
+        keyed
+            .into_iter()
+            .map(|(value, key, _)| (value, if self.decide(key) { value } else { OTHER }))
+            .collect()
+    }
+
+    /// Whether the value of `key` is counted under its own label, once its events are
+    /// counted: admitted values stay admitted until a heavier one takes their slot.
+    fn decide(&mut self, key: u64) -> bool {
+        if self.admitted.contains(&key) {
+            return true;
         }
+        let count = self.counts.get(&key).copied().unwrap_or(0);
         let top = u64::try_from(self.top).unwrap_or(u64::MAX);
         if self.total < WARM_UP || count.saturating_mul(top) < self.total {
-            return OTHER.to_owned();
+            return false;
         }
         if self.admitted.len() >= self.top {
             // Full: the lightest admitted value gives way to one counted twice as often.
             let lightest = self
                 .admitted
                 .iter()
-                .map(|v| (self.counts.get(v).copied().unwrap_or(0), v.clone()))
+                .map(|k| (self.counts.get(k).copied().unwrap_or(0), *k))
                 .min();
             match lightest {
-                Some((c, v)) if count >= c.saturating_mul(2) => {
-                    self.admitted.remove(&v);
+                Some((c, k)) if count >= c.saturating_mul(2) => {
+                    self.admitted.remove(&k);
                 }
-                _ => return OTHER.to_owned(),
+                _ => return false,
             }
         }
-        self.admitted.insert(value.to_owned());
-        value.to_owned()
+        self.admitted.insert(key);
+        true
     }
 
-    /// Space-Saving: counts `value` once; a value not tracked while every counter is taken
-    /// replaces the smallest one not admitted (inheriting its count, an overestimate).
-    fn count(&mut self, value: &str) -> u64 {
-        if let Some(c) = self.counts.get_mut(value) {
-            *c = c.saturating_add(1);
-            return *c;
-        }
-        if self.counts.len() < self.capacity() {
-            self.counts.insert(value.to_owned(), 1);
-            return 1;
-        }
-        // Admitted values keep their counters. The admitted check (a hash) runs only for a
-        // counter smaller than the smallest so far, so the scan costs a comparison a counter.
-        let mut smallest: Option<(&String, u64)> = None;
-        for (v, c) in &self.counts {
-            if smallest.is_none_or(|(_, s)| *c < s) && !self.admitted.contains(v) {
-                smallest = Some((v, *c));
+    /// Space-Saving over a batch of (key, events): tracked values add their events; each
+    /// untracked one takes a free counter, else replaces the smallest counter not admitted,
+    /// inheriting its count (an overestimate). Newcomers arrive lightest first, so a batch's
+    /// heavy values are the last to be replaced. The counters not admitted sit in a min-heap
+    /// for the batch, so a replacement costs a heap operation, not a scan.
+    fn count_batch(&mut self, batch: impl Iterator<Item = (u64, u64)>) {
+        let mut new: Vec<(u64, u64)> = Vec::new();
+        for (key, n) in batch {
+            match self.counts.get_mut(&key) {
+                Some(c) => *c = c.saturating_add(n),
+                None => new.push((n, key)),
             }
         }
-        let smallest = smallest.map(|(v, c)| (v.clone(), c));
-        match smallest {
-            Some((v, c)) => {
-                self.counts.remove(&v);
-                let c = c.saturating_add(1);
-                self.counts.insert(value.to_owned(), c);
-                c
-            }
-            None => 0,
+        // Heaviest first into free counters.
+        new.sort_unstable_by(|a, b| b.cmp(a));
+        let mut new = new.into_iter();
+        while self.counts.len() < self.capacity() {
+            let Some((n, key)) = new.next() else {
+                return;
+            };
+            self.counts.insert(key, n);
         }
+        let rest = new.as_slice();
+        if rest.is_empty() {
+            return;
+        }
+        let admitted = &self.admitted;
+        let mut heap: std::collections::BinaryHeap<std::cmp::Reverse<(u64, u64)>> = self
+            .counts
+            .extract_if(|k, _| !admitted.contains(k))
+            .map(|(k, c)| std::cmp::Reverse((c, k)))
+            .collect();
+        for (n, key) in rest.iter().rev() {
+            let Some(mut smallest) = heap.peek_mut() else {
+                break;
+            };
+            smallest.0 = (smallest.0.0.saturating_add(*n), *key);
+        }
+        self.counts
+            .extend(heap.into_iter().map(|std::cmp::Reverse((c, k))| (k, c)));
     }
 }
 
-/// A usage family's series, capped at [`LabelLimits::max_series`].
+/// Maps with a fast hasher: counting runs on the log writer's thread, once per event.
+type Map<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// A usage family's series, capped at [`LabelLimits::max_series`]. Each label combination's
+/// counter handle is kept, so counting one is a lookup, not a registry call.
 #[derive(Debug)]
-struct Family {
-    counter: IntCounterVec,
+struct Family<V: Labeled> {
+    vec: V,
     /// Which labels fold whole once the family is full (the others are small closed sets).
     open: Vec<bool>,
-    series: std::collections::HashSet<Vec<String>>,
+    /// Each label combination's series, by the hash of its labels (values that share a
+    /// hash share a bucket).
+    handles: Map<u64, Vec<(Box<[String]>, V::Series)>>,
+    /// Label combinations in `handles`.
+    len: usize,
     max: usize,
 }
 
-impl Family {
-    fn add(&mut self, mut labels: Vec<String>, n: u64) {
-        if !self.series.contains(&labels) && self.series.len() >= self.max {
-            for (l, open) in labels.iter_mut().zip(&self.open) {
-                if *open {
-                    *l = OTHER.to_owned();
-                }
-            }
-        }
-        let values: Vec<&str> = labels.iter().map(String::as_str).collect();
-        self.counter.with_label_values(&values).inc_by(n);
-        self.series.insert(labels);
+/// A family of series told apart by labels.
+trait Labeled: prometheus::core::Collector + Clone + 'static {
+    type Series;
+    fn series(&self, values: &[&str]) -> Self::Series;
+}
+
+impl Labeled for IntCounterVec {
+    type Series = prometheus::IntCounter;
+    fn series(&self, values: &[&str]) -> Self::Series {
+        self.with_label_values(values)
     }
 }
+
+impl Labeled for prometheus::HistogramVec {
+    type Series = Histogram;
+    fn series(&self, values: &[&str]) -> Self::Series {
+        self.with_label_values(values)
+    }
+}
+
+impl<V: Labeled> Family<V> {
+    fn new(registry: &Registry, vec: V, open: &[bool], max: usize) -> prometheus::Result<Self> {
+        registry.register(Box::new(vec.clone()))?;
+        Ok(Self {
+            vec,
+            open: open.to_vec(),
+            handles: Map::default(),
+            len: 0,
+            max: max.max(1),
+        })
+    }
+
+    /// The series of `labels`, or of its folded form once the family is full. A label
+    /// combination seen before costs a hash and a comparison, no allocation.
+    fn series(&mut self, labels: &[&str]) -> &V::Series {
+        let key = labels_key(labels);
+        let known = self.handles.get(&key).and_then(|bucket| {
+            bucket
+                .iter()
+                .position(|(l, _)| l.iter().map(String::as_str).eq(labels.iter().copied()))
+        });
+        if let Some(i) = known {
+            return &self.handles[&key][i].1;
+        }
+        if self.len >= self.max {
+            let folded: Vec<&str> = labels
+                .iter()
+                .zip(&self.open)
+                .map(|(l, open)| if *open { OTHER } else { *l })
+                .collect();
+            if folded != labels {
+                return self.series(&folded);
+            }
+        }
+        self.len += 1;
+        let series = self.vec.series(labels);
+        let bucket = self.handles.entry(key).or_default();
+        bucket.push((labels.iter().map(|l| (*l).to_owned()).collect(), series));
+        &bucket[bucket.len() - 1].1
+    }
+}
+
+/// A label combination's key in [`Family::handles`].
+fn labels_key(labels: &[&str]) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0x6d65_7465_7264).hash_one(labels)
+}
+
+/// Each distinct tenant of a batch of accepted events and the `tenant` label value it is
+/// counted under in every per-event family.
+#[derive(Debug, Default)]
+pub struct TenantLabels<'a>(Map<&'a str, &'a str>);
+
+impl<'a> TenantLabels<'a> {
+    /// The label value of `tenant` ([`OTHER`] for a tenant not in the batch).
+    pub fn get(&self, tenant: &str) -> &'a str {
+        self.0.get(tenant).copied().unwrap_or(OTHER)
+    }
+}
+
+/// Counts more of every accepted event than the usage families do (SLO events, cost), in the
+/// crates that know how. Called on the log writer's thread once events are durable: keep it
+/// to a pass over the batch.
+pub trait AcceptedObserver: Send + Sync {
+    /// `events` were just accepted; `tenants` gives each one's `tenant` label value.
+    fn accepted(&self, events: &[StoredEvent], tenants: &TenantLabels<'_>);
+}
+
+/// The observers ingest tells of every accepted batch.
+#[derive(Clone, Default)]
+pub struct Observers(pub Vec<std::sync::Arc<dyn AcceptedObserver>>);
+
+impl std::fmt::Debug for Observers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Observers({})", self.0.len())
+    }
+}
+
+/// The `direction` of each token count of an llm.usage event, in [`Tally::tokens`]' order.
+const DIRECTIONS: [&str; 4] = ["input", "output", "cached_input", "cache_write_input"];
+
+/// Buckets of `meterd_usage_api_request_duration_seconds` (Prometheus's defaults).
+const API_LATENCY_BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Buckets of `meterd_usage_agent_run_duration_seconds`: agent runs take seconds to hours.
+const AGENT_DURATION_BUCKETS: [f64; 11] = [
+    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0,
+];
 
 #[derive(Debug)]
 struct UsageState {
@@ -285,103 +448,224 @@ struct UsageState {
     providers: Dimension,
     models: Dimension,
     agents: Dimension,
-    events: Family,
-    tokens: Family,
-    runs: Family,
+    events: Family<IntCounterVec>,
+    tokens: Family<IntCounterVec>,
+    runs: Family<IntCounterVec>,
+    latency: Family<prometheus::HistogramVec>,
+    duration: Family<prometheus::HistogramVec>,
+}
+
+/// One batch's events tallied by their raw label values before any folding: a hash of
+/// borrowed strings per event and family, no allocation.
+#[derive(Default)]
+struct Tally<'a> {
+    events: Map<(&'a str, meterd_schemas::EventType), u64>,
+    /// Events and tokens (input, output, cached input, cache-write input).
+    tokens: Map<(&'a str, &'a str, &'a str), (u64, [u64; 4])>,
+    runs: Map<(&'a str, &'a str, &'a str), u64>,
+    latency: Vec<(&'a str, f64)>,
+    duration: Vec<(&'a str, f64)>,
 }
 
 /// The usage families, counted once per accepted event (never for a duplicate or a
 /// conflict): `meterd_usage_events_total{tenant,type}`,
 /// `meterd_usage_tokens_total{tenant,provider,model,direction}`,
-/// `meterd_agent_runs_total{tenant,agent,status}`.
+/// `meterd_agent_runs_total{tenant,agent,status}`, and the histograms
+/// `meterd_usage_api_request_duration_seconds{tenant}` (api.request latency) and
+/// `meterd_usage_agent_run_duration_seconds{tenant}` (agent.run duration).
 #[derive(Debug, Clone)]
 pub struct UsageMetrics(std::sync::Arc<std::sync::Mutex<UsageState>>);
 
 impl UsageMetrics {
     pub fn new(registry: &Registry, limits: &LabelLimits) -> prometheus::Result<Self> {
-        let family = |name: &str, help: &str, labels: &[&str], open: &[bool]| {
-            let counter = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(counter.clone()))?;
-            Ok::<_, prometheus::Error>(Family {
-                counter,
-                open: open.to_vec(),
-                series: Default::default(),
-                max: limits.max_series.max(1),
-            })
+        let max = limits.max_series;
+        let counter = |name: &str, help: &str, labels: &[&str], open: &[bool]| {
+            Family::new(
+                registry,
+                IntCounterVec::new(Opts::new(name, help), labels)?,
+                open,
+                max,
+            )
+        };
+        let histogram = |name: &str, help: &str, buckets: &[f64]| {
+            Family::new(
+                registry,
+                prometheus::HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                    &["tenant"],
+                )?,
+                &[true],
+                max,
+            )
         };
         let state = UsageState {
             tenants: Dimension::new(limits.top_tenants, limits.tenant_allowlist.clone()),
             providers: Dimension::new(limits.top_values, None),
             models: Dimension::new(limits.top_values, None),
             agents: Dimension::new(limits.top_values, None),
-            events: family(
+            events: counter(
                 "meterd_usage_events_total",
                 "Events accepted, by tenant and type (tenants beyond the limits are \"other\")",
                 &["tenant", "type"],
                 &[true, false],
             )?,
-            tokens: family(
+            tokens: counter(
                 "meterd_usage_tokens_total",
                 "Tokens of accepted llm.usage events, by tenant, provider, model and direction \
                  (input, output, cached_input, cache_write_input)",
                 &["tenant", "provider", "model", "direction"],
                 &[true, true, true, false],
             )?,
-            runs: family(
+            runs: counter(
                 "meterd_agent_runs_total",
                 "Accepted agent.run events, by tenant, agent and status",
                 &["tenant", "agent", "status"],
                 &[true, true, false],
             )?,
+            latency: histogram(
+                "meterd_usage_api_request_duration_seconds",
+                "Latency of accepted api.request events (their latency_ms), by tenant",
+                &API_LATENCY_BUCKETS,
+            )?,
+            duration: histogram(
+                "meterd_usage_agent_run_duration_seconds",
+                "Duration of accepted agent.run events (their duration_ms), by tenant",
+                &AGENT_DURATION_BUCKETS,
+            )?,
         };
         Ok(Self(std::sync::Arc::new(std::sync::Mutex::new(state))))
     }
 
-    /// Counts events just made durable.
-    pub fn accepted<'a>(&self, events: impl IntoIterator<Item = &'a meterd_schemas::Event>) {
+    /// Counts events just made durable; answers the `tenant` label value of each of their
+    /// tenants.
+    ///
+    /// The batch is first tallied by raw values, then each distinct value is folded once and
+    /// each label combination's counter moves once: the per-event cost is a few hash lookups.
+    pub fn accepted<'a>(
+        &self,
+        events: impl IntoIterator<Item = &'a meterd_schemas::Event>,
+    ) -> TenantLabels<'a> {
         use meterd_schemas::EventData;
+        let mut t = Tally::default();
+        for e in events {
+            let tenant = e.tenant.as_str();
+            *t.events.entry((tenant, e.data.event_type())).or_default() += 1;
+            match &e.data {
+                EventData::LlmUsage(u) => {
+                    let tokens = [
+                        Some(u.input_tokens),
+                        Some(u.output_tokens),
+                        u.cached_input_tokens,
+                        u.cache_write_input_tokens,
+                    ];
+                    let (n, sums) = t
+                        .tokens
+                        .entry((tenant, u.provider.as_str(), u.model.as_str()))
+                        .or_default();
+                    *n += 1;
+                    for (sum, v) in sums.iter_mut().zip(tokens) {
+                        *sum =
+                            sum.saturating_add(v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0));
+                    }
+                }
+                EventData::AgentRun(r) => {
+                    let key = (
+                        tenant,
+                        r.agent.as_deref().unwrap_or(NONE),
+                        r.status.as_deref().unwrap_or(NONE),
+                    );
+                    *t.runs.entry(key).or_default() += 1;
+                    t.duration.push((tenant, seconds(r.duration_ms)));
+                }
+                EventData::ApiRequest(a) => t.latency.push((tenant, seconds(a.latency_ms))),
+            }
+        }
         let mut s = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let s = &mut *s;
-        for e in events {
-            let tenant = s.tenants.fold(&e.tenant);
-            let event_type = e.data.event_type().as_str().to_owned();
-            s.events.add(vec![tenant.clone(), event_type], 1);
-            match &e.data {
-                EventData::LlmUsage(u) => {
-                    let provider = s.providers.fold(&u.provider);
-                    let model = s.models.fold(&u.model);
-                    for (direction, n) in [
-                        ("input", Some(u.input_tokens)),
-                        ("output", Some(u.output_tokens)),
-                        ("cached_input", u.cached_input_tokens),
-                        ("cache_write_input", u.cache_write_input_tokens),
-                    ] {
-                        let n = n.and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
-                        if n > 0 {
-                            s.tokens.add(
-                                vec![
-                                    tenant.clone(),
-                                    provider.clone(),
-                                    model.clone(),
-                                    direction.to_owned(),
-                                ],
-                                n,
-                            );
-                        }
-                    }
+
+        // Fold each distinct value once, by its volume in the batch.
+        let mut tenants: Map<&str, u64> = Map::default();
+        for ((tenant, _), n) in &t.events {
+            *tenants.entry(tenant).or_default() += n;
+        }
+        let tenants = TenantLabels(s.tenants.fold_batch(tenants));
+        let (mut providers, mut models): (Map<&str, u64>, Map<&str, u64>) = Default::default();
+        for ((_, provider, model), (n, _)) in &t.tokens {
+            *providers.entry(provider).or_default() += n;
+            *models.entry(model).or_default() += n;
+        }
+        let providers = s.providers.fold_batch(providers);
+        let models = s.models.fold_batch(models);
+        let mut agents: Map<&str, u64> = Map::default();
+        for ((_, agent, _), n) in &t.runs {
+            *agents.entry(agent).or_default() += n;
+        }
+        let agents = s.agents.fold_batch(agents);
+
+        // Each folded label combination's counter moves once.
+        let mut events: Map<[&str; 2], u64> = Map::default();
+        for ((tenant, event_type), n) in &t.events {
+            *events
+                .entry([tenants.get(tenant), event_type.as_str()])
+                .or_default() += n;
+        }
+        for (labels, n) in events {
+            s.events.series(&labels).inc_by(n);
+        }
+        let mut tokens: Map<[&str; 4], u64> = Map::default();
+        for ((tenant, provider, model), (_, sums)) in &t.tokens {
+            let (tenant, provider, model) = (
+                tenants.get(tenant),
+                label(&providers, provider),
+                label(&models, model),
+            );
+            for (direction, n) in DIRECTIONS.into_iter().zip(sums) {
+                if *n > 0 {
+                    let sum = tokens
+                        .entry([tenant, provider, model, direction])
+                        .or_default();
+                    *sum = sum.saturating_add(*n);
                 }
-                EventData::AgentRun(r) => {
-                    let agent = s.agents.fold(r.agent.as_deref().unwrap_or(NONE));
-                    let status = r.status.clone().unwrap_or_else(|| NONE.to_owned());
-                    s.runs.add(vec![tenant.clone(), agent, status], 1);
-                }
-                EventData::ApiRequest(_) => {}
             }
         }
+        for (labels, n) in tokens {
+            s.tokens.series(&labels).inc_by(n);
+        }
+        let mut runs: Map<[&str; 3], u64> = Map::default();
+        for ((tenant, agent, status), n) in &t.runs {
+            *runs
+                .entry([tenants.get(tenant), label(&agents, agent), status])
+                .or_default() += n;
+        }
+        for (labels, n) in runs {
+            s.runs.series(&labels).inc_by(n);
+        }
+        for (family, observed) in [(&mut s.latency, &t.latency), (&mut s.duration, &t.duration)] {
+            // Each raw tenant's series, looked up once a batch.
+            let mut handles: Map<&str, Histogram> = Map::default();
+            for (tenant, secs) in observed {
+                handles
+                    .entry(tenant)
+                    .or_insert_with(|| family.series(&[tenants.get(tenant)]).clone())
+                    .observe(*secs);
+            }
+        }
+        tenants
     }
+}
+
+/// `value`'s label value in a folded batch.
+fn label<'a>(folded: &Map<&'a str, &'a str>, value: &str) -> &'a str {
+    folded.get(value).copied().unwrap_or(OTHER)
+}
+
+/// Milliseconds as seconds (Prometheus's base unit).
+#[allow(clippy::cast_precision_loss)] // exact below 2^53 ms, i.e. 285,000 years
+fn seconds(ms: i64) -> f64 {
+    ms as f64 / 1000.0
 }
 
 #[cfg(test)]
@@ -430,6 +714,20 @@ mod tests {
         }
     }
 
+    fn api(tenant: &str, latency_ms: i64) -> Event {
+        Event {
+            data: EventData::ApiRequest(meterd_schemas::ApiRequest {
+                route: None,
+                method: None,
+                status_code: 200,
+                latency_ms,
+                request_bytes: None,
+                response_bytes: None,
+            }),
+            ..llm(tenant, "", "", 0)
+        }
+    }
+
     /// Each family's samples: labels to value.
     fn samples(registry: &Registry, family: &str) -> Vec<(HashMap<String, String>, u64)> {
         registry
@@ -457,7 +755,7 @@ mod tests {
         let registry = Registry::new();
         let usage = UsageMetrics::new(&registry, &LabelLimits::default()).expect("metrics");
         let mut events = Vec::new();
-        let (mut total_events, mut total_input) = (0u64, 0u64);
+        let (mut total_events, mut total_input, mut total_runs) = (0u64, 0u64, 0u64);
         // Tenant 0 is heavy throughout; 10,000 tenants, 40 models, 40 agents.
         for i in 0..60_000u64 {
             let tenant = if i % 3 == 0 {
@@ -473,20 +771,37 @@ mod tests {
                     &format!("m{}", i % 40),
                     (i % 1000) as i64,
                 )
+            } else if i % 5 == 0 {
+                api(&tenant, (i % 3000) as i64)
             } else {
                 run(&tenant, &format!("agent-{}", i % 40))
             };
             total_events += 1;
+            total_runs += u64::from(matches!(e.data, EventData::AgentRun(_)));
             events.push(e);
         }
-        usage.accepted(events.iter());
+        // As the writer counts them: a batch at a time.
+        for batch in events.chunks(1_000) {
+            usage.accepted(batch.iter());
+        }
         let families = [
             "meterd_usage_events_total",
             "meterd_usage_tokens_total",
             "meterd_agent_runs_total",
         ];
-        let series: usize = families.iter().map(|f| samples(&registry, f).len()).sum();
+        // Every series rendered, the histograms' buckets, sums and counts included.
+        let mut text = String::new();
+        prometheus::TextEncoder::new()
+            .encode_utf8(&registry.gather(), &mut text)
+            .expect("encode");
+        let series = text.lines().filter(|l| !l.starts_with('#')).count();
         assert!(series < 2_000, "{series} series");
+        assert!(
+            text.contains(
+                "meterd_usage_api_request_duration_seconds_bucket{tenant=\"heavy\",le=\"0.005\"}"
+            ),
+            "{text}"
+        );
         let events_sum: u64 = samples(&registry, families[0]).iter().map(|(_, v)| v).sum();
         assert_eq!(events_sum, total_events);
         let input: u64 = samples(&registry, families[1])
@@ -496,13 +811,16 @@ mod tests {
             .sum();
         assert_eq!(input, total_input);
         let runs: u64 = samples(&registry, families[2]).iter().map(|(_, v)| v).sum();
-        assert_eq!(runs, total_events / 2);
+        assert_eq!(runs, total_runs);
         // The heavy tenant has a series of its own; most tenants are "other".
         let tenants: std::collections::BTreeSet<String> = samples(&registry, families[0])
             .into_iter()
             .map(|(l, _)| l["tenant"].clone())
             .collect();
-        assert!(tenants.contains("heavy") && tenants.contains(OTHER));
+        assert!(
+            tenants.contains("heavy") && tenants.contains(OTHER),
+            "{tenants:?}"
+        );
         assert!(tenants.len() <= 21, "{tenants:?}");
     }
 

@@ -154,7 +154,7 @@ impl Writer {
         push_to_store(&self.store, &stored, end)?;
         self.index
             .insert_batch(fresh.iter().map(|(k, s)| (k.as_slice(), *s)), end)?;
-        self.metrics.usage.accepted(stored.iter().map(|s| &s.event));
+        self.metrics.accepted(&stored);
         for o in &outcomes {
             self.metrics.outcome(o);
         }
@@ -226,8 +226,12 @@ mod tests {
             store,
             failed: Arc::clone(&failed),
             clock: panicking_clock,
-            metrics: crate::metrics::IngestMetrics::new(&crate::metrics::LabelLimits::default())
-                .expect("metrics"),
+            metrics: crate::metrics::IngestMetrics::new(
+                &crate::metrics::LabelLimits::default(),
+                true,
+                crate::metrics::Observers::default(),
+            )
+            .expect("metrics"),
         };
         let (tx, rx) = mpsc::channel(4);
         let thread = std::thread::spawn(move || writer.run(rx));

@@ -6,6 +6,8 @@
 //! the `good` and `valid` filters parsed once at startup and rendered in the store's dialect as
 //! meter filters are (three-valued logic: an event whose `good` is unknown is not good).
 
+pub mod metrics;
+
 use std::time::Duration;
 
 use meterd_billing::filter::Filter;

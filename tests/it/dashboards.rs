@@ -251,7 +251,10 @@ async fn a_real_prometheus_runs_every_panel_and_rule_with_data() {
     std::fs::write(
         config.path(),
         "[[slos]]\nname = \"api-availability\"\ntype = \"api.request\"\n\
-         good = \"status_code < 500\"\nobjective = 0.99\nwindow = \"1d\"\n",
+         good = \"status_code < 500\"\nobjective = 0.99\nwindow = \"1d\"\n\n\
+         [[prices]]\nprovider = \"openai\"\nmodel = \"gpt-4o\"\n\
+         effective_from = \"2020-01-01T00:00:00Z\"\n\
+         input_per_million = \"2.50\"\noutput_per_million = \"10\"\n",
     )
     .expect("write");
     let mut server = Server::start(&[

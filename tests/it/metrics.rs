@@ -313,3 +313,117 @@ async fn a_key_bound_to_a_tenant_may_not_read_the_metrics() {
         .status();
     assert_eq!(anonymous, StatusCode::UNAUTHORIZED);
 }
+
+/// Cost at the price book's list price and the latency and duration histograms count what was
+/// accepted: the cost of each priced model at the entry in force at the event's time (a price
+/// change in between), nothing for an unpriced model, and a replay moves none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cost_and_histograms_count_accepted_events() {
+    let now = chrono::Utc::now();
+    let change = common::rfc3339(now - chrono::Duration::days(1));
+    let (before, after) = (
+        common::rfc3339(now - chrono::Duration::days(1) - chrono::Duration::seconds(1)),
+        common::rfc3339(now - chrono::Duration::hours(1)),
+    );
+    let config = tempfile::NamedTempFile::new().expect("config");
+    std::fs::write(
+        config.path(),
+        r#"
+[[prices]]
+provider = "openai"
+model = "gpt-4o"
+effective_from = "2020-01-01T00:00:00Z"
+input_per_million = "2.50"
+output_per_million = "10.00"
+cached_input_per_million = "1.25"
+
+[[prices]]
+provider = "openai"
+model = "gpt-4o"
+effective_from = "CHANGE"
+input_per_million = "5"
+output_per_million = "20"
+cache_write_per_million = "6.25"
+
+[[prices]]
+provider = "mistral"
+model = "large"
+effective_from = "2020-01-01T00:00:00Z"
+currency = "EUR"
+input_per_million = "2"
+output_per_million = "6"
+"#
+        .replace("CHANGE", &change),
+    )
+    .expect("write config");
+    let server = Server::start(&["--config", &config.path().display().to_string()]);
+    let llm = |id: &str, tenant: &str, time: &str, model: (&str, &str), tokens: [i64; 4]| {
+        serde_json::json!({
+            "id": id, "tenant": tenant, "type": "llm.usage", "time": time,
+            "data": {"provider": model.0, "model": model.1, "input_tokens": tokens[0],
+                     "output_tokens": tokens[1], "cached_input_tokens": tokens[2],
+                     "cache_write_input_tokens": tokens[3]}
+        })
+    };
+    let gpt = ("openai", "gpt-4o");
+    let events = vec![
+        // Before the price change: 1000 x 2.5 + 200 x 10 + 400 x 1.25 + 100 x 2.5 (cache
+        // writes at the input price) = 5,250 per million.
+        llm("a", "acme", &before, gpt, [1000, 200, 400, 100]),
+        // After: 1000 x 5 + 200 x 20 + 400 x 5 (cached at the input price) + 100 x 6.25.
+        llm("b", "acme", &change, gpt, [1000, 200, 400, 100]),
+        llm(
+            "c",
+            "initech",
+            &after,
+            ("mistral", "large"),
+            [500, 50, 0, 0],
+        ),
+        // Unpriced: no cost.
+        llm("d", "acme", &after, ("openai", "gpt-9"), [7, 7, 0, 0]),
+        serde_json::json!({"id": "e", "tenant": "acme", "type": "api.request",
+            "time": &after,
+            "data": {"route": "/v1/chat", "status_code": 200, "latency_ms": 30}}),
+        serde_json::json!({"id": "f", "tenant": "initech", "type": "api.request",
+            "time": &after,
+            "data": {"route": "/v1/chat", "status_code": 500, "latency_ms": 2500}}),
+        serde_json::json!({"id": "g", "tenant": "acme", "type": "agent.run",
+            "time": &after,
+            "data": {"agent": "support", "run_id": "r1", "duration_ms": 45000}}),
+    ];
+    assert_eq!(server.post_ndjson(&events).await.accepted(), 7);
+    let text = scrape(&server).await;
+    let usd = (5_250.0 + 5_000.0 + 4_000.0 + 2_000.0 + 625.0) / 1e6;
+    let eur = (500.0 * 2.0 + 50.0 * 6.0) / 1e6;
+    let near = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.max(1.0);
+    let got_usd = family_sum(&text, "meterd_usage_cost_total", r#"currency="USD""#);
+    let got_eur = family_sum(&text, "meterd_usage_cost_total", r#"currency="EUR""#);
+    assert!(near(got_usd, usd), "{got_usd} USD, want {usd}\n{text}");
+    assert!(near(got_eur, eur), "{got_eur} EUR, want {eur}\n{text}");
+    // Two api.request events (0.03 s and 2.5 s), one agent.run (45 s).
+    let count = |family: &str| family_sum(&text, &format!("{family}_count"), "");
+    let sum = |family: &str| family_sum(&text, &format!("{family}_sum"), "");
+    assert_eq!(count("meterd_usage_api_request_duration_seconds"), 2.0);
+    assert!(near(sum("meterd_usage_api_request_duration_seconds"), 2.53));
+    assert_eq!(count("meterd_usage_agent_run_duration_seconds"), 1.0);
+    assert!(near(sum("meterd_usage_agent_run_duration_seconds"), 45.0));
+    assert_eq!(
+        family_sum(
+            &text,
+            "meterd_usage_api_request_duration_seconds_bucket",
+            r#"le="0.05""#
+        ),
+        1.0
+    );
+    // A replay moves nothing.
+    assert_eq!(server.post_ndjson(&events).await.accepted(), 0);
+    let again = scrape(&server).await;
+    let usage = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| l.starts_with("meterd_usage_"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(usage(&again), usage(&text));
+    promtool_check(&again);
+}

@@ -248,6 +248,35 @@ async fn slos_count_budgets_and_burn_rates_from_the_events() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(body.contains("name:"), "{body}");
 
+    // The SLO counters moved as the events were accepted, by the filters evaluated in meterd:
+    // every event so far (no window), the same valid and good events the stores counted.
+    let text = crate::metrics::scrape(&server).await;
+    let counted = |slo: &str, kind: &str| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("meterd_slo_events_total{")
+                    && l.contains(&format!("slo=\"{slo}\""))
+                    && l.contains(&format!("kind=\"{kind}\""))
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    for (slo, valid, good) in [
+        ("api-availability", 299.0, 287.0),
+        ("api-strict", 299.0, 287.0),
+        // acme 10 + initech 5 + the old acme run; a run without a status is not good.
+        ("agent-success", 16.0, 13.0),
+        ("nobody-availability", 0.0, 0.0),
+    ] {
+        assert_eq!(counted(slo, "valid"), valid, "{slo}\n{text}");
+        assert_eq!(counted(slo, "good"), good, "{slo}\n{text}");
+    }
+    assert!(
+        text.lines().any(|l| l
+            == r#"meterd_slo_events_total{kind="valid",slo="nobody-availability",tenant="nobody"} 0"#),
+        "{text}"
+    );
+
     // The SLO gauges of /metrics: counted when meterd starts and every 30 s after.
     server.stop();
     server.restart();

@@ -1,0 +1,147 @@
+//! Billing's Prometheus families: `meterd_usage_cost_total{tenant,currency}` (every accepted
+//! llm.usage event at the price book's list price) and the invoices closed.
+
+use std::collections::HashMap;
+
+use meterd_ingest::metrics::{AcceptedObserver, TenantLabels};
+use meterd_schemas::{EventData, StoredEvent};
+use prometheus::{CounterVec, IntCounter, Opts, Registry};
+use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
+
+use crate::invoice::{Closing, InvoiceError};
+use crate::rate::{TokenPrices, Tokens, token_cost};
+use crate::{PriceBook, PriceEntry};
+
+/// Registered in billing's own registry; the binary gathers every crate's.
+#[derive(Debug, Clone)]
+pub struct BillingMetrics {
+    registry: Registry,
+    cost: CounterVec,
+    closed: IntCounter,
+    close_failures: IntCounter,
+}
+
+impl BillingMetrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let cost = CounterVec::new(
+            Opts::new(
+                "meterd_usage_cost_total",
+                "List cost of accepted llm.usage events by the price book in force at each \
+                 event's time, before plans, markups and credits, by tenant and currency \
+                 (events of unpriced models add nothing; invoices are the exact amounts)",
+            ),
+            &["tenant", "currency"],
+        )?;
+        let closed = IntCounter::new(
+            "meterd_billing_invoices_closed_total",
+            "Invoices closed (by the close endpoint or automatically)",
+        )?;
+        let close_failures = IntCounter::new(
+            "meterd_billing_close_failures_total",
+            "Invoices that could not be closed when asked or due (each is tried again)",
+        )?;
+        registry.register(Box::new(cost.clone()))?;
+        registry.register(Box::new(closed.clone()))?;
+        registry.register(Box::new(close_failures.clone()))?;
+        Ok(Self {
+            registry,
+            cost,
+            closed,
+            close_failures,
+        })
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Counts the outcomes of closing invoices.
+    pub fn closings<'a>(
+        &self,
+        outcomes: impl IntoIterator<Item = &'a Result<Closing, InvoiceError>>,
+    ) {
+        for o in outcomes {
+            match o {
+                Ok(Closing::Closed(_)) => self.closed.inc(),
+                Ok(Closing::AlreadyClosed(_) | Closing::NotEnded) => {}
+                Err(_) => self.close_failures.inc(),
+            }
+        }
+    }
+
+    /// The observer that counts cost as events are accepted.
+    pub fn cost_observer(&self, prices: PriceBook) -> CostObserver {
+        CostObserver {
+            prices,
+            cost: self.cost.clone(),
+        }
+    }
+}
+
+/// Adds each accepted llm.usage event's list cost to `meterd_usage_cost_total`.
+#[derive(Debug)]
+pub struct CostObserver {
+    prices: PriceBook,
+    cost: CounterVec,
+}
+
+impl AcceptedObserver for CostObserver {
+    fn accepted(&self, events: &[StoredEvent], tenants: &TenantLabels<'_>) {
+        // Tokens by tenant label and price entry: each entry's prices apply once a batch.
+        let mut models: HashMap<(&str, &str), Option<&[PriceEntry]>> = HashMap::new();
+        let mut sums: HashMap<(&str, *const PriceEntry), (&PriceEntry, [u64; 4])> = HashMap::new();
+        for e in events {
+            let EventData::LlmUsage(u) = &e.event.data else {
+                continue;
+            };
+            let entries = *models
+                .entry((&u.provider, &u.model))
+                .or_insert_with(|| self.prices.entries(&u.provider, &u.model));
+            let Some(entry) = entries.and_then(|list| {
+                list.iter()
+                    .rev()
+                    .find(|p| p.effective_from.timestamp_micros() <= e.event.time_us)
+            }) else {
+                continue;
+            };
+            let (_, sum) = sums
+                .entry((tenants.get(&e.event.tenant), std::ptr::from_ref(entry)))
+                .or_insert((entry, [0; 4]));
+            let tokens = [
+                Some(u.input_tokens),
+                Some(u.output_tokens),
+                u.cached_input_tokens,
+                u.cache_write_input_tokens,
+            ];
+            for (s, t) in sum.iter_mut().zip(tokens) {
+                *s = s.saturating_add(t.and_then(|t| u64::try_from(t).ok()).unwrap_or(0));
+            }
+        }
+        for ((tenant, _), (entry, [input, output, cached, cache_write])) in sums {
+            let tokens = Tokens {
+                input: Decimal::from(input),
+                output: Decimal::from(output),
+                cached_input: Decimal::from(cached),
+                cache_write_input: Decimal::from(cache_write),
+            };
+            let prices = TokenPrices {
+                input_per_million: entry.input_per_million.get(),
+                output_per_million: entry.output_per_million.get(),
+                cached_input_per_million: entry.cached_input().get(),
+                cache_write_per_million: entry.cache_write().get(),
+            };
+            // Past Decimal's range (about 7.9e28) a batch's cost is not counted: no price
+            // book gets there.
+            if let Some(cost) = token_cost(&tokens, &prices, Decimal::ZERO)
+                .ok()
+                .and_then(|c| c.to_f64())
+            {
+                self.cost
+                    .with_label_values(&[tenant, entry.currency()])
+                    .inc_by(cost);
+            }
+        }
+    }
+}
