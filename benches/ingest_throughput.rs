@@ -112,6 +112,24 @@ fn peak_rss_bytes(pid: u32) -> Result<u64> {
     Ok(kb * 1024)
 }
 
+/// CPU time (user and system) the process has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) in parentheses: utime and stime
+    // are the 14th and 15th fields of the line, the 12th and 13th after it.
+    let rest = stat.rsplit_once(')').context("/proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11..13)
+        .context("/proc stat fields")?
+        .iter()
+        .map(|f| f.parse::<f64>().unwrap_or(0.0))
+        .sum();
+    let out = Command::new("getconf").arg("CLK_TCK").output()?;
+    let per_second: f64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    Ok(ticks / per_second)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -123,6 +141,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// One timed run against a server on `data_dir`.
 struct Run {
     rate: f64,
+    /// The server's CPU time (all its threads) per event, in seconds.
+    cpu_per_event: f64,
     elapsed: Duration,
     latencies: Vec<Duration>,
     rss: u64,
@@ -149,6 +169,7 @@ fn measure(
     extra: &[&str],
 ) -> Result<Run> {
     let server = start_server(data_dir, extra)?;
+    let cpu_before = cpu_seconds(server.child.id())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -200,6 +221,7 @@ fn measure(
     })?;
     let elapsed = t.elapsed();
     let rss = peak_rss_bytes(server.child.id())?;
+    let cpu = cpu_seconds(server.child.id())? - cpu_before;
     drop(server);
     let mut latencies = latencies;
     latencies.sort_unstable();
@@ -212,6 +234,7 @@ fn measure(
         elapsed,
         latencies,
         rss,
+        cpu_per_event: cpu / events as f64,
     })
 }
 
@@ -350,22 +373,32 @@ fn main() -> Result<()> {
                 };
                 let run = measure(&data, &batches, events, &o, extra)?;
                 println!(
-                    "  round {round}, usage metrics {}: {:.0} events/s",
+                    "  round {round}, usage metrics {}: {:.0} events/s, server CPU {:.2} us/event",
                     if counting { "on " } else { "off" },
-                    run.rate
+                    run.rate,
+                    run.cpu_per_event * 1e6
                 );
-                if counting { &mut on } else { &mut off }.push(run.rate);
+                if counting { &mut on } else { &mut off }.push((run.rate, run.cpu_per_event));
                 std::fs::remove_dir_all(&data)?;
             }
         }
-        let median = |v: &mut Vec<f64>| {
+        let median = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
+            let mut v: Vec<f64> = v.iter().map(f).collect();
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
-        let (on, off) = (median(&mut on), median(&mut off));
+        let (rate_on, rate_off) = (median(&on, |r| r.0), median(&off, |r| r.0));
+        let (cpu_on, cpu_off) = (median(&on, |r| r.1), median(&off, |r| r.1));
         println!(
-            "  usage metrics on: {on:.0} events/s, off: {off:.0} events/s (medians); cost {:.1}%",
-            (1.0 - on / off) * 100.0
+            "  usage metrics on: {rate_on:.0} events/s, off: {rate_off:.0} events/s (medians): \
+             throughput {:+.1}%",
+            (rate_on / rate_off - 1.0) * 100.0
+        );
+        println!(
+            "  server CPU per event on: {:.2} us, off: {:.2} us (medians): {:+.1}%",
+            cpu_on * 1e6,
+            cpu_off * 1e6,
+            (cpu_on / cpu_off - 1.0) * 100.0
         );
     }
     println!("  baseline serde_json: {parse_rate:>12.0} events/s  (parse into Value, 1 core)");

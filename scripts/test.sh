@@ -98,8 +98,9 @@ df -h .
 install_packages
 start_postgres
 
-step "npm ci (TimescaleDB for the conformance test)"
+step "npm ci (TimescaleDB for the conformance test, @grafana/schema for the dashboards)"
 npm ci --prefix tests/timescaledb --no-audit --no-fund
+npm ci --prefix dashboards/schema-check --no-audit --no-fund
 
 # chDB (ClickHouse 26.9 embedded in Python) for the conformance test of the DDL meterd uses on
 # current ClickHouse releases; see tests/it/clickhouse_modern.rs. Only its engine is needed, not

@@ -209,6 +209,17 @@ async fn count_requests(
 /// How often the SLO gauges of `/metrics` are counted again.
 const SLO_METRICS_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Seconds from `at_us` (µs since 1970) to now; 0 for an instant ahead of the clock.
+fn age_seconds(at_us: i64) -> f64 {
+    let age = chrono::Utc::now()
+        .timestamp_micros()
+        .saturating_sub(at_us)
+        .max(0);
+    #[allow(clippy::cast_precision_loss)] // µs of an age: exact below 2^53 (285 years)
+    let seconds = age as f64 / 1e6;
+    seconds
+}
+
 /// What `GET /metrics` gathers: each crate keeps its families in a registry of its own.
 #[derive(Clone)]
 struct Metrics {
@@ -226,11 +237,16 @@ struct Metrics {
 struct StoreGauges {
     registry: prometheus::Registry,
     lag: prometheus::IntGaugeVec,
+    lag_seconds: prometheus::GaugeVec,
+    refresh_lag: prometheus::GaugeVec,
     connected: prometheus::IntGaugeVec,
     errors: prometheus::IntCounterVec,
     stores: Arc<Stores>,
     /// Each store's error count as last read: scrapes add what is new, one at a time.
     seen_errors: Arc<std::sync::Mutex<HashMap<&'static str, u64>>>,
+    /// Each store's first unconfirmed record and when it was accepted (µs), so a scrape reads
+    /// the log only when the store's position moved.
+    oldest: Arc<std::sync::Mutex<HashMap<&'static str, (u64, i64)>>>,
 }
 
 impl StoreGauges {
@@ -240,6 +256,23 @@ impl StoreGauges {
             prometheus::Opts::new(
                 "meterd_store_delivery_lag_bytes",
                 "Bytes of the durable log the store has not confirmed yet",
+            ),
+            &["store"],
+        )?;
+        let lag_seconds = prometheus::GaugeVec::new(
+            prometheus::Opts::new(
+                "meterd_store_delivery_lag_seconds",
+                "Age of the oldest accepted event the store has not confirmed (since it was \
+                 accepted); 0 when the store has everything",
+            ),
+            &["store"],
+        )?;
+        let refresh_lag = prometheus::GaugeVec::new(
+            prometheus::Opts::new(
+                "meterd_store_rollup_refresh_lag_seconds",
+                "Seconds since the store's rollups last caught up with its events (the start of \
+                 the last successful refresh); only for stores meterd refreshes (plain \
+                 PostgreSQL: TimescaleDB refreshes its own, ClickHouse's views on insert)",
             ),
             &["store"],
         )?;
@@ -258,16 +291,50 @@ impl StoreGauges {
             &["store"],
         )?;
         registry.register(Box::new(lag.clone()))?;
+        registry.register(Box::new(lag_seconds.clone()))?;
+        registry.register(Box::new(refresh_lag.clone()))?;
         registry.register(Box::new(connected.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         Ok(Self {
             registry,
             lag,
+            lag_seconds,
+            refresh_lag,
             connected,
             errors,
             stores: Arc::new(stores),
             seen_errors: Arc::default(),
+            oldest: Arc::default(),
         })
+    }
+
+    /// When the record at `lsn` was accepted (µs), read from the log once per position.
+    fn accepted_at(
+        &self,
+        log: &Arc<meterd_ingest::log::LogShared>,
+        store: &'static str,
+        lsn: u64,
+    ) -> meterd_ingest::Result<Option<i64>> {
+        let mut oldest = self
+            .oldest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at_lsn, at)) = oldest.get(store)
+            && *at_lsn == lsn
+        {
+            return Ok(Some(*at));
+        }
+        let mut payload = Vec::new();
+        let Some((start, _)) = log.reader(lsn)?.next_record(&mut payload)? else {
+            return Ok(None);
+        };
+        let at = meterd_ingest::decode_record(start, &payload)?
+            .first()
+            .map(|e| e.ingested_at_us);
+        if let Some(at) = at {
+            oldest.insert(store, (lsn, at));
+        }
+        Ok(at)
     }
 
     /// The registry with the stores' state read now.
@@ -288,6 +355,29 @@ impl StoreGauges {
             self.lag
                 .with_label_values(&name)
                 .set(i64::try_from(lag).unwrap_or(i64::MAX));
+            let from = status.delivered().max(log.start());
+            let oldest = if from >= end {
+                Ok(None)
+            } else {
+                self.accepted_at(log, store.name(), from)
+            };
+            match oldest {
+                Ok(at) => self
+                    .lag_seconds
+                    .with_label_values(&name)
+                    .set(at.map_or(0.0, age_seconds)),
+                // The gauge keeps its last value.
+                Err(e) => tracing::warn!(
+                    store = store.name(),
+                    error = %e,
+                    "reading the log for the delivery lag"
+                ),
+            }
+            if let Some(at) = status.rollups_refreshed_at_us() {
+                self.refresh_lag
+                    .with_label_values(&name)
+                    .set(age_seconds(at));
+            }
             self.connected
                 .with_label_values(&name)
                 .set(i64::from(status.connected()));
@@ -341,6 +431,15 @@ async fn openapi_json() -> impl IntoResponse {
     axum::Json(openapi::document(chrono::Utc::now()))
 }
 
+/// The families `/metrics` exports beside ingest's, SQL's, the stores' and HTTP's.
+#[derive(Debug)]
+pub struct Exported {
+    /// Other crates' registries (SLO gauges and counters, billing).
+    pub registries: Vec<prometheus::Registry>,
+    /// Billing's families, also counted by the close endpoint.
+    pub billing: meterd_billing::metrics::BillingMetrics,
+}
+
 /// Builds the whole HTTP surface.
 pub fn router(
     ingest: Arc<Ingest>,
@@ -348,10 +447,13 @@ pub fn router(
     usage: Arc<dyn meterd_billing::UsageSource>,
     closed: Arc<dyn meterd_billing::ClosedStore>,
     stores: Stores,
-    registries: Vec<prometheus::Registry>,
-    billing_metrics: meterd_billing::metrics::BillingMetrics,
+    exported: Exported,
     settings: &Settings,
 ) -> anyhow::Result<Router> {
+    let Exported {
+        registries,
+        billing: billing_metrics,
+    } = exported;
     let mut keys = Keys::default();
     for k in &settings.api_keys {
         keys.0.insert(
@@ -591,12 +693,14 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
                 .map(|(store, handle)| (Arc::clone(store), Arc::clone(&handle.status)))
                 .collect(),
         ),
-        vec![
-            slo_gauges.registry().clone(),
-            slo_counters,
-            billing_metrics.registry().clone(),
-        ],
-        billing_metrics,
+        Exported {
+            registries: vec![
+                slo_gauges.registry().clone(),
+                slo_counters,
+                billing_metrics.registry().clone(),
+            ],
+            billing: billing_metrics,
+        },
         &settings,
     )?;
 

@@ -320,39 +320,42 @@ type Map<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 /// A usage family's series, capped at [`LabelLimits::max_series`]. Each label combination's
 /// counter handle is kept, so counting one is a lookup, not a registry call.
 #[derive(Debug)]
-struct Family<V: Labeled> {
+struct Family<V: LabeledVec> {
     vec: V,
     /// Which labels fold whole once the family is full (the others are small closed sets).
     open: Vec<bool>,
     /// Each label combination's series, by the hash of its labels (values that share a
     /// hash share a bucket).
-    handles: Map<u64, Vec<(Box<[String]>, V::Series)>>,
+    handles: Map<u64, Vec<Labeled<V>>>,
     /// Label combinations in `handles`.
     len: usize,
     max: usize,
 }
 
+/// One label combination of a family and its series.
+type Labeled<V> = (Box<[String]>, <V as LabeledVec>::Series);
+
 /// A family of series told apart by labels.
-trait Labeled: prometheus::core::Collector + Clone + 'static {
-    type Series;
+trait LabeledVec: prometheus::core::Collector + Clone + 'static {
+    type Series: std::fmt::Debug;
     fn series(&self, values: &[&str]) -> Self::Series;
 }
 
-impl Labeled for IntCounterVec {
+impl LabeledVec for IntCounterVec {
     type Series = prometheus::IntCounter;
     fn series(&self, values: &[&str]) -> Self::Series {
         self.with_label_values(values)
     }
 }
 
-impl Labeled for prometheus::HistogramVec {
+impl LabeledVec for prometheus::HistogramVec {
     type Series = Histogram;
     fn series(&self, values: &[&str]) -> Self::Series {
         self.with_label_values(values)
     }
 }
 
-impl<V: Labeled> Family<V> {
+impl<V: LabeledVec> Family<V> {
     fn new(registry: &Registry, vec: V, open: &[bool], max: usize) -> prometheus::Result<Self> {
         registry.register(Box::new(vec.clone()))?;
         Ok(Self {

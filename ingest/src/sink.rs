@@ -206,6 +206,8 @@ pub struct SinkStatus {
     last_error: Mutex<Option<String>>,
     refresher_error: Mutex<Option<String>>,
     errors: AtomicU64,
+    /// When the last successful rollup refresh started (µs since 1970; 0: none yet).
+    rollups_refreshed_at_us: std::sync::atomic::AtomicI64,
 }
 
 impl SinkStatus {
@@ -245,6 +247,16 @@ impl SinkStatus {
             .refresher_error
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = error;
+    }
+
+    /// When the store's rollups last caught up with what it held (the start of the last
+    /// successful refresh), for stores that refresh them: plain PostgreSQL.
+    pub fn rollups_refreshed_at_us(&self) -> Option<i64> {
+        Some(self.rollups_refreshed_at_us.load(Ordering::Acquire)).filter(|t| *t > 0)
+    }
+
+    pub fn set_rollups_refreshed_at_us(&self, at_us: i64) {
+        self.rollups_refreshed_at_us.store(at_us, Ordering::Release);
     }
 
     pub fn set_connected(&self, connected: bool) {

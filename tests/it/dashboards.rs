@@ -154,6 +154,59 @@ fn the_dashboards_are_well_formed() {
     }
 }
 
+/// Runs `dashboards/schema-check/check.mjs` (TypeScript's compiler and `@grafana/schema`,
+/// installed by `npm ci --prefix dashboards/schema-check`) on `files`.
+fn grafana_schema_check(files: &[PathBuf]) -> (bool, String) {
+    let check = dir().join("schema-check");
+    assert!(
+        check.join("node_modules/@grafana/schema").is_dir()
+            && check.join("node_modules/typescript").is_dir(),
+        "@grafana/schema is not installed: npm ci --prefix dashboards/schema-check (scripts/test.sh \
+         does it)"
+    );
+    let out = Command::new("node")
+        .arg(check.join("check.mjs"))
+        .args(files)
+        .output()
+        .unwrap_or_else(|e| panic!("running node: {e}; scripts/test.sh installs Node.js"));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Every dashboard is a `Dashboard` of Grafana's own schema (`@grafana/schema` from npm, checked
+/// by TypeScript's compiler); a dashboard with a wrong field fails the same check, named.
+#[test]
+fn the_dashboards_match_grafanas_schema() {
+    let files: Vec<PathBuf> = dashboards()
+        .into_iter()
+        .map(|(path, _)| PathBuf::from(path))
+        .collect();
+    assert_eq!(files.len(), 4, "{files:?}");
+    let (ok, said) = grafana_schema_check(&files);
+    assert!(ok, "{said}");
+    let work = tempfile::tempdir().expect("tempdir");
+    let (_, mut broken) = dashboards().remove(0);
+    broken["panels"][0]["gridPos"]["w"] = Value::from("wide");
+    broken["refresh"] = Value::from(30);
+    let path = work.path().join("broken.json");
+    std::fs::write(&path, broken.to_string()).expect("write");
+    let (ok, said) = grafana_schema_check(&[path]);
+    assert!(!ok, "{said}");
+    // The panel's width (a number) and the refresh interval (a string such as "30s").
+    assert!(
+        said.contains("broken.json")
+            && said.contains("'string' is not assignable to type 'number'")
+            && said.contains("'number' is not assignable to type 'string'"),
+        "{said}"
+    );
+}
+
 /// A free port on 127.0.0.1.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

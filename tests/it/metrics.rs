@@ -258,7 +258,9 @@ async fn store_delivery_is_in_the_metrics() {
     let mut text = String::new();
     for _ in 0..100 {
         text = scrape(&server).await;
-        if text.contains(r#"meterd_store_delivery_lag_bytes{store="postgres"} 0"#) {
+        if text.contains(r#"meterd_store_delivery_lag_bytes{store="postgres"} 0"#)
+            && text.contains(r#"meterd_store_rollup_refresh_lag_seconds{store="postgres"}"#)
+        {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -281,7 +283,44 @@ async fn store_delivery_is_in_the_metrics() {
         ),
         0.0
     );
+    assert_eq!(
+        sample(
+            &text,
+            r#"meterd_store_delivery_lag_seconds{store="postgres"}"#
+        ),
+        0.0
+    );
+    // Plain PostgreSQL: meterd's refresher ran right after the migrations (every 30 s after).
+    let refreshed = sample(
+        &text,
+        r#"meterd_store_rollup_refresh_lag_seconds{store="postgres"}"#,
+    );
+    assert!((0.0..60.0).contains(&refreshed), "{refreshed}");
     promtool_check(&text);
+
+    // A store that cannot be reached: what it lacks grows older.
+    let down = Server::start(&[
+        "--postgres-url",
+        "postgres://meterd:meterd@127.0.0.1:9/none",
+    ]);
+    down.post_ndjson(&events).await.accepted();
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let text = scrape(&down).await;
+    let age = sample(
+        &text,
+        r#"meterd_store_delivery_lag_seconds{store="postgres"}"#,
+    );
+    assert!((1.5..120.0).contains(&age), "{age}\n{text}");
+    assert!(
+        sample(
+            &text,
+            r#"meterd_store_delivery_lag_bytes{store="postgres"}"#
+        ) > 0.0
+    );
+    assert_eq!(
+        sample(&text, r#"meterd_store_connected{store="postgres"}"#),
+        0.0
+    );
 }
 
 /// The metrics name every tenant with a series of its own: a key bound to one tenant may not

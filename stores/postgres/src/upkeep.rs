@@ -60,6 +60,7 @@ pub(crate) async fn session(
             last_partitions = Some(Instant::now());
         }
         let started = Instant::now();
+        let started_at = Utc::now();
         let buckets: i64 = client
             .query_one("SELECT meterd.refresh_rollups()", &[])
             .await
@@ -67,6 +68,7 @@ pub(crate) async fn session(
             .try_get(0)
             .map_err(sql_err("reading a result column"))?;
         status.set_refresher_error(None);
+        status.set_rollups_refreshed_at_us(started_at.timestamp_micros());
         if buckets > 0 {
             tracing::debug!(
                 buckets,
