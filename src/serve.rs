@@ -308,21 +308,24 @@ impl StoreGauges {
         })
     }
 
-    /// When the record at `lsn` was accepted (µs), read from the log once per position.
+    /// When the record at `lsn` was accepted (µs), read from the log once per position (no
+    /// lock is held while reading).
     fn accepted_at(
         &self,
         log: &Arc<meterd_ingest::log::LogShared>,
         store: &'static str,
         lsn: u64,
     ) -> meterd_ingest::Result<Option<i64>> {
-        let mut oldest = self
+        let cached = self
             .oldest
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((at_lsn, at)) = oldest.get(store)
-            && *at_lsn == lsn
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(store)
+            .copied();
+        if let Some((at_lsn, at)) = cached
+            && at_lsn == lsn
         {
-            return Ok(Some(*at));
+            return Ok(Some(at));
         }
         let mut payload = Vec::new();
         let Some((start, _)) = log.reader(lsn)?.next_record(&mut payload)? else {
@@ -332,7 +335,10 @@ impl StoreGauges {
             .first()
             .map(|e| e.ingested_at_us);
         if let Some(at) = at {
-            oldest.insert(store, (lsn, at));
+            self.oldest
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(store, (lsn, at));
         }
         Ok(at)
     }
@@ -341,10 +347,6 @@ impl StoreGauges {
     fn read(&self, ingest: &Ingest) -> &prometheus::Registry {
         let log = ingest.log();
         let end = log.durable_end();
-        let mut seen_errors = self
-            .seen_errors
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for (store, status) in &self.stores.0 {
             let name = [store.name()];
             // Before a sink first connects it has confirmed nothing it knows of; what the log
@@ -382,6 +384,10 @@ impl StoreGauges {
                 .with_label_values(&name)
                 .set(i64::from(status.connected()));
             let errors = status.errors();
+            let mut seen_errors = self
+                .seen_errors
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let seen = seen_errors.entry(store.name()).or_default();
             self.errors
                 .with_label_values(&name)
@@ -410,7 +416,18 @@ async fn metrics(
     for r in &m.more {
         families.extend(r.gather());
     }
-    families.extend(m.stores.read(&m.ingest).gather());
+    // The stores' delivery lag may read a record of the log: off the async threads.
+    let (stores, ingest) = (m.stores.clone(), Arc::clone(&m.ingest));
+    match tokio::task::spawn_blocking(move || stores.read(&ingest).gather()).await {
+        Ok(f) => families.extend(f),
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                axum::Json(json!({ "error": format!("reading the stores' state: {e}") })),
+            )
+                .into_response();
+        }
+    }
     families.extend(m.http.gather());
     let mut body = String::new();
     match prometheus::TextEncoder::new().encode_utf8(&families, &mut body) {
@@ -580,13 +597,20 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let billing_metrics = meterd_billing::metrics::BillingMetrics::new()
         .context("registering the billing metrics")?;
     let mut ingest_config = settings.ingest.clone();
-    ingest_config.observers.0.push(Arc::new(
-        meterd_slo::metrics::SloCounters::new(&slo_counters, settings.slos.as_ref().clone())
+    if ingest_config.usage_metrics {
+        let max_series = ingest_config.metric_labels.max_series;
+        ingest_config.observers.0.push(Arc::new(
+            meterd_slo::metrics::SloCounters::new(
+                &slo_counters,
+                settings.slos.as_ref().clone(),
+                max_series,
+            )
             .context("registering the SLO counters")?,
-    ));
-    ingest_config.observers.0.push(Arc::new(
-        billing_metrics.cost_observer(settings.billing.prices.clone()),
-    ));
+        ));
+        ingest_config.observers.0.push(Arc::new(
+            billing_metrics.cost_observer(settings.billing.prices.clone(), max_series),
+        ));
+    }
     let ingest = tokio::task::spawn_blocking(move || Ingest::open(ingest_config))
         .await
         .context("opening ingest panicked")?

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use meterd_ingest::metrics::{AcceptedObserver, TenantLabels};
+use meterd_ingest::metrics::{AcceptedObserver, CappedFamily, TenantLabels};
 use meterd_schemas::{EventData, StoredEvent};
 use prometheus::{CounterVec, IntCounter, Opts, Registry};
 use rust_decimal::Decimal;
@@ -40,7 +40,8 @@ impl BillingMetrics {
         )?;
         let close_failures = IntCounter::new(
             "meterd_billing_close_failures_total",
-            "Invoices that could not be closed when asked or due (each is tried again)",
+            "Failed attempts to close an invoice, asked for or automatic (automatic closing \
+             tries a failing invoice again every minute)",
         )?;
         registry.register(Box::new(cost.clone()))?;
         registry.register(Box::new(closed.clone()))?;
@@ -71,11 +72,12 @@ impl BillingMetrics {
         }
     }
 
-    /// The observer that counts cost as events are accepted.
-    pub fn cost_observer(&self, prices: PriceBook) -> CostObserver {
+    /// The observer that counts cost as events are accepted, in at most `max_series` label
+    /// combinations (past it a new tenant counts under "other").
+    pub fn cost_observer(&self, prices: PriceBook, max_series: usize) -> CostObserver {
         CostObserver {
             prices,
-            cost: self.cost.clone(),
+            cost: CappedFamily::new(self.cost.clone(), &[true, false], max_series),
         }
     }
 }
@@ -84,7 +86,7 @@ impl BillingMetrics {
 #[derive(Debug)]
 pub struct CostObserver {
     prices: PriceBook,
-    cost: CounterVec,
+    cost: CappedFamily<CounterVec>,
 }
 
 impl AcceptedObserver for CostObserver {
@@ -132,15 +134,20 @@ impl AcceptedObserver for CostObserver {
                 cached_input_per_million: entry.cached_input().get(),
                 cache_write_per_million: entry.cache_write().get(),
             };
-            // Past Decimal's range (about 7.9e28) a batch's cost is not counted: no price
-            // book gets there.
-            if let Some(cost) = token_cost(&tokens, &prices, Decimal::ZERO)
+            match token_cost(&tokens, &prices, Decimal::ZERO)
                 .ok()
                 .and_then(|c| c.to_f64())
             {
-                self.cost
-                    .with_label_values(&[tenant, entry.currency()])
-                    .inc_by(cost);
+                Some(cost) => self
+                    .cost
+                    .with(&[tenant, entry.currency()], |c| c.inc_by(cost)),
+                // Past Decimal's range (about 7.9e28): such token counts are a client's error.
+                None => tracing::warn!(
+                    tenant,
+                    provider = entry.provider,
+                    model = entry.model,
+                    "the list cost of a batch's tokens is out of range; not counted"
+                ),
             }
         }
     }

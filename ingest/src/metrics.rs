@@ -183,27 +183,31 @@ const WARM_UP: u64 = 1_000;
 /// twice as often as the lightest admitted one takes its slot. A value's series only counts
 /// while it is admitted: what it carried before, or after losing its slot, is counted under
 /// [`OTHER`]. So every counter only grows, and the sum over a label's values is the true
-/// total.
+/// total. Over the process's life at most 5 x `top` values are ever admitted, so a label that
+/// keeps changing its heavy values cannot grow the families without end.
 // Written here rather than taken from a crate: folding has to keep Prometheus counters
 // monotonic and their sums exact, which generic cardinality limiters do not promise.
 #[derive(Debug, Default)]
 struct Dimension {
     top: usize,
     allow: Option<std::collections::BTreeSet<String>>,
-    /// Values are kept by a 64-bit hash (see [`value_key`]): counting a new value allocates
-    /// nothing.
+    /// Values are kept by a 64-bit hash (see [`Dimension::key`]): counting a new value
+    /// allocates nothing.
     admitted: std::collections::HashSet<u64, foldhash::fast::RandomState>,
+    /// Every value admitted so far, at most [`EVER_PER_SLOT`] x `top`: past it no new value is
+    /// admitted, so no family's label takes more values over the process's life.
+    ever: std::collections::HashSet<u64, foldhash::fast::RandomState>,
+    /// Seeded at random per process: label values come from clients, and colliding values
+    /// share a volume estimate and an admission.
+    hasher: foldhash::fast::RandomState,
     /// Space-Saving counters, at most `10 x top` (admitted values among them).
     counts: std::collections::HashMap<u64, u64, foldhash::fast::RandomState>,
     total: u64,
 }
 
-/// A label value's key in a [`Dimension`]. Two values sharing a 64-bit hash would share a
-/// volume estimate (only the estimate: each keeps its own series or folds on its own).
-fn value_key(value: &str) -> u64 {
-    use std::hash::BuildHasher;
-    foldhash::fast::FixedState::with_seed(0x6d65_7465_7264).hash_one(value)
-}
+/// How many values per slot a label may ever admit (a value that lost its slot may take one
+/// again without counting twice).
+const EVER_PER_SLOT: usize = 5;
 
 impl Dimension {
     fn new(top: usize, allow: Option<std::collections::BTreeSet<String>>) -> Self {
@@ -216,6 +220,12 @@ impl Dimension {
 
     fn capacity(&self) -> usize {
         self.top.saturating_mul(10).max(1)
+    }
+
+    /// A label value's key: a 64-bit hash under this process's random seed.
+    fn key(&self, value: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(value)
     }
 
     /// The label values to count a batch's events under, given how many events carry each
@@ -233,7 +243,7 @@ impl Dimension {
         }
         let keyed: Vec<(&'a str, u64, u64)> = counts
             .into_iter()
-            .map(|(v, n)| (v, value_key(v), n))
+            .map(|(v, n)| (v, self.key(v), n))
             .collect();
         self.count_batch(keyed.iter().map(|(_, k, n)| (*k, *n)));
         keyed
@@ -253,6 +263,9 @@ impl Dimension {
         if self.total < WARM_UP || count.saturating_mul(top) < self.total {
             return false;
         }
+        if !self.ever.contains(&key) && self.ever.len() >= self.top.saturating_mul(EVER_PER_SLOT) {
+            return false;
+        }
         if self.admitted.len() >= self.top {
             // Full: the lightest admitted value gives way to one counted twice as often.
             let lightest = self
@@ -268,6 +281,7 @@ impl Dimension {
             }
         }
         self.admitted.insert(key);
+        self.ever.insert(key);
         true
     }
 
@@ -317,8 +331,9 @@ impl Dimension {
 /// Maps with a fast hasher: counting runs on the log writer's thread, once per event.
 type Map<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
-/// A usage family's series, capped at [`LabelLimits::max_series`]. Each label combination's
-/// counter handle is kept, so counting one is a lookup, not a registry call.
+/// A family's series, capped at a number of label combinations ([`LabelLimits::max_series`]
+/// for counters). Each label combination's series handle is kept, so counting one is a lookup,
+/// not a registry call.
 #[derive(Debug)]
 struct Family<V: LabeledVec> {
     vec: V,
@@ -336,9 +351,50 @@ struct Family<V: LabeledVec> {
 type Labeled<V> = (Box<[String]>, <V as LabeledVec>::Series);
 
 /// A family of series told apart by labels.
-trait LabeledVec: prometheus::core::Collector + Clone + 'static {
+pub trait LabeledVec: prometheus::core::Collector + Clone + 'static {
     type Series: std::fmt::Debug;
     fn series(&self, values: &[&str]) -> Self::Series;
+}
+
+impl LabeledVec for prometheus::CounterVec {
+    type Series = prometheus::Counter;
+    fn series(&self, values: &[&str]) -> Self::Series {
+        self.with_label_values(values)
+    }
+}
+
+/// A family for the crates that count accepted events too (cost, SLO events), capped as the
+/// usage families are: past `max` label combinations, new ones fold their `open` labels into
+/// [`OTHER`].
+#[derive(Debug)]
+pub struct CappedFamily<V: LabeledVec>(std::sync::Mutex<Family<V>>);
+
+impl<V: LabeledVec> CappedFamily<V> {
+    /// `vec` as registered by the caller.
+    pub fn new(vec: V, open: &[bool], max: usize) -> Self {
+        Self(std::sync::Mutex::new(Family {
+            vec,
+            open: open.to_vec(),
+            handles: Map::default(),
+            len: 0,
+            max: max.max(1),
+        }))
+    }
+
+    /// Runs `f` on the series of `labels` (or of their folded form once the family is full).
+    pub fn with<R>(&self, labels: &[&str], f: impl FnOnce(&V::Series) -> R) -> R {
+        let mut family = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(family.series(labels))
+    }
+}
+
+/// Adds `n` to a counter, stopping at its largest value instead of wrapping to a smaller one
+/// (token counts come from clients).
+pub fn add(counter: &prometheus::IntCounter, n: u64) {
+    counter.inc_by(n.min(u64::MAX - counter.get()));
 }
 
 impl LabeledVec for IntCounterVec {
@@ -490,6 +546,7 @@ impl UsageMetrics {
                 max,
             )
         };
+        // A histogram's label combination is a series per bucket and two more.
         let histogram = |name: &str, help: &str, buckets: &[f64]| {
             Family::new(
                 registry,
@@ -498,7 +555,7 @@ impl UsageMetrics {
                     &["tenant"],
                 )?,
                 &[true],
-                max,
+                max / (buckets.len() + 3),
             )
         };
         let state = UsageState {
@@ -616,7 +673,7 @@ impl UsageMetrics {
                 .or_default() += n;
         }
         for (labels, n) in events {
-            s.events.series(&labels).inc_by(n);
+            add(s.events.series(&labels), n);
         }
         let mut tokens: Map<[&str; 4], u64> = Map::default();
         for ((tenant, provider, model), (_, sums)) in &t.tokens {
@@ -635,7 +692,7 @@ impl UsageMetrics {
             }
         }
         for (labels, n) in tokens {
-            s.tokens.series(&labels).inc_by(n);
+            add(s.tokens.series(&labels), n);
         }
         let mut runs: Map<[&str; 3], u64> = Map::default();
         for ((tenant, agent, status), n) in &t.runs {
@@ -644,7 +701,7 @@ impl UsageMetrics {
                 .or_default() += n;
         }
         for (labels, n) in runs {
-            s.runs.series(&labels).inc_by(n);
+            add(s.runs.series(&labels), n);
         }
         for (family, observed) in [(&mut s.latency, &t.latency), (&mut s.duration, &t.duration)] {
             // Each raw tenant's series, looked up once a batch.
@@ -825,6 +882,29 @@ mod tests {
             "{tenants:?}"
         );
         assert!(tenants.len() <= 21, "{tenants:?}");
+    }
+
+    #[test]
+    fn heavy_values_that_keep_changing_stop_getting_series() {
+        let mut d = Dimension::new(2, None);
+        let names: Vec<String> = (0..40).map(|w| format!("wave-{w}")).collect();
+        let mut labelled = std::collections::BTreeSet::new();
+        // Each wave a new value carrying twice everything before it: each would take a slot.
+        for (w, name) in names.iter().enumerate() {
+            let mut batch = Map::default();
+            batch.insert(name.as_str(), 1_000u64 << w);
+            for (_, label) in d.fold_batch(batch) {
+                if label != OTHER {
+                    labelled.insert(label.to_owned());
+                }
+            }
+        }
+        // Five values per slot, then no more.
+        assert_eq!(labelled.len(), 10, "{labelled:?}");
+        assert!(
+            labelled.contains("wave-9") && !labelled.contains("wave-10"),
+            "{labelled:?}"
+        );
     }
 
     #[test]

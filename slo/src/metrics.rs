@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use meterd_ingest::metrics::{AcceptedObserver, TenantLabels};
+use meterd_ingest::metrics::{AcceptedObserver, CappedFamily, TenantLabels, add};
 use meterd_schemas::StoredEvent;
 use prometheus::{IntCounterVec, Opts, Registry};
 
@@ -15,24 +15,24 @@ use crate::{Slo, SloScope};
 #[derive(Debug)]
 pub struct SloCounters {
     slos: Vec<Slo>,
-    events: IntCounterVec,
+    events: CappedFamily<IntCounterVec>,
 }
 
 impl SloCounters {
-    /// Registers the family in `registry`. An SLO that is not per tenant has its two series
-    /// from the start (at 0), so `rate()` sees its first events.
-    pub fn new(registry: &Registry, slos: Vec<Slo>) -> prometheus::Result<Self> {
+    /// Registers the family in `registry`, at most `max_series` label combinations (past it a
+    /// new tenant of a per-tenant SLO counts under "other"). An SLO that is not per tenant has
+    /// its two series from the start (at 0), so `rate()` sees its first events.
+    pub fn new(registry: &Registry, slos: Vec<Slo>, max_series: usize) -> prometheus::Result<Self> {
         let events = IntCounterVec::new(
             Opts::new(
                 "meterd_slo_events_total",
                 "Accepted events an SLO counts, by kind: valid (of the SLO's type, scope and \
-                 valid filter) and good (valid and good); tenant as in the SLO gauges: empty for \
-                 an SLO over every tenant (per tenant, those beyond the usage metrics' limits \
-                 are \"other\")",
+                 valid filter) and good (valid and good); tenant: empty for an SLO over every \
+                 tenant, the tenant of a one-tenant SLO, and for a per-tenant SLO the tenant \
+                 labels of the usage metrics (tenants beyond their limits are \"other\")",
             ),
             &["slo", "tenant", "kind"],
         )?;
-        registry.register(Box::new(events.clone()))?;
         for s in &slos {
             let tenant = match &s.scope {
                 SloScope::All => "",
@@ -43,6 +43,8 @@ impl SloCounters {
                 events.with_label_values(&[&s.name, tenant, kind]);
             }
         }
+        registry.register(Box::new(events.clone()))?;
+        let events = CappedFamily::new(events, &[false, true, false], max_series);
         Ok(Self { slos, events })
     }
 }
@@ -73,11 +75,8 @@ impl AcceptedObserver for SloCounters {
         for ((i, tenant), (valid, good)) in counts {
             let name = &self.slos[i].name;
             self.events
-                .with_label_values(&[name, tenant, "valid"])
-                .inc_by(valid);
-            self.events
-                .with_label_values(&[name, tenant, "good"])
-                .inc_by(good);
+                .with(&[name, tenant, "valid"], |c| add(c, valid));
+            self.events.with(&[name, tenant, "good"], |c| add(c, good));
         }
     }
 }

@@ -466,3 +466,40 @@ output_per_million = "6"
     assert_eq!(usage(&again), usage(&text));
     promtool_check(&again);
 }
+
+/// `--usage-metrics false`: no per-event counting, so no usage, cost or SLO event families;
+/// ingest's own families still count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_metrics_can_be_turned_off() {
+    let config = tempfile::NamedTempFile::new().expect("config");
+    std::fs::write(
+        config.path(),
+        "[[slos]]\nname = \"api\"\ntype = \"api.request\"\ngood = \"status_code < 500\"\n\
+         objective = 0.99\nwindow = \"1d\"\n",
+    )
+    .expect("write");
+    let server = Server::start(&[
+        "--usage-metrics",
+        "false",
+        "--config",
+        &config.path().display().to_string(),
+    ]);
+    let events = common::generated(23, 300, 5, std::time::Duration::from_secs(3_600), 0.0);
+    let accepted = server.post_ndjson(&events).await.accepted();
+    let text = scrape(&server).await;
+    for family in [
+        "meterd_usage_",
+        "meterd_agent_runs_total",
+        "meterd_slo_events_total",
+    ] {
+        assert!(
+            !text.lines().any(|l| l.starts_with(family)),
+            "{family} in\n{text}"
+        );
+    }
+    assert_eq!(
+        sample(&text, r#"meterd_ingest_events_total{outcome="accepted"}"#),
+        accepted as f64
+    );
+    promtool_check(&text);
+}

@@ -156,7 +156,8 @@ fn close(a: &Value, b: f64) -> bool {
 /// defaults otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slos_count_budgets_and_burn_rates_from_the_events() {
-    let cfg = config_file("");
+    // The tenants named, so the per-tenant SLO counters carry them from the first event.
+    let cfg = config_file(r#"metrics_tenants = ["acme", "initech"]"#);
     let mut server = Server::start(&["--config", &path(&cfg)]);
     let now = Utc::now();
     let sent = events(now);
@@ -271,11 +272,16 @@ async fn slos_count_budgets_and_burn_rates_from_the_events() {
         assert_eq!(counted(slo, "valid"), valid, "{slo}\n{text}");
         assert_eq!(counted(slo, "good"), good, "{slo}\n{text}");
     }
-    assert!(
-        text.lines().any(|l| l
-            == r#"meterd_slo_events_total{kind="valid",slo="nobody-availability",tenant="nobody"} 0"#),
-        "{text}"
-    );
+    for line in [
+        r#"meterd_slo_events_total{kind="valid",slo="nobody-availability",tenant="nobody"} 0"#,
+        r#"meterd_slo_events_total{kind="valid",slo="agent-success",tenant="acme"} 11"#,
+        r#"meterd_slo_events_total{kind="good",slo="agent-success",tenant="acme"} 8"#,
+        r#"meterd_slo_events_total{kind="valid",slo="agent-success",tenant="initech"} 5"#,
+        r#"meterd_slo_events_total{kind="good",slo="agent-success",tenant="initech"} 5"#,
+        r#"meterd_slo_events_total{kind="valid",slo="api-availability",tenant=""} 299"#,
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
 
     // The SLO gauges of /metrics: counted when meterd starts and every 30 s after.
     server.stop();
@@ -397,6 +403,88 @@ fn a_bad_slo_stops_startup_naming_the_entry() {
         assert!(
             stderr.contains("slos[0]") && stderr.contains(needle),
             "{stderr}"
+        );
+    }
+}
+
+/// The SLO counters evaluate each filter in meterd, event by event; `GET /v1/slos` counts with
+/// SQL in the store. Over events with missing (NULL) columns and filters using every operator,
+/// both count the same valid and good events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slo_counters_evaluate_filters_as_the_store_does() {
+    let goods = [
+        "route IN ('/a', '/b')",
+        "route NOT IN ('/a')",
+        "NOT (route = '/a')",
+        "route = '/a' OR status_code >= 500",
+        "route = '/a' AND status_code < 500",
+        "route < '/b'",
+        "route >= '/B'",
+        "latency_ms BETWEEN 100 AND 200",
+        "latency_ms NOT BETWEEN 100 AND 200",
+        "method IS NULL",
+        "NOT (method IS NOT NULL AND route = '/a')",
+        "method >= 'HEAD'",
+        "status_code = 200 OR NOT (latency_ms > 150)",
+    ];
+    let mut config = String::new();
+    for (i, good) in goods.iter().enumerate() {
+        config.push_str(&format!(
+            "[[slos]]\nname = \"f{i}\"\ntype = \"api.request\"\ngood = \"{good}\"\n\
+             objective = 0.99\nwindow = \"30d\"\n{}\n",
+            if i % 2 == 0 {
+                "valid = \"method <> 'HEAD'\"\n"
+            } else {
+                ""
+            }
+        ));
+    }
+    let file = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(file.path(), config).expect("write config");
+    let server = Server::start(&["--config", &path(&file)]);
+    let now = Utc::now();
+    let routes = [Some("/a"), Some("/b"), Some("/B"), Some("/c"), None];
+    let methods = [Some("GET"), Some("HEAD"), Some("POST"), None];
+    let mut events = Vec::new();
+    for i in 0..400usize {
+        let status = [200, 404, 500, 503][i % 4];
+        let mut data = json!({ "status_code": status, "latency_ms": (i * 37) % 300 });
+        if let Some(r) = routes[i % routes.len()] {
+            data["route"] = json!(r);
+        }
+        if let Some(m) = methods[(i / 5) % methods.len()] {
+            data["method"] = json!(m);
+        }
+        events.push(json!({
+            "id": format!("f-{i}"), "tenant": "acme", "type": "api.request",
+            "time": rfc3339(now - chrono::Duration::minutes(1 + (i % 50) as i64)), "data": data
+        }));
+    }
+    assert_eq!(server.post_ndjson(&events).await.accepted(), 400);
+    let answer = slos(&server, "").await;
+    let text = crate::metrics::scrape(&server).await;
+    let counter = |name: &str, kind: &str| -> u64 {
+        let line = format!(r#"meterd_slo_events_total{{kind="{kind}",slo="{name}",tenant=""}}"#);
+        text.lines()
+            .find_map(|l| l.strip_prefix(&line)?.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{line} in\n{text}"))
+    };
+    for (i, good) in goods.iter().enumerate() {
+        let name = format!("f{i}");
+        let stored = by_name(&answer, &name, None);
+        let (valid, good_events) = (counter(&name, "valid"), counter(&name, "good"));
+        assert_eq!(
+            (Some(valid), Some(good_events)),
+            (
+                stored["valid_events"].as_u64(),
+                stored["good_events"].as_u64()
+            ),
+            "{name}: {good}"
+        );
+        // Neither side is trivial: some events are good, some are not.
+        assert!(
+            good_events > 0 && good_events < valid,
+            "{name}: {good}: {good_events} of {valid}"
         );
     }
 }
