@@ -337,8 +337,17 @@ async fn a_real_prometheus_runs_every_panel_and_rule_with_data() {
     let target = server.url.trim_start_matches("http://").to_owned();
     let prometheus = Prometheus::start(&target);
 
-    // Every meterd_ name used anywhere in dashboards/ is exported.
-    let scrape = crate::metrics::scrape(&server).await;
+    // Every meterd_ name used anywhere in dashboards/ is exported. The SLO gauges appear once
+    // an evaluation (at startup, then every 30 s) counts events the store has received: the
+    // first one may run before the sink delivered the events of before the restart.
+    let mut scrape = String::new();
+    for _ in 0..90 {
+        scrape = crate::metrics::scrape(&server).await;
+        if scrape.contains("# TYPE meterd_slo_sli ") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let exported: BTreeSet<&str> = scrape
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
