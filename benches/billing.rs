@@ -11,8 +11,9 @@
 //! cargo bench --bench billing -- [--events N] [--tenants N] --postgres-url URL --clickhouse-url URL
 //! ```
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+use common::start_server;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -50,41 +51,6 @@ fn options() -> Result<Options> {
         bail!("--postgres-url and --clickhouse-url are required");
     }
     Ok(o)
-}
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(data_dir: &std::path::Path, args: &[&str]) -> Result<Server> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_meterd"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .args(args)
-        .env("METERD_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting meterd serve")?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .context("reading the listen line")?;
-    let url = line
-        .trim()
-        .strip_prefix("meterd listening on ")
-        .context("unexpected first line")?
-        .to_owned();
-    Ok(Server { child, url })
 }
 
 const MODELS: &[(&str, &str)] = &[

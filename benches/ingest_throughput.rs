@@ -19,8 +19,11 @@
 //! cargo bench --bench ingest_throughput -- [--events N] [--batch N] [--concurrency N] [--tenants N] [--prefill-keys N] [--usage-metrics-ab R]
 //! ```
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+mod common;
+use common::start_server;
+
+use std::io::Write;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,41 +70,6 @@ fn options() -> Result<Options> {
     Ok(o)
 }
 
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(data_dir: &std::path::Path, extra: &[&str]) -> Result<Server> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_meterd"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .args(extra)
-        .env("METERD_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting meterd serve")?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .context("reading the listen line")?;
-    let url = line
-        .trim()
-        .strip_prefix("meterd listening on ")
-        .context("unexpected first line")?
-        .to_owned();
-    Ok(Server { child, url })
-}
-
 fn peak_rss_bytes(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: u64 = status
@@ -119,12 +87,10 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     // are the 14th and 15th fields of the line, the 12th and 13th after it.
     let rest = stat.rsplit_once(')').context("/proc stat")?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields
-        .get(11..13)
-        .context("/proc stat fields")?
-        .iter()
-        .map(|f| f.parse::<f64>().unwrap_or(0.0))
-        .sum();
+    let mut ticks = 0.0;
+    for f in fields.get(11..13).context("/proc stat fields")? {
+        ticks += f.parse::<f64>().context("/proc stat: utime or stime")?;
+    }
     let out = Command::new("getconf").arg("CLK_TCK").output()?;
     let per_second: f64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
     Ok(ticks / per_second)

@@ -11,47 +11,13 @@
 //! cargo bench --bench slos -- [--events N]
 //! ```
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod common;
+use common::start_server;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(data_dir: &std::path::Path, config: &std::path::Path) -> Result<Server> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_meterd"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .arg("--config")
-        .arg(config)
-        .env("METERD_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting meterd serve")?;
-    let stdout = child.stdout.take().context("no stdout")?;
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .context("reading the listen line")?;
-    let url = line
-        .trim()
-        .strip_prefix("meterd listening on ")
-        .context("unexpected first line")?
-        .to_owned();
-    Ok(Server { child, url })
-}
 
 const SLOS: &str = r#"
 [[slos]]
@@ -171,7 +137,8 @@ fn main() -> Result<()> {
     }
     let config = dir.path().join("meterd.toml");
     std::fs::write(&config, SLOS)?;
-    let server = start_server(&dir.path().join("data"), &config)?;
+    let config = config.display().to_string();
+    let server = start_server(&dir.path().join("data"), &["--config", &config])?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

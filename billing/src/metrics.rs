@@ -111,14 +111,8 @@ impl AcceptedObserver for CostObserver {
             let (_, sum) = sums
                 .entry((tenants.get(&e.event.tenant), std::ptr::from_ref(entry)))
                 .or_insert((entry, [0; 4]));
-            let tokens = [
-                Some(u.input_tokens),
-                Some(u.output_tokens),
-                u.cached_input_tokens,
-                u.cache_write_input_tokens,
-            ];
-            for (s, t) in sum.iter_mut().zip(tokens) {
-                *s = s.saturating_add(t.and_then(|t| u64::try_from(t).ok()).unwrap_or(0));
+            for (s, t) in sum.iter_mut().zip(u.priced_tokens()) {
+                *s = s.saturating_add(t);
             }
         }
         for ((tenant, _), (entry, [input, output, cached, cache_write])) in sums {

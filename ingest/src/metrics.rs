@@ -612,20 +612,13 @@ impl UsageMetrics {
             *t.events.entry((tenant, e.data.event_type())).or_default() += 1;
             match &e.data {
                 EventData::LlmUsage(u) => {
-                    let tokens = [
-                        Some(u.input_tokens),
-                        Some(u.output_tokens),
-                        u.cached_input_tokens,
-                        u.cache_write_input_tokens,
-                    ];
                     let (n, sums) = t
                         .tokens
                         .entry((tenant, u.provider.as_str(), u.model.as_str()))
                         .or_default();
                     *n += 1;
-                    for (sum, v) in sums.iter_mut().zip(tokens) {
-                        *sum =
-                            sum.saturating_add(v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0));
+                    for (sum, v) in sums.iter_mut().zip(u.priced_tokens()) {
+                        *sum = sum.saturating_add(v);
                     }
                 }
                 EventData::AgentRun(r) => {

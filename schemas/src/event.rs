@@ -92,6 +92,20 @@ pub struct LlmUsage {
     pub run_id: Option<String>,
 }
 
+impl LlmUsage {
+    /// The priced token counts: input, output, cached input, cache-write input (a count left
+    /// out is 0; validation keeps them at 0 or more).
+    pub fn priced_tokens(&self) -> [u64; 4] {
+        [
+            Some(self.input_tokens),
+            Some(self.output_tokens),
+            self.cached_input_tokens,
+            self.cache_write_input_tokens,
+        ]
+        .map(|n| n.and_then(|n| u64::try_from(n).ok()).unwrap_or(0))
+    }
+}
+
 /// Payload of an `api.request` event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiRequest {
