@@ -457,16 +457,29 @@ pub struct Exported {
     pub billing: meterd_billing::metrics::BillingMetrics,
 }
 
+/// Where invoices and SLOs read usage.
+#[derive(Debug)]
+pub struct Usage {
+    /// The store that serves SQL.
+    pub source: Arc<dyn meterd_billing::UsageSource>,
+    /// The SLO counts kept in memory, when that store allows it.
+    pub slo_cache: Option<Arc<meterd_slo::cache::SloCache>>,
+}
+
 /// Builds the whole HTTP surface.
 pub fn router(
     ingest: Arc<Ingest>,
     query: &Arc<QueryService>,
-    usage: Arc<dyn meterd_billing::UsageSource>,
+    usage: Usage,
     closed: Arc<dyn meterd_billing::ClosedStore>,
     stores: Stores,
     exported: Exported,
     settings: &Settings,
 ) -> anyhow::Result<Router> {
+    let Usage {
+        source: usage,
+        slo_cache,
+    } = usage;
     let Exported {
         registries,
         billing: billing_metrics,
@@ -515,6 +528,7 @@ pub fn router(
             crate::slo::router(
                 Arc::clone(&settings.slos),
                 usage,
+                slo_cache,
                 settings.query.timeout.saturating_mul(4),
             )
             .route_layer(guard(Scope::Query)),
@@ -597,6 +611,13 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let billing_metrics = meterd_billing::metrics::BillingMetrics::new()
         .context("registering the billing metrics")?;
     let mut ingest_config = settings.ingest.clone();
+    // SLOs are kept counted when SQL reads the embedded store, which only this process writes:
+    // told of every batch, the counts know each event that reaches the store.
+    let slo_observed = (settings.sql_source.store_name().is_none() && !settings.slos.is_empty())
+        .then(|| Arc::new(meterd_slo::cache::Observed::new(Arc::clone(&settings.slos))));
+    if let Some(observed) = &slo_observed {
+        ingest_config.changes.0.push(Arc::clone(observed) as _);
+    }
     if ingest_config.usage_metrics {
         let max_series = ingest_config.metric_labels.max_series;
         ingest_config.observers.0.push(Arc::new(
@@ -698,9 +719,24 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         )
     });
     let slo_gauges = crate::slo::SloGauges::new().context("registering the SLO metrics")?;
+    let slo_cache = match (slo_observed, sql_store) {
+        (Some(observed), None) => {
+            let store = Arc::clone(ingest.store());
+            Some(Arc::new(meterd_slo::cache::SloCache::new(
+                observed,
+                Arc::new(move || store.visible_lsn()),
+                slo_gauges.kept_seconds(),
+            )))
+        }
+        _ => None,
+    };
+    let slo_cache_task = slo_cache.as_ref().map(|cache| {
+        crate::slo::spawn_slo_cache(Arc::clone(cache), Arc::clone(&usage), stores_stop.clone())
+    });
     let slo_metrics = crate::slo::spawn_slo_metrics(
         Arc::clone(&settings.slos),
         Arc::clone(&usage),
+        slo_cache.clone(),
         slo_gauges.clone(),
         SLO_METRICS_EVERY,
         settings.ingest.metric_labels.top_tenants,
@@ -709,7 +745,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let app = router(
         Arc::clone(&ingest),
         &query,
-        usage,
+        Usage {
+            source: usage,
+            slo_cache,
+        },
         closed,
         Stores(
             sinks
@@ -771,6 +810,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             && let Err(e) = task.await
         {
             tracing::error!(error = %e, "the SLO metrics task failed");
+        }
+        if let Some(task) = slo_cache_task
+            && let Err(e) = task.await
+        {
+            tracing::error!(error = %e, "the SLO hours task failed");
         }
         flushed
     })

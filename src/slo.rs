@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use meterd_billing::UsageSource;
 use meterd_schemas::Principal;
+use meterd_slo::cache::SloCache;
 use meterd_slo::{Slo, SloScope, SloStatus};
 use serde::Deserialize;
 use serde_json::json;
@@ -18,6 +19,8 @@ use serde_json::json;
 struct SloState {
     slos: Arc<Vec<Slo>>,
     source: Arc<dyn UsageSource>,
+    /// Whole hours already counted, when the store allows keeping them.
+    cache: Option<Arc<SloCache>>,
     /// How long one request may count, all its SLOs together.
     deadline: std::time::Duration,
 }
@@ -26,6 +29,7 @@ struct SloState {
 pub fn router(
     slos: Arc<Vec<Slo>>,
     source: Arc<dyn UsageSource>,
+    cache: Option<Arc<SloCache>>,
     deadline: std::time::Duration,
 ) -> Router {
     Router::new()
@@ -33,6 +37,7 @@ pub fn router(
         .with_state(SloState {
             slos,
             source,
+            cache,
             deadline,
         })
 }
@@ -86,17 +91,18 @@ async fn slos_handler(
             format!("name: there is no SLO named {name:?}"),
         );
     }
-    let chosen: Vec<&Slo> = state
+    let chosen: Vec<(usize, &Slo)> = state
         .slos
         .iter()
-        .filter(|s| {
+        .enumerate()
+        .filter(|(_, s)| {
             params
                 .name
                 .as_deref()
                 .is_none_or(|n| n.is_empty() || s.name == n)
         })
         // With a tenant, the SLOs that can speak of it: per tenant, or of that tenant.
-        .filter(|s| match (&s.scope, tenant.as_deref()) {
+        .filter(|(_, s)| match (&s.scope, tenant.as_deref()) {
             (_, None) => true,
             (SloScope::PerTenant, Some(_)) => true,
             (SloScope::Tenant(own), Some(t)) => own == t,
@@ -106,9 +112,11 @@ async fn slos_handler(
     let now_us = chrono::Utc::now().timestamp_micros();
     let work = async {
         let mut out: Vec<SloStatus> = Vec::new();
-        for slo in chosen {
+        for (index, slo) in chosen {
+            let kept = state.cache.as_deref().map(|c| (c, index));
             out.extend(
-                meterd_slo::evaluate(state.source.as_ref(), slo, now_us, tenant.as_deref()).await?,
+                meterd_slo::evaluate(state.source.as_ref(), slo, now_us, tenant.as_deref(), kept)
+                    .await?,
             );
         }
         Ok::<_, meterd_billing::UsageError>(out)
@@ -135,6 +143,7 @@ pub struct SloGauges {
     valid: prometheus::GaugeVec,
     good: prometheus::GaugeVec,
     updated: prometheus::GaugeVec,
+    kept_seconds: prometheus::IntGaugeVec,
     /// The tenants each SLO has samples for, so those no longer there can be removed.
     shown: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>>,
 }
@@ -178,6 +187,19 @@ impl SloGauges {
                 "When the SLO's gauges were last counted (a store that does not answer leaves them as they were)",
                 &["slo"],
             )?,
+            kept_seconds: {
+                let g = prometheus::IntGaugeVec::new(
+                    prometheus::Opts::new(
+                        "meterd_slo_kept_seconds",
+                        "Event time of the SLO's windows counted by whole hours and kept in \
+                         memory; the rest, and kept hours late events changed, are counted from \
+                         accepted events by minute or from raw events",
+                    ),
+                    &["slo"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             shown: Arc::default(),
             registry,
         })
@@ -185,6 +207,11 @@ impl SloGauges {
 
     pub fn registry(&self) -> &prometheus::Registry {
         &self.registry
+    }
+
+    /// `meterd_slo_kept_seconds{slo}`, for the SLO cache to set.
+    pub fn kept_seconds(&self) -> prometheus::IntGaugeVec {
+        self.kept_seconds.clone()
     }
 
     /// Replaces the samples of SLO `slo` with `statuses`: the new values are set first, then
@@ -243,6 +270,7 @@ impl SloGauges {
 pub fn spawn_slo_metrics(
     slos: Arc<Vec<Slo>>,
     source: Arc<dyn UsageSource>,
+    cache: Option<Arc<SloCache>>,
     gauges: SloGauges,
     every: std::time::Duration,
     top: usize,
@@ -259,9 +287,11 @@ pub fn spawn_slo_metrics(
                 () = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            for slo in slos.iter() {
+            for (index, slo) in slos.iter().enumerate() {
                 let now = chrono::Utc::now();
-                match meterd_slo::evaluate(source.as_ref(), slo, now.timestamp_micros(), None).await
+                let kept = cache.as_deref().map(|c| (c, index));
+                match meterd_slo::evaluate(source.as_ref(), slo, now.timestamp_micros(), None, kept)
+                    .await
                 {
                     Ok(mut statuses) => {
                         if slo.scope == SloScope::PerTenant {
@@ -278,4 +308,35 @@ pub fn spawn_slo_metrics(
             }
         }
     }))
+}
+
+/// How often the kept SLO hours are brought up to date.
+const SLO_CACHE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Keeps `cache` up to date now and every 10 s until `stop`: the hours that closed, and those
+/// late events changed once the store holds them. A store that does not answer is tried again
+/// at the next round (meanwhile those hours are counted from raw events).
+pub fn spawn_slo_cache(
+    cache: Arc<SloCache>,
+    source: Arc<dyn UsageSource>,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SLO_CACHE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now_us = chrono::Utc::now().timestamp_micros();
+            let refresh = cache.refresh(source.as_ref(), now_us);
+            tokio::select! {
+                () = stop.cancelled() => return,
+                done = refresh => if let Err(e) = done {
+                    tracing::warn!(error = %e, "counting SLO hours failed; trying again next round");
+                },
+            }
+        }
+    })
 }

@@ -95,6 +95,8 @@ struct State {
     manifest: Manifest,
     tail: Vec<TailBatch>,
     tail_rows: usize,
+    /// The end of the last batch pushed (0: none since opening).
+    pushed_end: Lsn,
     /// The epoch snapshots taken now belong to.
     epoch: Arc<Epoch>,
 }
@@ -209,9 +211,17 @@ impl EmbeddedStore {
         self.lock().manifest.flushed_lsn
     }
 
+    /// The log position up to which every accepted event is visible to queries (in a Parquet
+    /// file or in the tail): a snapshot taken after reading it holds them all.
+    pub fn visible_lsn(&self) -> Lsn {
+        let st = self.lock();
+        st.pushed_end.max(st.manifest.flushed_lsn)
+    }
+
     /// Adds accepted events (already durable in the log up to `end`) to the tail.
     pub fn push(&self, end: Lsn, batch: RecordBatch) {
         let mut st = self.lock();
+        st.pushed_end = st.pushed_end.max(end);
         if end <= st.manifest.flushed_lsn || batch.num_rows() == 0 {
             return;
         }

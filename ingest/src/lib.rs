@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use crate::embedded::{EmbeddedOptions, EmbeddedStore};
 pub use crate::error::{Error, Result};
 use crate::log::{Consumer, LogOptions, LogShared, LogWriter};
-pub use crate::writer::{Outcome, decode_record};
+pub use crate::writer::{ChangeObserver, Changes, Outcome, decode_record};
 use crate::writer::{Submission, Writer, index_replayed, push_to_store};
 
 /// Settings of the ingest path.
@@ -68,6 +68,8 @@ pub struct IngestConfig {
     pub usage_metrics: bool,
     /// Told of every accepted batch (SLO events, cost), when `usage_metrics` is on.
     pub observers: metrics::Observers,
+    /// Told of every accepted batch and its log position, always.
+    pub changes: Changes,
 }
 
 impl IngestConfig {
@@ -87,6 +89,7 @@ impl IngestConfig {
             metric_labels: metrics::LabelLimits::default(),
             usage_metrics: true,
             observers: metrics::Observers::default(),
+            changes: Changes::default(),
         }
     }
 }
@@ -216,6 +219,7 @@ impl Ingest {
             failed: Arc::clone(&failed),
             clock: now_us,
             metrics: metrics.clone(),
+            changes: config.changes.clone(),
         };
         let writer_thread = std::thread::Builder::new()
             .name("meterd-log-writer".into())

@@ -61,6 +61,26 @@ pub(crate) struct Writer {
     pub clock: fn() -> i64,
     /// Counts outcomes and what is accepted, once it is durable.
     pub metrics: crate::metrics::IngestMetrics,
+    /// Told of every accepted batch once the embedded store shows it.
+    pub changes: Changes,
+}
+
+/// Told of every batch of accepted events, with the log position that makes it durable, after
+/// the embedded store shows it and whether or not usage metrics are on (for caches of counts
+/// over stored events, which must learn of every event that reaches a store). Called on the
+/// log writer's thread: keep it to a pass over the batch.
+pub trait ChangeObserver: Send + Sync {
+    fn changed(&self, end: Lsn, events: &[StoredEvent]);
+}
+
+/// The change observers ingest tells of every accepted batch.
+#[derive(Clone, Default)]
+pub struct Changes(pub Vec<Arc<dyn ChangeObserver>>);
+
+impl std::fmt::Debug for Changes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Changes({})", self.0.len())
+    }
 }
 
 impl Writer {
@@ -152,6 +172,9 @@ impl Writer {
         self.log.append(&payload)?;
         let end = self.log.sync()?;
         push_to_store(&self.store, &stored, end)?;
+        for o in &self.changes.0 {
+            o.changed(end, &stored);
+        }
         self.index
             .insert_batch(fresh.iter().map(|(k, s)| (k.as_slice(), *s)), end)?;
         self.metrics.accepted(&stored);
@@ -232,6 +255,7 @@ mod tests {
                 crate::metrics::Observers::default(),
             )
             .expect("metrics"),
+            changes: Changes::default(),
         };
         let (tx, rx) = mpsc::channel(4);
         let thread = std::thread::spawn(move || writer.run(rx));

@@ -11,6 +11,7 @@ use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::TableType;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::error::{DataFusionError, Result};
@@ -123,7 +124,15 @@ impl EventsTable {
             .try_collect()
             .await?;
 
-        let source = Arc::new(ParquetSource::new(Arc::clone(&self.schema)));
+        // Footers (and page indexes) come from the runtime's metadata cache, bounded by its
+        // size limit, instead of being read again by every query: with a file per day and
+        // flush, opening footers was most of a short query's time.
+        let metadata_cache = state.runtime_env().cache_manager.get_file_metadata_cache();
+        let source = Arc::new(
+            ParquetSource::new(Arc::clone(&self.schema)).with_parquet_file_reader_factory(
+                Arc::new(CachedParquetFileReaderFactory::new(store, metadata_cache)),
+            ),
+        );
         let config = FileScanConfigBuilder::new(url, source)
             .with_file_group(FileGroup::new(partitioned))
             .with_projection_indices(projection.cloned())?

@@ -6,13 +6,14 @@
 //! the `good` and `valid` filters parsed once at startup and rendered in the store's dialect as
 //! meter filters are (three-valued logic: an event whose `good` is unknown is not good).
 
+pub mod cache;
 pub mod metrics;
 
 use std::time::Duration;
 
 use meterd_billing::filter::Filter;
 use meterd_billing::usage::{UsageDialect, UsageError, UsageSource};
-use meterd_schemas::EventType;
+use meterd_schemas::{EventType, StoredEvent};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
@@ -185,20 +186,124 @@ impl Slo {
     }
 
     /// The SLO's window and the burn-rate windows, in µs, the SLO's first.
-    fn windows_us(&self) -> Vec<i64> {
-        let window = i64::try_from(self.window.as_micros()).unwrap_or(i64::MAX);
-        std::iter::once(window)
-            .chain(BURN_WINDOWS.iter().map(|(_, s)| s * 1_000_000))
-            .collect()
+    pub fn windows_us(&self) -> [i64; WINDOWS] {
+        let mut out = [0; WINDOWS];
+        out[0] = i64::try_from(self.window.as_micros()).unwrap_or(i64::MAX);
+        for (o, (_, s)) in out[1..].iter_mut().zip(BURN_WINDOWS) {
+            *o = s * 1_000_000;
+        }
+        out
     }
 }
 
-/// The statement counting an SLO's valid and good events at `now_us` (µs since 1970): a
-/// tenant (or `''`), then valid and good events of each window in the order of
-/// [`Slo::windows_us`]; one row, or one per tenant for a per-tenant SLO.
-pub fn slo_sql(d: &dyn UsageDialect, slo: &Slo, now_us: i64, tenant: Option<&str>) -> String {
-    let windows = slo.windows_us();
-    let longest = windows.iter().copied().max().unwrap_or(0);
+impl Slo {
+    /// The windows `[start, end)` (µs) counted at `now_us`, the SLO's first, then the burn-rate
+    /// windows: each ends at the last whole minute of `now_us`, and starts its length before,
+    /// at a whole minute, or at a whole hour for a window of a day or more (so the store's
+    /// counts by hour answer it).
+    pub fn bounds(&self, now_us: i64) -> [(i64, i64); WINDOWS] {
+        let end = now_us.div_euclid(cache::MINUTE_US) * cache::MINUTE_US;
+        self.windows_us().map(|w| {
+            let unit = if w >= 86_400_000_000 {
+                cache::HOUR_US
+            } else {
+                cache::MINUTE_US
+            };
+            (end.saturating_sub(w).div_euclid(unit) * unit, end)
+        })
+    }
+
+    /// Whether accepted event `e` counts for this SLO, and if so under which tenant (`""` unless
+    /// the SLO is per tenant) and whether it is good: the store's three-valued logic, where an
+    /// unknown `valid` or `good` is false.
+    pub fn counts<'e>(&self, e: &'e StoredEvent) -> Option<(&'e str, bool)> {
+        if e.event.data.event_type() != self.event_type {
+            return None;
+        }
+        let tenant = match &self.scope {
+            SloScope::All => "",
+            SloScope::Tenant(t) if *t == e.event.tenant => "",
+            SloScope::Tenant(_) => return None,
+            SloScope::PerTenant => e.event.tenant.as_str(),
+        };
+        if self.valid.as_ref().is_some_and(|v| v.eval(e) != Some(true)) {
+            return None;
+        }
+        Some((tenant, self.good.eval(e) == Some(true)))
+    }
+}
+
+/// The SLO's window and its burn-rate windows.
+pub const WINDOWS: usize = 1 + BURN_WINDOWS.len();
+
+/// Which of the store's events an SLO counts with its time in one of `ranges` (`[from, to)` in
+/// µs, at least one): of its type, its tenant (or `tenant`'s, for a per-tenant SLO), and valid.
+fn conditions(
+    d: &dyn UsageDialect,
+    slo: &Slo,
+    tenant: Option<&str>,
+    ranges: &[(i64, i64)],
+) -> String {
+    let mut conditions = vec![
+        format!(
+            "{} = {}",
+            d.column("type"),
+            d.text_literal(slo.event_type.as_str())
+        ),
+        any_range(d, ranges),
+    ];
+    let scoped = match (&slo.scope, tenant) {
+        (SloScope::Tenant(t), _) => Some(t.as_str()),
+        (SloScope::PerTenant, Some(t)) => Some(t),
+        _ => None,
+    };
+    if let Some(t) = scoped {
+        conditions.push(format!("{} = {}", d.column("tenant"), d.text_literal(t)));
+    }
+    if let Some(valid) = &slo.valid {
+        conditions.push(format!("({})", valid.render(d)));
+    }
+    conditions.join(" AND ")
+}
+
+/// Time in any of `ranges`; never true without ranges.
+fn any_range(d: &dyn UsageDialect, ranges: &[(i64, i64)]) -> String {
+    match ranges {
+        [] => "1 = 0".to_owned(),
+        [(from, to)] => d.time_range(*from, *to),
+        _ => format!(
+            "({})",
+            ranges
+                .iter()
+                .map(|(from, to)| format!("({})", d.time_range(*from, *to)))
+                .collect::<Vec<_>>()
+                .join(" OR ")
+        ),
+    }
+}
+
+/// The statement counting an SLO's valid and good events whose time is in `raw[i]` for each
+/// window `i` (in the order of [`Slo::windows_us`]): a tenant (or `''`), then valid and good
+/// events of each window; one row, or one per tenant for a per-tenant SLO. `None` when no
+/// window has a range.
+pub fn slo_sql(
+    d: &dyn UsageDialect,
+    slo: &Slo,
+    raw: &[Vec<(i64, i64)>; WINDOWS],
+    tenant: Option<&str>,
+) -> Option<String> {
+    let mut all: Vec<(i64, i64)> = raw.iter().flatten().copied().collect();
+    all.sort_unstable();
+    let mut union: Vec<(i64, i64)> = Vec::with_capacity(all.len());
+    for (from, to) in all {
+        match union.last_mut() {
+            Some(last) if from <= last.1 => last.1 = last.1.max(to),
+            _ => union.push((from, to)),
+        }
+    }
+    if union.is_empty() {
+        return None;
+    }
     let mut select = Vec::new();
     let per_tenant = slo.scope == SloScope::PerTenant;
     select.push(if per_tenant {
@@ -207,8 +312,8 @@ pub fn slo_sql(d: &dyn UsageDialect, slo: &Slo, now_us: i64, tenant: Option<&str
         format!("{} AS c0", d.text_literal(""))
     });
     let good = slo.good.render(d);
-    for (i, w) in windows.iter().enumerate() {
-        let within = d.time_range(now_us.saturating_sub(*w), now_us);
+    for (i, ranges) in raw.iter().enumerate() {
+        let within = any_range(d, ranges);
         select.push(format!(
             "{} AS c{}",
             d.sum(&format!("CASE WHEN {within} THEN 1 ELSE 0 END")),
@@ -222,35 +327,50 @@ pub fn slo_sql(d: &dyn UsageDialect, slo: &Slo, now_us: i64, tenant: Option<&str
             2 * i + 2
         ));
     }
-    let mut conditions = vec![
-        format!(
-            "{} = {}",
-            d.column("type"),
-            d.text_literal(slo.event_type.as_str())
-        ),
-        d.time_range(now_us.saturating_sub(longest), now_us),
-    ];
-    let scoped = match (&slo.scope, tenant) {
-        (SloScope::Tenant(t), _) => Some(t.as_str()),
-        (SloScope::PerTenant, Some(t)) => Some(t),
-        _ => None,
-    };
-    if let Some(t) = scoped {
-        conditions.push(format!("{} = {}", d.column("tenant"), d.text_literal(t)));
-    }
-    if let Some(valid) = &slo.valid {
-        conditions.push(format!("({})", valid.render(d)));
-    }
     let mut sql = format!(
         "SELECT {} FROM {} WHERE {}",
         select.join(", "),
         d.events(),
-        conditions.join(" AND ")
+        conditions(d, slo, tenant, &union)
     );
     if per_tenant {
         sql.push_str(&format!(" GROUP BY {}", d.column("tenant")));
     }
-    sql
+    Some(sql)
+}
+
+/// Each window of `bounds` less its ranges in `covered` (ascending and apart, inside the
+/// window): the ranges `[from, to)` still to be counted from raw events.
+pub fn raw_ranges(
+    bounds: &[(i64, i64); WINDOWS],
+    covered: &[Vec<(i64, i64)>; WINDOWS],
+) -> [Vec<(i64, i64)>; WINDOWS] {
+    std::array::from_fn(|i| {
+        let (start, end) = bounds[i];
+        let mut out = Vec::new();
+        let mut cursor = start;
+        for &(from, to) in &covered[i] {
+            if from > cursor {
+                out.push((cursor, from.min(end)));
+            }
+            cursor = cursor.max(to);
+        }
+        if cursor < end {
+            out.push((cursor, end));
+        }
+        out
+    })
+}
+
+/// A count as a store answers it (`12`, or `12.0` from an exact sum); NULL is 0.
+fn read_count(cell: Option<&str>) -> Option<u64> {
+    match cell {
+        None => Some(0),
+        Some(text) => {
+            let t = text.trim();
+            t.split('.').next().unwrap_or(t).parse::<u64>().ok()
+        }
+    }
 }
 
 /// Valid and good events in one window.
@@ -274,6 +394,10 @@ pub struct SloStatus {
     pub tenant: Option<String>,
     pub objective: f64,
     pub window: String,
+    /// The window counted, `[window_start, window_end)` (RFC 3339, UTC): it ends at the last
+    /// whole minute and starts at a whole minute, or hour for a window of a day or more.
+    pub window_start: String,
+    pub window_end: String,
     pub valid_events: u64,
     pub good_events: u64,
     /// Good over valid events; `None` without valid events.
@@ -345,7 +469,17 @@ fn to_f64(d: Decimal) -> f64 {
 
 /// An SLO's state from its counts: `counts[0]` over the SLO's window, then each burn window in
 /// the order of [`BURN_WINDOWS`].
-pub fn status(slo: &Slo, tenant: Option<String>, counts: &[Counts; 8]) -> SloStatus {
+pub fn status(
+    slo: &Slo,
+    tenant: Option<String>,
+    window: (i64, i64),
+    counts: &[Counts; WINDOWS],
+) -> SloStatus {
+    let at = |us: i64| {
+        chrono::DateTime::<chrono::Utc>::from_timestamp_micros(us)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_default()
+    };
     let allowed = Decimal::ONE - slo.objective;
     let whole = counts[0];
     let total = allowed * Decimal::from(whole.valid);
@@ -372,6 +506,8 @@ pub fn status(slo: &Slo, tenant: Option<String>, counts: &[Counts; 8]) -> SloSta
         tenant,
         objective: to_f64(slo.objective),
         window: slo.window_text.clone(),
+        window_start: at(window.0),
+        window_end: at(window.1),
         valid_events: whole.valid,
         good_events: whole.good,
         sli: (whole.valid > 0)
@@ -398,49 +534,61 @@ pub fn status(slo: &Slo, tenant: Option<String>, counts: &[Counts; 8]) -> SloSta
     }
 }
 
-/// Counts an SLO at `now_us` in the store and answers its state: one status, or one per tenant
-/// with events in the SLO's window (only `tenant`'s when given).
+/// Counts an SLO's windows at `now_us` (see [`Slo::bounds`]) and answers its state: one status,
+/// or one per tenant with events in the SLO's window (only `tenant`'s when given). With `kept`
+/// (the cache and the SLO's index in it), what it holds is read from it and only the rest from
+/// the store.
 pub async fn evaluate(
     source: &dyn UsageSource,
     slo: &Slo,
     now_us: i64,
     tenant: Option<&str>,
+    kept: Option<(&cache::SloCache, usize)>,
 ) -> Result<Vec<SloStatus>, UsageError> {
-    let rows = source
-        .rows(&slo_sql(source.dialect(), slo, now_us, tenant))
-        .await?;
+    let bounds = slo.bounds(now_us);
+    let kept = match kept {
+        Some((cache, index)) => cache.read(index, now_us, &bounds, tenant),
+        None => cache::KeptCounts::default(),
+    };
+    let raw = raw_ranges(&bounds, &kept.covered);
+    let rows = match slo_sql(source.dialect(), slo, &raw, tenant) {
+        Some(sql) => source.rows(&sql).await?,
+        None => Vec::new(),
+    };
     let bad_value = |value: String| UsageError::Value {
         store: source.name().to_owned(),
         value,
     };
-    let mut out = Vec::new();
+    let mut by_tenant: std::collections::BTreeMap<String, [Counts; WINDOWS]> = kept
+        .by_tenant
+        .into_iter()
+        .map(|(t, c)| (t.to_string(), c))
+        .collect();
     for row in rows {
-        let mut counts = [Counts::default(); 8];
+        let row_tenant = row.first().cloned().flatten().unwrap_or_default();
+        let counts = by_tenant
+            .entry(row_tenant)
+            .or_insert([Counts::default(); WINDOWS]);
         for (i, c) in counts.iter_mut().enumerate() {
-            let read = |cell: Option<&Option<String>>| -> Result<u64, UsageError> {
-                match cell.cloned().flatten() {
-                    None => Ok(0),
-                    Some(text) => {
-                        let t = text.trim();
-                        // Exact sums may come back as `12` or `12.0`.
-                        let whole = t.split('.').next().unwrap_or(t);
-                        whole.parse::<u64>().map_err(|_| bad_value(text.clone()))
-                    }
-                }
-            };
-            c.valid = read(row.get(2 * i + 1))?;
-            c.good = read(row.get(2 * i + 2))?;
+            for (n, at) in [(&mut c.valid, 2 * i + 1), (&mut c.good, 2 * i + 2)] {
+                let cell = row.get(at).cloned().flatten();
+                *n += read_count(cell.as_deref())
+                    .ok_or_else(|| bad_value(cell.unwrap_or_default()))?;
+            }
         }
+    }
+    let mut out = Vec::new();
+    for (row_tenant, counts) in by_tenant {
         let row_tenant = match &slo.scope {
             SloScope::All => None,
             SloScope::Tenant(t) => Some(t.clone()),
-            SloScope::PerTenant => Some(row.first().cloned().flatten().unwrap_or_default()),
+            SloScope::PerTenant => Some(row_tenant),
         };
         // A per-tenant SLO lists the tenants with events; the others always answer.
         if slo.scope == SloScope::PerTenant && counts.iter().all(|c| c.valid == 0) {
             continue;
         }
-        out.push(status(slo, row_tenant, &counts));
+        out.push(status(slo, row_tenant, bounds[0], &counts));
     }
     if out.is_empty() && slo.scope != SloScope::PerTenant {
         out.push(status(
@@ -449,7 +597,8 @@ pub async fn evaluate(
                 SloScope::Tenant(t) => Some(t.clone()),
                 _ => None,
             },
-            &[Counts::default(); 8],
+            bounds[0],
+            &[Counts::default(); WINDOWS],
         ));
     }
     out.sort_by(|a, b| a.tenant.cmp(&b.tenant));
@@ -475,13 +624,49 @@ mod tests {
         .expect("slo")
     }
 
+    /// A dialect for statements that are only looked at.
+    struct Plain;
+    impl meterd_billing::filter::FilterDialect for Plain {}
+    impl UsageDialect for Plain {
+        fn time_range(&self, from_us: i64, to_us: i64) -> String {
+            format!("time_us >= {from_us} AND time_us < {to_us}")
+        }
+        fn sum(&self, column: &str) -> String {
+            format!("sum({column})")
+        }
+        fn latest(&self, column: &str) -> String {
+            column.to_owned()
+        }
+        fn time_us(&self) -> String {
+            "time_us".to_owned()
+        }
+    }
+
+    #[test]
+    fn the_statement_counts_each_window_over_its_raw_ranges() {
+        let mut raw: [Vec<(i64, i64)>; WINDOWS] = Default::default();
+        raw[0] = vec![(0, 10), (90, 100)];
+        raw[1] = vec![(90, 100)];
+        let sql = slo_sql(&Plain, &slo("0.99", "30d"), &raw, None).expect("a statement");
+        // The windows' ranges, and only those, are read.
+        assert!(
+            sql.contains("((time_us >= 0 AND time_us < 10) OR (time_us >= 90 AND time_us < 100))"),
+            "{sql}"
+        );
+        // A window without raw ranges counts nothing from the store.
+        assert!(
+            sql.contains("sum(CASE WHEN 1 = 0 THEN 1 ELSE 0 END) AS c5"),
+            "{sql}"
+        );
+    }
+
     fn c(valid: u64, good: u64) -> Counts {
         Counts { valid, good }
     }
 
     #[test]
     fn a_budget_exactly_used_up() {
-        let s = status(&slo("0.99", "30d"), None, &[c(1000, 990); 8]);
+        let s = status(&slo("0.99", "30d"), None, (0, 0), &[c(1000, 990); WINDOWS]);
         assert_eq!(s.sli, Some(0.99));
         assert_eq!(s.error_budget.total, 10.0);
         assert_eq!(s.error_budget.used, 10);
@@ -511,7 +696,7 @@ mod tests {
             c(20_000, 19_980),  // 1d: 1
             c(0, 0),            // 3d: no events, 0
         ];
-        let s = status(&slo("0.999", "30d"), None, &counts);
+        let s = status(&slo("0.999", "30d"), None, (0, 0), &counts);
         assert_eq!(
             s.burn_rates.each(),
             [
@@ -534,7 +719,7 @@ mod tests {
         // A rate exactly at the threshold does not page: the rule is "above".
         let mut at = counts;
         at[3] = c(10_000, 10_000 - 144); // 1h: 1.44% bad, 14.4
-        let s = status(&slo("0.999", "30d"), None, &at);
+        let s = status(&slo("0.999", "30d"), None, (0, 0), &at);
         assert_eq!(s.burn_rates.h1, 14.4);
         assert!(!s.alerts.fast_burn);
         assert!(s.alerts.slow_burn);
@@ -542,7 +727,12 @@ mod tests {
 
     #[test]
     fn no_events_burn_nothing() {
-        let s = status(&slo("0.999", "7d"), None, &[Counts::default(); 8]);
+        let s = status(
+            &slo("0.999", "7d"),
+            None,
+            (0, 0),
+            &[Counts::default(); WINDOWS],
+        );
         assert_eq!(s.sli, None);
         assert_eq!(s.valid_events, 0);
         assert_eq!(s.error_budget.total, 0.0);
@@ -554,11 +744,62 @@ mod tests {
 
     #[test]
     fn a_spent_budget_goes_negative() {
-        let s = status(&slo("0.9", "1d"), None, &[c(100, 70); 8]);
+        let s = status(&slo("0.9", "1d"), None, (0, 0), &[c(100, 70); WINDOWS]);
         assert_eq!(s.error_budget.total, 10.0);
         assert_eq!(s.error_budget.used, 30);
         assert_eq!(s.error_budget.remaining, -20.0);
         assert_eq!(s.error_budget.remaining_ratio, -2.0);
+    }
+
+    #[test]
+    fn windows_end_at_a_whole_minute_and_long_ones_start_at_a_whole_hour() {
+        use cache::{HOUR_US, MINUTE_US};
+        // 20 minutes and 30 seconds past an hour.
+        let now = 1_000 * HOUR_US + 20 * MINUTE_US + 30_000_000;
+        let end = 1_000 * HOUR_US + 20 * MINUTE_US;
+        let b = slo("0.999", "2d").bounds(now);
+        // 2d: from the whole hour at or before two days back.
+        assert_eq!(b[0], (952 * HOUR_US, end));
+        // 5m, 30m, 1h, 2h, 6h: whole minutes.
+        assert_eq!(b[1], (end - 5 * MINUTE_US, end));
+        assert_eq!(b[5], (end - 6 * HOUR_US, end));
+        // 1d and 3d: whole hours.
+        assert_eq!(b[6], (976 * HOUR_US, end));
+        assert_eq!(b[7], (928 * HOUR_US, end));
+        // A window of a few minutes less than a day starts at a minute.
+        let b = slo("0.999", "1439m").bounds(now);
+        assert_eq!(b[0], (end - 1_439 * MINUTE_US, end));
+    }
+
+    #[test]
+    fn raw_ranges_are_each_window_less_what_is_kept() {
+        use cache::HOUR_US;
+        let bounds: [(i64, i64); WINDOWS] = std::array::from_fn(|i| (i as i64 * 10, 100 * HOUR_US));
+        let mut covered: [Vec<(i64, i64)>; WINDOWS] = Default::default();
+        covered[0] = vec![(0, HOUR_US), (3 * HOUR_US, 99 * HOUR_US)];
+        covered[1] = vec![(10, 100 * HOUR_US)];
+        covered[2] = vec![(50 * HOUR_US, 60 * HOUR_US)];
+        let raw = raw_ranges(&bounds, &covered);
+        assert_eq!(
+            raw[0],
+            vec![(HOUR_US, 3 * HOUR_US), (99 * HOUR_US, 100 * HOUR_US)]
+        );
+        assert!(raw[1].is_empty());
+        assert_eq!(
+            raw[2],
+            vec![(20, 50 * HOUR_US), (60 * HOUR_US, 100 * HOUR_US)]
+        );
+        // Nothing kept: the window whole, as a plain count over it.
+        assert_eq!(raw[3], vec![(30, 100 * HOUR_US)]);
+        for (i, ranges) in raw.iter().enumerate() {
+            let kept: i64 = covered[i].iter().map(|(a, b)| b - a).sum();
+            let counted: i64 = ranges.iter().map(|(a, b)| b - a).sum();
+            assert_eq!(kept + counted, bounds[i].1 - bounds[i].0, "window {i}");
+        }
+        // Nothing raw at all: no statement.
+        let all: [Vec<(i64, i64)>; WINDOWS] = std::array::from_fn(|i| vec![bounds[i]]);
+        let d = Plain;
+        assert!(slo_sql(&d, &slo("0.99", "30d"), &raw_ranges(&bounds, &all), None).is_none());
     }
 
     #[test]

@@ -55,21 +55,17 @@ impl AcceptedObserver for SloCounters {
         let mut counts: HashMap<(usize, &str), (u64, u64)> = HashMap::new();
         for e in events {
             for (i, slo) in self.slos.iter().enumerate() {
-                if e.event.data.event_type() != slo.event_type {
+                let Some((tenant, good)) = slo.counts(e) else {
                     continue;
-                }
+                };
                 let tenant = match &slo.scope {
                     SloScope::All => "",
-                    SloScope::Tenant(t) if *t == e.event.tenant => t.as_str(),
-                    SloScope::Tenant(_) => continue,
-                    SloScope::PerTenant => tenants.get(&e.event.tenant),
+                    SloScope::Tenant(t) => t.as_str(),
+                    SloScope::PerTenant => tenants.get(tenant),
                 };
-                if slo.valid.as_ref().is_some_and(|v| v.eval(e) != Some(true)) {
-                    continue;
-                }
-                let (valid, good) = counts.entry((i, tenant)).or_default();
+                let (valid, goods) = counts.entry((i, tenant)).or_default();
                 *valid += 1;
-                *good += u64::from(slo.good.eval(e) == Some(true));
+                *goods += u64::from(good);
             }
         }
         for ((i, tenant), (valid, good)) in counts {

@@ -30,7 +30,7 @@ pub(crate) async fn scrape(server: &Server) -> String {
 }
 
 /// The value of the sample `series` (name and labels as exposed), or a failure naming it.
-fn sample(scrape: &str, series: &str) -> f64 {
+pub(crate) fn sample(scrape: &str, series: &str) -> f64 {
     scrape
         .lines()
         .find_map(|line| {

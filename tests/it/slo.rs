@@ -488,3 +488,244 @@ async fn slo_counters_evaluate_filters_as_the_store_does() {
         );
     }
 }
+
+/// One api.request of [`kept_counts_answer_as_raw_events_do`].
+struct Sent {
+    tenant: &'static str,
+    time: DateTime<Utc>,
+    healthz: bool,
+    status: i64,
+    latency_ms: i64,
+}
+
+impl Sent {
+    fn json(&self, id: &str) -> Value {
+        let mut e = request(
+            self.tenant,
+            id,
+            self.time,
+            if self.healthz { "/healthz" } else { "/v1/chat" },
+            self.status,
+        );
+        e["data"]["latency_ms"] = json!(self.latency_ms);
+        e
+    }
+}
+
+/// Whole hours of an SLO's window are kept counted in memory and only the rest read from the
+/// store: the answers still equal counts over the raw events, worked out here from what was
+/// sent, before and after late events land in kept hours, once those are counted again, and
+/// after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_counts_answer_as_raw_events_do() {
+    const KEPT: &str = r#"
+[[slos]]
+name = "kept-api"
+type = "api.request"
+good = "status_code < 500"
+valid = "route <> '/healthz'"
+objective = 0.99
+window = "3d"
+
+[[slos]]
+name = "kept-per-tenant"
+type = "api.request"
+good = "latency_ms <= 100"
+objective = 0.9
+window = "1d"
+per_tenant = true
+"#;
+    let file = tempfile::NamedTempFile::new().expect("config file");
+    std::fs::write(file.path(), KEPT).expect("write config");
+    let mut server = Server::start(&["--config", &path(&file)]);
+    let now = Utc::now();
+    let tenants = ["acme", "initech", "umbrella"];
+    let event = |i: i64, ago: i64| Sent {
+        tenant: tenants[(i % 3) as usize],
+        time: now - chrono::Duration::minutes(ago),
+        healthz: i % 7 == 0,
+        status: [200, 200, 503, 200, 500, 404][(i % 6) as usize],
+        latency_ms: (i * 37) % 200,
+    };
+    // Every 23 minutes over three days, and a few in the last minutes.
+    let mut sent: Vec<Sent> = (0..200i64)
+        .map(|i| event(i, if i < 10 { i } else { 20 + i * 23 }))
+        .collect();
+    let post = |events: &[Sent], prefix: &str| {
+        events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| e.json(&format!("{prefix}-{i}")))
+            .collect::<Vec<_>>()
+    };
+    let first = post(&sent, "a");
+    assert_eq!(
+        server.post_ndjson(&first).await.accepted(),
+        first.len() as u64
+    );
+
+    // The counts of each window (the SLO's, then 5m .. 3d) over `sent`, as the store would:
+    // each ends at `end` (a whole minute) and starts its length before, at a whole minute, or
+    // at a whole hour for a day or more.
+    let windows = [1_440 * 3, 5, 30, 60, 120, 360, 1_440, 4_320];
+    let expected = |sent: &[Sent],
+                    end: DateTime<Utc>,
+                    window_0: i64,
+                    tenant: Option<&str>,
+                    good: &dyn Fn(&Sent) -> bool,
+                    valid: &dyn Fn(&Sent) -> bool| {
+        let mut w = windows;
+        w[0] = window_0;
+        w.map(|minutes| {
+            let unit = if minutes >= 1_440 { 3_600 } else { 60 };
+            let from = (end - chrono::Duration::minutes(minutes)).timestamp();
+            let from =
+                DateTime::<Utc>::from_timestamp(from - from.rem_euclid(unit), 0).expect("a time");
+            let counted: Vec<&Sent> = sent
+                .iter()
+                .filter(|e| e.time >= from && e.time < end)
+                .filter(|e| tenant.is_none_or(|t| t == e.tenant) && valid(e))
+                .collect();
+            (
+                counted.len() as u64,
+                counted.iter().filter(|e| good(e)).count() as u64,
+            )
+        })
+    };
+    let check = |answer: &Value, sent: &[Sent]| {
+        let end = |s: &Value| -> DateTime<Utc> {
+            s["window_end"]
+                .as_str()
+                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                .unwrap_or_else(|| panic!("window_end in {s}"))
+                .with_timezone(&Utc)
+        };
+        let api = by_name(answer, "kept-api", None);
+        // An answer, its windows' (valid, good) counts, and the share of bad events allowed.
+        type Case<'a> = (&'a Value, [(u64, u64); 8], f64);
+        let mut cases: Vec<Case> = vec![(
+            api,
+            expected(sent, end(api), 4_320, None, &|e| e.status < 500, &|e| {
+                !e.healthz
+            }),
+            0.01,
+        )];
+        for t in tenants {
+            let s = by_name(answer, "kept-per-tenant", Some(t));
+            cases.push((
+                s,
+                expected(
+                    sent,
+                    end(s),
+                    1_440,
+                    Some(t),
+                    &|e| e.latency_ms <= 100,
+                    &|_| true,
+                ),
+                0.1,
+            ));
+        }
+        for (s, counts, allowed) in cases {
+            // The window counted, as the answer states it.
+            let start =
+                DateTime::parse_from_rfc3339(s["window_start"].as_str().unwrap_or_default())
+                    .expect("window_start");
+            assert_eq!(start.timestamp() % 3_600, 0, "{s}");
+            assert_eq!(end(s).timestamp() % 60, 0, "{s}");
+            assert_eq!(
+                (s["valid_events"].as_u64(), s["good_events"].as_u64()),
+                (Some(counts[0].0), Some(counts[0].1)),
+                "{s}"
+            );
+            for ((window, _), (valid, good)) in meterd_slo::BURN_WINDOWS.iter().zip(&counts[1..]) {
+                let rate = if *valid == 0 {
+                    0.0
+                } else {
+                    (valid - good) as f64 / *valid as f64 / allowed
+                };
+                assert!(
+                    close(&s["burn_rates"][*window], rate),
+                    "{window}: {} against {rate} ({good} of {valid}) in {s}",
+                    s["burn_rates"][*window]
+                );
+            }
+        }
+    };
+    // Until every whole hour of both windows is kept (one refresh counts them all).
+    async fn wait_kept(server: &Server) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let text = crate::metrics::scrape(server).await;
+            let kept = |slo: &str| {
+                text.lines()
+                    .find_map(|l| {
+                        l.strip_prefix(&format!("meterd_slo_kept_seconds{{slo=\"{slo}\"}} "))?
+                            .parse::<u64>()
+                            .ok()
+                    })
+                    .unwrap_or(0)
+            };
+            if kept("kept-api") >= 71 * 3_600 && kept("kept-per-tenant") >= 71 * 3_600 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "SLO hours not kept after 90 s:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    wait_kept(&server).await;
+    check(&slos(&server, "").await, &sent);
+    // One tenant of the per-tenant SLO alone.
+    let acme = slos(&server, "?tenant=acme").await;
+    assert_eq!(acme["slos"].as_array().map(Vec::len), Some(1), "{acme}");
+    let all = slos(&server, "").await;
+    assert_eq!(
+        by_name(&acme, "kept-per-tenant", Some("acme")),
+        by_name(&all, "kept-per-tenant", Some("acme"))
+    );
+
+    // Late events into kept hours (bad ones, so each moves a burn rate): counted at once.
+    let late: Vec<Sent> = (0..40i64)
+        .map(|i| Sent {
+            status: 500,
+            latency_ms: 150,
+            ..event(i, 200 + i * 97)
+        })
+        .collect();
+    assert_eq!(
+        server.post_ndjson(&post(&late, "late")).await.accepted(),
+        late.len() as u64
+    );
+    sent.extend(late);
+    check(&slos(&server, "").await, &sent);
+    // Once those hours are counted again (every 10 s), and after a restart.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    check(&slos(&server, "").await, &sent);
+    // Now every window is read from memory: a request runs no statement in the store (a
+    // background count may run beside one, so a few tries).
+    let statements = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("meterd_sql_queries_total{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    let mut from_memory = false;
+    for _ in 0..5 {
+        let before = statements(&crate::metrics::scrape(&server).await);
+        check(&slos(&server, "").await, &sent);
+        if statements(&crate::metrics::scrape(&server).await) == before {
+            from_memory = true;
+            break;
+        }
+    }
+    assert!(
+        from_memory,
+        "every GET /v1/slos ran statements in the store"
+    );
+    server.stop();
+    server.restart();
+    wait_kept(&server).await;
+    check(&slos(&server, "").await, &sent);
+}
