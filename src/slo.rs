@@ -192,8 +192,9 @@ impl SloGauges {
                     prometheus::Opts::new(
                         "meterd_slo_kept_seconds",
                         "Event time of the SLO's windows counted by whole hours and kept in \
-                         memory; the rest, and kept hours late events changed, are counted from \
-                         accepted events by minute or from raw events",
+                         memory (as of the last count, every 10 s); the rest, and kept hours late \
+                         events changed since, are counted from accepted events by minute or \
+                         from raw events",
                     ),
                     &["slo"],
                 )?;

@@ -279,7 +279,8 @@ pub struct SloCache {
     observed: Arc<Observed>,
     position: Position,
     kept: Vec<Mutex<Kept>>,
-    /// `meterd_slo_kept_seconds{slo}` (whole hours kept, in seconds), set after each refresh.
+    /// `meterd_slo_kept_seconds{slo}` (whole hours kept that still hold, in seconds), set after
+    /// each refresh.
     kept_seconds: prometheus::IntGaugeVec,
 }
 
@@ -449,7 +450,14 @@ impl SloCache {
                 break;
             }
         }
-        let hours = lock(&self.kept[index]).hours.len();
+        let hours = {
+            let kept = lock(&self.kept[index]);
+            let observed = lock(&self.observed.state);
+            kept.hours
+                .iter()
+                .filter(|(h, k)| observed.touched_at(slo.event_type, **h) <= k.as_of)
+                .count()
+        };
         self.kept_seconds.with_label_values(&[&slo.name]).set(
             i64::try_from(hours)
                 .unwrap_or(i64::MAX)

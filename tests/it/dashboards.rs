@@ -420,7 +420,7 @@ async fn a_real_prometheus_runs_every_panel_and_rule_with_data() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    assert_eq!(rules.len(), 12, "{rules:?}");
+    assert_eq!(rules.len(), 13, "{rules:?}");
     for rule in &rules {
         assert_eq!(rule["health"], "ok", "{rule}");
         if rule["type"] == "recording" {
