@@ -232,11 +232,14 @@ struct Metrics {
 }
 
 /// Each external store's delivery: `meterd_store_delivery_lag_bytes` (the log not yet
-/// confirmed by it), `meterd_store_connected`, `meterd_store_delivery_errors_total`.
+/// confirmed by it) and `_events` and `_seconds`, `meterd_store_connected`,
+/// `meterd_store_delivery_errors_total`.
 #[derive(Clone)]
 struct StoreGauges {
     registry: prometheus::Registry,
     lag: prometheus::IntGaugeVec,
+    lag_events: prometheus::IntGaugeVec,
+    backlog: Option<Arc<meterd_ingest::backlog::Backlog>>,
     lag_seconds: prometheus::GaugeVec,
     refresh_lag: prometheus::GaugeVec,
     connected: prometheus::IntGaugeVec,
@@ -250,8 +253,19 @@ struct StoreGauges {
 }
 
 impl StoreGauges {
-    fn new(stores: Stores) -> prometheus::Result<Self> {
+    fn new(
+        stores: Stores,
+        backlog: Option<Arc<meterd_ingest::backlog::Backlog>>,
+    ) -> prometheus::Result<Self> {
         let registry = prometheus::Registry::new();
+        let lag_events = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new(
+                "meterd_store_delivery_lag_events",
+                "Accepted events the store has not confirmed yet (no sample until the log \
+                 written before meterd started has been counted)",
+            ),
+            &["store"],
+        )?;
         let lag = prometheus::IntGaugeVec::new(
             prometheus::Opts::new(
                 "meterd_store_delivery_lag_bytes",
@@ -291,6 +305,7 @@ impl StoreGauges {
             &["store"],
         )?;
         registry.register(Box::new(lag.clone()))?;
+        registry.register(Box::new(lag_events.clone()))?;
         registry.register(Box::new(lag_seconds.clone()))?;
         registry.register(Box::new(refresh_lag.clone()))?;
         registry.register(Box::new(connected.clone()))?;
@@ -298,6 +313,8 @@ impl StoreGauges {
         Ok(Self {
             registry,
             lag,
+            lag_events,
+            backlog,
             lag_seconds,
             refresh_lag,
             connected,
@@ -357,6 +374,15 @@ impl StoreGauges {
             self.lag
                 .with_label_values(&name)
                 .set(i64::try_from(lag).unwrap_or(i64::MAX));
+            if let Some(events) = self
+                .backlog
+                .as_ref()
+                .and_then(|b| b.events_after(status.delivered()))
+            {
+                self.lag_events
+                    .with_label_values(&name)
+                    .set(i64::try_from(events).unwrap_or(i64::MAX));
+            }
             let from = status.delivered().max(log.start());
             let oldest = if from >= end {
                 Ok(None)
@@ -455,6 +481,8 @@ pub struct Exported {
     pub registries: Vec<prometheus::Registry>,
     /// Billing's families, also counted by the close endpoint.
     pub billing: meterd_billing::metrics::BillingMetrics,
+    /// The log's event counts, for the stores' lag in events (with external stores).
+    pub backlog: Option<Arc<meterd_ingest::backlog::Backlog>>,
 }
 
 /// Where invoices and SLOs read usage.
@@ -483,6 +511,7 @@ pub fn router(
     let Exported {
         registries,
         billing: billing_metrics,
+        backlog,
     } = exported;
     let mut keys = Keys::default();
     for k in &settings.api_keys {
@@ -541,7 +570,7 @@ pub fn router(
                         ingest: Arc::clone(&ingest),
                         query: Arc::clone(query),
                         more: registries,
-                        stores: StoreGauges::new(stores.clone())
+                        stores: StoreGauges::new(stores.clone(), backlog)
                             .context("registering the stores' metrics")?,
                         http: http.registry.clone(),
                     }),
@@ -618,6 +647,12 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     if let Some(observed) = &slo_observed {
         ingest_config.changes.0.push(Arc::clone(observed) as _);
     }
+    // Each external store's lag in events: the log's records counted as they are written.
+    let backlog = (settings.postgres.is_some() || settings.clickhouse.is_some())
+        .then(|| Arc::new(meterd_ingest::backlog::Backlog::default()));
+    if let Some(backlog) = &backlog {
+        ingest_config.changes.0.push(Arc::clone(backlog) as _);
+    }
     if ingest_config.usage_metrics {
         let max_series = ingest_config.metric_labels.max_series;
         ingest_config.observers.0.push(Arc::new(
@@ -641,6 +676,17 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
                 settings.ingest.data_dir.display()
             )
         })?;
+    if let Some(backlog) = &backlog {
+        // Nothing is accepted before the listener starts: the log up to here was written by
+        // earlier runs.
+        let (backlog, log) = (Arc::clone(backlog), Arc::clone(ingest.log()));
+        let end = log.durable_end();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = backlog.count_existing(&log, end) {
+                tracing::warn!(error = %e, "counting the events of the log for the stores' lag; meterd_store_delivery_lag_events stays absent");
+            }
+        });
+    }
     // Stores stop after ingest has drained, so they can still take its last batches.
     let stores_stop = CancellationToken::new();
     let mut configured: Vec<Arc<dyn Store>> = Vec::new();
@@ -666,6 +712,9 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             shutdown: stores_stop.clone(),
         });
         sinks.push((Arc::clone(store), handle));
+    }
+    if let Some(backlog) = &backlog {
+        backlog.watch(sinks.iter().map(|(_, h)| Arc::clone(&h.status)).collect());
     }
     let sql_store = settings
         .sql_source
@@ -763,6 +812,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
                 billing_metrics.registry().clone(),
             ],
             billing: billing_metrics,
+            backlog: backlog.clone(),
         },
         &settings,
     )?;

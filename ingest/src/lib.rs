@@ -6,6 +6,7 @@
 //! plus the unflushed tail, meterd's default store) and [`http`] (`POST /v1/events`). [`Ingest`]
 //! ties them together and owns their threads.
 
+pub mod backlog;
 pub mod decode;
 pub mod dedup;
 pub mod embedded;
@@ -64,11 +65,12 @@ pub struct IngestConfig {
     /// How many label values the usage metrics give series of their own.
     pub metric_labels: metrics::LabelLimits,
     /// Count every accepted event into the per-tenant usage families and tell `observers`;
-    /// off, ingest does no per-event counting.
+    /// off, ingest does none of that counting (`changes` are told regardless).
     pub usage_metrics: bool,
     /// Told of every accepted batch (SLO events, cost), when `usage_metrics` is on.
     pub observers: metrics::Observers,
-    /// Told of every accepted batch and its log position, always.
+    /// Told of every batch accepted from now on and its log position, whether or not
+    /// `usage_metrics` is on.
     pub changes: Changes,
 }
 

@@ -66,9 +66,9 @@ pub(crate) struct Writer {
 }
 
 /// Told of every batch of accepted events, with the log position that makes it durable, after
-/// the embedded store shows it and whether or not usage metrics are on (for caches of counts
-/// over stored events, which must learn of every event that reaches a store). Called on the
-/// log writer's thread: keep it to a pass over the batch.
+/// the embedded store shows it and whether or not usage metrics are on (for counts kept over
+/// stored events). Records replayed when ingest opens are not told: they were accepted by an
+/// earlier run. Called on the log writer's thread: keep it to a pass over the batch.
 pub trait ChangeObserver: Send + Sync {
     fn changed(&self, end: Lsn, events: &[StoredEvent]);
 }

@@ -15,13 +15,20 @@
 //! - **Minutes counted as events are accepted.** [`Observed`] evaluates every SLO's filters on
 //!   each accepted event (as the SLO event counters do, with the stores' three-valued logic) and
 //!   counts it in its minute of event time, for the last [`RECENT`] of event time. Those counts
-//!   are the store's for every minute after the latest event time the store held when the
-//!   process started (found by one statement at startup): every event of those minutes was
-//!   accepted, and so seen, by this process.
+//!   are the store's for every minute after the latest event time the store held when it was
+//!   first asked (at the first refresh, after ingest opened, so after the log's replay, whose
+//!   events the observer never sees): every event of those minutes was accepted, and so seen,
+//!   by this process.
 //!
 //! A window `[start, end)` is read as its minutes from the second kind from the latest whole
-//! hour they cover, kept hours before that, and raw events for the rest; once the process has
-//! run for [`RECENT`], nothing is read from the store.
+//! hour they cover, kept hours that still hold before that, and raw events for the rest. Once
+//! the first refresh has answered, windows of a day or more read nothing from the store;
+//! shorter ones once the process has run for [`RECENT`] (at once on an empty store). An SLO
+//! past the entry limits, and hours late events changed since they were counted, are read from
+//! raw events.
+//!
+//! An answer counts every event acknowledged before the request; one batch being committed
+//! meanwhile may be counted in part (it is in the store before it is observed).
 //!
 //! Only a store this process alone writes may be read this way: late events another node
 //! delivers would never be reported here. The binary uses it for the embedded store.
@@ -104,8 +111,11 @@ struct ObservedState {
     touched: HashMap<(EventType, i64), Lsn>,
     /// Every hour counts as touched at this position (set when `touched` had to be emptied).
     all_touched: Lsn,
-    /// By SLO: valid and good accepted events by minute of event time.
-    minutes: Vec<BTreeMap<i64, ByTenant>>,
+    /// By SLO: valid and good accepted events by minute of event time (shared with readers,
+    /// copied on write while one holds a minute).
+    minutes: Vec<BTreeMap<i64, Arc<ByTenant>>>,
+    /// Minutes before this one have been forgotten (it only grows, whatever the clock does).
+    forgotten_before: i64,
     /// Tenant entries in `minutes`, by SLO.
     minute_entries: Vec<usize>,
     /// By SLO: too many entries, minutes not kept.
@@ -116,6 +126,18 @@ struct ObservedState {
 }
 
 impl ObservedState {
+    /// Minutes are the store's from here on, for SLO `index` (`i64::MAX`: not kept), in whole
+    /// hours so the hours before are kept ones.
+    fn minutes_from(&self, index: usize, now_us: i64) -> i64 {
+        match self.exact_from {
+            Some(exact) if !self.minutes_off[index] => ceil_to(
+                exact.max(now_us - recent_us()).max(self.forgotten_before),
+                HOUR_US,
+            ),
+            _ => i64::MAX,
+        }
+    }
+
     fn touched_at(&self, event_type: EventType, hour: i64) -> Lsn {
         self.touched
             .get(&(event_type, hour))
@@ -151,9 +173,11 @@ impl Observed {
 impl ChangeObserver for Observed {
     fn changed(&self, end: Lsn, events: &[StoredEvent]) {
         let now_us = chrono::Utc::now().timestamp_micros();
-        // Kept a little longer than read, so an event accepted a while ago counts.
+        // Kept an hour longer than read (see `minutes_from`), so an event accepted a while ago
+        // counts.
         let oldest_minute = floor_to(now_us - recent_us() - HOUR_US, MINUTE_US);
         let mut hours: Vec<(EventType, i64)> = Vec::new();
+        let minutes_off = lock(&self.state).minutes_off.clone();
         // (SLO, minute, tenant) to counts, so the lock is taken once a batch.
         let mut counted: HashMap<(usize, i64, &str), Counts> = HashMap::new();
         for e in events {
@@ -167,6 +191,9 @@ impl ChangeObserver for Observed {
                 continue;
             }
             for (i, slo) in self.slos.iter().enumerate() {
+                if minutes_off[i] {
+                    continue;
+                }
                 if let Some((tenant, good)) = slo.counts(e) {
                     let c = counted.entry((i, minute, tenant)).or_default();
                     c.valid += 1;
@@ -193,11 +220,13 @@ impl ChangeObserver for Observed {
             }
         }
         let st = &mut *st;
+        st.forgotten_before = st.forgotten_before.max(oldest_minute);
+        let oldest_minute = st.forgotten_before;
         for ((i, minute, tenant), counts) in counted {
-            if st.minutes_off[i] {
+            if st.minutes_off[i] || minute < oldest_minute {
                 continue;
             }
-            let cell = st.minutes[i].entry(minute).or_default();
+            let cell = Arc::make_mut(st.minutes[i].entry(minute).or_default());
             st.minute_entries[i] += usize::from(add_to(cell, tenant, counts));
         }
         for i in 0..self.slos.len() {
@@ -313,7 +342,8 @@ impl SloCache {
     }
 
     /// What is kept of SLO `index` for its windows `bounds` (from [`Slo::bounds`], at `now_us`),
-    /// only `tenant`'s with a tenant: the ranges covered and their counts.
+    /// only `tenant`'s with a tenant (of a per-tenant SLO): the ranges covered and their counts.
+    /// The writer's lock is held only to copy what is needed; the sums are made after.
     pub fn read(
         &self,
         index: usize,
@@ -325,30 +355,48 @@ impl SloCache {
         let (Some(slo), Some(kept)) = (self.slos.get(index), self.kept.get(index)) else {
             return out;
         };
+        let earliest = bounds.iter().map(|b| b.0).min().unwrap_or(now_us);
+        let end = bounds.iter().map(|b| b.1).max().unwrap_or(now_us);
         let kept = lock(kept);
-        let observed = lock(&self.observed.state);
-        // From here on, minutes are read from what was accepted.
-        let recent = match observed.exact_from {
-            Some(exact) if !observed.minutes_off[index] => {
-                ceil_to(exact.max(now_us - recent_us()), HOUR_US)
-            }
-            _ => i64::MAX,
+        // Under the writer's lock: which kept hours still hold, and the minutes' counts.
+        let (split, holding, minutes) = {
+            let observed = lock(&self.observed.state);
+            let split = observed.minutes_from(index, now_us);
+            let holding: Vec<i64> = if kept.off {
+                Vec::new()
+            } else {
+                kept.hours
+                    .range(earliest..split.min(end).max(earliest))
+                    .filter(|(h, k)| {
+                        **h + HOUR_US <= split
+                            && observed.touched_at(slo.event_type, **h) <= k.as_of
+                    })
+                    .map(|(h, _)| *h)
+                    .collect()
+            };
+            let minutes: Vec<(i64, Arc<ByTenant>)> = if split < end {
+                observed.minutes[index]
+                    .range(split..end)
+                    .map(|(m, c)| (*m, Arc::clone(c)))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (split, holding, minutes)
         };
         for (window, &(start, end)) in bounds.iter().enumerate() {
-            let split = recent.clamp(start, end);
-            if !kept.off {
-                for (&hour, kept_hour) in kept.hours.range(start..split) {
-                    if hour + HOUR_US > split
-                        || observed.touched_at(slo.event_type, hour) > kept_hour.as_of
-                    {
-                        continue;
-                    }
+            let split = split.clamp(start, end);
+            for &hour in holding
+                .iter()
+                .filter(|h| **h >= start && **h + HOUR_US <= split)
+            {
+                if let Some(kept_hour) = kept.hours.get(&hour) {
                     out.add(window, &kept_hour.counts, tenant);
                     out.cover(window, hour, hour + HOUR_US);
                 }
             }
             if split < end {
-                for counts in observed.minutes[index].range(split..end).map(|(_, c)| c) {
+                for (_, counts) in minutes.iter().filter(|(m, _)| *m >= split && *m < end) {
                     out.add(window, counts, tenant);
                 }
                 out.cover(window, split, end);
@@ -371,7 +419,24 @@ impl SloCache {
             lock(&self.observed.state).exact_from = Some(exact);
         }
         for (index, slo) in self.slos.iter().enumerate() {
-            self.refresh_hours(source, index, slo, now_us).await?;
+            match self.refresh_hours(source, index, slo, now_us).await {
+                Ok(()) => {}
+                Err(UsageError::TooManyRows(rows)) => {
+                    tracing::warn!(
+                        slo = %slo.name,
+                        rows,
+                        "the SLO's hours by tenant are more rows than a statement may answer; its long windows are counted from raw events"
+                    );
+                    *lock(&self.kept[index]) = Kept {
+                        off: true,
+                        ..Kept::default()
+                    };
+                }
+                // The others are still counted; this one is tried again next round.
+                Err(e) => {
+                    tracing::warn!(slo = %slo.name, error = %e, "counting the SLO's hours failed")
+                }
+            }
         }
         Ok(())
     }
@@ -392,7 +457,9 @@ impl SloCache {
             .min()
             .unwrap_or(now_us);
         let from = ceil_to(earliest, HOUR_US);
-        let to = floor_to(now_us, HOUR_US);
+        // Hours read from the minutes' counts need no count of their own (until they are older).
+        let to =
+            floor_to(now_us, HOUR_US).min(lock(&self.observed.state).minutes_from(index, now_us));
         let need: Vec<i64> = {
             let mut kept = lock(&self.kept[index]);
             if kept.off {
@@ -549,12 +616,13 @@ async fn count_hours(
         if counts.valid == 0 {
             continue;
         }
+        let hour = offset
+            .checked_mul(HOUR_US)
+            .and_then(|o| base.checked_add(o))
+            .filter(|h| hours.binary_search(h).is_ok())
+            .ok_or_else(|| bad_value(cell(1)))?;
         let tenant = cell(0).unwrap_or_default();
-        add_to(
-            out.entry(base + offset * HOUR_US).or_default(),
-            &tenant,
-            counts,
-        );
+        add_to(out.entry(hour).or_default(), &tenant, counts);
     }
     Ok(out)
 }

@@ -194,9 +194,7 @@ impl Slo {
         }
         out
     }
-}
 
-impl Slo {
     /// The windows `[start, end)` (µs) counted at `now_us`, the SLO's first, then the burn-rate
     /// windows: each ends at the last whole minute of `now_us`, and starts its length before,
     /// at a whole minute, or at a whole hour for a window of a day or more (so the store's
@@ -204,7 +202,7 @@ impl Slo {
     pub fn bounds(&self, now_us: i64) -> [(i64, i64); WINDOWS] {
         let end = now_us.div_euclid(cache::MINUTE_US) * cache::MINUTE_US;
         self.windows_us().map(|w| {
-            let unit = if w >= 86_400_000_000 {
+            let unit = if w >= 24 * cache::HOUR_US {
                 cache::HOUR_US
             } else {
                 cache::MINUTE_US
@@ -236,8 +234,11 @@ impl Slo {
 /// The SLO's window and its burn-rate windows.
 pub const WINDOWS: usize = 1 + BURN_WINDOWS.len();
 
+/// Raw ranges a window is counted over at most; past them it is counted whole from raw events.
+pub const MAX_RAW_RANGES: usize = 32;
+
 /// Which of the store's events an SLO counts with its time in one of `ranges` (`[from, to)` in
-/// µs, at least one): of its type, its tenant (or `tenant`'s, for a per-tenant SLO), and valid.
+/// µs; none matches nothing): of its type, its tenant (or `tenant`'s, for a per-tenant SLO), and valid.
 fn conditions(
     d: &dyn UsageDialect,
     slo: &Slo,
@@ -360,6 +361,25 @@ pub fn raw_ranges(
         }
         out
     })
+}
+
+/// Each window whose raw ranges are more than [`MAX_RAW_RANGES`] (kept hours broken up by many
+/// late events) is counted whole from raw events, in one range, rather than by a statement too
+/// long for the store: its kept counts are dropped.
+fn whole_when_scattered(
+    bounds: &[(i64, i64); WINDOWS],
+    raw: &mut [Vec<(i64, i64)>; WINDOWS],
+    kept: &mut cache::KeptCounts,
+) {
+    for (i, ranges) in raw.iter_mut().enumerate() {
+        if ranges.len() > MAX_RAW_RANGES {
+            *ranges = vec![bounds[i]];
+            kept.covered[i].clear();
+            for counts in kept.by_tenant.values_mut() {
+                counts[i] = Counts::default();
+            }
+        }
+    }
 }
 
 /// A count as a store answers it (`12`, or `12.0` from an exact sum); NULL is 0.
@@ -546,11 +566,14 @@ pub async fn evaluate(
     kept: Option<(&cache::SloCache, usize)>,
 ) -> Result<Vec<SloStatus>, UsageError> {
     let bounds = slo.bounds(now_us);
-    let kept = match kept {
-        Some((cache, index)) => cache.read(index, now_us, &bounds, tenant),
+    // Kept counts carry the tenant of a per-tenant SLO only.
+    let per_tenant = tenant.filter(|_| slo.scope == SloScope::PerTenant);
+    let mut kept = match kept {
+        Some((cache, index)) => cache.read(index, now_us, &bounds, per_tenant),
         None => cache::KeptCounts::default(),
     };
-    let raw = raw_ranges(&bounds, &kept.covered);
+    let mut raw = raw_ranges(&bounds, &kept.covered);
+    whole_when_scattered(&bounds, &mut raw, &mut kept);
     let rows = match slo_sql(source.dialect(), slo, &raw, tenant) {
         Some(sql) => source.rows(&sql).await?,
         None => Vec::new(),
@@ -640,6 +663,30 @@ mod tests {
         fn time_us(&self) -> String {
             "time_us".to_owned()
         }
+    }
+
+    #[test]
+    fn a_window_scattered_by_late_events_is_counted_whole() {
+        use cache::HOUR_US;
+        let bounds: [(i64, i64); WINDOWS] = [(0, 100 * HOUR_US); WINDOWS];
+        let mut kept = cache::KeptCounts::default();
+        // Window 0: every other hour kept (50 raw ranges); window 1: ten kept hours in a row.
+        kept.covered[0] = (0..50)
+            .map(|h| (2 * h * HOUR_US, (2 * h + 1) * HOUR_US))
+            .collect();
+        kept.covered[1] = vec![(0, 10 * HOUR_US)];
+        let mut counts = [Counts::default(); WINDOWS];
+        counts[0] = c(500, 490);
+        counts[1] = c(100, 99);
+        kept.by_tenant.insert(std::sync::Arc::from(""), counts);
+        let mut raw = raw_ranges(&bounds, &kept.covered);
+        assert_eq!(raw[0].len(), 50);
+        whole_when_scattered(&bounds, &mut raw, &mut kept);
+        assert_eq!(raw[0], vec![bounds[0]]);
+        assert_eq!(kept.by_tenant[""][0], Counts::default());
+        // The other window keeps its kept hours.
+        assert_eq!(raw[1], vec![(10 * HOUR_US, 100 * HOUR_US)]);
+        assert_eq!(kept.by_tenant[""][1], c(100, 99));
     }
 
     #[test]

@@ -290,6 +290,13 @@ async fn store_delivery_is_in_the_metrics() {
         ),
         0.0
     );
+    assert_eq!(
+        sample(
+            &text,
+            r#"meterd_store_delivery_lag_events{store="postgres"}"#
+        ),
+        0.0
+    );
     // Plain PostgreSQL: meterd's refresher ran right after the migrations (every 30 s after).
     let refreshed = sample(
         &text,
@@ -298,14 +305,22 @@ async fn store_delivery_is_in_the_metrics() {
     assert!((0.0..60.0).contains(&refreshed), "{refreshed}");
     promtool_check(&text);
 
-    // A store that cannot be reached: what it lacks grows older.
-    let down = Server::start(&[
+    // A store that cannot be reached: what it lacks grows older, and is counted in events.
+    let mut down = Server::start(&[
         "--postgres-url",
         "postgres://meterd:meterd@127.0.0.1:9/none",
     ]);
-    down.post_ndjson(&events).await.accepted();
+    let lacking = down.post_ndjson(&events).await.accepted();
+    assert!(lacking > 0);
     tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
     let text = scrape(&down).await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"meterd_store_delivery_lag_events{store="postgres"}"#
+        ),
+        lacking as f64
+    );
     let age = sample(
         &text,
         r#"meterd_store_delivery_lag_seconds{store="postgres"}"#,
@@ -321,6 +336,22 @@ async fn store_delivery_is_in_the_metrics() {
         sample(&text, r#"meterd_store_connected{store="postgres"}"#),
         0.0
     );
+    // After a kill and a restart, the events the log held from before are counted too (once
+    // the log has been read), with those accepted since.
+    down.kill();
+    down.restart();
+    let more = common::generated(23, 50, 2, std::time::Duration::from_secs(600), 0.0);
+    let more = down.post_ndjson(&more).await.accepted();
+    let series = r#"meterd_store_delivery_lag_events{store="postgres"}"#;
+    let mut text = scrape(&down).await;
+    for _ in 0..100 {
+        if text.lines().any(|l| l.starts_with(series)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        text = scrape(&down).await;
+    }
+    assert_eq!(sample(&text, series), (lacking + more) as f64, "{text}");
 }
 
 /// The metrics name every tenant with a series of its own: a key bound to one tenant may not
