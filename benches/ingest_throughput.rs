@@ -13,7 +13,9 @@
 //!
 //! With `--usage-metrics-ab R`, R rounds then each run two more fresh servers, one counting
 //! usage for `/metrics` (the default) and one with `--usage-metrics false`, in alternating
-//! order, and the bench reports the median rate of each and the exporter's cost.
+//! order, and the bench reports the median rate of each and the exporter's cost: the server's
+//! CPU per event, and the CPU of the log writer thread, where accepted events are counted (its
+//! difference on and off is the counting's cost without the noise of the other threads).
 //!
 //! ```text
 //! cargo bench --bench ingest_throughput -- [--events N] [--batch N] [--concurrency N] [--tenants N] [--prefill-keys N] [--usage-metrics-ab R]
@@ -82,7 +84,25 @@ fn peak_rss_bytes(pid: u32) -> Result<u64> {
 
 /// CPU time (user and system) the process has used so far, in seconds.
 fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time the server's log writer thread (where accepted events are counted) has used so
+/// far, in seconds. Linux keeps 15 bytes of a thread's name.
+fn writer_cpu_seconds(pid: u32) -> Result<f64> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        let name = std::fs::read_to_string(dir.join("comm"))?;
+        if "meterd-log-writer".starts_with(name.trim()) && !name.trim().is_empty() {
+            return stat_cpu_seconds(&dir.join("stat").display().to_string());
+        }
+    }
+    bail!("meterd {pid} has no log writer thread")
+}
+
+/// utime + stime of a `/proc/.../stat` file, in seconds.
+fn stat_cpu_seconds(path: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(path)?;
     // Fields after the command name (which may hold spaces) in parentheses: utime and stime
     // are the 14th and 15th fields of the line, the 12th and 13th after it.
     let rest = stat.rsplit_once(')').context("/proc stat")?.1;
@@ -109,6 +129,8 @@ struct Run {
     rate: f64,
     /// The server's CPU time (all its threads) per event, in seconds.
     cpu_per_event: f64,
+    /// The log writer thread's CPU time per event, in seconds.
+    writer_cpu_per_event: f64,
     elapsed: Duration,
     latencies: Vec<Duration>,
     rss: u64,
@@ -136,6 +158,7 @@ fn measure(
 ) -> Result<Run> {
     let server = start_server(data_dir, extra)?;
     let cpu_before = cpu_seconds(server.child.id())?;
+    let writer_before = writer_cpu_seconds(server.child.id())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -188,6 +211,7 @@ fn measure(
     let elapsed = t.elapsed();
     let rss = peak_rss_bytes(server.child.id())?;
     let cpu = cpu_seconds(server.child.id())? - cpu_before;
+    let writer_cpu = writer_cpu_seconds(server.child.id())? - writer_before;
     drop(server);
     let mut latencies = latencies;
     latencies.sort_unstable();
@@ -201,6 +225,7 @@ fn measure(
         latencies,
         rss,
         cpu_per_event: cpu / events as f64,
+        writer_cpu_per_event: writer_cpu / events as f64,
     })
 }
 
@@ -339,16 +364,21 @@ fn main() -> Result<()> {
                 };
                 let run = measure(&data, &batches, events, &o, extra)?;
                 println!(
-                    "  round {round}, usage metrics {}: {:.0} events/s, server CPU {:.2} us/event",
+                    "  round {round}, usage metrics {}: {:.0} events/s, server CPU {:.2} us/event, log writer {:.3} us/event",
                     if counting { "on " } else { "off" },
                     run.rate,
-                    run.cpu_per_event * 1e6
+                    run.cpu_per_event * 1e6,
+                    run.writer_cpu_per_event * 1e6
                 );
-                if counting { &mut on } else { &mut off }.push((run.rate, run.cpu_per_event));
+                if counting { &mut on } else { &mut off }.push((
+                    run.rate,
+                    run.cpu_per_event,
+                    run.writer_cpu_per_event,
+                ));
                 std::fs::remove_dir_all(&data)?;
             }
         }
-        let median = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
+        let median = |v: &[(f64, f64, f64)], f: fn(&(f64, f64, f64)) -> f64| {
             let mut v: Vec<f64> = v.iter().map(f).collect();
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
@@ -365,6 +395,16 @@ fn main() -> Result<()> {
             cpu_on * 1e6,
             cpu_off * 1e6,
             (cpu_on / cpu_off - 1.0) * 100.0
+        );
+        // The counting runs on the log writer thread: its CPU on less off is the cost, without
+        // the noise of every other thread.
+        let (writer_on, writer_off) = (median(&on, |r| r.2), median(&off, |r| r.2));
+        println!(
+            "  log writer CPU per event on: {:.3} us, off: {:.3} us (medians): the counting is \
+             {:.1}% of the server's CPU per event (off)",
+            writer_on * 1e6,
+            writer_off * 1e6,
+            (writer_on - writer_off) / cpu_off * 100.0
         );
     }
     println!("  baseline serde_json: {parse_rate:>12.0} events/s  (parse into Value, 1 core)");

@@ -284,9 +284,10 @@ impl StoreGauges {
         let refresh_lag = prometheus::GaugeVec::new(
             prometheus::Opts::new(
                 "meterd_store_rollup_refresh_lag_seconds",
-                "Seconds since the store's rollups last caught up with its events (the start of \
-                 the last successful refresh); only for stores meterd refreshes (plain \
-                 PostgreSQL: TimescaleDB refreshes its own, ClickHouse's views on insert)",
+                "Seconds since the store's rollups last caught up with its events: the start \
+                 of meterd's last successful refresh (plain PostgreSQL), or the end of the \
+                 oldest last successful refresh by the continuous aggregates' policies \
+                 (TimescaleDB); ClickHouse's views update on insert and have none",
             ),
             &["store"],
         )?;

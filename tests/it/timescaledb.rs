@@ -179,6 +179,21 @@ async fn timescaledb_continuous_aggregates_equal_the_plain_rollups() {
         json!({"sql": "CALL refresh_continuous_aggregate('meterd.usage_daily_agg', NULL, NULL)"}),
     );
     steps.push(json!({"query": canonical("meterd.usage_daily"), "name": "daily_late"}));
+    // The refresh lag meterd reads: nothing before the policies have run; after, the older of
+    // their last successful refreshes. PGlite runs no background jobs, so their statistics are
+    // written as TimescaleDB's scheduler records a success (12:00 and 12:05).
+    let refreshed_at = meterd_store_postgres::upkeep::TIMESCALEDB_REFRESHED_AT;
+    steps.push(json!({"query": refreshed_at, "name": "refreshed_before"}));
+    steps.push(json!({
+        "sql": "INSERT INTO _timescaledb_internal.bgw_job_stat \
+                SELECT job_id, t, t, t + interval '1 minute', t, true, 1, interval '1 second', \
+                       interval '0', 1, 0, 0, 0, 0, 0 \
+                  FROM (SELECT job_id, timestamptz '2026-11-30 12:00:00+00' \
+                               + (row_number() OVER (ORDER BY job_id) - 1) * interval '5 minutes' AS t \
+                          FROM timescaledb_information.jobs \
+                         WHERE proc_name = 'policy_refresh_continuous_aggregate') j"
+    }));
+    steps.push(json!({"query": refreshed_at, "name": "refreshed_after"}));
 
     let result = run_in_timescaledb(steps);
     let results = &result["results"];
@@ -190,6 +205,13 @@ async fn timescaledb_continuous_aggregates_equal_the_plain_rollups() {
         result["timescaledb_version"]
     );
     assert_eq!(results["events"][0]["n"], json!(keys.len()));
+    assert_eq!(results["refreshed_before"], json!([]), "{results}");
+    let noon = chrono::DateTime::parse_from_rfc3339("2026-11-30T12:00:00Z").expect("a time");
+    assert_eq!(
+        results["refreshed_after"],
+        json!([{"at_us": noon.timestamp_micros()}]),
+        "{results}"
+    );
     assert_eq!(results["hypertables"][0]["n"], json!(1));
     assert_eq!(results["caggs"][0]["n"], json!(2));
     let jobs: Vec<String> = results["jobs"]

@@ -19,7 +19,7 @@ pub mod rollups;
 mod sink;
 pub mod sql;
 mod store;
-mod upkeep;
+pub mod upkeep;
 
 use std::time::Duration;
 

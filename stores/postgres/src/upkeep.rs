@@ -1,5 +1,6 @@
 //! Plain PostgreSQL upkeep: the rollup refresher, partitions ahead of time, retention.
-//! On TimescaleDB the extension's own policies do all of this, and the task ends at once.
+//! On TimescaleDB the extension's own policies do all of this, and the task only reads when
+//! their continuous aggregate refreshes last succeeded, for the refresh lag.
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,16 @@ use crate::{PgError, PostgresConfig, SinkStatus, sql_err};
 
 /// How often partitions ahead and retention are looked after.
 const PARTITION_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// When every one of meterd's continuous aggregates last finished a refresh by its policy
+/// (µs since 1970; NULL until each has): the oldest of their last successful runs.
+pub const TIMESCALEDB_REFRESHED_AT: &str = "\
+    SELECT (extract(epoch FROM min(s.last_successful_finish)) * 1000000)::bigint AS at_us \
+      FROM timescaledb_information.jobs j \
+      JOIN timescaledb_information.job_stats s ON s.job_id = j.job_id \
+     WHERE j.proc_name = 'policy_refresh_continuous_aggregate' \
+       AND j.hypertable_schema = 'meterd' \
+    HAVING count(*) > 0 AND count(*) = count(s.last_successful_finish)";
 
 pub(crate) async fn session(
     config: &PostgresConfig,
@@ -50,7 +61,23 @@ pub(crate) async fn session(
         }
     };
     if flavor == Flavor::TimescaleDb {
-        return Ok(());
+        loop {
+            let at: Option<i64> = client
+                .query_opt(TIMESCALEDB_REFRESHED_AT, &[])
+                .await
+                .map_err(sql_err("reading the continuous aggregates' refresh jobs"))?
+                .map(|row| row.try_get(0))
+                .transpose()
+                .map_err(sql_err("reading a result column"))?
+                .flatten();
+            if let Some(at) = at {
+                status.set_rollups_refreshed_at_us(at);
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(config.refresh_interval) => {}
+            }
+        }
     }
 
     let mut last_partitions: Option<Instant> = None;
