@@ -87,13 +87,16 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     stat_cpu_seconds(&format!("/proc/{pid}/stat"))
 }
 
+/// The name ingest gives the log writer thread.
+const WRITER_THREAD: &str = "meterd-log-writer";
+
 /// CPU time the server's log writer thread (where accepted events are counted) has used so
 /// far, in seconds. Linux keeps 15 bytes of a thread's name.
 fn writer_cpu_seconds(pid: u32) -> Result<f64> {
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let dir = task?.path();
         let name = std::fs::read_to_string(dir.join("comm"))?;
-        if "meterd-log-writer".starts_with(name.trim()) && !name.trim().is_empty() {
+        if name.trim() == &WRITER_THREAD[..15] {
             return stat_cpu_seconds(&dir.join("stat").display().to_string());
         }
     }
