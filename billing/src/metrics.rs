@@ -1,9 +1,7 @@
 //! Billing's Prometheus families: `meterd_usage_cost_total{tenant,currency}` (every accepted
 //! llm.usage event at the price book's list price) and the invoices closed.
 
-use std::collections::HashMap;
-
-use meterd_ingest::metrics::{AcceptedObserver, CappedFamily, TenantLabels};
+use meterd_ingest::metrics::{AcceptedObserver, CappedFamily, Map, TenantLabels};
 use meterd_schemas::{EventData, StoredEvent};
 use prometheus::{CounterVec, IntCounter, Opts, Registry};
 use rust_decimal::Decimal;
@@ -91,9 +89,10 @@ pub struct CostObserver {
 
 impl AcceptedObserver for CostObserver {
     fn accepted(&self, events: &[StoredEvent], tenants: &TenantLabels<'_>) {
-        // Tokens by tenant label and price entry: each entry's prices apply once a batch.
-        let mut models: HashMap<(&str, &str), Option<&[PriceEntry]>> = HashMap::new();
-        let mut sums: HashMap<(&str, *const PriceEntry), (&PriceEntry, [u64; 4])> = HashMap::new();
+        // Tokens by tenant and price entry, then by tenant label: each entry's prices apply
+        // once a batch.
+        let mut models: Map<(&str, &str), Option<&[PriceEntry]>> = Map::default();
+        let mut raw: Map<(&str, *const PriceEntry), (&PriceEntry, [u64; 4])> = Map::default();
         for e in events {
             let EventData::LlmUsage(u) = &e.event.data else {
                 continue;
@@ -108,10 +107,19 @@ impl AcceptedObserver for CostObserver {
             }) else {
                 continue;
             };
-            let (_, sum) = sums
-                .entry((tenants.get(&e.event.tenant), std::ptr::from_ref(entry)))
+            let (_, sum) = raw
+                .entry((&e.event.tenant, std::ptr::from_ref(entry)))
                 .or_insert((entry, [0; 4]));
             for (s, t) in sum.iter_mut().zip(u.priced_tokens()) {
+                *s = s.saturating_add(t);
+            }
+        }
+        let mut sums: Map<(&str, *const PriceEntry), (&PriceEntry, [u64; 4])> = Map::default();
+        for ((tenant, key), (entry, tokens)) in raw {
+            let (_, sum) = sums
+                .entry((tenants.get(tenant), key))
+                .or_insert((entry, [0; 4]));
+            for (s, t) in sum.iter_mut().zip(tokens) {
                 *s = s.saturating_add(t);
             }
         }

@@ -328,8 +328,9 @@ impl Dimension {
     }
 }
 
-/// Maps with a fast hasher: counting runs on the log writer's thread, once per event.
-type Map<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// Maps with a fast hasher: counting runs on the log writer's thread, once per event (for the
+/// observers' per-batch tallies too).
+pub type Map<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// A family's series, capped at a number of label combinations ([`LabelLimits::max_series`]
 /// for counters). Each label combination's series handle is kept, so counting one is a lookup,

@@ -40,6 +40,7 @@ use std::time::Duration;
 use meterd_billing::usage::{UsageError, UsageSource};
 use meterd_ingest::ChangeObserver;
 use meterd_ingest::log::Lsn;
+use meterd_ingest::metrics::Map;
 use meterd_schemas::{EventType, StoredEvent};
 
 use crate::{Counts, MAX_WINDOW, Slo, SloScope, WINDOWS};
@@ -108,7 +109,7 @@ fn add_to(into: &mut ByTenant, tenant: &str, counts: Counts) -> bool {
 struct ObservedState {
     /// For each event type and hour of event time, the log position of the last accepted batch
     /// with an event there.
-    touched: HashMap<(EventType, i64), Lsn>,
+    touched: Map<(EventType, i64), Lsn>,
     /// Every hour counts as touched at this position (set when `touched` had to be emptied).
     all_touched: Lsn,
     /// By SLO: valid and good accepted events by minute of event time (shared with readers,
@@ -179,7 +180,7 @@ impl ChangeObserver for Observed {
         let mut hours: Vec<(EventType, i64)> = Vec::new();
         let minutes_off = lock(&self.state).minutes_off.clone();
         // (SLO, minute, tenant) to counts, so the lock is taken once a batch.
-        let mut counted: HashMap<(usize, i64, &str), Counts> = HashMap::new();
+        let mut counted: Map<(usize, i64, &str), Counts> = Map::default();
         for e in events {
             let event_type = e.event.data.event_type();
             let key = (event_type, floor_to(e.event.time_us, HOUR_US));

@@ -2,9 +2,7 @@
 //! each SLO's valid and good events as they are accepted, so Prometheus can compute burn rates
 //! itself (`rate()` of bad over valid), as Sloth and Pyrra generate them.
 
-use std::collections::HashMap;
-
-use meterd_ingest::metrics::{AcceptedObserver, CappedFamily, TenantLabels, add};
+use meterd_ingest::metrics::{AcceptedObserver, CappedFamily, Map, TenantLabels, add};
 use meterd_schemas::StoredEvent;
 use prometheus::{IntCounterVec, Opts, Registry};
 
@@ -52,7 +50,7 @@ impl SloCounters {
 impl AcceptedObserver for SloCounters {
     fn accepted(&self, events: &[StoredEvent], tenants: &TenantLabels<'_>) {
         // (SLO, tenant label) to (valid, good), so each series moves once a batch.
-        let mut counts: HashMap<(usize, &str), (u64, u64)> = HashMap::new();
+        let mut counts: Map<(usize, &str), (u64, u64)> = Map::default();
         for e in events {
             for (i, slo) in self.slos.iter().enumerate() {
                 let Some((tenant, good)) = slo.counts(e) else {
