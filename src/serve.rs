@@ -261,8 +261,9 @@ impl StoreGauges {
         let lag_events = prometheus::IntGaugeVec::new(
             prometheus::Opts::new(
                 "meterd_store_delivery_lag_events",
-                "Accepted events the store has not confirmed yet (no sample until the log \
-                 written before meterd started has been counted)",
+                "Accepted events the store has not confirmed yet; before the store first \
+                 connects, every event the log retains (no sample until the log written before \
+                 meterd started has been counted)",
             ),
             &["store"],
         )?;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use meterd_schemas::StoredEvent;
 
 use crate::ChangeObserver;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::log::{LogShared, Lsn};
 use crate::sink::SinkStatus;
 
@@ -22,36 +22,49 @@ pub struct Backlog {
     stores: std::sync::OnceLock<Vec<Arc<SinkStatus>>>,
 }
 
-/// Records remembered before those every store confirmed are forgotten.
-const FORGET_PAST: usize = 1_024;
-
 #[derive(Debug, Default)]
 struct State {
-    /// `(end, events)` of the records written since the process started, ascending.
-    since_start: VecDeque<(Lsn, u64)>,
-    /// Their events in all.
-    since_start_events: u64,
-    /// `(end, events)` of the records written before, ascending; `None` until counted.
-    before_start: Option<VecDeque<(Lsn, u64)>>,
-    before_start_events: u64,
+    /// The records written since the process started.
+    since_start: Records,
+    /// The records written before; `None` until counted.
+    before_start: Option<Records>,
 }
 
-/// Events in the records of `records` that end after `lsn`: `total` less those ending at or
-/// before it.
-fn after(records: &VecDeque<(Lsn, u64)>, total: u64, lsn: Lsn) -> u64 {
-    let upto = records.partition_point(|(end, _)| *end <= lsn);
-    let delivered: u64 = records.iter().take(upto).map(|(_, n)| n).sum();
-    total - delivered
+/// `(end, events up to and including the record)` of consecutive records, ascending, so the
+/// events after a position are one binary search away.
+#[derive(Debug, Default)]
+struct Records {
+    ends: VecDeque<(Lsn, u64)>,
+    /// The running count before the first record kept (the forgotten ones').
+    forgotten: u64,
 }
 
-/// Drops the records ending at or before `lsn`, keeping `total` the sum of the rest.
-fn forget(records: &mut VecDeque<(Lsn, u64)>, total: &mut u64, lsn: Lsn) {
-    while let Some(&(end, n)) = records.front() {
-        if end > lsn {
-            break;
+impl Records {
+    fn push(&mut self, end: Lsn, events: u64) {
+        let before = self.ends.back().map_or(self.forgotten, |(_, c)| *c);
+        self.ends.push_back((end, before + events));
+    }
+
+    /// Events in the records that end after `lsn`.
+    fn after(&self, lsn: Lsn) -> u64 {
+        let total = self.ends.back().map_or(self.forgotten, |(_, c)| *c);
+        let upto = self.ends.partition_point(|(end, _)| *end <= lsn);
+        let confirmed = match upto {
+            0 => self.forgotten,
+            n => self.ends[n - 1].1,
+        };
+        total - confirmed
+    }
+
+    /// Drops the records ending at or before `lsn`.
+    fn forget(&mut self, lsn: Lsn) {
+        while let Some(&(end, count)) = self.ends.front() {
+            if end > lsn {
+                break;
+            }
+            self.ends.pop_front();
+            self.forgotten = count;
         }
-        records.pop_front();
-        *total -= n;
     }
 }
 
@@ -61,8 +74,7 @@ impl Backlog {
     /// off the async threads. Records the log drops meanwhile (every consumer confirmed them)
     /// are skipped.
     pub fn count_existing(&self, log: &Arc<LogShared>, end: Lsn) -> Result<()> {
-        let mut records = VecDeque::new();
-        let mut total = 0u64;
+        let mut records = Records::default();
         let mut payload = Vec::new();
         let mut pos = log.start();
         let mut reader = log.reader(pos)?;
@@ -70,9 +82,10 @@ impl Backlog {
             let (start, next) = match reader.next_record(&mut payload) {
                 Ok(Some(record)) => record,
                 Ok(None) => break,
-                Err(Error::LogTrimmed { .. }) => {
-                    // Confirmed by every consumer meanwhile: nothing there can be lagging.
-                    pos = log.start().max(pos);
+                // A segment dropped while it was read (trimmed, or its file gone): every
+                // consumer confirmed it, so nothing there can be lagging.
+                Err(_) if log.start() > pos => {
+                    pos = log.start();
                     reader = log.reader(pos)?;
                     continue;
                 }
@@ -81,46 +94,25 @@ impl Backlog {
             if next > end {
                 break;
             }
-            let events = crate::decode_record(start, &payload)?.len() as u64;
-            records.push_back((next, events));
-            total += events;
+            records.push(next, crate::decode_record(start, &payload)?.len() as u64);
             pos = next;
         }
-        let mut st = self.lock();
-        st.before_start = Some(records);
-        st.before_start_events = total;
+        self.lock().before_start = Some(records);
         Ok(())
     }
 
     /// Accepted events in the records that end after `lsn`; `None` while the records from
-    /// before the process started are not counted yet and some of them end after `lsn`.
+    /// before the process started are not counted yet.
     pub fn events_after(&self, lsn: Lsn) -> Option<u64> {
         let st = self.lock();
-        let since_start = after(&st.since_start, st.since_start_events, lsn);
-        let before_start = match &st.before_start {
-            Some(records) => after(records, st.before_start_events, lsn),
-            None => return None,
-        };
-        Some(since_start + before_start)
+        let before_start = st.before_start.as_ref()?.after(lsn);
+        Some(st.since_start.after(lsn) + before_start)
     }
 
     /// The stores whose lag is asked for; the records all of them confirmed are forgotten as
     /// batches are added. Set once; later calls are ignored.
     pub fn watch(&self, stores: Vec<Arc<SinkStatus>>) {
         let _ = self.stores.set(stores);
-    }
-
-    /// Forgets the records ending at or before `lsn`.
-    pub fn forget_up_to(&self, lsn: Lsn) {
-        let mut st = self.lock();
-        Self::forget_locked(&mut st, lsn);
-    }
-
-    fn forget_locked(st: &mut State, lsn: Lsn) {
-        forget(&mut st.since_start, &mut st.since_start_events, lsn);
-        if let Some(records) = &mut st.before_start {
-            forget(records, &mut st.before_start_events, lsn);
-        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -130,16 +122,17 @@ impl Backlog {
 
 impl ChangeObserver for Backlog {
     fn changed(&self, end: Lsn, events: &[StoredEvent]) {
+        let confirmed = self
+            .stores
+            .get()
+            .and_then(|s| s.iter().map(|s| s.delivered()).min());
         let mut st = self.lock();
-        st.since_start.push_back((end, events.len() as u64));
-        st.since_start_events += events.len() as u64;
-        if st.since_start.len() > FORGET_PAST
-            && let Some(confirmed) = self
-                .stores
-                .get()
-                .and_then(|s| s.iter().map(|s| s.delivered()).min())
-        {
-            Self::forget_locked(&mut st, confirmed);
+        st.since_start.push(end, events.len() as u64);
+        if let Some(confirmed) = confirmed {
+            st.since_start.forget(confirmed);
+            if let Some(records) = &mut st.before_start {
+                records.forget(confirmed);
+            }
         }
     }
 }
@@ -148,52 +141,62 @@ impl ChangeObserver for Backlog {
 mod tests {
     use super::*;
 
+    fn batch(n: usize) -> Vec<StoredEvent> {
+        let e = StoredEvent {
+            ingested_at_us: 0,
+            event: meterd_schemas::Event {
+                tenant: "acme".into(),
+                id: "e".into(),
+                time_us: 0,
+                subject: None,
+                source: None,
+                dimensions: Default::default(),
+                data: meterd_schemas::EventData::ApiRequest(meterd_schemas::ApiRequest {
+                    route: None,
+                    method: None,
+                    status_code: 200,
+                    latency_ms: 1,
+                    request_bytes: None,
+                    response_bytes: None,
+                }),
+            },
+        };
+        vec![e; n]
+    }
+
     #[test]
     fn events_after_a_position_sum_the_later_records() {
         let b = Backlog::default();
-        // Before the startup count, nothing is known.
-        b.changed(300, &[]);
-        assert_eq!(b.events_after(0), None);
-        {
-            let mut st = b.lock();
-            st.since_start.clear();
-            st.since_start_events = 0;
-            st.before_start = Some(VecDeque::from([(100, 3), (200, 4)]));
-            st.before_start_events = 7;
-        }
-        let batch = |n: usize| -> Vec<StoredEvent> {
-            let e = StoredEvent {
-                ingested_at_us: 0,
-                event: meterd_schemas::Event {
-                    tenant: "acme".into(),
-                    id: "e".into(),
-                    time_us: 0,
-                    subject: None,
-                    source: None,
-                    dimensions: Default::default(),
-                    data: meterd_schemas::EventData::ApiRequest(meterd_schemas::ApiRequest {
-                        route: None,
-                        method: None,
-                        status_code: 200,
-                        latency_ms: 1,
-                        request_bytes: None,
-                        response_bytes: None,
-                    }),
-                },
-            };
-            vec![e; n]
-        };
+        let store = Arc::new(SinkStatus::default());
+        b.watch(vec![Arc::clone(&store)]);
         b.changed(300, &batch(5));
+        // Before the startup count, nothing is known.
+        assert_eq!(b.events_after(0), None);
+        let mut before = Records::default();
+        before.push(100, 3);
+        before.push(200, 4);
+        b.lock().before_start = Some(before);
         b.changed(350, &batch(2));
         assert_eq!(b.events_after(0), Some(14));
         assert_eq!(b.events_after(100), Some(11));
+        assert_eq!(b.events_after(150), Some(11));
         assert_eq!(b.events_after(200), Some(7));
         assert_eq!(b.events_after(300), Some(2));
         assert_eq!(b.events_after(350), Some(0));
-        b.forget_up_to(200);
-        assert_eq!(b.events_after(200), Some(7));
-        assert_eq!(b.events_after(0), Some(7));
-        b.forget_up_to(350);
-        assert_eq!(b.events_after(0), Some(0));
+        // What the store confirmed is forgotten at the next batch; the counts after it stay.
+        store.set_delivered(200);
+        b.changed(400, &batch(1));
+        assert_eq!(
+            b.lock().before_start.as_ref().map(|r| r.ends.len()),
+            Some(0)
+        );
+        assert_eq!(b.events_after(200), Some(8));
+        assert_eq!(b.events_after(300), Some(3));
+        store.set_delivered(350);
+        b.changed(450, &batch(4));
+        assert_eq!(b.lock().since_start.ends.len(), 2);
+        assert_eq!(b.events_after(350), Some(5));
+        assert_eq!(b.events_after(400), Some(4));
+        assert_eq!(b.events_after(450), Some(0));
     }
 }

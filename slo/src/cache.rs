@@ -432,6 +432,7 @@ impl SloCache {
                         off: true,
                         ..Kept::default()
                     };
+                    self.kept_seconds.with_label_values(&[&slo.name]).set(0);
                 }
                 // The others are still counted; this one is tried again next round.
                 Err(e) => {

@@ -20,9 +20,11 @@ const PARTITION_INTERVAL: Duration = Duration::from_secs(3600);
 pub const TIMESCALEDB_REFRESHED_AT: &str = "\
     SELECT (extract(epoch FROM min(s.last_successful_finish)) * 1000000)::bigint AS at_us \
       FROM timescaledb_information.jobs j \
-      JOIN timescaledb_information.job_stats s ON s.job_id = j.job_id \
+      LEFT JOIN timescaledb_information.job_stats s ON s.job_id = j.job_id \
      WHERE j.proc_name = 'policy_refresh_continuous_aggregate' \
-       AND j.hypertable_schema = 'meterd' \
+       AND (j.config->>'mat_hypertable_id')::int IN ( \
+           SELECT mat_hypertable_id FROM _timescaledb_catalog.continuous_agg \
+            WHERE user_view_schema = 'meterd') \
     HAVING count(*) > 0 AND count(*) = count(s.last_successful_finish)";
 
 pub(crate) async fn session(
@@ -70,6 +72,7 @@ pub(crate) async fn session(
                 .transpose()
                 .map_err(sql_err("reading a result column"))?
                 .flatten();
+            status.set_refresher_error(None);
             if let Some(at) = at {
                 status.set_rollups_refreshed_at_us(at);
             }
