@@ -142,26 +142,7 @@ mod tests {
     use super::*;
 
     fn batch(n: usize) -> Vec<StoredEvent> {
-        let e = StoredEvent {
-            ingested_at_us: 0,
-            event: meterd_schemas::Event {
-                tenant: "acme".into(),
-                id: "e".into(),
-                time_us: 0,
-                subject: None,
-                source: None,
-                dimensions: Default::default(),
-                data: meterd_schemas::EventData::ApiRequest(meterd_schemas::ApiRequest {
-                    route: None,
-                    method: None,
-                    status_code: 200,
-                    latency_ms: 1,
-                    request_bytes: None,
-                    response_bytes: None,
-                }),
-            },
-        };
-        vec![e; n]
+        vec![crate::tailer::tests::event("e"); n]
     }
 
     #[test]

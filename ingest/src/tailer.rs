@@ -269,7 +269,7 @@ async fn read_step(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use meterd_schemas::{ApiRequest, Event, EventData};
@@ -285,7 +285,8 @@ mod tests {
         }
     }
 
-    fn event(id: &str) -> StoredEvent {
+    /// An api.request event of tenant `acme`, for tests.
+    pub(crate) fn event(id: &str) -> StoredEvent {
         StoredEvent {
             ingested_at_us: 0,
             event: Event {

@@ -178,7 +178,6 @@ impl ChangeObserver for Observed {
         // counts.
         let oldest_minute = floor_to(now_us - recent_us() - HOUR_US, MINUTE_US);
         let mut hours: Vec<(EventType, i64)> = Vec::new();
-        let minutes_off = lock(&self.state).minutes_off.clone();
         // (SLO, minute, tenant) to counts, so the lock is taken once a batch.
         let mut counted: Map<(usize, i64, &str), Counts> = Map::default();
         for e in events {
@@ -192,9 +191,6 @@ impl ChangeObserver for Observed {
                 continue;
             }
             for (i, slo) in self.slos.iter().enumerate() {
-                if minutes_off[i] {
-                    continue;
-                }
                 if let Some((tenant, good)) = slo.counts(e) {
                     let c = counted.entry((i, minute, tenant)).or_default();
                     c.valid += 1;
