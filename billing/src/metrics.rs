@@ -89,11 +89,10 @@ pub struct CostObserver {
 
 impl AcceptedObserver for CostObserver {
     fn accepted(&self, events: &[StoredEvent], tenants: &TenantLabels<'_>) {
-        // Tokens by tenant and price entry, then by tenant label: each entry's prices apply
-        // once a batch.
+        // Tokens by tenant label and price entry: each entry's prices apply once a batch.
         let mut models: Map<(&str, &str), Option<&[PriceEntry]>> = Map::default();
-        let mut raw: Map<(&str, *const PriceEntry), (&PriceEntry, [u64; 4])> = Map::default();
-        for e in events {
+        let mut sums: Map<(usize, *const PriceEntry), (&PriceEntry, [u64; 4])> = Map::default();
+        for (e, (tenant, _)) in events.iter().zip(tenants.per_event()) {
             let EventData::LlmUsage(u) = &e.event.data else {
                 continue;
             };
@@ -107,23 +106,15 @@ impl AcceptedObserver for CostObserver {
             }) else {
                 continue;
             };
-            let (_, sum) = raw
-                .entry((&e.event.tenant, std::ptr::from_ref(entry)))
+            let (_, sum) = sums
+                .entry((tenant, std::ptr::from_ref(entry)))
                 .or_insert((entry, [0; 4]));
             for (s, t) in sum.iter_mut().zip(u.priced_tokens()) {
                 *s = s.saturating_add(t);
             }
         }
-        let mut sums: Map<(&str, *const PriceEntry), (&PriceEntry, [u64; 4])> = Map::default();
-        for ((tenant, key), (entry, tokens)) in raw {
-            let (_, sum) = sums
-                .entry((tenants.get(tenant), key))
-                .or_insert((entry, [0; 4]));
-            for (s, t) in sum.iter_mut().zip(tokens) {
-                *s = s.saturating_add(t);
-            }
-        }
         for ((tenant, _), (entry, [input, output, cached, cache_write])) in sums {
+            let tenant = tenants.value(tenant);
             let tokens = Tokens {
                 input: Decimal::from(input),
                 output: Decimal::from(output),

@@ -1,7 +1,8 @@
 //! Ingest's Prometheus families: events by outcome, batches by result, how long a batch takes
 //! to be durable, and the log's size against its limit.
 
-use meterd_schemas::StoredEvent;
+use meterd_schemas::{EventType, StoredEvent};
+use prometheus::local::LocalHistogram;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Registered in ingest's own registry; the binary gathers every crate's.
@@ -228,28 +229,35 @@ impl Dimension {
         self.hasher.hash_one(value)
     }
 
-    /// The label values to count a batch's events under, given how many events carry each
-    /// value. The batch counts toward the volumes before any of its values is decided.
-    fn fold_batch<'a>(&mut self, counts: Map<&'a str, u64>) -> Map<&'a str, &'a str> {
-        self.total = self.total.saturating_add(counts.values().sum());
+    /// The label value to count each of a batch's values under, given how many events carry
+    /// it, in the batch's order. The batch counts toward the volumes before any of its values
+    /// is decided.
+    fn fold_batch<'a>(&mut self, batch: &[(&'a str, u64)]) -> Vec<&'a str> {
+        self.total = batch
+            .iter()
+            .fold(self.total, |total, (_, n)| total.saturating_add(*n));
         if let Some(allow) = &self.allow {
-            return counts
-                .into_keys()
-                .map(|v| (v, if allow.contains(v) { v } else { OTHER }))
+            return batch
+                .iter()
+                .map(|(v, _)| if allow.contains(*v) { *v } else { OTHER })
                 .collect();
         }
         if self.top == 0 {
-            return counts.into_keys().map(|v| (v, OTHER)).collect();
+            return vec![OTHER; batch.len()];
         }
-        let keyed: Vec<(&'a str, u64, u64)> = counts
-            .into_iter()
-            .map(|(v, n)| (v, self.key(v), n))
-            .collect();
-        self.count_batch(keyed.iter().map(|(_, k, n)| (*k, *n)));
-        keyed
-            .into_iter()
-            .map(|(value, key, _)| (value, if self.decide(key) { value } else { OTHER }))
+        let keys: Vec<u64> = batch.iter().map(|(v, _)| self.key(v)).collect();
+        self.count_batch(keys.iter().zip(batch).map(|(k, (_, n))| (*k, *n)));
+        keys.into_iter()
+            .zip(batch)
+            .map(|(key, (value, _))| if self.decide(key) { *value } else { OTHER })
             .collect()
+    }
+
+    /// [`Dimension::fold_batch`] for a batch tallied by value: each value's label value.
+    fn fold_map<'a>(&mut self, counts: Map<&'a str, u64>) -> Map<&'a str, &'a str> {
+        let batch: Vec<(&'a str, u64)> = counts.into_iter().collect();
+        let labels = self.fold_batch(&batch);
+        batch.into_iter().map(|(v, _)| v).zip(labels).collect()
     }
 
     /// Whether the value of `key` is counted under its own label, once its events are
@@ -460,15 +468,30 @@ fn labels_key(labels: &[&str]) -> u64 {
     foldhash::fast::FixedState::with_seed(0x6d65_7465_7264).hash_one(labels)
 }
 
-/// Each distinct tenant of a batch of accepted events and the `tenant` label value it is
-/// counted under in every per-event family.
+/// The `tenant` label value of each event of a batch of accepted events, as every per-event
+/// family counts it. The batch's label values are numbered, so an observer can tally by number
+/// rather than hash each event's tenant again.
 #[derive(Debug, Default)]
-pub struct TenantLabels<'a>(Map<&'a str, &'a str>);
+pub struct TenantLabels<'a> {
+    /// The batch's label values, each once.
+    values: Vec<&'a str>,
+    /// Each event's label value, as an index into `values`, in batch order.
+    of_event: Vec<usize>,
+}
 
 impl<'a> TenantLabels<'a> {
-    /// The label value of `tenant` ([`OTHER`] for a tenant not in the batch).
-    pub fn get(&self, tenant: &str) -> &'a str {
-        self.0.get(tenant).copied().unwrap_or(OTHER)
+    /// Each event's label value and its number (for [`TenantLabels::value`]), in batch order;
+    /// past the events it was made for, [`OTHER`] without end.
+    pub fn per_event(&self) -> impl Iterator<Item = (usize, &'a str)> + '_ {
+        self.of_event
+            .iter()
+            .map(|n| (*n, self.value(*n)))
+            .chain(std::iter::repeat((usize::MAX, OTHER)))
+    }
+
+    /// The label value numbered `n` ([`OTHER`] for a number not given out).
+    pub fn value(&self, n: usize) -> &'a str {
+        self.values.get(n).copied().unwrap_or(OTHER)
     }
 }
 
@@ -515,16 +538,79 @@ struct UsageState {
     duration: Family<prometheus::HistogramVec>,
 }
 
-/// One batch's events tallied by their raw label values before any folding: a hash of
-/// borrowed strings per event and family, no allocation.
-#[derive(Default)]
+/// One batch's events tallied by their raw label values before any folding. Each event's
+/// tenant is hashed once, into a number for the batch; what is tallied by tenant after that is
+/// tallied by number.
 struct Tally<'a> {
-    events: Map<(&'a str, meterd_schemas::EventType), u64>,
+    /// The batch's distinct tenants, numbered in order of first appearance.
+    tenants: Vec<&'a str>,
+    numbers: Map<&'a str, usize>,
+    /// Each event's tenant number, in batch order.
+    of_event: Vec<usize>,
+    /// Events per tenant number, by type (in [`EventType::ALL`]'s order).
+    events: Vec<[u64; 3]>,
     /// Events and tokens (input, output, cached input, cache-write input).
-    tokens: Map<(&'a str, &'a str, &'a str), (u64, [u64; 4])>,
-    runs: Map<(&'a str, &'a str, &'a str), u64>,
-    latency: Vec<(&'a str, f64)>,
-    duration: Vec<(&'a str, f64)>,
+    tokens: Map<(usize, &'a str, &'a str), (u64, [u64; 4])>,
+    runs: Map<(usize, &'a str, &'a str), u64>,
+    latency: Vec<(usize, f64)>,
+    duration: Vec<(usize, f64)>,
+}
+
+impl<'a> Tally<'a> {
+    /// Tallies a batch. Its maps are sized for it up front: with many tenants, growing them
+    /// event by event cost as much as filling them.
+    fn new(events: impl ExactSizeIterator<Item = &'a meterd_schemas::Event>) -> Self {
+        use meterd_schemas::EventData;
+        let len = events.len();
+        let mut t = Self {
+            tenants: Vec::new(),
+            numbers: Map::with_capacity_and_hasher(len, Default::default()),
+            of_event: Vec::with_capacity(len),
+            events: Vec::new(),
+            tokens: Map::with_capacity_and_hasher(len, Default::default()),
+            runs: Map::default(),
+            latency: Vec::new(),
+            duration: Vec::new(),
+        };
+        for e in events {
+            let next = t.tenants.len();
+            let n = *t.numbers.entry(e.tenant.as_str()).or_insert_with(|| {
+                t.tenants.push(e.tenant.as_str());
+                t.events.push([0; 3]);
+                next
+            });
+            t.of_event.push(n);
+            let by_type = &mut t.events[n];
+            match &e.data {
+                EventData::LlmUsage(u) => {
+                    by_type[0] += 1;
+                    let (count, sums) = t
+                        .tokens
+                        .entry((n, u.provider.as_str(), u.model.as_str()))
+                        .or_default();
+                    *count += 1;
+                    for (sum, v) in sums.iter_mut().zip(u.priced_tokens()) {
+                        *sum = sum.saturating_add(v);
+                    }
+                }
+                EventData::ApiRequest(a) => {
+                    by_type[1] += 1;
+                    t.latency.push((n, seconds(a.latency_ms)));
+                }
+                EventData::AgentRun(r) => {
+                    by_type[2] += 1;
+                    let key = (
+                        n,
+                        r.agent.as_deref().unwrap_or(NONE),
+                        r.status.as_deref().unwrap_or(NONE),
+                    );
+                    *t.runs.entry(key).or_default() += 1;
+                    t.duration.push((n, seconds(r.duration_ms)));
+                }
+            }
+        }
+        t
+    }
 }
 
 /// The usage families, counted once per accepted event (never for a duplicate or a
@@ -597,43 +683,16 @@ impl UsageMetrics {
         Ok(Self(std::sync::Arc::new(std::sync::Mutex::new(state))))
     }
 
-    /// Counts events just made durable; answers the `tenant` label value of each of their
-    /// tenants.
+    /// Counts events just made durable; answers the `tenant` label value of each.
     ///
     /// The batch is first tallied by raw values, then each distinct value is folded once and
-    /// each label combination's counter moves once: the per-event cost is a few hash lookups.
+    /// each label combination's counter moves once: the per-event cost is a hash of the
+    /// tenant, one of the model or agent, and a histogram's bucket search without atomics.
     pub fn accepted<'a>(
         &self,
-        events: impl IntoIterator<Item = &'a meterd_schemas::Event>,
+        events: impl ExactSizeIterator<Item = &'a meterd_schemas::Event>,
     ) -> TenantLabels<'a> {
-        use meterd_schemas::EventData;
-        let mut t = Tally::default();
-        for e in events {
-            let tenant = e.tenant.as_str();
-            *t.events.entry((tenant, e.data.event_type())).or_default() += 1;
-            match &e.data {
-                EventData::LlmUsage(u) => {
-                    let (n, sums) = t
-                        .tokens
-                        .entry((tenant, u.provider.as_str(), u.model.as_str()))
-                        .or_default();
-                    *n += 1;
-                    for (sum, v) in sums.iter_mut().zip(u.priced_tokens()) {
-                        *sum = sum.saturating_add(v);
-                    }
-                }
-                EventData::AgentRun(r) => {
-                    let key = (
-                        tenant,
-                        r.agent.as_deref().unwrap_or(NONE),
-                        r.status.as_deref().unwrap_or(NONE),
-                    );
-                    *t.runs.entry(key).or_default() += 1;
-                    t.duration.push((tenant, seconds(r.duration_ms)));
-                }
-                EventData::ApiRequest(a) => t.latency.push((tenant, seconds(a.latency_ms))),
-            }
-        }
+        let t = Tally::new(events);
         let mut s = self
             .0
             .lock()
@@ -641,73 +700,101 @@ impl UsageMetrics {
         let s = &mut *s;
 
         // Fold each distinct value once, by its volume in the batch.
-        let mut tenants: Map<&str, u64> = Map::default();
-        for ((tenant, _), n) in &t.events {
-            *tenants.entry(tenant).or_default() += n;
-        }
-        let tenants = TenantLabels(s.tenants.fold_batch(tenants));
+        let volumes: Vec<(&str, u64)> = t
+            .tenants
+            .iter()
+            .zip(&t.events)
+            .map(|(tenant, by_type)| (*tenant, by_type.iter().sum()))
+            .collect();
+        let folded = s.tenants.fold_batch(&volumes);
+        // Every count by tenant below is by the number of its label value.
+        let mut values: Vec<&str> = Vec::new();
+        let mut numbers: Map<&str, usize> = Map::default();
+        let label_of: Vec<usize> = folded
+            .iter()
+            .map(|label| {
+                *numbers.entry(*label).or_insert_with(|| {
+                    values.push(*label);
+                    values.len() - 1
+                })
+            })
+            .collect();
         let (mut providers, mut models): (Map<&str, u64>, Map<&str, u64>) = Default::default();
         for ((_, provider, model), (n, _)) in &t.tokens {
             *providers.entry(provider).or_default() += n;
             *models.entry(model).or_default() += n;
         }
-        let providers = s.providers.fold_batch(providers);
-        let models = s.models.fold_batch(models);
+        let providers = s.providers.fold_map(providers);
+        let models = s.models.fold_map(models);
         let mut agents: Map<&str, u64> = Map::default();
         for ((_, agent, _), n) in &t.runs {
             *agents.entry(agent).or_default() += n;
         }
-        let agents = s.agents.fold_batch(agents);
+        let agents = s.agents.fold_map(agents);
 
         // Each folded label combination's counter moves once.
-        let mut events: Map<[&str; 2], u64> = Map::default();
-        for ((tenant, event_type), n) in &t.events {
-            *events
-                .entry([tenants.get(tenant), event_type.as_str()])
-                .or_default() += n;
+        let mut events = vec![[0u64; 3]; values.len()];
+        for (n, by_type) in t.events.iter().enumerate() {
+            for (sum, count) in events[label_of[n]].iter_mut().zip(by_type) {
+                *sum += count;
+            }
         }
-        for (labels, n) in events {
-            add(s.events.series(&labels), n);
-        }
-        let mut tokens: Map<[&str; 4], u64> = Map::default();
-        for ((tenant, provider, model), (_, sums)) in &t.tokens {
-            let (tenant, provider, model) = (
-                tenants.get(tenant),
-                label(&providers, provider),
-                label(&models, model),
-            );
-            for (direction, n) in DIRECTIONS.into_iter().zip(sums) {
-                if *n > 0 {
-                    let sum = tokens
-                        .entry([tenant, provider, model, direction])
-                        .or_default();
-                    *sum = sum.saturating_add(*n);
+        for (tenant, by_type) in values.iter().zip(events) {
+            for (event_type, n) in EventType::ALL.into_iter().zip(by_type) {
+                if n > 0 {
+                    add(s.events.series(&[*tenant, event_type.as_str()]), n);
                 }
             }
         }
-        for (labels, n) in tokens {
-            add(s.tokens.series(&labels), n);
-        }
-        let mut runs: Map<[&str; 3], u64> = Map::default();
-        for ((tenant, agent, status), n) in &t.runs {
-            *runs
-                .entry([tenants.get(tenant), label(&agents, agent), status])
-                .or_default() += n;
-        }
-        for (labels, n) in runs {
-            add(s.runs.series(&labels), n);
-        }
-        for (family, observed) in [(&mut s.latency, &t.latency), (&mut s.duration, &t.duration)] {
-            // Each raw tenant's series, looked up once a batch.
-            let mut handles: Map<&str, Histogram> = Map::default();
-            for (tenant, secs) in observed {
-                handles
-                    .entry(tenant)
-                    .or_insert_with(|| family.series(&[tenants.get(tenant)]).clone())
-                    .observe(*secs);
+        let mut tokens: Map<(usize, &str, &str), [u64; 4]> = Map::default();
+        for ((n, provider, model), (_, sums)) in &t.tokens {
+            let key = (
+                label_of[*n],
+                label(&providers, provider),
+                label(&models, model),
+            );
+            for (sum, v) in tokens.entry(key).or_default().iter_mut().zip(sums) {
+                *sum = sum.saturating_add(*v);
             }
         }
-        tenants
+        for ((tenant, provider, model), sums) in tokens {
+            for (direction, n) in DIRECTIONS.into_iter().zip(sums) {
+                if n > 0 {
+                    add(
+                        s.tokens
+                            .series(&[values[tenant], provider, model, direction]),
+                        n,
+                    );
+                }
+            }
+        }
+        let mut runs: Map<(usize, &str, &str), u64> = Map::default();
+        for ((n, agent, status), count) in &t.runs {
+            *runs
+                .entry((label_of[*n], label(&agents, agent), status))
+                .or_default() += count;
+        }
+        for ((tenant, agent, status), n) in runs {
+            add(s.runs.series(&[values[tenant], agent, status]), n);
+        }
+        for (family, observed) in [(&mut s.latency, &t.latency), (&mut s.duration, &t.duration)] {
+            // Observed into each label value's local histogram, then added to the shared one
+            // once a batch: a bucket search per event, no atomic operations.
+            let mut local: Vec<Option<LocalHistogram>> = values.iter().map(|_| None).collect();
+            for (n, secs) in observed {
+                let l = label_of[*n];
+                local[l]
+                    .get_or_insert_with(|| family.series(&[values[l]]).local())
+                    .observe(*secs);
+            }
+            for h in local.into_iter().flatten() {
+                h.flush();
+            }
+        }
+        TenantLabels {
+            of_event: t.of_event.iter().map(|n| label_of[*n]).collect(),
+            values,
+        }
     }
 }
 
@@ -887,7 +974,7 @@ mod tests {
         for (w, name) in names.iter().enumerate() {
             let mut batch = Map::default();
             batch.insert(name.as_str(), 1_000u64 << w);
-            for (_, label) in d.fold_batch(batch) {
+            for (_, label) in d.fold_map(batch) {
                 if label != OTHER {
                     labelled.insert(label.to_owned());
                 }
@@ -917,6 +1004,58 @@ mod tests {
             .collect();
         got.sort();
         assert_eq!(got, [("acme".to_owned(), 1), (OTHER.to_owned(), 2)]);
+    }
+
+    #[test]
+    fn each_event_gets_its_folded_label_and_histograms_count_every_observation() {
+        let registry = Registry::new();
+        let limits = LabelLimits {
+            tenant_allowlist: Some(["acme".to_owned()].into()),
+            ..LabelLimits::default()
+        };
+        let usage = UsageMetrics::new(&registry, &limits).expect("metrics");
+        let events = [
+            api("acme", 3),
+            api("initech", 30),
+            run("acme", "a"),
+            api("globex", 300),
+            api("acme", 3_000),
+        ];
+        let labels = usage.accepted(events.iter());
+        let got: Vec<(usize, &str)> = labels.per_event().take(events.len() + 1).collect();
+        let values: Vec<&str> = got.iter().map(|(_, v)| *v).collect();
+        assert_eq!(values, ["acme", OTHER, "acme", OTHER, "acme", OTHER]);
+        // One number per label value, and it names that value.
+        assert_eq!(got[0].0, got[2].0);
+        assert_eq!(got[1].0, got[3].0);
+        assert_ne!(got[0].0, got[1].0);
+        assert!(got.iter().all(|(n, v)| labels.value(*n) == *v));
+        // Every observation lands in its label's histogram, in the right bucket.
+        let histograms: HashMap<String, (u64, f64, u64)> = registry
+            .gather()
+            .into_iter()
+            .filter(|f| f.name() == "meterd_usage_api_request_duration_seconds")
+            .flat_map(|f| f.get_metric().to_vec())
+            .map(|m| {
+                let h = m.get_histogram();
+                let under_10ms = h
+                    .get_bucket()
+                    .iter()
+                    .find(|b| b.upper_bound() == 0.01)
+                    .map_or(0, |b| b.cumulative_count());
+                (
+                    m.get_label()[0].value().to_owned(),
+                    (h.get_sample_count(), h.get_sample_sum(), under_10ms),
+                )
+            })
+            .collect();
+        for (label, count, sum, under_10ms) in [("acme", 2, 3.003, 1), (OTHER, 2, 0.33, 0)] {
+            let (c, s, u) = histograms[label];
+            assert!(
+                c == count && (s - sum).abs() < 1e-9 && u == under_10ms,
+                "{histograms:?}"
+            );
+        }
     }
 
     #[test]

@@ -49,25 +49,31 @@ impl SloCounters {
 
 impl AcceptedObserver for SloCounters {
     fn accepted(&self, events: &[StoredEvent], tenants: &TenantLabels<'_>) {
-        // (SLO, tenant label) to (valid, good), so each series moves once a batch.
-        let mut counts: Map<(usize, &str), (u64, u64)> = Map::default();
-        for e in events {
+        // (SLO, tenant label number) to (valid, good), so each series moves once a batch.
+        let mut counts: Map<(usize, usize), (u64, u64)> = Map::default();
+        for (e, (label, _)) in events.iter().zip(tenants.per_event()) {
             for (i, slo) in self.slos.iter().enumerate() {
-                let Some((tenant, good)) = slo.counts(e) else {
+                let Some((_, good)) = slo.counts(e) else {
                     continue;
                 };
-                let tenant = match &slo.scope {
-                    SloScope::All => "",
-                    SloScope::Tenant(t) => t.as_str(),
-                    SloScope::PerTenant => tenants.get(tenant),
+                // Only a per-tenant SLO is counted by tenant.
+                let label = match slo.scope {
+                    SloScope::PerTenant => label,
+                    SloScope::All | SloScope::Tenant(_) => 0,
                 };
-                let (valid, goods) = counts.entry((i, tenant)).or_default();
+                let (valid, goods) = counts.entry((i, label)).or_default();
                 *valid += 1;
                 *goods += u64::from(good);
             }
         }
-        for ((i, tenant), (valid, good)) in counts {
-            let name = &self.slos[i].name;
+        for ((i, label), (valid, good)) in counts {
+            let slo = &self.slos[i];
+            let name = &slo.name;
+            let tenant = match &slo.scope {
+                SloScope::All => "",
+                SloScope::Tenant(t) => t.as_str(),
+                SloScope::PerTenant => tenants.value(label),
+            };
             self.events
                 .with(&[name, tenant, "valid"], |c| add(c, valid));
             self.events.with(&[name, tenant, "good"], |c| add(c, good));
