@@ -89,6 +89,7 @@ pub struct CostObserver {
 
 impl AcceptedObserver for CostObserver {
     fn accepted(&self, events: &[StoredEvent], tenants: &TenantLabels<'_>) {
+        debug_assert_eq!(events.len(), tenants.len(), "labels for every event");
         // Tokens by tenant label and price entry: each entry's prices apply once a batch.
         let mut models: Map<(&str, &str), Option<&[PriceEntry]>> = Map::default();
         let mut sums: Map<(usize, *const PriceEntry), (&PriceEntry, [u64; 4])> = Map::default();

@@ -229,8 +229,8 @@ impl Dimension {
         self.hasher.hash_one(value)
     }
 
-    /// The label value to count each of a batch's values under, given how many events carry
-    /// it, in the batch's order. The batch counts toward the volumes before any of its values
+    /// The label value to count each of a batch's distinct values under, given how many
+    /// events carry it, in the batch's order. The batch counts toward the volumes before any of its values
     /// is decided.
     fn fold_batch<'a>(&mut self, batch: &[(&'a str, u64)]) -> Vec<&'a str> {
         self.total = batch
@@ -245,6 +245,15 @@ impl Dimension {
         if self.top == 0 {
             return vec![OTHER; batch.len()];
         }
+        debug_assert!(
+            batch
+                .iter()
+                .map(|(v, _)| v)
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                == batch.len(),
+            "a batch's values are distinct"
+        );
         let keys: Vec<u64> = batch.iter().map(|(v, _)| self.key(v)).collect();
         self.count_batch(keys.iter().zip(batch).map(|(k, (_, n))| (*k, *n)));
         keys.into_iter()
@@ -480,13 +489,18 @@ pub struct TenantLabels<'a> {
 }
 
 impl<'a> TenantLabels<'a> {
-    /// Each event's label value and its number (for [`TenantLabels::value`]), in batch order;
-    /// past the events it was made for, [`OTHER`] without end.
-    pub fn per_event(&self) -> impl Iterator<Item = (usize, &'a str)> + '_ {
-        self.of_event
-            .iter()
-            .map(|n| (*n, self.value(*n)))
-            .chain(std::iter::repeat((usize::MAX, OTHER)))
+    /// Each event's label value and its number (for [`TenantLabels::value`]), in batch order.
+    pub fn per_event(&self) -> impl ExactSizeIterator<Item = (usize, &'a str)> + '_ {
+        self.of_event.iter().map(|n| (*n, self.value(*n)))
+    }
+
+    /// How many events are labelled: as many as the batch counted.
+    pub fn len(&self) -> usize {
+        self.of_event.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.of_event.is_empty()
     }
 
     /// The label value numbered `n` ([`OTHER`] for a number not given out).
@@ -499,7 +513,8 @@ impl<'a> TenantLabels<'a> {
 /// crates that know how. Called on the log writer's thread once events are durable: keep it
 /// to a pass over the batch.
 pub trait AcceptedObserver: Send + Sync {
-    /// `events` were just accepted; `tenants` gives each one's `tenant` label value.
+    /// `events` were just accepted; `tenants` gives each one's `tenant` label value, by
+    /// position (it labels exactly these events, in this order).
     fn accepted(&self, events: &[StoredEvent], tenants: &TenantLabels<'_>);
 }
 
@@ -544,10 +559,9 @@ struct UsageState {
 struct Tally<'a> {
     /// The batch's distinct tenants, numbered in order of first appearance.
     tenants: Vec<&'a str>,
-    numbers: Map<&'a str, usize>,
     /// Each event's tenant number, in batch order.
     of_event: Vec<usize>,
-    /// Events per tenant number, by type (in [`EventType::ALL`]'s order).
+    /// Events per tenant number, by type (see [`type_index`]).
     events: Vec<[u64; 3]>,
     /// Events and tokens (input, output, cached input, cache-write input).
     tokens: Map<(usize, &'a str, &'a str), (u64, [u64; 4])>,
@@ -557,14 +571,15 @@ struct Tally<'a> {
 }
 
 impl<'a> Tally<'a> {
-    /// Tallies a batch. Its maps are sized for it up front: with many tenants, growing them
-    /// event by event cost as much as filling them.
+    /// Tallies a batch. The maps by tenant are sized for the batch up front: with many
+    /// tenants, growing them event by event cost as much as filling them.
     fn new(events: impl ExactSizeIterator<Item = &'a meterd_schemas::Event>) -> Self {
         use meterd_schemas::EventData;
         let len = events.len();
+        let mut numbers: Map<&'a str, usize> =
+            Map::with_capacity_and_hasher(len, Default::default());
         let mut t = Self {
             tenants: Vec::new(),
-            numbers: Map::with_capacity_and_hasher(len, Default::default()),
             of_event: Vec::with_capacity(len),
             events: Vec::new(),
             tokens: Map::with_capacity_and_hasher(len, Default::default()),
@@ -574,16 +589,15 @@ impl<'a> Tally<'a> {
         };
         for e in events {
             let next = t.tenants.len();
-            let n = *t.numbers.entry(e.tenant.as_str()).or_insert_with(|| {
+            let n = *numbers.entry(e.tenant.as_str()).or_insert_with(|| {
                 t.tenants.push(e.tenant.as_str());
                 t.events.push([0; 3]);
                 next
             });
             t.of_event.push(n);
-            let by_type = &mut t.events[n];
+            t.events[n][type_index(e.data.event_type())] += 1;
             match &e.data {
                 EventData::LlmUsage(u) => {
-                    by_type[0] += 1;
                     let (count, sums) = t
                         .tokens
                         .entry((n, u.provider.as_str(), u.model.as_str()))
@@ -593,12 +607,8 @@ impl<'a> Tally<'a> {
                         *sum = sum.saturating_add(v);
                     }
                 }
-                EventData::ApiRequest(a) => {
-                    by_type[1] += 1;
-                    t.latency.push((n, seconds(a.latency_ms)));
-                }
+                EventData::ApiRequest(a) => t.latency.push((n, seconds(a.latency_ms))),
                 EventData::AgentRun(r) => {
-                    by_type[2] += 1;
                     let key = (
                         n,
                         r.agent.as_deref().unwrap_or(NONE),
@@ -610,6 +620,15 @@ impl<'a> Tally<'a> {
             }
         }
         t
+    }
+}
+
+/// An event type's index in [`Tally::events`].
+fn type_index(t: EventType) -> usize {
+    match t {
+        EventType::LlmUsage => 0,
+        EventType::ApiRequest => 1,
+        EventType::AgentRun => 2,
     }
 }
 
@@ -740,7 +759,8 @@ impl UsageMetrics {
             }
         }
         for (tenant, by_type) in values.iter().zip(events) {
-            for (event_type, n) in EventType::ALL.into_iter().zip(by_type) {
+            for event_type in EventType::ALL {
+                let n = by_type[type_index(event_type)];
                 if n > 0 {
                     add(s.events.series(&[*tenant, event_type.as_str()]), n);
                 }
@@ -780,7 +800,7 @@ impl UsageMetrics {
         for (family, observed) in [(&mut s.latency, &t.latency), (&mut s.duration, &t.duration)] {
             // Observed into each label value's local histogram, then added to the shared one
             // once a batch: a bucket search per event, no atomic operations.
-            let mut local: Vec<Option<LocalHistogram>> = values.iter().map(|_| None).collect();
+            let mut local: Vec<Option<LocalHistogram>> = vec![None; values.len()];
             for (n, secs) in observed {
                 let l = label_of[*n];
                 local[l]
@@ -1022,14 +1042,28 @@ mod tests {
             api("acme", 3_000),
         ];
         let labels = usage.accepted(events.iter());
-        let got: Vec<(usize, &str)> = labels.per_event().take(events.len() + 1).collect();
+        let got: Vec<(usize, &str)> = labels.per_event().collect();
         let values: Vec<&str> = got.iter().map(|(_, v)| *v).collect();
-        assert_eq!(values, ["acme", OTHER, "acme", OTHER, "acme", OTHER]);
-        // One number per label value, and it names that value.
+        assert_eq!(values, ["acme", OTHER, "acme", OTHER, "acme"]);
+        // One number per label value.
         assert_eq!(got[0].0, got[2].0);
+        assert_eq!(got[0].0, got[4].0);
         assert_eq!(got[1].0, got[3].0);
         assert_ne!(got[0].0, got[1].0);
-        assert!(got.iter().all(|(n, v)| labels.value(*n) == *v));
+        // The events family counts under the same labels.
+        let mut counted: Vec<(String, String, u64)> =
+            samples(&registry, "meterd_usage_events_total")
+                .into_iter()
+                .map(|(l, v)| (l["tenant"].clone(), l["type"].clone(), v))
+                .collect();
+        counted.sort();
+        let expected = [
+            ("acme", "agent.run", 1),
+            ("acme", "api.request", 2),
+            (OTHER, "api.request", 2),
+        ]
+        .map(|(t, ty, n)| (t.to_owned(), ty.to_owned(), n));
+        assert_eq!(counted, expected);
         // Every observation lands in its label's histogram, in the right bucket.
         let histograms: HashMap<String, (u64, f64, u64)> = registry
             .gather()

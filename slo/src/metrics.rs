@@ -2,7 +2,7 @@
 //! each SLO's valid and good events as they are accepted, so Prometheus can compute burn rates
 //! itself (`rate()` of bad over valid), as Sloth and Pyrra generate them.
 
-use meterd_ingest::metrics::{AcceptedObserver, CappedFamily, Map, TenantLabels, add};
+use meterd_ingest::metrics::{AcceptedObserver, CappedFamily, Map, OTHER, TenantLabels, add};
 use meterd_schemas::StoredEvent;
 use prometheus::{IntCounterVec, Opts, Registry};
 
@@ -49,18 +49,17 @@ impl SloCounters {
 
 impl AcceptedObserver for SloCounters {
     fn accepted(&self, events: &[StoredEvent], tenants: &TenantLabels<'_>) {
-        // (SLO, tenant label number) to (valid, good), so each series moves once a batch.
-        let mut counts: Map<(usize, usize), (u64, u64)> = Map::default();
+        debug_assert_eq!(events.len(), tenants.len(), "labels for every event");
+        // (SLO, tenant label number of a per-tenant SLO) to (valid, good), so each series
+        // moves once a batch.
+        let mut counts: Map<(usize, Option<usize>), (u64, u64)> = Map::default();
         for (e, (label, _)) in events.iter().zip(tenants.per_event()) {
             for (i, slo) in self.slos.iter().enumerate() {
                 let Some((_, good)) = slo.counts(e) else {
                     continue;
                 };
                 // Only a per-tenant SLO is counted by tenant.
-                let label = match slo.scope {
-                    SloScope::PerTenant => label,
-                    SloScope::All | SloScope::Tenant(_) => 0,
-                };
+                let label = matches!(slo.scope, SloScope::PerTenant).then_some(label);
                 let (valid, goods) = counts.entry((i, label)).or_default();
                 *valid += 1;
                 *goods += u64::from(good);
@@ -72,7 +71,7 @@ impl AcceptedObserver for SloCounters {
             let tenant = match &slo.scope {
                 SloScope::All => "",
                 SloScope::Tenant(t) => t.as_str(),
-                SloScope::PerTenant => tenants.value(label),
+                SloScope::PerTenant => label.map_or(OTHER, |n| tenants.value(n)),
             };
             self.events
                 .with(&[name, tenant, "valid"], |c| add(c, valid));
