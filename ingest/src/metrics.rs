@@ -1008,14 +1008,20 @@ mod tests {
         );
     }
 
-    #[test]
-    fn an_allowlist_names_exactly_its_tenants() {
+    /// Usage families whose allowlist names only the tenant "acme".
+    fn acme_only() -> (Registry, UsageMetrics) {
         let registry = Registry::new();
         let limits = LabelLimits {
             tenant_allowlist: Some(["acme".to_owned()].into()),
             ..LabelLimits::default()
         };
         let usage = UsageMetrics::new(&registry, &limits).expect("metrics");
+        (registry, usage)
+    }
+
+    #[test]
+    fn an_allowlist_names_exactly_its_tenants() {
+        let (registry, usage) = acme_only();
         let events = [run("acme", "a"), run("initech", "a"), run("globex", "a")];
         usage.accepted(events.iter());
         let mut got: Vec<(String, u64)> = samples(&registry, "meterd_usage_events_total")
@@ -1028,12 +1034,7 @@ mod tests {
 
     #[test]
     fn each_event_gets_its_folded_label_and_histograms_count_every_observation() {
-        let registry = Registry::new();
-        let limits = LabelLimits {
-            tenant_allowlist: Some(["acme".to_owned()].into()),
-            ..LabelLimits::default()
-        };
-        let usage = UsageMetrics::new(&registry, &limits).expect("metrics");
+        let (registry, usage) = acme_only();
         let events = [
             api("acme", 3),
             api("initech", 30),
