@@ -1,7 +1,7 @@
 //! Billing's Prometheus families: `meterd_usage_cost_total{tenant,currency}` (every accepted
 //! llm.usage event at the price book's list price) and the invoices closed.
 
-use meterd_ingest::metrics::{AcceptedObserver, CappedFamily, Map, TenantLabels};
+use meterd_ingest::metrics::{AcceptedObserver, BatchLabels, CappedFamily, Map};
 use meterd_schemas::{EventData, StoredEvent};
 use prometheus::{CounterVec, IntCounter, Opts, Registry};
 use rust_decimal::Decimal;
@@ -88,34 +88,41 @@ pub struct CostObserver {
 }
 
 impl AcceptedObserver for CostObserver {
-    fn accepted(&self, events: &[StoredEvent], tenants: &TenantLabels<'_>) {
-        debug_assert_eq!(events.len(), tenants.len(), "labels for every event");
-        // Tokens by tenant label and price entry: each entry's prices apply once a batch.
-        let mut models: Map<(&str, &str), Option<&[PriceEntry]>> = Map::default();
-        let mut sums: Map<(usize, *const PriceEntry), (&PriceEntry, [u64; 4])> = Map::default();
-        for (e, (tenant, _)) in events.iter().zip(tenants.per_event()) {
-            let EventData::LlmUsage(u) = &e.event.data else {
+    fn accepted(&self, events: &[StoredEvent], labels: &BatchLabels<'_>) {
+        debug_assert_eq!(events.len(), labels.len(), "labels for every event");
+        // Each of the batch's models is looked up in the price book once.
+        let prices: Vec<Option<&[PriceEntry]>> = labels
+            .models()
+            .iter()
+            .map(|(provider, model)| self.prices.entries(provider, model))
+            .collect();
+        // Tokens by tenant label and price entry (the model's number and the entry's index in
+        // its list): each entry's prices apply once a batch.
+        let mut sums: Map<(usize, usize, usize), (&PriceEntry, [u64; 4])> = Map::default();
+        for ((e, (tenant, _)), model) in events
+            .iter()
+            .zip(labels.per_event())
+            .zip(labels.models_per_event())
+        {
+            let (Some(model), EventData::LlmUsage(u)) = (model, &e.event.data) else {
                 continue;
             };
-            let entries = *models
-                .entry((&u.provider, &u.model))
-                .or_insert_with(|| self.prices.entries(&u.provider, &u.model));
-            let Some(entry) = entries.and_then(|list| {
-                list.iter()
-                    .rev()
-                    .find(|p| p.effective_from.timestamp_micros() <= e.event.time_us)
-            }) else {
+            let Some(list) = prices.get(model).copied().flatten() else {
                 continue;
             };
-            let (_, sum) = sums
-                .entry((tenant, std::ptr::from_ref(entry)))
-                .or_insert((entry, [0; 4]));
+            let Some(i) = list
+                .iter()
+                .rposition(|p| p.effective_from.timestamp_micros() <= e.event.time_us)
+            else {
+                continue;
+            };
+            let (_, sum) = sums.entry((tenant, model, i)).or_insert((&list[i], [0; 4]));
             for (s, t) in sum.iter_mut().zip(u.priced_tokens()) {
                 *s = s.saturating_add(t);
             }
         }
-        for ((tenant, _), (entry, [input, output, cached, cache_write])) in sums {
-            let tenant = tenants.value(tenant);
+        for ((tenant, _, _), (entry, [input, output, cached, cache_write])) in sums {
+            let tenant = labels.value(tenant);
             let tokens = Tokens {
                 input: Decimal::from(input),
                 output: Decimal::from(output),

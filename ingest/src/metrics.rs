@@ -1,6 +1,7 @@
 //! Ingest's Prometheus families: events by outcome, batches by result, how long a batch takes
 //! to be durable, and the log's size against its limit.
 
+use hashbrown::HashTable;
 use meterd_schemas::{EventType, StoredEvent};
 use prometheus::local::LocalHistogram;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
@@ -107,9 +108,9 @@ impl IngestMetrics {
         let Some(usage) = &self.usage else {
             return;
         };
-        let tenants = usage.accepted(stored.iter().map(|s| &s.event));
+        let labels = usage.accepted(stored.iter().map(|s| &s.event));
         for o in &self.observers.0 {
-            o.accepted(stored, &tenants);
+            o.accepted(stored, &labels);
         }
     }
 
@@ -229,17 +230,17 @@ impl Dimension {
         self.hasher.hash_one(value)
     }
 
-    /// The label value to count each of a batch's distinct values under, given how many
-    /// events carry it, in the batch's order. The batch counts toward the volumes before any of its values
-    /// is decided.
-    fn fold_batch<'a>(&mut self, batch: &[(&'a str, u64)]) -> Vec<&'a str> {
+    /// The label value to count each of a batch's distinct values under, given its key
+    /// ([`Dimension::key`]) and how many events carry it, in the batch's order. The batch
+    /// counts toward the volumes before any of its values is decided.
+    fn fold_batch<'a>(&mut self, batch: &[(&'a str, u64, u64)]) -> Vec<&'a str> {
         self.total = batch
             .iter()
-            .fold(self.total, |total, (_, n)| total.saturating_add(*n));
+            .fold(self.total, |total, (_, _, n)| total.saturating_add(*n));
         if let Some(allow) = &self.allow {
             return batch
                 .iter()
-                .map(|(v, _)| if allow.contains(*v) { *v } else { OTHER })
+                .map(|(v, _, _)| if allow.contains(*v) { *v } else { OTHER })
                 .collect();
         }
         if self.top == 0 {
@@ -248,25 +249,27 @@ impl Dimension {
         debug_assert!(
             batch
                 .iter()
-                .map(|(v, _)| v)
+                .map(|(v, _, _)| v)
                 .collect::<std::collections::HashSet<_>>()
                 .len()
                 == batch.len(),
             "a batch's values are distinct"
         );
-        let keys: Vec<u64> = batch.iter().map(|(v, _)| self.key(v)).collect();
-        self.count_batch(keys.iter().zip(batch).map(|(k, (_, n))| (*k, *n)));
-        keys.into_iter()
-            .zip(batch)
-            .map(|(key, (value, _))| if self.decide(key) { *value } else { OTHER })
+        debug_assert!(
+            batch.iter().all(|(v, key, _)| self.key(v) == *key),
+            "each value's key is its own"
+        );
+        self.count_batch(batch.iter().map(|(_, key, n)| (*key, *n)));
+        batch
+            .iter()
+            .map(|(value, key, _)| if self.decide(*key) { *value } else { OTHER })
             .collect()
     }
 
-    /// [`Dimension::fold_batch`] for a batch tallied by value: each value's label value.
-    fn fold_map<'a>(&mut self, counts: Map<&'a str, u64>) -> Map<&'a str, &'a str> {
-        let batch: Vec<(&'a str, u64)> = counts.into_iter().collect();
-        let labels = self.fold_batch(&batch);
-        batch.into_iter().map(|(v, _)| v).zip(labels).collect()
+    /// [`Dimension::fold_batch`] for a batch's distinct values and their events.
+    fn fold_values<'a>(&mut self, counts: impl Iterator<Item = (&'a str, u64)>) -> Vec<&'a str> {
+        let batch: Vec<(&'a str, u64, u64)> = counts.map(|(v, n)| (v, self.key(v), n)).collect();
+        self.fold_batch(&batch)
     }
 
     /// Whether the value of `key` is counted under its own label, once its events are
@@ -477,19 +480,25 @@ fn labels_key(labels: &[&str]) -> u64 {
     foldhash::fast::FixedState::with_seed(0x6d65_7465_7264).hash_one(labels)
 }
 
-/// The `tenant` label value of each event of a batch of accepted events, as every per-event
-/// family counts it. The batch's label values are numbered, so an observer can tally by number
-/// rather than hash each event's tenant again.
+/// The labels a batch of accepted events is counted by in more than one family: each event's
+/// `tenant` label value (as every per-event family counts it) and each llm.usage event's
+/// provider and model. Both are numbered once a batch, so an observer can tally by number
+/// rather than hash each event's strings again.
 #[derive(Debug, Default)]
-pub struct TenantLabels<'a> {
-    /// The batch's label values, each once.
+pub struct BatchLabels<'a> {
+    /// The batch's tenant label values, each once.
     values: Vec<&'a str>,
-    /// Each event's label value, as an index into `values`, in batch order.
+    /// Each event's tenant label value, as an index into `values`, in batch order.
     of_event: Vec<usize>,
+    /// The batch's distinct (provider, model) pairs, as the events carry them (not folded).
+    models: Vec<(&'a str, &'a str)>,
+    /// Each event's pair, as an index into `models` (None for an event other than llm.usage).
+    model_of_event: Vec<Option<usize>>,
 }
 
-impl<'a> TenantLabels<'a> {
-    /// Each event's label value and its number (for [`TenantLabels::value`]), in batch order.
+impl<'a> BatchLabels<'a> {
+    /// Each event's tenant label value and its number (for [`BatchLabels::value`]), in batch
+    /// order.
     pub fn per_event(&self) -> impl ExactSizeIterator<Item = (usize, &'a str)> + '_ {
         self.of_event.iter().map(|n| (*n, self.value(*n)))
     }
@@ -503,9 +512,20 @@ impl<'a> TenantLabels<'a> {
         self.of_event.is_empty()
     }
 
-    /// The label value numbered `n` ([`OTHER`] for a number not given out).
+    /// The tenant label value numbered `n` ([`OTHER`] for a number not given out).
     pub fn value(&self, n: usize) -> &'a str {
         self.values.get(n).copied().unwrap_or(OTHER)
+    }
+
+    /// Each event's (provider, model) number, an index into [`BatchLabels::models`], in batch
+    /// order: None for an event other than llm.usage.
+    pub fn models_per_event(&self) -> impl ExactSizeIterator<Item = Option<usize>> + '_ {
+        self.model_of_event.iter().copied()
+    }
+
+    /// The batch's distinct (provider, model) pairs, by number.
+    pub fn models(&self) -> &[(&'a str, &'a str)] {
+        &self.models
     }
 }
 
@@ -513,9 +533,9 @@ impl<'a> TenantLabels<'a> {
 /// crates that know how. Called on the log writer's thread once events are durable: keep it
 /// to a pass over the batch.
 pub trait AcceptedObserver: Send + Sync {
-    /// `events` were just accepted; `tenants` gives each one's `tenant` label value, by
-    /// position (it labels exactly these events, in this order).
-    fn accepted(&self, events: &[StoredEvent], tenants: &TenantLabels<'_>);
+    /// `events` were just accepted; `labels` gives each one's `tenant` label value and model,
+    /// by position (it labels exactly these events, in this order).
+    fn accepted(&self, events: &[StoredEvent], labels: &BatchLabels<'_>);
 }
 
 /// The observers ingest tells of every accepted batch.
@@ -528,7 +548,8 @@ impl std::fmt::Debug for Observers {
     }
 }
 
-/// The `direction` of each token count of an llm.usage event, in [`Tally::tokens`]' order.
+/// The `direction` of each token count of an llm.usage event, in the order of
+/// [`meterd_schemas::LlmUsage::priced_tokens`].
 const DIRECTIONS: [&str; 4] = ["input", "output", "cached_input", "cache_write_input"];
 
 /// Buckets of `meterd_usage_api_request_duration_seconds` (Prometheus's defaults).
@@ -551,57 +572,140 @@ struct UsageState {
     runs: Family<IntCounterVec>,
     latency: Family<prometheus::HistogramVec>,
     duration: Family<prometheus::HistogramVec>,
+    scratch: Scratch,
+}
+
+/// What tallying a batch keeps between batches: the hash tables that number the batch's
+/// distinct values (they hold numbers, not the batch's strings, so they outlive it) and the
+/// tallies by number. They are cleared, never freed: once grown, tallying a batch allocates
+/// and faults in no memory (fresh tables each batch were a tenth of the counting's cost at
+/// 10,000 tenants). They grow to the largest group of events the log writer commits at once
+/// (about `GROUP_MAX_EVENTS`), and no further.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// Tenant numbers, by the tenant dimension's [`Dimension::key`].
+    tenants: HashTable<usize>,
+    /// (provider, model) and (agent, status) numbers, by `hasher`.
+    models: HashTable<usize>,
+    kinds: HashTable<usize>,
+    hasher: foldhash::fast::RandomState,
+    /// Events and tokens (input, output, cached input, cache-write input), by tenant number
+    /// and model number.
+    tokens: Map<(usize, usize), (u64, [u64; 4])>,
+    /// Runs by tenant number and (agent, status) number.
+    runs: Map<(usize, usize), u64>,
+    /// The same by folded label numbers.
+    folded_tokens: Map<(usize, usize), [u64; 4]>,
+    folded_runs: Map<(usize, usize), u64>,
+}
+
+impl Scratch {
+    fn clear(&mut self) {
+        self.tenants.clear();
+        self.models.clear();
+        self.kinds.clear();
+        self.tokens.clear();
+        self.runs.clear();
+        self.folded_tokens.clear();
+        self.folded_runs.clear();
+    }
+}
+
+/// `value`'s number in `values`, its index there, numbering it next if it is new; `table`
+/// holds the numbers given out, by `hash`. Each value's hash is kept beside it, for the table
+/// to grow by.
+fn number<T: Copy + Eq>(
+    table: &mut HashTable<usize>,
+    values: &mut Vec<(T, u64)>,
+    value: T,
+    hash: u64,
+) -> (usize, bool) {
+    let entry = table.entry(
+        hash,
+        |n| values.get(*n).is_some_and(|(v, _)| *v == value),
+        |n| values.get(*n).map_or(0, |(_, h)| *h),
+    );
+    match entry {
+        hashbrown::hash_table::Entry::Occupied(e) => (*e.get(), false),
+        hashbrown::hash_table::Entry::Vacant(e) => {
+            let n = values.len();
+            values.push((value, hash));
+            e.insert(n);
+            (n, true)
+        }
+    }
 }
 
 /// One batch's events tallied by their raw label values before any folding. Each event's
-/// tenant is hashed once, into a number for the batch; what is tallied by tenant after that is
-/// tallied by number.
+/// tenant, model (provider and model) and run kind (agent and status) is hashed once, into a
+/// number for the batch; the tallies are by number.
 struct Tally<'a> {
-    /// The batch's distinct tenants, numbered in order of first appearance.
-    tenants: Vec<&'a str>,
+    /// The batch's distinct tenants and their keys, numbered in order of first appearance.
+    tenants: Vec<(&'a str, u64)>,
     /// Each event's tenant number, in batch order.
     of_event: Vec<usize>,
     /// Events per tenant number, by type (see [`type_index`]).
     events: Vec<[u64; 3]>,
-    /// Events and tokens (input, output, cached input, cache-write input).
-    tokens: Map<(usize, &'a str, &'a str), (u64, [u64; 4])>,
-    runs: Map<(usize, &'a str, &'a str), u64>,
+    /// The batch's distinct (provider, model) pairs, the llm.usage events of each, and each
+    /// event's pair.
+    models: Vec<((&'a str, &'a str), u64)>,
+    model_events: Vec<u64>,
+    model_of_event: Vec<Option<usize>>,
+    /// The batch's distinct (agent, status) pairs of agent.run events, and the runs of each.
+    kinds: Vec<((&'a str, &'a str), u64)>,
+    kind_events: Vec<u64>,
     latency: Vec<(usize, f64)>,
     duration: Vec<(usize, f64)>,
 }
 
 impl<'a> Tally<'a> {
-    /// Tallies a batch. The maps by tenant are sized for the batch up front: with many
-    /// tenants, growing them event by event cost as much as filling them.
-    fn new(events: impl ExactSizeIterator<Item = &'a meterd_schemas::Event>) -> Self {
+    /// Tallies a batch into `scratch`'s maps, numbering tenants by `tenant_keys`' keys.
+    fn new(
+        events: impl ExactSizeIterator<Item = &'a meterd_schemas::Event>,
+        tenant_keys: &Dimension,
+        scratch: &mut Scratch,
+    ) -> Self {
         use meterd_schemas::EventData;
+        use std::hash::BuildHasher;
+        scratch.clear();
         let len = events.len();
-        let mut numbers: Map<&'a str, usize> =
-            Map::with_capacity_and_hasher(len, Default::default());
         let mut t = Self {
             tenants: Vec::new(),
             of_event: Vec::with_capacity(len),
             events: Vec::new(),
-            tokens: Map::with_capacity_and_hasher(len, Default::default()),
-            runs: Map::default(),
+            models: Vec::new(),
+            model_events: Vec::new(),
+            model_of_event: Vec::with_capacity(len),
+            kinds: Vec::new(),
+            kind_events: Vec::new(),
             latency: Vec::new(),
             duration: Vec::new(),
         };
         for e in events {
-            let next = t.tenants.len();
-            let n = *numbers.entry(e.tenant.as_str()).or_insert_with(|| {
-                t.tenants.push(e.tenant.as_str());
+            let tenant = e.tenant.as_str();
+            let (n, new) = number(
+                &mut scratch.tenants,
+                &mut t.tenants,
+                tenant,
+                tenant_keys.key(tenant),
+            );
+            if new {
                 t.events.push([0; 3]);
-                next
-            });
+            }
             t.of_event.push(n);
             t.events[n][type_index(e.data.event_type())] += 1;
+            let mut model = None;
             match &e.data {
                 EventData::LlmUsage(u) => {
-                    let (count, sums) = t
-                        .tokens
-                        .entry((n, u.provider.as_str(), u.model.as_str()))
-                        .or_default();
+                    let pair = (u.provider.as_str(), u.model.as_str());
+                    let hash = scratch.hasher.hash_one(pair);
+                    let (m, new) = number(&mut scratch.models, &mut t.models, pair, hash);
+                    if new {
+                        t.model_events.push(0);
+                    }
+                    t.model_events[m] += 1;
+                    model = Some(m);
+                    let (count, sums) = scratch.tokens.entry((n, m)).or_default();
                     *count += 1;
                     for (sum, v) in sums.iter_mut().zip(u.priced_tokens()) {
                         *sum = sum.saturating_add(v);
@@ -609,15 +713,21 @@ impl<'a> Tally<'a> {
                 }
                 EventData::ApiRequest(a) => t.latency.push((n, seconds(a.latency_ms))),
                 EventData::AgentRun(r) => {
-                    let key = (
-                        n,
+                    let kind = (
                         r.agent.as_deref().unwrap_or(NONE),
                         r.status.as_deref().unwrap_or(NONE),
                     );
-                    *t.runs.entry(key).or_default() += 1;
+                    let hash = scratch.hasher.hash_one(kind);
+                    let (k, new) = number(&mut scratch.kinds, &mut t.kinds, kind, hash);
+                    if new {
+                        t.kind_events.push(0);
+                    }
+                    t.kind_events[k] += 1;
+                    *scratch.runs.entry((n, k)).or_default() += 1;
                     t.duration.push((n, seconds(r.duration_ms)));
                 }
             }
+            t.model_of_event.push(model);
         }
         t
     }
@@ -630,6 +740,41 @@ fn type_index(t: EventType) -> usize {
         EventType::ApiRequest => 1,
         EventType::AgentRun => 2,
     }
+}
+
+/// Numbers the distinct values of `values`, in order of first appearance: each value's
+/// number, and the values numbered. For a batch's folded labels, which are few.
+fn number_distinct<T: Copy + Eq + std::hash::Hash>(
+    values: impl Iterator<Item = T>,
+) -> (Vec<usize>, Vec<T>) {
+    let mut distinct = Vec::new();
+    let mut numbers: Map<T, usize> = Map::default();
+    let of = values
+        .map(|v| {
+            *numbers.entry(v).or_insert_with(|| {
+                distinct.push(v);
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    (of, distinct)
+}
+
+/// The label value each distinct value of a batch's pairs folds to in `dimension`, by the
+/// events of its pairs: `side` picks the value out of a pair.
+fn fold_side<'a>(
+    dimension: &mut Dimension,
+    pairs: &[((&'a str, &'a str), u64)],
+    events: &[u64],
+    side: impl Fn((&'a str, &'a str)) -> &'a str,
+) -> Map<&'a str, &'a str> {
+    let mut volumes: Map<&'a str, u64> = Map::default();
+    for ((pair, _), n) in pairs.iter().zip(events) {
+        *volumes.entry(side(*pair)).or_default() += n;
+    }
+    let values: Vec<(&'a str, u64)> = volumes.into_iter().collect();
+    let labels = dimension.fold_values(values.iter().copied());
+    values.into_iter().map(|(v, _)| v).zip(labels).collect()
 }
 
 /// The usage families, counted once per accepted event (never for a duplicate or a
@@ -698,58 +843,51 @@ impl UsageMetrics {
                 "Duration of accepted agent.run events (their duration_ms), by tenant",
                 &AGENT_DURATION_BUCKETS,
             )?,
+            scratch: Scratch::default(),
         };
         Ok(Self(std::sync::Arc::new(std::sync::Mutex::new(state))))
     }
 
-    /// Counts events just made durable; answers the `tenant` label value of each.
+    /// Counts events just made durable; answers the labels of each.
     ///
     /// The batch is first tallied by raw values, then each distinct value is folded once and
     /// each label combination's counter moves once: the per-event cost is a hash of the
-    /// tenant, one of the model or agent, and a histogram's bucket search without atomics.
+    /// tenant, one of the model or the run's kind, and a histogram's bucket search without
+    /// atomics.
     pub fn accepted<'a>(
         &self,
         events: impl ExactSizeIterator<Item = &'a meterd_schemas::Event>,
-    ) -> TenantLabels<'a> {
-        let t = Tally::new(events);
+    ) -> BatchLabels<'a> {
         let mut s = self
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let s = &mut *s;
+        let t = Tally::new(events, &s.tenants, &mut s.scratch);
 
         // Fold each distinct value once, by its volume in the batch.
-        let volumes: Vec<(&str, u64)> = t
+        let volumes: Vec<(&str, u64, u64)> = t
             .tenants
             .iter()
             .zip(&t.events)
-            .map(|(tenant, by_type)| (*tenant, by_type.iter().sum()))
+            .map(|((tenant, key), by_type)| (*tenant, *key, by_type.iter().sum()))
             .collect();
         let folded = s.tenants.fold_batch(&volumes);
         // Every count by tenant below is by the number of its label value.
-        let mut values: Vec<&str> = Vec::new();
-        let mut numbers: Map<&str, usize> = Map::default();
-        let label_of: Vec<usize> = folded
-            .iter()
-            .map(|label| {
-                *numbers.entry(*label).or_insert_with(|| {
-                    values.push(*label);
-                    values.len() - 1
-                })
-            })
-            .collect();
-        let (mut providers, mut models): (Map<&str, u64>, Map<&str, u64>) = Default::default();
-        for ((_, provider, model), (n, _)) in &t.tokens {
-            *providers.entry(provider).or_default() += n;
-            *models.entry(model).or_default() += n;
-        }
-        let providers = s.providers.fold_map(providers);
-        let models = s.models.fold_map(models);
-        let mut agents: Map<&str, u64> = Map::default();
-        for ((_, agent, _), n) in &t.runs {
-            *agents.entry(agent).or_default() += n;
-        }
-        let agents = s.agents.fold_map(agents);
+        let (label_of, values) = number_distinct(folded.into_iter());
+        let providers = fold_side(&mut s.providers, &t.models, &t.model_events, |p| p.0);
+        let models = fold_side(&mut s.models, &t.models, &t.model_events, |p| p.1);
+        let (model_label_of, model_labels) = number_distinct(
+            t.models
+                .iter()
+                .map(|((p, m), _)| (label(&providers, p), label(&models, m))),
+        );
+        let agents = fold_side(&mut s.agents, &t.kinds, &t.kind_events, |k| k.0);
+        let (kind_label_of, kind_labels) = number_distinct(
+            t.kinds
+                .iter()
+                .map(|((agent, status), _)| (label(&agents, agent), *status)),
+        );
 
         // Each folded label combination's counter moves once.
         let mut events = vec![[0u64; 3]; values.len()];
@@ -766,36 +904,35 @@ impl UsageMetrics {
                 }
             }
         }
-        let mut tokens: Map<(usize, &str, &str), [u64; 4]> = Map::default();
-        for ((n, provider, model), (_, sums)) in &t.tokens {
-            let key = (
-                label_of[*n],
-                label(&providers, provider),
-                label(&models, model),
-            );
-            for (sum, v) in tokens.entry(key).or_default().iter_mut().zip(sums) {
+        let scratch = &mut s.scratch;
+        for ((n, m), (_, sums)) in &scratch.tokens {
+            let key = (label_of[*n], model_label_of[*m]);
+            let folded = scratch.folded_tokens.entry(key).or_default();
+            for (sum, v) in folded.iter_mut().zip(sums) {
                 *sum = sum.saturating_add(*v);
             }
         }
-        for ((tenant, provider, model), sums) in tokens {
+        for ((tenant, model), sums) in &scratch.folded_tokens {
+            let (provider, model) = model_labels[*model];
             for (direction, n) in DIRECTIONS.into_iter().zip(sums) {
-                if n > 0 {
+                if *n > 0 {
                     add(
                         s.tokens
-                            .series(&[values[tenant], provider, model, direction]),
-                        n,
+                            .series(&[values[*tenant], provider, model, direction]),
+                        *n,
                     );
                 }
             }
         }
-        let mut runs: Map<(usize, &str, &str), u64> = Map::default();
-        for ((n, agent, status), count) in &t.runs {
-            *runs
-                .entry((label_of[*n], label(&agents, agent), status))
+        for ((n, k), count) in &scratch.runs {
+            *scratch
+                .folded_runs
+                .entry((label_of[*n], kind_label_of[*k]))
                 .or_default() += count;
         }
-        for ((tenant, agent, status), n) in runs {
-            add(s.runs.series(&[values[tenant], agent, status]), n);
+        for ((tenant, kind), n) in &scratch.folded_runs {
+            let (agent, status) = kind_labels[*kind];
+            add(s.runs.series(&[values[*tenant], agent, status]), *n);
         }
         for (family, observed) in [(&mut s.latency, &t.latency), (&mut s.duration, &t.duration)] {
             // Observed into each label value's local histogram, then added to the shared one
@@ -811,9 +948,11 @@ impl UsageMetrics {
                 h.flush();
             }
         }
-        TenantLabels {
+        BatchLabels {
             of_event: t.of_event.iter().map(|n| label_of[*n]).collect(),
             values,
+            models: t.models.into_iter().map(|(pair, _)| pair).collect(),
+            model_of_event: t.model_of_event,
         }
     }
 }
@@ -992,9 +1131,7 @@ mod tests {
         let mut labelled = std::collections::BTreeSet::new();
         // Each wave a new value carrying twice everything before it: each would take a slot.
         for (w, name) in names.iter().enumerate() {
-            let mut batch = Map::default();
-            batch.insert(name.as_str(), 1_000u64 << w);
-            for (_, label) in d.fold_map(batch) {
+            for label in d.fold_values([(name.as_str(), 1_000u64 << w)].into_iter()) {
                 if label != OTHER {
                     labelled.insert(label.to_owned());
                 }
@@ -1091,6 +1228,43 @@ mod tests {
                 "{histograms:?}"
             );
         }
+    }
+
+    #[test]
+    fn each_llm_event_gets_its_model_and_each_batch_is_tallied_afresh() {
+        let (registry, usage) = acme_only();
+        let first = [
+            llm("acme", "openai", "gpt-4o", 10),
+            api("acme", 3),
+            llm("initech", "anthropic", "claude", 5),
+            llm("acme", "openai", "gpt-4o", 7),
+        ];
+        let labels = usage.accepted(first.iter());
+        assert_eq!(
+            labels.models(),
+            [("openai", "gpt-4o"), ("anthropic", "claude")]
+        );
+        let of: Vec<Option<usize>> = labels.models_per_event().collect();
+        assert_eq!(of, [Some(0), None, Some(1), Some(0)]);
+        drop(labels);
+        // The next batch's numbers start over, and its tallies hold only its own events.
+        let second = [run("acme", "a"), llm("acme", "anthropic", "claude", 1)];
+        let labels = usage.accepted(second.iter());
+        assert_eq!(labels.models(), [("anthropic", "claude")]);
+        let of: Vec<Option<usize>> = labels.models_per_event().collect();
+        assert_eq!(of, [None, Some(0)]);
+        let mut input: Vec<(String, u64)> = samples(&registry, "meterd_usage_tokens_total")
+            .into_iter()
+            .filter(|(l, _)| l["direction"] == "input")
+            .map(|(l, v)| (l["tenant"].clone(), v))
+            .collect();
+        input.sort();
+        assert_eq!(input, [("acme".to_owned(), 18), (OTHER.to_owned(), 5)]);
+        let runs: u64 = samples(&registry, "meterd_agent_runs_total")
+            .into_iter()
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(runs, 1);
     }
 
     #[test]

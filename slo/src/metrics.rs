@@ -2,7 +2,7 @@
 //! each SLO's valid and good events as they are accepted, so Prometheus can compute burn rates
 //! itself (`rate()` of bad over valid), as Sloth and Pyrra generate them.
 
-use meterd_ingest::metrics::{AcceptedObserver, CappedFamily, Map, OTHER, TenantLabels, add};
+use meterd_ingest::metrics::{AcceptedObserver, BatchLabels, CappedFamily, Map, OTHER, add};
 use meterd_schemas::StoredEvent;
 use prometheus::{IntCounterVec, Opts, Registry};
 
@@ -48,12 +48,12 @@ impl SloCounters {
 }
 
 impl AcceptedObserver for SloCounters {
-    fn accepted(&self, events: &[StoredEvent], tenants: &TenantLabels<'_>) {
-        debug_assert_eq!(events.len(), tenants.len(), "labels for every event");
+    fn accepted(&self, events: &[StoredEvent], labels: &BatchLabels<'_>) {
+        debug_assert_eq!(events.len(), labels.len(), "labels for every event");
         // (SLO, tenant label number of a per-tenant SLO) to (valid, good), so each series
         // moves once a batch.
         let mut counts: Map<(usize, Option<usize>), (u64, u64)> = Map::default();
-        for (e, (label, _)) in events.iter().zip(tenants.per_event()) {
+        for (e, (label, _)) in events.iter().zip(labels.per_event()) {
             for (i, slo) in self.slos.iter().enumerate() {
                 let Some((_, good)) = slo.counts(e) else {
                     continue;
@@ -71,7 +71,7 @@ impl AcceptedObserver for SloCounters {
             let tenant = match &slo.scope {
                 SloScope::All => "",
                 SloScope::Tenant(t) => t.as_str(),
-                SloScope::PerTenant => label.map_or(OTHER, |n| tenants.value(n)),
+                SloScope::PerTenant => label.map_or(OTHER, |n| labels.value(n)),
             };
             self.events
                 .with(&[name, tenant, "valid"], |c| add(c, valid));
