@@ -153,3 +153,144 @@ impl AcceptedObserver for CostObserver {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use meterd_ingest::metrics::{LabelLimits, UsageMetrics};
+    use meterd_schemas::{Event, LlmUsage};
+
+    use super::*;
+
+    const PRICES: &str = r#"
+        [[prices]]
+        provider = "openai"
+        model = "gpt-4o"
+        effective_from = "2026-01-01T00:00:00Z"
+        input_per_million = "1"
+        output_per_million = "2"
+
+        [[prices]]
+        provider = "openai"
+        model = "gpt-4o"
+        effective_from = "2026-02-01T00:00:00Z"
+        input_per_million = "10"
+        output_per_million = "20"
+
+        [[prices]]
+        provider = "mistral"
+        model = "large"
+        effective_from = "2026-01-01T00:00:00Z"
+        currency = "EUR"
+        input_per_million = "3"
+        output_per_million = "6"
+    "#;
+
+    fn llm(tenant: &str, model: (&str, &str), time: &str, tokens: [i64; 2]) -> StoredEvent {
+        let time_us = chrono::DateTime::parse_from_rfc3339(time)
+            .expect("a time")
+            .timestamp_micros();
+        StoredEvent {
+            ingested_at_us: time_us,
+            event: Event {
+                tenant: tenant.to_owned(),
+                id: "x".to_owned(),
+                time_us,
+                subject: None,
+                source: None,
+                dimensions: BTreeMap::new(),
+                data: EventData::LlmUsage(LlmUsage {
+                    provider: model.0.to_owned(),
+                    model: model.1.to_owned(),
+                    input_tokens: tokens[0],
+                    output_tokens: tokens[1],
+                    cached_input_tokens: None,
+                    cache_write_input_tokens: None,
+                    reasoning_tokens: None,
+                    latency_ms: None,
+                    status: None,
+                    run_id: None,
+                }),
+            },
+        }
+    }
+
+    /// The cost family's values by (tenant, currency).
+    fn costs(registry: &Registry) -> BTreeMap<(String, String), f64> {
+        registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "meterd_usage_cost_total")
+            .flat_map(|f| f.get_metric().iter())
+            .map(|m| {
+                let label = |name: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_owned())
+                        .unwrap_or_default()
+                };
+                (
+                    (label("tenant"), label("currency")),
+                    m.get_counter().get_value(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_event_costs_the_price_in_force_at_its_time_under_its_tenant_label() {
+        #[derive(serde::Deserialize)]
+        struct Prices {
+            prices: Vec<PriceEntry>,
+        }
+        let prices: Prices = toml::from_str(PRICES).expect("prices");
+        let book = PriceBook::new(&prices.prices).expect("a price book");
+        let billing = BillingMetrics::new().expect("families");
+        let observer = billing.cost_observer(book, 500);
+        let usage = UsageMetrics::new(
+            &Registry::new(),
+            &LabelLimits {
+                tenant_allowlist: Some(BTreeSet::from(["acme".to_owned()])),
+                ..LabelLimits::default()
+            },
+        )
+        .expect("usage families");
+        let gpt = ("openai", "gpt-4o");
+        let large = ("mistral", "large");
+        let batches = [
+            vec![
+                // The first price: 1 per million input.
+                llm("acme", gpt, "2026-01-15T00:00:00Z", [1_000_000, 0]),
+                // Before any price: nothing.
+                llm("acme", gpt, "2025-12-31T23:59:59Z", [1_000_000, 0]),
+                // The second price, under "other": 20 per million output.
+                llm("initech", gpt, "2026-02-15T00:00:00Z", [0, 1_000_000]),
+                llm("acme", large, "2026-01-15T00:00:00Z", [1_000_000, 0]),
+                // Unpriced: nothing.
+                llm("acme", ("openai", "gpt-9"), "2026-02-15T00:00:00Z", [5, 5]),
+                // The second price, from its first microsecond.
+                llm("acme", gpt, "2026-02-01T00:00:00Z", [1_000_000, 0]),
+            ],
+            vec![
+                llm("initech", large, "2026-02-15T00:00:00Z", [0, 1_000_000]),
+                llm("acme", gpt, "2026-02-15T00:00:00Z", [500_000, 0]),
+            ],
+        ];
+        for batch in &batches {
+            let labels = usage.accepted(batch.iter().map(|s| &s.event));
+            observer.accepted(batch, &labels);
+        }
+        let expected: BTreeMap<(String, String), f64> = [
+            (("acme", "USD"), 1.0 + 10.0 + 5.0),
+            (("acme", "EUR"), 3.0),
+            (("other", "USD"), 20.0),
+            (("other", "EUR"), 6.0),
+        ]
+        .into_iter()
+        .map(|((t, c), v)| ((t.to_owned(), c.to_owned()), v))
+        .collect();
+        assert_eq!(costs(billing.registry()), expected);
+    }
+}

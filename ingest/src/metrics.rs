@@ -207,6 +207,15 @@ struct Dimension {
     total: u64,
 }
 
+/// One of a batch's distinct label values, for [`Dimension::fold_batch`].
+struct Volume<'a> {
+    value: &'a str,
+    /// Its [`Dimension::key`].
+    key: u64,
+    /// The batch's events that carry it.
+    events: u64,
+}
+
 /// How many values per slot a label may ever admit (a value that lost its slot may take one
 /// again without counting twice).
 const EVER_PER_SLOT: usize = 5;
@@ -230,17 +239,22 @@ impl Dimension {
         self.hasher.hash_one(value)
     }
 
-    /// The label value to count each of a batch's distinct values under, given its key
-    /// ([`Dimension::key`]) and how many events carry it, in the batch's order. The batch
-    /// counts toward the volumes before any of its values is decided.
-    fn fold_batch<'a>(&mut self, batch: &[(&'a str, u64, u64)]) -> Vec<&'a str> {
+    /// The label value to count each of a batch's distinct values under, in the batch's
+    /// order. The batch counts toward the volumes before any of its values is decided.
+    fn fold_batch<'a>(&mut self, batch: &[Volume<'a>]) -> Vec<&'a str> {
         self.total = batch
             .iter()
-            .fold(self.total, |total, (_, _, n)| total.saturating_add(*n));
+            .fold(self.total, |total, v| total.saturating_add(v.events));
         if let Some(allow) = &self.allow {
             return batch
                 .iter()
-                .map(|(v, _, _)| if allow.contains(*v) { *v } else { OTHER })
+                .map(|v| {
+                    if allow.contains(v.value) {
+                        v.value
+                    } else {
+                        OTHER
+                    }
+                })
                 .collect();
         }
         if self.top == 0 {
@@ -249,26 +263,32 @@ impl Dimension {
         debug_assert!(
             batch
                 .iter()
-                .map(|(v, _, _)| v)
+                .map(|v| v.value)
                 .collect::<std::collections::HashSet<_>>()
                 .len()
                 == batch.len(),
             "a batch's values are distinct"
         );
         debug_assert!(
-            batch.iter().all(|(v, key, _)| self.key(v) == *key),
+            batch.iter().all(|v| self.key(v.value) == v.key),
             "each value's key is its own"
         );
-        self.count_batch(batch.iter().map(|(_, key, n)| (*key, *n)));
+        self.count_batch(batch.iter().map(|v| (v.key, v.events)));
         batch
             .iter()
-            .map(|(value, key, _)| if self.decide(*key) { *value } else { OTHER })
+            .map(|v| if self.decide(v.key) { v.value } else { OTHER })
             .collect()
     }
 
     /// [`Dimension::fold_batch`] for a batch's distinct values and their events.
     fn fold_values<'a>(&mut self, counts: impl Iterator<Item = (&'a str, u64)>) -> Vec<&'a str> {
-        let batch: Vec<(&'a str, u64, u64)> = counts.map(|(v, n)| (v, self.key(v), n)).collect();
+        let batch: Vec<Volume<'a>> = counts
+            .map(|(value, events)| Volume {
+                value,
+                key: self.key(value),
+                events,
+            })
+            .collect();
         self.fold_batch(&batch)
     }
 
@@ -577,21 +597,22 @@ struct UsageState {
 
 /// What tallying a batch keeps between batches: the hash tables that number the batch's
 /// distinct values (they hold numbers, not the batch's strings, so they outlive it) and the
-/// tallies by number. They are cleared, never freed: once grown, tallying a batch allocates
-/// and faults in no memory (fresh tables each batch were a tenth of the counting's cost at
-/// 10,000 tenants). They grow to the largest group of events the log writer commits at once
-/// (about `GROUP_MAX_EVENTS`), and no further.
+/// tallies by number. They are cleared, not reallocated, from batch to batch (fresh tables
+/// each batch, with their page faults and regrowth, were a tenth of the counting's cost at
+/// 10,000 tenants). A table grown by a batch of more than [`KEPT_EVENTS`] events is given
+/// back at the next batch small enough for the room kept (see [`Scratch::reset`]).
 #[derive(Debug, Default)]
 struct Scratch {
     /// Tenant numbers, by the tenant dimension's [`Dimension::key`].
     tenants: HashTable<usize>,
-    /// (provider, model) and (agent, status) numbers, by `hasher`.
+    /// (provider, model) numbers, by `hasher`.
     models: HashTable<usize>,
+    /// (agent, status) numbers, by `hasher`.
     kinds: HashTable<usize>,
     hasher: foldhash::fast::RandomState,
-    /// Events and tokens (input, output, cached input, cache-write input), by tenant number
-    /// and model number.
-    tokens: Map<(usize, usize), (u64, [u64; 4])>,
+    /// Tokens (input, output, cached input, cache-write input) by tenant number and model
+    /// number.
+    tokens: Map<(usize, usize), [u64; 4]>,
     /// Runs by tenant number and (agent, status) number.
     runs: Map<(usize, usize), u64>,
     /// The same by folded label numbers.
@@ -599,15 +620,36 @@ struct Scratch {
     folded_runs: Map<(usize, usize), u64>,
 }
 
+/// The batch size [`Scratch`]'s tables keep room for between batches, whatever a larger batch
+/// grew them to (the log writer commits up to about 64K events at once). Kept, the tables take
+/// about 4 MB at most.
+const KEPT_EVENTS: usize = 16 * 1024;
+
 impl Scratch {
-    fn clear(&mut self) {
-        self.tenants.clear();
-        self.models.clear();
-        self.kinds.clear();
+    /// Empties the tables for a batch of `len` events. A table with room for more than twice
+    /// `len` and [`KEPT_EVENTS`] entries is freed (twice: a table's room doubles as it grows).
+    fn reset(&mut self, len: usize) {
+        let keep = len.max(KEPT_EVENTS).saturating_mul(2);
+        for table in [&mut self.tenants, &mut self.models, &mut self.kinds] {
+            table.clear();
+            if table.capacity() > keep {
+                table.shrink_to(0, |_| 0);
+            }
+        }
         self.tokens.clear();
-        self.runs.clear();
+        if self.tokens.capacity() > keep {
+            self.tokens.shrink_to(0);
+        }
         self.folded_tokens.clear();
-        self.folded_runs.clear();
+        if self.folded_tokens.capacity() > keep {
+            self.folded_tokens.shrink_to(0);
+        }
+        for map in [&mut self.runs, &mut self.folded_runs] {
+            map.clear();
+            if map.capacity() > keep {
+                map.shrink_to(0);
+            }
+        }
     }
 }
 
@@ -640,18 +682,20 @@ fn number<T: Copy + Eq>(
 /// tenant, model (provider and model) and run kind (agent and status) is hashed once, into a
 /// number for the batch; the tallies are by number.
 struct Tally<'a> {
-    /// The batch's distinct tenants and their keys, numbered in order of first appearance.
+    /// The batch's distinct tenants, numbered in order of first appearance, each with its
+    /// key in the tenant dimension (the hash [`number`] keeps).
     tenants: Vec<(&'a str, u64)>,
     /// Each event's tenant number, in batch order.
     of_event: Vec<usize>,
     /// Events per tenant number, by type (see [`type_index`]).
     events: Vec<[u64; 3]>,
-    /// The batch's distinct (provider, model) pairs, the llm.usage events of each, and each
-    /// event's pair.
+    /// The batch's distinct (provider, model) pairs, each with its hash (as [`number`] keeps
+    /// it); the llm.usage events of each; each event's pair.
     models: Vec<((&'a str, &'a str), u64)>,
     model_events: Vec<u64>,
     model_of_event: Vec<Option<usize>>,
-    /// The batch's distinct (agent, status) pairs of agent.run events, and the runs of each.
+    /// The batch's distinct (agent, status) pairs of agent.run events, each with its hash;
+    /// the runs of each.
     kinds: Vec<((&'a str, &'a str), u64)>,
     kind_events: Vec<u64>,
     latency: Vec<(usize, f64)>,
@@ -667,8 +711,8 @@ impl<'a> Tally<'a> {
     ) -> Self {
         use meterd_schemas::EventData;
         use std::hash::BuildHasher;
-        scratch.clear();
         let len = events.len();
+        scratch.reset(len);
         let mut t = Self {
             tenants: Vec::new(),
             of_event: Vec::with_capacity(len),
@@ -705,8 +749,7 @@ impl<'a> Tally<'a> {
                     }
                     t.model_events[m] += 1;
                     model = Some(m);
-                    let (count, sums) = scratch.tokens.entry((n, m)).or_default();
-                    *count += 1;
+                    let sums = scratch.tokens.entry((n, m)).or_default();
                     for (sum, v) in sums.iter_mut().zip(u.priced_tokens()) {
                         *sum = sum.saturating_add(v);
                     }
@@ -760,8 +803,8 @@ fn number_distinct<T: Copy + Eq + std::hash::Hash>(
     (of, distinct)
 }
 
-/// The label value each distinct value of a batch's pairs folds to in `dimension`, by the
-/// events of its pairs: `side` picks the value out of a pair.
+/// The label value each distinct value of a batch's pairs folds to in `dimension`, by
+/// `events`, the events of each pair: `side` picks the value out of a pair.
 fn fold_side<'a>(
     dimension: &mut Dimension,
     pairs: &[((&'a str, &'a str), u64)],
@@ -851,9 +894,10 @@ impl UsageMetrics {
     /// Counts events just made durable; answers the labels of each.
     ///
     /// The batch is first tallied by raw values, then each distinct value is folded once and
-    /// each label combination's counter moves once: the per-event cost is a hash of the
-    /// tenant, one of the model or the run's kind, and a histogram's bucket search without
-    /// atomics.
+    /// each label combination's counter moves once. The per-event cost: a hash of the tenant;
+    /// for llm.usage and agent.run a hash of the (provider, model) or (agent, status) pair and
+    /// one of the tenant and pair numbers; for api.request and agent.run a histogram's bucket
+    /// search without atomics.
     pub fn accepted<'a>(
         &self,
         events: impl ExactSizeIterator<Item = &'a meterd_schemas::Event>,
@@ -866,11 +910,15 @@ impl UsageMetrics {
         let t = Tally::new(events, &s.tenants, &mut s.scratch);
 
         // Fold each distinct value once, by its volume in the batch.
-        let volumes: Vec<(&str, u64, u64)> = t
+        let volumes: Vec<Volume<'_>> = t
             .tenants
             .iter()
             .zip(&t.events)
-            .map(|((tenant, key), by_type)| (*tenant, *key, by_type.iter().sum()))
+            .map(|(&(value, key), by_type)| Volume {
+                value,
+                key,
+                events: by_type.iter().sum(),
+            })
             .collect();
         let folded = s.tenants.fold_batch(&volumes);
         // Every count by tenant below is by the number of its label value.
@@ -905,7 +953,7 @@ impl UsageMetrics {
             }
         }
         let scratch = &mut s.scratch;
-        for ((n, m), (_, sums)) in &scratch.tokens {
+        for ((n, m), sums) in &scratch.tokens {
             let key = (label_of[*n], model_label_of[*m]);
             let folded = scratch.folded_tokens.entry(key).or_default();
             for (sum, v) in folded.iter_mut().zip(sums) {
@@ -1237,6 +1285,7 @@ mod tests {
             llm("acme", "openai", "gpt-4o", 10),
             api("acme", 3),
             llm("initech", "anthropic", "claude", 5),
+            run("acme", "a"),
             llm("acme", "openai", "gpt-4o", 7),
         ];
         let labels = usage.accepted(first.iter());
@@ -1245,7 +1294,7 @@ mod tests {
             [("openai", "gpt-4o"), ("anthropic", "claude")]
         );
         let of: Vec<Option<usize>> = labels.models_per_event().collect();
-        assert_eq!(of, [Some(0), None, Some(1), Some(0)]);
+        assert_eq!(of, [Some(0), None, Some(1), None, Some(0)]);
         drop(labels);
         // The next batch's numbers start over, and its tallies hold only its own events.
         let second = [run("acme", "a"), llm("acme", "anthropic", "claude", 1)];
@@ -1264,7 +1313,49 @@ mod tests {
             .into_iter()
             .map(|(_, v)| v)
             .sum();
-        assert_eq!(runs, 1);
+        assert_eq!(runs, 2);
+    }
+
+    #[test]
+    fn past_the_warm_up_providers_models_and_agents_get_series_of_their_own() {
+        let registry = Registry::new();
+        let usage = UsageMetrics::new(&registry, &LabelLimits::default()).expect("families");
+        // Each batch: 300 events of each model, 600 runs; past 1,000 events of a label (after
+        // the first batch for tenants, the second for the others) values get series.
+        let batch: Vec<Event> = (0..1_200)
+            .map(|i| match i % 4 {
+                0 => llm("acme", "openai", "gpt-4o", 10),
+                1 => llm("acme", "anthropic", "claude", 100),
+                _ => run("acme", "support"),
+            })
+            .collect();
+        usage.accepted(batch.iter());
+        usage.accepted(batch.iter());
+        let mut input: Vec<(String, String, String, u64)> =
+            samples(&registry, "meterd_usage_tokens_total")
+                .into_iter()
+                .filter(|(l, _)| l["direction"] == "input")
+                .map(|(l, v)| {
+                    let get = |k: &str| l[k].clone();
+                    (get("tenant"), get("provider"), get("model"), v)
+                })
+                .collect();
+        input.sort();
+        let expected = [
+            ("acme", "anthropic", "claude", 30_000),
+            ("acme", "openai", "gpt-4o", 3_000),
+            ("acme", OTHER, OTHER, 33_000),
+        ]
+        .map(|(t, p, m, v)| (t.to_owned(), p.to_owned(), m.to_owned(), v));
+        assert_eq!(input, expected);
+        let mut runs: Vec<(String, String, u64)> = samples(&registry, "meterd_agent_runs_total")
+            .into_iter()
+            .map(|(l, v)| (l["agent"].clone(), l["status"].clone(), v))
+            .collect();
+        runs.sort();
+        let expected = [("other", "succeeded", 600), ("support", "succeeded", 600)]
+            .map(|(a, s, v)| (a.to_owned(), s.to_owned(), v));
+        assert_eq!(runs, expected);
     }
 
     #[test]
