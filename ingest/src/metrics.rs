@@ -599,8 +599,8 @@ struct UsageState {
 /// distinct values (they hold numbers, not the batch's strings, so they outlive it) and the
 /// tallies by number. They are cleared, not reallocated, from batch to batch (fresh tables
 /// each batch, with their page faults and regrowth, were a tenth of the counting's cost at
-/// 10,000 tenants). A table grown by a batch of more than [`KEPT_EVENTS`] events is given
-/// back at the next batch small enough for the room kept (see [`Scratch::reset`]).
+/// 10,000 tenants). A table that a batch grew past room for twice [`KEPT_EVENTS`] entries is
+/// freed at the next smaller batch (see [`Scratch::reset`]).
 #[derive(Debug, Default)]
 struct Scratch {
     /// Tenant numbers, by the tenant dimension's [`Dimension::key`].
@@ -622,7 +622,7 @@ struct Scratch {
 
 /// The batch size [`Scratch`]'s tables keep room for between batches, whatever a larger batch
 /// grew them to (the log writer commits up to about 64K events at once). Kept, the tables take
-/// about 4 MB at most.
+/// about 6 MB at most.
 const KEPT_EVENTS: usize = 16 * 1024;
 
 impl Scratch {
