@@ -182,7 +182,8 @@ const WARM_UP: u64 = 1_000;
 /// bounded whatever values clients send; any value carrying more than 1/(10 x top) of the
 /// events is tracked). After a warm-up, a value carrying at least 1/`top` of the events is
 /// admitted while fewer than `top` are; once all slots are taken, a tracked value counted
-/// twice as often as the lightest admitted one takes its slot. A value's series only counts
+/// twice as often as the lightest admitted one takes its slot. A batch's candidates are
+/// decided heaviest first. A value's series only counts
 /// while it is admitted: what it carried before, or after losing its slot, is counted under
 /// [`OTHER`]. So every counter only grows, and the sum over a label's values is the true
 /// total. Over the process's life at most 5 x `top` values are ever admitted, so a label that
@@ -274,10 +275,40 @@ impl Dimension {
             "each value's key is its own"
         );
         self.count_batch(batch.iter().map(|v| (v.key, v.events)));
-        batch
-            .iter()
-            .map(|v| if self.decide(v.key) { v.value } else { OTHER })
-            .collect()
+        // Values with a slot keep it for this batch. Then the values heavy enough for one are
+        // decided heaviest first, so which of two takes the last free slot does not depend on
+        // where they stand in the batch.
+        let mut labels: Vec<&'a str> = Vec::with_capacity(batch.len());
+        let mut candidates: Vec<(u64, usize)> = Vec::new();
+        for (i, v) in batch.iter().enumerate() {
+            if self.admitted.contains(&v.key) {
+                labels.push(v.value);
+            } else {
+                labels.push(OTHER);
+                if self.heavy_enough(v.key) {
+                    candidates.push((self.count(v.key), i));
+                }
+            }
+        }
+        candidates.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, i) in candidates {
+            if self.decide(batch[i].key) {
+                labels[i] = batch[i].value;
+            }
+        }
+        labels
+    }
+
+    /// The estimated events of the value of `key` (0 if it is not tracked).
+    fn count(&self, key: u64) -> u64 {
+        self.counts.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Whether the value of `key` carries enough of the events for a slot: past the warm-up,
+    /// at least 1/`top` of them.
+    fn heavy_enough(&self, key: u64) -> bool {
+        let top = u64::try_from(self.top).unwrap_or(u64::MAX);
+        self.total >= WARM_UP && self.count(key).saturating_mul(top) >= self.total
     }
 
     /// [`Dimension::fold_batch`] for a batch's distinct values and their events.
@@ -298,21 +329,16 @@ impl Dimension {
         if self.admitted.contains(&key) {
             return true;
         }
-        let count = self.counts.get(&key).copied().unwrap_or(0);
-        let top = u64::try_from(self.top).unwrap_or(u64::MAX);
-        if self.total < WARM_UP || count.saturating_mul(top) < self.total {
+        if !self.heavy_enough(key) {
             return false;
         }
+        let count = self.count(key);
         if !self.ever.contains(&key) && self.ever.len() >= self.top.saturating_mul(EVER_PER_SLOT) {
             return false;
         }
         if self.admitted.len() >= self.top {
             // Full: the lightest admitted value gives way to one counted twice as often.
-            let lightest = self
-                .admitted
-                .iter()
-                .map(|k| (self.counts.get(k).copied().unwrap_or(0), *k))
-                .min();
+            let lightest = self.admitted.iter().map(|k| (self.count(*k), *k)).min();
             match lightest {
                 Some((c, k)) if count >= c.saturating_mul(2) => {
                     self.admitted.remove(&k);
@@ -1191,6 +1217,17 @@ mod tests {
             labelled.contains("wave-9") && !labelled.contains("wave-10"),
             "{labelled:?}"
         );
+    }
+
+    #[test]
+    fn the_heavier_of_two_values_takes_the_last_slot_wherever_it_stands() {
+        let mut d = Dimension::new(4, None);
+        let three = d.fold_values([("a", 1_000), ("b", 1_000), ("c", 1_000)].into_iter());
+        assert_eq!(three, ["a", "b", "c"]);
+        // Both carry over a quarter of the 6,201 events; the heavier one is not twice as heavy
+        // as a, b or c, so it cannot take a slot that is taken.
+        let labels = d.fold_values([("light", 1_600), ("heavy", 1_601)].into_iter());
+        assert_eq!(labels, [OTHER, "heavy"]);
     }
 
     /// Usage families whose allowlist names only the tenant "acme".
