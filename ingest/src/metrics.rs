@@ -179,13 +179,13 @@ const WARM_UP: u64 = 1_000;
 /// One label's values: which have series of their own, the `top` heaviest by volume.
 ///
 /// Volumes are estimated with the Space-Saving algorithm over `10 x top` counters (memory stays
-/// bounded whatever values clients send; any value carrying more than 1/(10 x top) of the
-/// events is tracked). After a warm-up, a value carrying at least 1/`top` of the events is
-/// admitted while fewer than `top` are; once all slots are taken, a tracked value counted
-/// twice as often as the lightest admitted one takes its slot. A batch's candidates are
-/// decided heaviest first. A value's series only counts while it is admitted: what it carried
-/// before, or after losing its slot, is counted under [`OTHER`]. So every counter only grows,
-/// and the sum over a label's values is the true total. Over the process's life at most 5 x `top` values are ever admitted, so a label that
+/// bounded whatever values clients send; any value carrying more than 1/(10 x top) of the events is
+/// tracked). After a warm-up, a value carrying at least 1/`top` of the events is admitted while
+/// fewer than `top` are; once all slots are taken, a tracked value counted twice as often as the
+/// lightest admitted one takes its slot. A batch's candidates are decided heaviest first. A value's
+/// series only counts while it is admitted: what it carried before, or after losing its slot, is
+/// counted under [`OTHER`]. So every counter only grows, and the sum over a label's values is the
+/// true total. Over the process's life at most 5 x `top` values are ever admitted, so a label that
 /// keeps changing its heavy values cannot grow the families without end.
 // Written here rather than taken from a crate: folding has to keep Prometheus counters
 // monotonic and their sums exact, which generic cardinality limiters do not promise.
