@@ -661,20 +661,18 @@ impl Scratch {
                 table.shrink_to(0, |_| 0);
             }
         }
-        self.tokens.clear();
-        if self.tokens.capacity() > keep {
-            self.tokens.shrink_to(0);
-        }
-        self.folded_tokens.clear();
-        if self.folded_tokens.capacity() > keep {
-            self.folded_tokens.shrink_to(0);
-        }
-        for map in [&mut self.runs, &mut self.folded_runs] {
-            map.clear();
-            if map.capacity() > keep {
-                map.shrink_to(0);
-            }
-        }
+        clear_map(&mut self.tokens, keep);
+        clear_map(&mut self.folded_tokens, keep);
+        clear_map(&mut self.runs, keep);
+        clear_map(&mut self.folded_runs, keep);
+    }
+}
+
+/// Empties `map`, freeing it if it has room for more than `keep` entries.
+fn clear_map<K: Eq + std::hash::Hash, V>(map: &mut Map<K, V>, keep: usize) {
+    map.clear();
+    if map.capacity() > keep {
+        map.shrink_to(0);
     }
 }
 
